@@ -1,0 +1,72 @@
+#!/bin/sh
+# PID 1 of the Husk test host (L2). It loads the modules that give this
+# kernel virtio-fs and KVM, mounts the host's root (read-only, over
+# virtio-fs), builds a root from it with writable tmpfs and overlay layers,
+# and runs the harness's script there. The script's output goes to ttyS1,
+# its exit status follows as a marker line, then the VM powers off.
+export PATH=/bin
+OUT=/dev/ttyS1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+stty -F $OUT raw -echo 2>/dev/null
+
+finish() {
+    echo "@@HUSK-TESTHOST-EXIT=$1@@" > $OUT
+    sync
+    poweroff -f
+}
+fail() {
+    echo "testhost-init: $*" > $OUT
+    finish 255
+}
+
+SCRIPT=
+for p in $(cat /proc/cmdline); do
+    case $p in husk_testhost.script=*) SCRIPT=${p#*=} ;; esac
+done
+[ -n "$SCRIPT" ] || fail "no husk_testhost.script= on the command line"
+
+while read -r mod params; do
+    insmod /modules/$mod $params || fail "insmod $mod $params"
+done < /modules/load
+
+mkdir -p /host /rw /newroot
+mount -t virtiofs -o ro hostroot /host || fail "mounting the host root over virtio-fs"
+mount -t tmpfs -o mode=0755 tmpfs /rw
+R=/newroot
+mount -t tmpfs -o mode=0755 tmpfs $R
+
+# The host's top-level symlinks (merged /usr) as they are.
+for e in /host/*; do
+    n=${e#/host/}
+    [ -L "$e" ] && ln -s "$(readlink "$e")" "$R/$n"
+done
+# Read-only views of what tests read: binaries, the checkout, caches.
+for d in usr opt srv home work mnt; do
+    [ -d /host/$d ] && [ ! -L /host/$d ] || continue
+    mkdir -p $R/$d
+    mount --bind /host/$d $R/$d && mount -o remount,bind,ro $R/$d || fail "bind $d"
+done
+# Writable layers over the host's /etc, /var and /root: tests may write
+# config and state there; nothing reaches the host.
+for d in etc var root; do
+    mkdir -p /rw/$d/upper /rw/$d/work $R/$d
+    mount -t overlay overlay -o lowerdir=/host/$d,upperdir=/rw/$d/upper,workdir=/rw/$d/work $R/$d \
+        || fail "overlay on /$d"
+done
+mkdir -p $R/proc $R/sys $R/dev $R/tmp $R/run
+mount -t proc proc $R/proc
+mount -t sysfs sysfs $R/sys
+mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
+mount -t devtmpfs devtmpfs $R/dev
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
+mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
+mount -t tmpfs -o mode=1777 tmpfs $R/tmp
+mount -t tmpfs -o mode=0755 tmpfs $R/run
+mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp
+
+cp "/host$SCRIPT" $R/run/husk-testhost.sh || fail "copying $SCRIPT"
+chroot $R /bin/sh /run/husk-testhost.sh < /dev/null > $OUT 2>&1
+finish $?

@@ -1,0 +1,387 @@
+//! Running one script in the test host: virtiofsd + QEMU, streamed output,
+//! exit status, a deadline, and no process left behind.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::{assets, detect::Mode, initrd};
+
+/// The line `init.sh` writes after the script, with its status.
+const EXIT_MARKER: &str = "@@HUSK-TESTHOST-EXIT=";
+
+/// `virtiofsd` installed by `cargo install virtiofsd` (Debian 12 has no package).
+pub fn virtiofsd_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("HUSK_VIRTIOFSD") {
+        return p.into();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    for p in [
+        Path::new(&home).join(".cargo/bin/virtiofsd"),
+        "/usr/libexec/virtiofsd".into(),
+    ] {
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("virtiofsd")
+}
+
+/// What to run and under which limits.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// A shell script, run by `/bin/sh` in the test host.
+    pub script: String,
+    pub timeout: Duration,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Stream each output line to stderr as it arrives.
+    pub echo: bool,
+}
+
+impl Spec {
+    pub fn new(script: impl Into<String>) -> Self {
+        Self {
+            script: script.into(),
+            timeout: Duration::from_secs(300),
+            cpus: 2,
+            memory_mib: 3072,
+            echo: true,
+        }
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+}
+
+/// How a script ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The script's exit status.
+    pub status: i32,
+    /// Its stdout and stderr, merged, in order.
+    pub output: String,
+    /// Where it ran.
+    pub mode: Mode,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the test host did not finish within {timeout:?}; output so far:\n{output}\n--- L2 console (last lines) ---\n{console}")]
+    Timeout {
+        timeout: Duration,
+        output: String,
+        console: String,
+    },
+    #[error("the test host VM ended without reporting an exit status ({status}); output:\n{output}\n--- L2 console (last lines) ---\n{console}\n--- qemu stderr ---\n{stderr}")]
+    VmDied {
+        status: String,
+        output: String,
+        console: String,
+        stderr: String,
+    },
+    #[error(transparent)]
+    Setup(#[from] anyhow::Error),
+}
+
+/// A child that is killed and reaped when dropped, and dies with its parent.
+struct Guard {
+    name: &'static str,
+    child: Child,
+}
+
+impl Guard {
+    fn spawn(name: &'static str, cmd: &mut Command) -> Result<Self> {
+        // SAFETY: pre_exec runs in the forked child before exec; prctl is
+        // async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // If the harness dies (even by SIGKILL), the VM dies with it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {name} ({cmd:?})"))?;
+        Ok(Self { name, child })
+    }
+
+    fn wait_timeout(&mut self, t: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + t;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            tracing::debug!(name = self.name, pid = self.child.id(), "killing");
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs `spec` in the mode this machine needs.
+pub fn run(spec: &Spec) -> Result<Outcome, RunError> {
+    match super::detect::mode() {
+        Mode::Direct => run_direct(spec),
+        mode @ Mode::Nested { .. } => run_nested(spec, mode),
+    }
+}
+
+fn run_direct(spec: &Spec) -> Result<Outcome, RunError> {
+    let started = Instant::now();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg(&spec.script).stdin(Stdio::null());
+    let (status, output) = stream_child(cmd, spec)?;
+    Ok(Outcome {
+        status,
+        output,
+        mode: Mode::Direct,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Direct mode: merge stdout and stderr through one pipe, honour the deadline.
+fn stream_child(mut cmd: Command, spec: &Spec) -> Result<(i32, String), RunError> {
+    let (r, w) = std::io::pipe().context("pipe")?;
+    cmd.stdout(w.try_clone().context("pipe")?).stderr(w);
+    // The script runs in its own process group so a timeout kills all of it.
+    cmd.process_group(0);
+    let mut guard = Guard::spawn("script", &mut cmd)?;
+    drop(cmd);
+    let lines = spawn_reader(r, spec.echo);
+    let deadline = Instant::now() + spec.timeout;
+    let mut output = String::new();
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => output.push_str(&l),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // SAFETY: plain kill(2) on the script's process group.
+                unsafe { libc::kill(-(guard.child.id() as i32), libc::SIGKILL) };
+                return Err(RunError::Timeout {
+                    timeout: spec.timeout,
+                    output,
+                    console: String::new(),
+                });
+            }
+        }
+    }
+    let status = guard.child.wait().context("waiting for the script")?;
+    Ok((status.code().unwrap_or(128 + 9), output))
+}
+
+fn spawn_reader<R: Read + Send + 'static>(r: R, echo: bool) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    // The serial line discipline may add \r; drop it.
+                    let line = String::from_utf8_lossy(&buf).replace('\r', "");
+                    if echo && !line.starts_with(EXIT_MARKER) {
+                        let _ = std::io::stderr().write_all(line.as_bytes());
+                    }
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
+    let started = Instant::now();
+    let cache = husk_guest_image::kernel::default_cache_root();
+    let assets = assets::ensure(&cache)?;
+    let dir = tempfile::Builder::new()
+        .prefix("husk-testhost-")
+        .tempdir_in("/tmp")
+        .context("creating the run directory")?;
+    let script = dir.path().join("run.sh");
+    std::fs::write(&script, &spec.script).context("writing the script")?;
+    let initrd = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd, initrd::build(&assets)?).context("writing the initrd")?;
+    let sock = dir.path().join("virtiofsd.sock");
+    let console = dir.path().join("console.log");
+
+    let mut vfs = Command::new(virtiofsd_path());
+    vfs.arg("--socket-path")
+        .arg(&sock)
+        .args([
+            "--shared-dir",
+            "/",
+            "--readonly",
+            "--sandbox",
+            "none",
+            "--cache",
+            "auto",
+        ])
+        .args(["--log-level", "error"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut virtiofsd = Guard::spawn("virtiofsd", &mut vfs)?;
+    let sock_deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if let Ok(Some(s)) = virtiofsd.child.try_wait() {
+            return Err(RunError::Setup(anyhow::anyhow!(
+                "virtiofsd exited at start: {s}"
+            )));
+        }
+        if Instant::now() > sock_deadline {
+            return Err(RunError::Setup(anyhow::anyhow!(
+                "virtiofsd made no socket in 10 s"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let mem = format!("{}M", spec.memory_mib);
+    let append = format!(
+        "console=ttyS0 loglevel=4 panic=-1 mitigations=off husk_testhost.script={}",
+        script.display()
+    );
+    let mut q = Command::new("qemu-system-x86_64");
+    q.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    // -cpu max under TCG emulates SVM with nested paging: KVM works inside.
+    .args([
+        "-machine",
+        "q35,accel=tcg,memory-backend=mem",
+        "-cpu",
+        "max",
+    ])
+    .args(["-smp", &spec.cpus.to_string(), "-m", &mem])
+    // vhost-user needs guest memory that virtiofsd can map: a shared memfd.
+    .args([
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    ])
+    .arg("-kernel")
+    .arg(assets.vmlinuz())
+    .arg("-initrd")
+    .arg(&initrd)
+    .args(["-append", &append])
+    .args([
+        "-chardev",
+        &format!("socket,id=vfs,path={}", sock.display()),
+    ])
+    .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"])
+    .args(["-serial", &format!("file:{}", console.display())])
+    .args([
+        "-chardev",
+        "stdio,id=out,signal=off",
+        "-serial",
+        "chardev:out",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut qemu = Guard::spawn("qemu", &mut q)?;
+    let lines = spawn_reader(qemu.child.stdout.take().context("qemu stdout")?, spec.echo);
+    let mut stderr_pipe = qemu.child.stderr.take().context("qemu stderr")?;
+    let stderr_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr_pipe.read_to_string(&mut s);
+        s
+    });
+
+    let deadline = Instant::now() + spec.timeout;
+    let mut output = String::new();
+    let mut status = None;
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => {
+                if let Some(rest) = l.trim().strip_prefix(EXIT_MARKER) {
+                    status = rest.trim_end_matches("@@").parse::<i32>().ok();
+                    break;
+                }
+                output.push_str(&l);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                drop(qemu);
+                drop(virtiofsd);
+                return Err(RunError::Timeout {
+                    timeout: spec.timeout,
+                    output,
+                    console: tail(&console, 40),
+                });
+            }
+        }
+    }
+    // The VM powers itself off after the marker; give it a moment, then insist.
+    let vm_status = qemu.wait_timeout(Duration::from_secs(10));
+    drop(qemu);
+    drop(virtiofsd);
+    let stderr = stderr_reader.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok(Outcome {
+            status,
+            output,
+            mode,
+            elapsed: started.elapsed(),
+        }),
+        None => Err(RunError::VmDied {
+            status: vm_status.map_or("killed".into(), |s| s.to_string()),
+            output,
+            console: tail(&console, 40),
+            stderr,
+        }),
+    }
+}
+
+/// Fails unless the outcome's status is 0, showing the output.
+pub fn expect_success(o: &Outcome) -> Result<()> {
+    if !o.success() {
+        bail!("script exited {} in {:?}:\n{}", o.status, o.mode, o.output);
+    }
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! husk-vmm: Husk's KVM micro-VM monitor.
+//!
+//! One process runs one VM: guest memory backed by a memfd ([`memory`]), vCPUs on
+//! KVM ([`vcpu`], [`arch`]), a Linux kernel loaded by linux-loader ([`boot`]), an
+//! 8250 console and an i8042 reset line ([`devices::legacy`]) and virtio-mmio
+//! devices on virtio-queue rings ([`devices::virtio`]). [`vmm`] wires them into an
+//! epoll event loop; [`seccomp`] jails every thread.
+//!
+//! The guest is hostile: everything read from guest memory or device registers
+//! is validated before use, and a bad ring puts its device into the virtio
+//! `NEEDS_RESET` state instead of taking the VMM down.
+
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod memory;
+pub mod seccomp;
+pub mod vcpu;
+pub mod vmm;
+
+/// Everything that can stop the VMM from building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("guest memory: {0}")]
+    Memory(#[from] memory::MemoryError),
+    #[error("booting the kernel: {0}")]
+    Boot(#[from] boot::BootError),
+    #[error("x86_64 vCPU/VM setup: {0}")]
+    Arch(#[from] arch::x86_64::ArchError),
+    #[error("vCPU: {0}")]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error("device: {0}")]
+    Device(#[from] devices::DeviceError),
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
