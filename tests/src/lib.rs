@@ -1,6 +1,7 @@
 //! Husk's test support: the nested KVM test host and the KVM smoke program.
 
 pub mod kvm_smoke;
+pub mod procs;
 pub mod testhost;
 
 use std::path::PathBuf;

@@ -231,7 +231,27 @@ fn spawn_reader<R: Read + Send + 'static>(r: R, echo: bool) -> mpsc::Receiver<St
     rx
 }
 
+/// One test host at a time on this machine: two TCG VMs on two cores would
+/// each crawl past their deadlines. Held for the whole run.
+struct HostLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+impl HostLock {
+    fn acquire() -> Result<Self> {
+        let path = "/tmp/husk-testhost.lock";
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {path}"))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map(Self)
+            .map_err(|(_, e)| anyhow::anyhow!("locking {path}: {e}"))
+    }
+}
+
 fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
+    let _lock = HostLock::acquire()?;
     let started = Instant::now();
     let cache = husk_guest_image::kernel::default_cache_root();
     let assets = assets::ensure(&cache)?;
