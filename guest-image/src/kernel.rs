@@ -147,12 +147,18 @@ impl KernelSpec {
         })
     }
 
+    /// The cache key. The fragment enters as its parsed options, so that
+    /// editing a comment does not cost a ten-minute rebuild.
     pub fn key(&self) -> Result<String> {
-        let fragment = fs::read(&self.fragment)
+        let text = fs::read_to_string(&self.fragment)
             .with_context(|| format!("reading {}", self.fragment.display()))?;
+        let options: String = parse_fragment(&text)?
+            .iter()
+            .map(|w| format!("{}={}\n", w.name, w.value.as_deref().unwrap_or("n")))
+            .collect();
         Ok(key_of(&[
             ("recipe", RECIPE_VERSION.as_bytes()),
-            ("fragment", &fragment),
+            ("options", options.as_bytes()),
             ("source", self.source_version.as_bytes()),
             ("compiler", self.compiler.as_bytes()),
         ]))
@@ -334,6 +340,35 @@ mod tests {
         assert_eq!(u.len(), 3, "{u:?}");
         assert!(u[0].starts_with("CONFIG_B wanted y got unset"));
         assert!(unmet(&wanted, "CONFIG_A=y\nCONFIG_B=y\nCONFIG_N=64\n").is_empty());
+    }
+
+    #[test]
+    fn key_follows_options_source_and_compiler_but_not_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let frag = dir.path().join("f.config");
+        let spec = KernelSpec {
+            fragment: frag.clone(),
+            source_tarball: PathBuf::from("/nonexistent"),
+            source_version: "6.1.1-1".into(),
+            compiler: "gcc 12".into(),
+        };
+        fs::write(&frag, "# a\nCONFIG_A=y\n").unwrap();
+        let k1 = spec.key().unwrap();
+        fs::write(&frag, "# a comment that changed\n\nCONFIG_A=y\n").unwrap();
+        assert_eq!(spec.key().unwrap(), k1);
+        fs::write(&frag, "CONFIG_A=y\nCONFIG_B=y\n").unwrap();
+        assert_ne!(spec.key().unwrap(), k1);
+        fs::write(&frag, "CONFIG_A=y\n").unwrap();
+        let other_source = KernelSpec {
+            source_version: "6.1.2-1".into(),
+            ..spec.clone()
+        };
+        assert_ne!(other_source.key().unwrap(), k1);
+        let other_cc = KernelSpec {
+            compiler: "gcc 13".into(),
+            ..spec
+        };
+        assert_ne!(other_cc.key().unwrap(), k1);
     }
 
     #[test]
