@@ -12,6 +12,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 /// The file in every entry that lists its artifacts and their hashes.
@@ -100,6 +101,17 @@ pub fn key_of(parts: &[(&str, &[u8])]) -> String {
     hex::encode(h.finalize())[..32].to_string()
 }
 
+/// Takes an exclusive `flock` on `path` (created if absent), waiting for it;
+/// released when the returned guard drops or the process dies.
+pub fn lock_file(path: &Path) -> io::Result<Flock<fs::File>> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| e.into())
+}
+
 impl Cache {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
@@ -156,9 +168,17 @@ impl Cache {
     where
         F: FnOnce(&Path) -> anyhow::Result<()>,
     {
+        if let Ok(e) = self.verify(key, files) {
+            tracing::info!(key, dir = %e.dir.display(), "cache hit");
+            return Ok(e);
+        }
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        // One builder per key: a second process waits here, then finds the
+        // first one's entry instead of building into the same object tree.
+        let _lock = self.lock(key)?;
         match self.verify(key, files) {
             Ok(e) => {
-                tracing::info!(key, dir = %e.dir.display(), "cache hit");
+                tracing::info!(key, dir = %e.dir.display(), "cache hit after waiting for another builder");
                 return Ok(e);
             }
             Err(Invalid::Absent) => tracing::info!(key, "cache miss"),
@@ -168,7 +188,6 @@ impl Cache {
                 fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
             }
         }
-        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
         let staging = self
             .root
             .join(format!("{key}.partial-{}", std::process::id()));
@@ -182,6 +201,11 @@ impl Cache {
             let _ = fs::remove_dir_all(&staging);
         }
         result
+    }
+
+    fn lock(&self, key: &str) -> Result<Flock<fs::File>, CacheError> {
+        let path = self.root.join(format!("{key}.lock"));
+        lock_file(&path).map_err(io_err(&path))
     }
 
     fn fill<F>(
@@ -339,10 +363,17 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.to_string().contains("building cache entry k"));
-        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0);
+        let left = || {
+            fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.ends_with(".lock"))
+                .count()
+        };
+        assert_eq!(left(), 0);
         let err = cache.get_or_build("k", &["a", "z"], build_two).unwrap_err();
         assert!(matches!(err, CacheError::MissingArtifact { .. }));
-        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0);
+        assert_eq!(left(), 0);
     }
 
     #[test]
@@ -369,6 +400,28 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.to_string().contains("sub"), "{err}");
+    }
+
+    /// Two builders of one key: one builds, the other waits and reuses it.
+    #[test]
+    fn concurrent_builders_build_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let builds = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let cache = Cache::new(tmp.path());
+                    cache
+                        .get_or_build("k", &["a", "b"], |d| {
+                            builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                            build_two(d)
+                        })
+                        .unwrap();
+                });
+            }
+        });
+        assert_eq!(builds.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]

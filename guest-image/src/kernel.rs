@@ -371,6 +371,39 @@ mod tests {
         assert_ne!(other_cc.key().unwrap(), k1);
     }
 
+    /// `ensure` uses a valid entry as it is, and never hands out a corrupt
+    /// one: it removes it and rebuilds (here the rebuild fails, since the
+    /// source is absent, and the error says so).
+    #[test]
+    fn ensure_uses_valid_entries_and_rebuilds_corrupt_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let frag = dir.path().join("f.config");
+        fs::write(&frag, "CONFIG_A=y\n").unwrap();
+        let spec = KernelSpec {
+            fragment: frag,
+            source_tarball: dir.path().join("no-such-source.tar.xz"),
+            source_version: "test".into(),
+            compiler: "test".into(),
+        };
+        let cache_root = dir.path().join("cache");
+        let key = spec.key().unwrap();
+        Cache::new(cache_root.join("kernel"))
+            .get_or_build(&key, ARTIFACTS, |d| {
+                for f in ARTIFACTS {
+                    fs::write(d.join(f), format!("fake {f}"))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let e = ensure(&spec, &cache_root).unwrap();
+        assert_eq!(fs::read_to_string(e.path(VMLINUX)).unwrap(), "fake vmlinux");
+
+        fs::write(e.path(VMLINUX), "fake vmlinu").unwrap();
+        let err = format!("{:#}", ensure(&spec, &cache_root).unwrap_err());
+        assert!(err.contains("no-such-source"), "{err}");
+        assert!(!e.dir.exists(), "the corrupt entry must be gone");
+    }
+
     #[test]
     fn our_fragment_is_well_formed() {
         let text = fs::read_to_string(default_fragment()).unwrap();

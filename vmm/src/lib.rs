@@ -18,6 +18,7 @@ pub mod memory;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vmm;
+pub mod exit;
 
 /// Everything that can stop the VMM from building or running a VM.
 #[derive(Debug, thiserror::Error)]

@@ -1,3 +1,107 @@
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("husk-vmm cannot boot a VM yet: the VMM lands with its own issue")
+//! `husk-vmm`: boots one micro-VM and exits when it stops.
+//!
+//! Exit status: 0 when the guest powers off or reboots (a Husk guest's way to shut
+//! down) or on SIGTERM/SIGINT; 1 on a VMM error; 2 on a guest kernel panic; 3 when
+//! a vCPU fails (KVM cannot run the guest); 159 when seccomp denies a syscall.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use husk_vmm::config::VmConfig;
+
+#[derive(Parser, Debug)]
+#[command(name = "husk-vmm", about = "Husk's KVM micro-VM monitor", version)]
+struct Args {
+    /// The guest kernel: ELF vmlinux (PVH) or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// The whole guest command line (the Husk defaults otherwise).
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long)]
+    vcpus: Option<u64>,
+    #[arg(long = "memory-mib")]
+    memory_mib: Option<u64>,
+    /// Where the guest console goes (stderr otherwise).
+    #[arg(long = "serial-out")]
+    serial_out: Option<PathBuf>,
+    /// The host side of vsock (no vsock device otherwise).
+    #[arg(long = "vsock-socket")]
+    vsock_socket: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long = "guest-cid")]
+    guest_cid: Option<u64>,
+    /// A JSON VM description; flags override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run without seccomp filters (debugging only).
+    #[arg(long = "no-seccomp")]
+    no_seccomp: bool,
+}
+
+fn build_config(args: Args) -> anyhow::Result<VmConfig> {
+    let mut c = match &args.config {
+        Some(p) => VmConfig::from_file(p)?,
+        None => VmConfig::default(),
+    };
+    if args.kernel.is_some() {
+        c.kernel = args.kernel;
+    }
+    if args.initramfs.is_some() {
+        c.initramfs = args.initramfs;
+    }
+    if args.cmdline.is_some() {
+        c.cmdline = args.cmdline;
+    }
+    if let Some(v) = args.vcpus {
+        c.vcpus = v;
+    }
+    if let Some(m) = args.memory_mib {
+        c.memory_mib = m;
+    }
+    if args.serial_out.is_some() {
+        c.serial_out = args.serial_out;
+    }
+    if args.vsock_socket.is_some() {
+        c.vsock_socket = args.vsock_socket;
+    }
+    if let Some(cid) = args.guest_cid {
+        c.guest_cid = cid;
+    }
+    if args.no_seccomp {
+        c.seccomp = false;
+    }
+    Ok(c)
+}
+
+fn run() -> anyhow::Result<husk_vmm::exit::ExitReason> {
+    let config = build_config(Args::parse())?;
+    let valid = config.validate()?;
+    husk_vmm::vmm::run(&valid).context("running the VM")
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(reason) => {
+            let code = reason.exit_code();
+            eprintln!("husk-vmm: {reason}");
+            // vCPU threads may still be inside KVM_RUN; exiting the process ends them.
+            std::process::exit(code);
+        }
+        Err(e) => {
+            eprintln!("husk-vmm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

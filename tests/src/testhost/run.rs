@@ -233,25 +233,11 @@ fn spawn_reader<R: Read + Send + 'static>(r: R, echo: bool) -> mpsc::Receiver<St
 
 /// One test host at a time on this machine: two TCG VMs on two cores would
 /// each crawl past their deadlines. Held for the whole run.
-struct HostLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
-
-impl HostLock {
-    fn acquire() -> Result<Self> {
-        let path = "/tmp/husk-testhost.lock";
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("opening {path}"))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map(Self)
-            .map_err(|(_, e)| anyhow::anyhow!("locking {path}: {e}"))
-    }
-}
+const HOST_LOCK: &str = "/tmp/husk-testhost.lock";
 
 fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
-    let _lock = HostLock::acquire()?;
+    let _lock = husk_guest_image::cache::lock_file(Path::new(HOST_LOCK))
+        .with_context(|| format!("locking {HOST_LOCK}"))?;
     let started = Instant::now();
     let cache = husk_guest_image::kernel::default_cache_root();
     let assets = assets::ensure(&cache)?;

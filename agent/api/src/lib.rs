@@ -1,0 +1,23 @@
+//! The husk-agent API, generated from `proto/agent.proto`.
+//!
+//! `agent` holds the messages, `agent_ttrpc` the async service trait
+//! (`Agent`), its server binding (`create_agent`) and the client
+//! (`AgentClient`).
+
+/// The vsock port the agent serves on (architecture convention).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+#[allow(clippy::all, missing_docs, unused, unknown_lints, dead_code, non_camel_case_types, non_snake_case, non_upper_case_globals, trivial_casts, unused_results, unused_mut)]
+#[rustfmt::skip]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+#[allow(clippy::all, missing_docs, unused, unknown_lints, dead_code, non_camel_case_types, non_snake_case, non_upper_case_globals, trivial_casts, unused_results, unused_mut)]
+#[rustfmt::skip]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+pub use protobuf;
+pub use ttrpc;

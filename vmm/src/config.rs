@@ -1,0 +1,220 @@
+//! The VM description: a JSON file, command-line flags, or both (flags win).
+//!
+//! ```json
+//! { "kernel": "/usr/local/share/husk/vmlinux", "initramfs": "/usr/local/share/husk/initramfs",
+//!   "vcpus": 2, "memory_mib": 256, "serial_out": "/run/husk/x/console.log",
+//!   "vsock_socket": "/run/husk/x/vsock.sock" }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs: the MP table must fit the last KiB of base memory.
+pub const MAX_VCPUS: u8 = 32;
+/// Guest memory bounds, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 32;
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// The guest's vsock context ID (2 is the host; 3 is the first guest CID).
+pub const DEFAULT_GUEST_CID: u64 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing config {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no kernel given (--kernel or \"kernel\" in the config)")]
+    NoKernel,
+    #[error("vcpus must be 1..={MAX_VCPUS}, got {0}")]
+    Vcpus(u64),
+    #[error("memory_mib must be {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}, got {0}")]
+    Memory(u64),
+    #[error("guest CID must be at least 3, got {0}")]
+    Cid(u64),
+    #[error("vsock socket path {0} is too long for a Unix socket (with the _PORT suffix)")]
+    SocketPath(String),
+}
+
+fn default_vcpus() -> u64 {
+    1
+}
+fn default_memory() -> u64 {
+    128
+}
+fn default_cid() -> u64 {
+    DEFAULT_GUEST_CID
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A VM as the shim (or a person) describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// ELF vmlinux (PVH) or bzImage.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// The whole guest command line; the Husk defaults when absent. Device
+    /// announcements are always appended.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u64,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Where the guest console goes; the VMM's stderr when absent.
+    #[serde(default)]
+    pub serial_out: Option<PathBuf>,
+    /// The host side of vsock; no vsock device when absent.
+    #[serde(default)]
+    pub vsock_socket: Option<PathBuf>,
+    #[serde(default = "default_cid")]
+    pub guest_cid: u64,
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: None,
+            initramfs: None,
+            cmdline: None,
+            vcpus: default_vcpus(),
+            memory_mib: default_memory(),
+            serial_out: None,
+            vsock_socket: None,
+            guest_cid: default_cid(),
+            seccomp: true,
+        }
+    }
+}
+
+impl VmConfig {
+    pub fn from_json_str(s: &str, origin: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(s).map_err(|source| ConfigError::Parse {
+            path: origin.to_string(),
+            source,
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_json_str(&s, &path.display().to_string())
+    }
+
+    /// The command line to boot with (before device announcements).
+    pub fn base_cmdline(&self) -> String {
+        self.cmdline
+            .clone()
+            .unwrap_or_else(husk_guest_image::cmdline::default_cmdline)
+    }
+
+    /// Checks everything that can be checked without touching the host.
+    pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
+        let kernel = self.kernel.clone().ok_or(ConfigError::NoKernel)?;
+        if self.vcpus == 0 || self.vcpus > u64::from(MAX_VCPUS) {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if self.guest_cid < 3 || self.guest_cid > u64::from(u32::MAX) {
+            return Err(ConfigError::Cid(self.guest_cid));
+        }
+        if let Some(p) = &self.vsock_socket {
+            // sun_path holds 108 bytes with the NUL; leave room for "_4294967295".
+            if p.as_os_str().len() + 11 >= 108 {
+                return Err(ConfigError::SocketPath(p.display().to_string()));
+            }
+        }
+        Ok(ValidConfig {
+            kernel,
+            vcpus: self.vcpus as u8,
+            config: self.clone(),
+        })
+    }
+}
+
+/// A [`VmConfig`] that passed [`VmConfig::validate`].
+#[derive(Clone, Debug)]
+pub struct ValidConfig {
+    pub kernel: PathBuf,
+    pub vcpus: u8,
+    pub config: VmConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_json_gets_defaults() {
+        let c = VmConfig::from_json_str(r#"{"kernel": "/k"}"#, "test").unwrap();
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.memory_mib, 128);
+        assert!(c.seccomp);
+        assert_eq!(c.guest_cid, 3);
+        let v = c.validate().unwrap();
+        assert_eq!(v.kernel, PathBuf::from("/k"));
+        assert!(c.base_cmdline().contains("console=ttyS0"));
+    }
+
+    #[test]
+    fn full_json_round_trips() {
+        let c = VmConfig {
+            kernel: Some("/k".into()),
+            initramfs: Some("/i".into()),
+            cmdline: Some("console=ttyS0".into()),
+            vcpus: 4,
+            memory_mib: 2048,
+            serial_out: Some("/tmp/console".into()),
+            vsock_socket: Some("/tmp/v.sock".into()),
+            guest_cid: 7,
+            seccomp: false,
+        };
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(VmConfig::from_json_str(&s, "t").unwrap(), c);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(matches!(VmConfig::default().validate(), Err(ConfigError::NoKernel)));
+        let base = VmConfig {
+            kernel: Some("/k".into()),
+            ..Default::default()
+        };
+        for (c, ok) in [
+            (VmConfig { vcpus: 0, ..base.clone() }, false),
+            (VmConfig { vcpus: 33, ..base.clone() }, false),
+            (VmConfig { vcpus: 32, ..base.clone() }, true),
+            (VmConfig { memory_mib: 16, ..base.clone() }, false),
+            (VmConfig { guest_cid: 2, ..base.clone() }, false),
+            (VmConfig { vsock_socket: Some("/x".repeat(60).into()), ..base.clone() }, false),
+        ] {
+            assert_eq!(c.validate().is_ok(), ok, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_json_are_errors() {
+        assert!(VmConfig::from_json_str(r#"{"kernel": "/k", "vcpu": 2}"#, "t").is_err());
+        assert!(VmConfig::from_json_str("{", "t").is_err());
+        assert!(VmConfig::from_json_str(r#"{"vcpus": -1}"#, "t").is_err());
+    }
+}

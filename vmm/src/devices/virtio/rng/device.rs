@@ -1,0 +1,270 @@
+//! The virtio-rng device state machine.
+
+use std::fs::File;
+use std::io::Read;
+
+use virtio_queue::Queue;
+use vm_memory::{Address, Bytes};
+
+use crate::devices::virtio::chain::{self, ChainError};
+use crate::devices::virtio::defs::{F_VERSION_1, TYPE_RNG};
+use crate::devices::virtio::{ActivateError, Activation, Interrupt, VirtioDevice};
+use crate::memory::GuestMemoryMmap;
+
+/// The request queue's size.
+const QUEUE_SIZE: u16 = 256;
+/// Most bytes given per request: a guest that posts a huge buffer still gets a
+/// bounded amount of host entropy (and the VMM a bounded amount of work).
+const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
+/// Chains longer than this (in bytes, summed) are malformed for this device.
+const MAX_CHAIN_BYTES: u64 = 1 << 32;
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: std::sync::Arc<Interrupt>,
+}
+
+/// virtio-rng.
+pub struct Rng {
+    source: Box<dyn Read + Send>,
+    active: Option<Active>,
+    broken: bool,
+    sizes: [u16; 1],
+}
+
+impl Rng {
+    /// A device reading `/dev/urandom`, opened now (before seccomp is applied).
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self::with_source(Box::new(File::open("/dev/urandom")?)))
+    }
+
+    /// A device reading from `source` (tests use a fixed pattern).
+    pub fn with_source(source: Box<dyn Read + Send>) -> Self {
+        Rng {
+            source,
+            active: None,
+            broken: false,
+            sizes: [QUEUE_SIZE],
+        }
+    }
+
+    /// Fills one validated request; returns the bytes written.
+    fn fill(&mut self, descs: &[chain::Desc], mem: &GuestMemoryMmap) -> Result<u32, ChainError> {
+        let mut budget = MAX_BYTES_PER_REQUEST;
+        let mut written = 0u32;
+        let mut buf = vec![0u8; 4096];
+        for d in descs {
+            if !d.write_only {
+                return Err(ChainError::WrongDirection { head: 0 });
+            }
+            let mut off = 0u32;
+            while off < d.len && budget > 0 {
+                let n = (d.len - off).min(budget).min(buf.len() as u32) as usize;
+                if let Err(e) = self.source.read_exact(&mut buf[..n]) {
+                    // Host entropy is gone: return what we have rather than fake bytes.
+                    tracing::error!(error = %e, "reading host entropy failed");
+                    return Ok(written);
+                }
+                let addr = d.addr.checked_add(u64::from(off)).ok_or(ChainError::OutOfRange {
+                    head: 0,
+                    addr: d.addr.0,
+                    len: d.len,
+                })?;
+                mem.write_slice(&buf[..n], addr).map_err(|_| ChainError::OutOfRange {
+                    head: 0,
+                    addr: d.addr.0,
+                    len: d.len,
+                })?;
+                off += n as u32;
+                budget -= n as u32;
+                written += n as u32;
+            }
+        }
+        Ok(written)
+    }
+
+    fn process_requests(&mut self) -> Result<bool, ChainError> {
+        let Some(mut active) = self.active.take() else {
+            return Ok(false);
+        };
+        let result = (|| {
+            let mut used_any = false;
+            while let Some(c) = chain::pop(&mut active.queue, &active.mem)? {
+                let head = c.head_index();
+                let descs = chain::collect(c, &active.mem, MAX_CHAIN_BYTES)?;
+                let len = self.fill(&descs, &active.mem).map_err(|e| match e {
+                    ChainError::WrongDirection { .. } => ChainError::WrongDirection { head },
+                    other => other,
+                })?;
+                chain::add_used(&mut active.queue, &active.mem, head, len)?;
+                used_any = true;
+            }
+            Ok(used_any)
+        })();
+        if let Ok(true) = result {
+            active.interrupt.signal_used_queue();
+        }
+        self.active = Some(active);
+        result
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.sizes
+    }
+
+    fn features(&self) -> u64 {
+        F_VERSION_1
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // virtio-rng has no configuration space.
+        data.fill(0);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let queue = a.queues.into_iter().next().ok_or(ActivateError::BadQueue(0))?;
+        if !virtio_queue::QueueT::ready(&queue) {
+            return Err(ActivateError::BadQueue(0));
+        }
+        self.active = Some(Active {
+            mem: a.mem,
+            queue,
+            interrupt: a.interrupt,
+        });
+        self.broken = false;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.broken = false;
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if index != 0 || self.broken {
+            return;
+        }
+        if let Err(e) = self.process_requests() {
+            tracing::warn!(error = %e, "virtio-rng: malformed request queue; device needs reset");
+            self.broken = true;
+            if let Some(a) = &self.active {
+                a.interrupt.set_needs_reset();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::chain::test_utils::*;
+    use std::sync::Arc;
+    use virtio_queue::QueueT;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// Endless 0x5a bytes.
+    struct Pattern;
+    impl Read for Pattern {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            buf.fill(0x5a);
+            Ok(buf.len())
+        }
+    }
+
+    fn activated(mem: &GuestMemoryMmap, q: Queue) -> (Rng, Arc<Interrupt>) {
+        let mut rng = Rng::with_source(Box::new(Pattern));
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        rng.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![q],
+            interrupt: irq.clone(),
+            features: F_VERSION_1,
+        })
+        .unwrap();
+        (rng, irq)
+    }
+
+    fn used_len(rng: &Rng, mem: &GuestMemoryMmap, slot: u64) -> u32 {
+        let used = rng.active.as_ref().unwrap().queue.used_ring();
+        mem.read_obj(GuestAddress(used + 4 + slot * 8 + 4)).unwrap()
+    }
+
+    #[test]
+    fn fills_writable_buffers() {
+        let mem = memory();
+        let (vq, q) = queue(&mem);
+        publish(&vq, &[desc(0x8000, 100, true, Some(1)), desc(0x9000, 28, true, None)], &[0]);
+        let (mut rng, irq) = activated(&mem, q);
+        rng.process_queue(0);
+        assert_eq!(used_len(&rng, &mem, 0), 128);
+        let mut b = [0u8; 100];
+        mem.read_slice(&mut b, GuestAddress(0x8000)).unwrap();
+        assert!(b.iter().all(|x| *x == 0x5a));
+        assert_eq!(irq.status() & 1, 1);
+        assert!(!irq.needs_reset());
+    }
+
+    #[test]
+    fn caps_bytes_per_request() {
+        let mem = memory();
+        let (vq, q) = queue(&mem);
+        publish(&vq, &[desc(0x10000, 0x20000, true, None)], &[0]);
+        let (mut rng, _irq) = activated(&mem, q);
+        rng.process_queue(0);
+        assert_eq!(used_len(&rng, &mem, 0), MAX_BYTES_PER_REQUEST);
+    }
+
+    fn assert_breaks(descs: &[virtio_queue::desc::RawDescriptor], heads: &[u16]) {
+        let mem = memory();
+        let (vq, q) = queue(&mem);
+        publish(&vq, descs, heads);
+        let (mut rng, irq) = activated(&mem, q);
+        rng.process_queue(0);
+        assert!(irq.needs_reset(), "{descs:?}");
+        assert!(rng.broken);
+        // A broken device ignores further notifications until reset.
+        rng.process_queue(0);
+        rng.reset();
+        assert!(!rng.broken);
+    }
+
+    #[test]
+    fn malformed_requests_need_reset() {
+        // Read-only buffer (wrong direction).
+        assert_breaks(&[desc(0x8000, 16, false, None)], &[0]);
+        // Zero length.
+        assert_breaks(&[desc(0x8000, 0, true, None)], &[0]);
+        // Out of range.
+        assert_breaks(&[desc(MEM_SIZE as u64, 16, true, None)], &[0]);
+        // Loop.
+        assert_breaks(&[desc(0x8000, 16, true, Some(1)), desc(0x9000, 16, true, Some(0))], &[0]);
+        // Head out of range.
+        assert_breaks(&[desc(0x8000, 16, true, None)], &[99]);
+        // Oversized: 16 descriptors of 4 GiB - 1 each overflow the chain limit.
+        let big: Vec<_> = (0..16u16)
+            .map(|i| desc(0x8000, u32::MAX, true, if i < 15 { Some(i + 1) } else { None }))
+            .collect();
+        assert_breaks(&big, &[0]);
+    }
+
+    #[test]
+    fn notifications_before_activation_and_for_other_queues_are_ignored() {
+        let mut rng = Rng::with_source(Box::new(Pattern));
+        rng.process_queue(0);
+        rng.process_queue(7);
+        let mem = memory();
+        let (_vq, q) = queue(&mem);
+        let (mut rng, irq) = activated(&mem, q);
+        rng.process_queue(3);
+        assert_eq!(irq.status(), 0);
+        assert_eq!(rng.active.as_ref().unwrap().queue.next_used(), 0);
+    }
+}

@@ -1,0 +1,42 @@
+//! virtio-vsock constants (virtio 1.2, 5.10; include/uapi/linux/virtio_vsock.h).
+
+/// The host's CID.
+pub const HOST_CID: u64 = 2;
+
+/// Queue indices and size.
+pub const RXQ: usize = 0;
+pub const TXQ: usize = 1;
+pub const EVQ: usize = 2;
+pub const QUEUE_SIZE: u16 = 256;
+
+/// Socket type: stream (the only one offered; no SEQPACKET feature).
+pub const TYPE_STREAM: u16 = 1;
+
+/// Operations.
+pub const OP_REQUEST: u16 = 1;
+pub const OP_RESPONSE: u16 = 2;
+pub const OP_RST: u16 = 3;
+pub const OP_SHUTDOWN: u16 = 4;
+pub const OP_RW: u16 = 5;
+pub const OP_CREDIT_UPDATE: u16 = 6;
+pub const OP_CREDIT_REQUEST: u16 = 7;
+
+/// SHUTDOWN flags.
+pub const SHUTDOWN_RCV: u32 = 1;
+pub const SHUTDOWN_SEND: u32 = 2;
+
+/// The largest payload in one packet (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
+pub const MAX_PKT_DATA: u32 = 64 * 1024;
+
+/// What each connection advertises as its receive buffer: bytes the guest may
+/// have in flight towards the host stream.
+pub const CONN_BUF_SIZE: u32 = 256 * 1024;
+/// Send a credit update once this much has been forwarded unannounced.
+pub const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_SIZE / 4;
+
+/// Host-side ports for host-initiated connections start here (above the
+/// well-known range, so they never collide with a guest's listening port).
+pub const FIRST_HOST_PORT: u32 = 1 << 30;
+
+/// The longest `CONNECT <port>\n` line accepted.
+pub const MAX_CONNECT_LINE: usize = 32;

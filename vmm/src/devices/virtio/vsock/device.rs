@@ -1,0 +1,850 @@
+//! The vsock device: its three queues, the host listener and the connection mux.
+//!
+//! Host sockets live in the device's own epoll set (edge-triggered for
+//! connections), whose fd is one event source of the VMM loop. That lets TX
+//! processing open connections (guest REQUESTs) without reaching back into the
+//! event loop.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::connection::{Connection, State};
+use super::defs::*;
+use super::packet::{self, Header, TxPacket};
+use crate::devices::virtio::chain::{self, ChainError};
+use crate::devices::virtio::defs::{F_VERSION_1, TYPE_VSOCK};
+use crate::devices::virtio::{ActivateError, Activation, Interrupt, VirtioDevice, EXTRA_EVENT_BASE};
+use crate::memory::GuestMemoryMmap;
+
+/// (host port, guest port).
+type Key = (u32, u32);
+
+/// A host connection that has not finished its `CONNECT <port>\n` line.
+struct Pending {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    rxq: Queue,
+    txq: Queue,
+    interrupt: Arc<Interrupt>,
+}
+
+/// Why processing stopped with the device broken.
+#[derive(Debug, thiserror::Error)]
+enum Fault {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error(transparent)]
+    Packet(#[from] packet::ParseError),
+}
+
+/// virtio-vsock with a Unix-socket host side.
+pub struct Vsock {
+    guest_cid: u64,
+    socket_path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    conns: HashMap<Key, Connection>,
+    by_fd: HashMap<RawFd, Key>,
+    pending: HashMap<RawFd, Pending>,
+    /// Control packets waiting for RX buffers.
+    rx_ctrl: VecDeque<Header>,
+    next_port: u32,
+    active: Option<Active>,
+    broken: bool,
+    sizes: [u16; 3],
+    config: [u8; 8],
+}
+
+const LISTENER_TOKEN: u64 = u64::MAX;
+
+impl Vsock {
+    /// Listens on `socket_path` (replacing a stale socket file) for the guest `guest_cid`.
+    pub fn new(guest_cid: u64, socket_path: &Path) -> std::io::Result<Self> {
+        match std::fs::remove_file(socket_path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(socket_path)?;
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+        )?;
+        Ok(Vsock {
+            guest_cid,
+            socket_path: socket_path.to_path_buf(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            pending: HashMap::new(),
+            rx_ctrl: VecDeque::new(),
+            next_port: FIRST_HOST_PORT,
+            active: None,
+            broken: false,
+            sizes: [QUEUE_SIZE; 3],
+            config: guest_cid.to_le_bytes(),
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    fn watch(&self, fd: RawFd, events: EventSet) {
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, fd as u64)) {
+            tracing::warn!(error = %e, "vsock: watching a host socket failed");
+        }
+    }
+
+    fn unwatch(&self, fd: RawFd) {
+        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    fn add_conn(&mut self, conn: Connection) {
+        let fd = conn.stream.as_raw_fd();
+        let key = (conn.local_port, conn.peer_port);
+        self.watch(fd, EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED);
+        self.by_fd.insert(fd, key);
+        self.conns.insert(key, conn);
+    }
+
+    fn remove_conn(&mut self, key: Key) -> Option<Connection> {
+        let conn = self.conns.remove(&key)?;
+        let fd = conn.stream.as_raw_fd();
+        self.unwatch(fd);
+        self.by_fd.remove(&fd);
+        Some(conn)
+    }
+
+    /// Resets `key` towards the guest and forgets it.
+    fn reset_conn(&mut self, key: Key) {
+        if let Some(mut c) = self.remove_conn(key) {
+            let h = c.header(self.guest_cid, OP_RST, 0);
+            self.rx_ctrl.push_back(h);
+        }
+    }
+
+    fn alloc_port(&mut self) -> u32 {
+        loop {
+            let p = self.next_port;
+            self.next_port = self.next_port.checked_add(1).unwrap_or(FIRST_HOST_PORT);
+            if !self.conns.keys().any(|(local, _)| *local == p) {
+                return p;
+            }
+        }
+    }
+
+    /// Handles one packet from the guest.
+    fn on_tx(&mut self, pkt: TxPacket) {
+        let h = pkt.hdr;
+        // Anything not addressed from our guest to the host is dropped: the guest
+        // cannot speak for other CIDs.
+        if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
+            tracing::debug!(?h, "vsock: packet with foreign CIDs dropped");
+            return;
+        }
+        if h.type_ != TYPE_STREAM {
+            if h.op != OP_RST {
+                self.rx_ctrl.push_back(h.rst_reply());
+            }
+            return;
+        }
+        let key = (h.dst_port, h.src_port);
+        if h.op == OP_REQUEST {
+            if self.conns.contains_key(&key) {
+                self.reset_conn(key);
+                return;
+            }
+            self.connect_to_host(h);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            if h.op != OP_RST {
+                self.rx_ctrl.push_back(h.rst_reply());
+            }
+            return;
+        };
+        conn.update_peer_credit(&h);
+        match h.op {
+            OP_RESPONSE if conn.state == State::LocalInit => {
+                conn.state = State::Established;
+                let line = format!("OK {}\n", conn.local_port);
+                // The host client waits for this line; a short write on a fresh
+                // stream means it is gone.
+                if conn.stream.write_all(line.as_bytes()).is_err() {
+                    self.reset_conn(key);
+                }
+            }
+            OP_RW if conn.state == State::Established => {
+                if conn.peer_shut_send || conn.push_tx(&pkt.data).is_err() {
+                    tracing::debug!(?key, "vsock: guest overran its credit");
+                    self.reset_conn(key);
+                    return;
+                }
+                if conn.credit_update_due {
+                    let h = conn.header(self.guest_cid, OP_CREDIT_UPDATE, 0);
+                    self.rx_ctrl.push_back(h);
+                }
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => {
+                let h = conn.header(self.guest_cid, OP_CREDIT_UPDATE, 0);
+                self.rx_ctrl.push_back(h);
+            }
+            OP_SHUTDOWN => {
+                conn.peer_shut_send |= h.flags & SHUTDOWN_SEND != 0;
+                conn.peer_shut_rcv |= h.flags & SHUTDOWN_RCV != 0;
+                if conn.peer_shut_send && conn.peer_shut_rcv {
+                    // The guest is closing: forward what we hold, then end both sides.
+                    conn.flush_tx();
+                    self.reset_conn(key);
+                } else if conn.peer_shut_send && conn.tx_pending() == 0 {
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            OP_RST => {
+                self.remove_conn(key);
+            }
+            _ => self.reset_conn(key),
+        }
+    }
+
+    /// A guest connection to port P goes to `<socket>_P`.
+    fn connect_to_host(&mut self, h: Header) {
+        let mut path = self.socket_path.clone().into_os_string();
+        path.push(format!("_{}", h.dst_port));
+        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+            Ok(stream) => {
+                let mut conn = Connection::new(stream, State::Established, h.dst_port, h.src_port);
+                conn.update_peer_credit(&h);
+                let resp = conn.header(self.guest_cid, OP_RESPONSE, 0);
+                self.add_conn(conn);
+                self.rx_ctrl.push_back(resp);
+            }
+            Err(e) => {
+                tracing::debug!(port = h.dst_port, error = %e, "vsock: no host listener; RST");
+                self.rx_ctrl.push_back(h.rst_reply());
+            }
+        }
+    }
+
+    fn accept_host(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    self.watch(fd, EventSet::IN | EventSet::READ_HANG_UP);
+                    self.pending.insert(fd, Pending { stream, line: Vec::new() });
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Reads the `CONNECT <port>\n` line byte by byte, so that no stream data
+    /// after it is consumed before the guest accepts.
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(p) = self.pending.get_mut(&fd) else { return };
+        let mut byte = [0u8; 1];
+        let port = loop {
+            match p.stream.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => {
+                    break std::str::from_utf8(&p.line)
+                        .ok()
+                        .and_then(|l| l.strip_prefix("CONNECT "))
+                        .and_then(|n| n.trim().parse::<u32>().ok());
+                }
+                Ok(1) if p.line.len() < MAX_CONNECT_LINE => p.line.push(byte[0]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // EOF, error, or a line too long: drop the client.
+                _ => break None,
+            }
+        };
+        self.unwatch(fd);
+        let Some(pending) = self.pending.remove(&fd) else { return };
+        let Some(port) = port else {
+            tracing::debug!("vsock: bad CONNECT line from a host client");
+            return;
+        };
+        let local = self.alloc_port();
+        let mut conn = Connection::new(pending.stream, State::LocalInit, local, port);
+        let req = conn.header(self.guest_cid, OP_REQUEST, 0);
+        self.add_conn(conn);
+        self.rx_ctrl.push_back(req);
+    }
+
+    /// Host sockets that are ready.
+    fn poll_host(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == LISTENER_TOKEN {
+                    self.accept_host();
+                    continue;
+                }
+                let fd = token as RawFd;
+                if self.pending.contains_key(&fd) {
+                    self.read_connect_line(fd);
+                    continue;
+                }
+                let Some(key) = self.by_fd.get(&fd).copied() else { continue };
+                let set = ev.event_set();
+                if let Some(c) = self.conns.get_mut(&key) {
+                    if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
+                        c.host_readable = true;
+                    }
+                    if set.contains(EventSet::OUT) && c.tx_pending() > 0 {
+                        if !c.flush_tx() {
+                            self.reset_conn(key);
+                            continue;
+                        }
+                        if c.credit_update_due {
+                            let h = c.header(self.guest_cid, OP_CREDIT_UPDATE, 0);
+                            self.rx_ctrl.push_back(h);
+                        }
+                    }
+                }
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    /// The next host->guest data packet that fits `room` bytes, if any.
+    fn next_data(&mut self, room: usize) -> Option<(Header, Vec<u8>)> {
+        let keys: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.host_readable && c.state == State::Established && !c.peer_shut_rcv)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let guest_cid = self.guest_cid;
+            let c = self.conns.get_mut(&key)?;
+            let n = (c.peer_free() as usize).min(room).min(MAX_PKT_DATA as usize);
+            if n == 0 {
+                continue; // waits for a credit update
+            }
+            let mut buf = vec![0u8; n];
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    // Host closed: tell the guest; it answers with RST.
+                    c.host_readable = false;
+                    c.state = State::Closing;
+                    let h = c.header(guest_cid, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                    return Some((h, Vec::new()));
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    c.rx_cnt = c.rx_cnt.wrapping_add(n as u32);
+                    let h = c.header(guest_cid, OP_RW, 0);
+                    return Some((h, buf));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => c.host_readable = false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.reset_conn(key);
+                    return self.rx_ctrl.pop_front().map(|h| (h, Vec::new()));
+                }
+            }
+        }
+        None
+    }
+
+    /// Fills guest RX buffers with control packets first, then stream data.
+    fn fill_rx(&mut self, a: &mut Active) -> Result<bool, Fault> {
+        let mut used = false;
+        loop {
+            if self.rx_ctrl.is_empty() && !self.conns.values().any(|c| c.host_readable) {
+                return Ok(used);
+            }
+            let Some(mut c) = chain::pop(&mut a.rxq, &a.mem)? else {
+                return Ok(used);
+            };
+            let head = c.head_index();
+            chain::collect(c.clone(), &a.mem, u64::from(MAX_PKT_DATA) + 4096)?;
+            let room = packet::rx_capacity(&a.mem, &c)?;
+            let next = match self.rx_ctrl.pop_front() {
+                Some(h) => Some((h, Vec::new())),
+                None => self.next_data(room),
+            };
+            let Some((hdr, data)) = next else {
+                // Nothing could be sent after all (no credit): give the buffer back.
+                a.rxq.go_to_previous_position();
+                return Ok(used);
+            };
+            let len = packet::write_rx(&a.mem, &mut c, &hdr, &data)?;
+            chain::add_used(&mut a.rxq, &a.mem, head, len)?;
+            used = true;
+        }
+    }
+
+    fn process_tx(&mut self, a: &mut Active) -> Result<bool, Fault> {
+        let mut used = false;
+        while let Some(mut c) = chain::pop(&mut a.txq, &a.mem)? {
+            let head = c.head_index();
+            chain::collect(c.clone(), &a.mem, u64::from(MAX_PKT_DATA) + 4096)?;
+            let pkt = packet::parse_tx(&a.mem, &mut c)?;
+            chain::add_used(&mut a.txq, &a.mem, head, 0)?;
+            used = true;
+            self.on_tx(pkt);
+        }
+        Ok(used)
+    }
+
+    /// Runs `f` against the active queues; a fault breaks the device.
+    fn with_active(&mut self, f: impl FnOnce(&mut Self, &mut Active) -> Result<bool, Fault>) {
+        if self.broken {
+            return;
+        }
+        let Some(mut a) = self.active.take() else { return };
+        match f(self, &mut a) {
+            Ok(true) => a.interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "virtio-vsock: malformed ring; device needs reset");
+                self.broken = true;
+                a.interrupt.set_needs_reset();
+            }
+        }
+        self.active = Some(a);
+    }
+
+    fn pump(&mut self) {
+        self.with_active(|s, a| {
+            let tx = s.process_tx(a)?;
+            let rx = s.fill_rx(a)?;
+            Ok(tx || rx)
+        });
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.sizes
+    }
+
+    fn features(&self) -> u64 {
+        F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::devices::virtio::read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let mut queues = a.queues.into_iter();
+        let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::BadQueue(0));
+        };
+        if !rxq.ready() || !txq.ready() {
+            return Err(ActivateError::BadQueue(if rxq.ready() { TXQ } else { RXQ }));
+        }
+        self.active = Some(Active {
+            mem: a.mem,
+            rxq,
+            txq,
+            interrupt: a.interrupt,
+        });
+        self.broken = false;
+        self.pump();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // The guest forgot every connection; so do we (closing the host streams).
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for k in keys {
+            self.remove_conn(k);
+        }
+        self.rx_ctrl.clear();
+        self.active = None;
+        self.broken = false;
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        // The event queue carries only device->driver transport-reset events, which
+        // we never send; its buffers stay with us.
+        if index == RXQ || index == TXQ {
+            self.pump();
+        }
+    }
+
+    fn init_events(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&self.epoll, EXTRA_EVENT_BASE, EventSet::IN)) {
+            tracing::error!(error = ?e, "vsock: registering the host socket set failed");
+        }
+    }
+
+    fn process_event(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.poll_host();
+        self.pump();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::chain::test_utils::{desc, memory};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    const CID: u64 = 3;
+    const RX_BUFS: u64 = 0x40000;
+    const TX_BUFS: u64 = 0x80000;
+
+    struct Rig<'a> {
+        mem: &'a GuestMemoryMmap,
+        rx: MockSplitQueue<'a, GuestMemoryMmap>,
+        tx: MockSplitQueue<'a, GuestMemoryMmap>,
+        dev: Vsock,
+        irq: Arc<Interrupt>,
+        rx_seen: u16,
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    }
+
+    impl<'a> Rig<'a> {
+        fn new(mem: &'a GuestMemoryMmap) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("v.sock");
+            let rx = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
+            let tx = MockSplitQueue::create(mem, GuestAddress(0x8000), 16);
+            let mut dev = Vsock::new(CID, &path).unwrap();
+            let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+            let ev = Queue::new(16).unwrap();
+            dev.activate(Activation {
+                mem: mem.clone(),
+                queues: vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), ev],
+                interrupt: irq.clone(),
+                features: F_VERSION_1,
+            })
+            .unwrap();
+            Rig { mem, rx, tx, dev, irq, rx_seen: 0, _dir: dir, path }
+        }
+
+        /// Posts 16 RX chains (header + 64 KiB data each... in 4 KiB here).
+        fn post_rx(&mut self) {
+            for i in 0..8u16 {
+                let base = RX_BUFS + u64::from(i) * 0x2000;
+                self.rx.desc_table().store(2 * i, desc(base, 44, true, Some(2 * i + 1))).unwrap();
+                self.rx.desc_table().store(2 * i + 1, desc(base + 0x100, 0x1000, true, None)).unwrap();
+                let idx = self.rx.avail().idx().load();
+                self.rx.avail().ring().ref_at(idx as usize % 16).unwrap().store(2 * i);
+                self.rx.avail().idx().store(idx.wrapping_add(1));
+            }
+            self.dev.process_queue(RXQ);
+        }
+
+        /// Sends one packet from the guest.
+        fn guest_send(&mut self, h: Header, data: &[u8]) {
+            let slot = self.tx.avail().idx().load();
+            let d = (slot % 8) * 2;
+            let base = TX_BUFS + u64::from(d) * 0x1000;
+            let mut h = h;
+            h.len = data.len() as u32;
+            self.mem.write_slice(&h.to_bytes(), GuestAddress(base)).unwrap();
+            if data.is_empty() {
+                self.tx.desc_table().store(d, desc(base, 44, false, None)).unwrap();
+            } else {
+                self.mem.write_slice(data, GuestAddress(base + 0x100)).unwrap();
+                self.tx.desc_table().store(d, desc(base, 44, false, Some(d + 1))).unwrap();
+                self.tx.desc_table().store(d + 1, desc(base + 0x100, data.len() as u32, false, None)).unwrap();
+            }
+            self.tx.avail().ring().ref_at(slot as usize % 16).unwrap().store(d);
+            self.tx.avail().idx().store(slot.wrapping_add(1));
+            self.dev.process_queue(TXQ);
+        }
+
+        /// Packets the device put in RX buffers since the last call.
+        fn guest_recv(&mut self) -> Vec<(Header, Vec<u8>)> {
+            let mut out = Vec::new();
+            let used_idx = self.rx.used().idx().load();
+            while self.rx_seen != used_idx {
+                let e = self.rx.used().ring().ref_at(self.rx_seen as usize % 16).unwrap().load();
+                let head = e.id() as u64;
+                let len = e.len() as usize;
+                let base = RX_BUFS + (head / 2) * 0x2000;
+                let mut hb = [0u8; 44];
+                self.mem.read_slice(&mut hb, GuestAddress(base)).unwrap();
+                let h = parse_header(&hb);
+                let mut data = vec![0u8; len - 44];
+                self.mem.read_slice(&mut data, GuestAddress(base + 0x100)).unwrap();
+                out.push((h, data));
+                self.rx_seen = self.rx_seen.wrapping_add(1);
+            }
+            out
+        }
+
+        fn host_events(&mut self) {
+            self.dev.poll_host();
+            self.dev.pump();
+        }
+    }
+
+    fn parse_header(b: &[u8; 44]) -> Header {
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        Header {
+            src_cid: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            dst_cid: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16::from_le_bytes([b[28], b[29]]),
+            op: u16::from_le_bytes([b[30], b[31]]),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+
+    fn guest_hdr(op: u16, src_port: u32, dst_port: u32) -> Header {
+        Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 1 << 20,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn config_space_holds_the_cid() {
+        let mem = memory();
+        let rig = Rig::new(&mem);
+        let mut d = [0u8; 8];
+        rig.dev.read_config(0, &mut d);
+        assert_eq!(u64::from_le_bytes(d), CID);
+        assert_eq!(rig.dev.socket_path(), rig.path);
+    }
+
+    #[test]
+    fn request_to_unknown_port_gets_rst() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.post_rx();
+        rig.guest_send(guest_hdr(OP_REQUEST, 5000, 4321), &[]);
+        let p = rig.guest_recv();
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].0.op, p[0].0.src_port, p[0].0.dst_port), (OP_RST, 4321, 5000));
+        // RW for a connection that does not exist: RST too.
+        rig.guest_send(guest_hdr(OP_RW, 5000, 4321), b"x");
+        assert_eq!(rig.guest_recv()[0].0.op, OP_RST);
+        assert!(!rig.irq.needs_reset());
+    }
+
+    #[test]
+    fn guest_connects_to_socket_port_and_data_flows_both_ways() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        let mut p = rig.path.clone().into_os_string();
+        p.push("_1234");
+        let l = UnixListener::bind(&p).unwrap();
+        rig.post_rx();
+        rig.guest_send(guest_hdr(OP_REQUEST, 7000, 1234), &[]);
+        let (mut host, _) = l.accept().unwrap();
+        let r = rig.guest_recv();
+        assert_eq!(r[0].0.op, OP_RESPONSE);
+        assert_eq!(r[0].0.buf_alloc, CONN_BUF_SIZE);
+
+        rig.guest_send(guest_hdr(OP_RW, 7000, 1234), b"ping");
+        let mut b = [0u8; 4];
+        host.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+
+        host.write_all(b"pong").unwrap();
+        rig.host_events();
+        let r = rig.guest_recv();
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].0.op, r[0].1.as_slice()), (OP_RW, &b"pong"[..]));
+
+        // Host closes: the guest is told with SHUTDOWN; its RST ends it.
+        drop(host);
+        rig.host_events();
+        let r = rig.guest_recv();
+        assert_eq!((r[0].0.op, r[0].0.flags), (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND));
+        rig.guest_send(guest_hdr(OP_RST, 7000, 1234), &[]);
+        assert!(rig.dev.conns.is_empty());
+    }
+
+    #[test]
+    fn host_connect_handshake() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.post_rx();
+        let mut host = UnixStream::connect(&rig.path).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        rig.host_events();
+        rig.host_events();
+        let r = rig.guest_recv();
+        assert_eq!(r.len(), 1);
+        let req = r[0].0;
+        assert_eq!((req.op, req.dst_port, req.dst_cid), (OP_REQUEST, 1024, CID));
+        assert!(req.src_port >= FIRST_HOST_PORT);
+        rig.guest_send(guest_hdr(OP_RESPONSE, 1024, req.src_port), &[]);
+        let mut line = [0u8; 64];
+        let n = host.read(&mut line).unwrap();
+        assert_eq!(std::str::from_utf8(&line[..n]).unwrap(), format!("OK {}\n", req.src_port));
+        // Data from the host is limited by the guest's credit.
+        let mut h = guest_hdr(OP_CREDIT_UPDATE, 1024, req.src_port);
+        h.buf_alloc = 3;
+        rig.guest_send(h, &[]);
+        host.write_all(b"abcdef").unwrap();
+        rig.host_events();
+        let r = rig.guest_recv();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].1, b"abc");
+        // More credit releases the rest.
+        let mut h = guest_hdr(OP_CREDIT_UPDATE, 1024, req.src_port);
+        h.buf_alloc = 3;
+        h.fwd_cnt = 3;
+        rig.guest_send(h, &[]);
+        assert_eq!(rig.guest_recv()[0].1, b"def");
+    }
+
+    #[test]
+    fn bad_connect_lines_are_dropped() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.post_rx();
+        for line in [&b"HELLO 1\n"[..], b"CONNECT x\n", &[b'C'; 100]] {
+            let mut host = UnixStream::connect(&rig.path).unwrap();
+            host.write_all(line).unwrap();
+            rig.host_events();
+            rig.host_events();
+            let mut b = [0u8; 8];
+            host.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+            assert_eq!(host.read(&mut b).unwrap_or(0), 0, "{line:?}");
+        }
+        assert!(rig.guest_recv().is_empty());
+        assert!(rig.dev.pending.is_empty());
+    }
+
+    #[test]
+    fn foreign_cids_are_ignored() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.post_rx();
+        let mut h = guest_hdr(OP_REQUEST, 1, 2);
+        h.src_cid = 99;
+        rig.guest_send(h, &[]);
+        assert!(rig.guest_recv().is_empty());
+    }
+
+    #[test]
+    fn many_concurrent_streams() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        let mut p = rig.path.clone().into_os_string();
+        p.push("_9");
+        let l = UnixListener::bind(&p).unwrap();
+        let mut hosts = Vec::new();
+        for port in 0..20u32 {
+            rig.post_rx();
+            rig.guest_send(guest_hdr(OP_REQUEST, 10_000 + port, 9), &[]);
+            hosts.push(l.accept().unwrap().0);
+            rig.guest_recv();
+        }
+        for port in 0..20u32 {
+            rig.guest_send(guest_hdr(OP_RW, 10_000 + port, 9), &port.to_le_bytes());
+        }
+        for (port, h) in hosts.iter_mut().enumerate() {
+            let mut b = [0u8; 4];
+            h.read_exact(&mut b).unwrap();
+            assert_eq!(u32::from_le_bytes(b), port as u32);
+        }
+        assert_eq!(rig.dev.conns.len(), 20);
+    }
+
+    #[test]
+    fn malformed_tx_chains_need_reset() {
+        let cases: Vec<Box<dyn Fn(&MockSplitQueue<GuestMemoryMmap>)>> = vec![
+            // Header descriptor too short.
+            Box::new(|tx| tx.desc_table().store(0, desc(TX_BUFS, 8, false, None)).unwrap()),
+            // Wrong direction (device-writable TX buffer).
+            Box::new(|tx| tx.desc_table().store(0, desc(TX_BUFS, 44, true, None)).unwrap()),
+            // Out of range.
+            Box::new(|tx| tx.desc_table().store(0, desc(1 << 40, 44, false, None)).unwrap()),
+            // Zero length.
+            Box::new(|tx| tx.desc_table().store(0, desc(TX_BUFS, 0, false, None)).unwrap()),
+            // Loop.
+            Box::new(|tx| tx.desc_table().store(0, desc(TX_BUFS, 44, false, Some(0))).unwrap()),
+        ];
+        for (i, setup) in cases.iter().enumerate() {
+            let mem = memory();
+            let mut rig = Rig::new(&mem);
+            setup(&rig.tx);
+            rig.tx.avail().ring().ref_at(0).unwrap().store(0);
+            rig.tx.avail().idx().store(1);
+            rig.dev.process_queue(TXQ);
+            assert!(rig.irq.needs_reset(), "case {i}");
+            // Broken: further work is refused until reset.
+            rig.dev.process_queue(TXQ);
+            rig.dev.reset();
+            assert!(!rig.dev.broken);
+        }
+    }
+
+    #[test]
+    fn oversized_rw_needs_reset() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        // Header claims more than MAX_PKT_DATA.
+        let mut h = guest_hdr(OP_RW, 1, 2);
+        h.len = MAX_PKT_DATA + 1;
+        mem.write_slice(&h.to_bytes(), GuestAddress(TX_BUFS)).unwrap();
+        rig.tx.desc_table().store(0, desc(TX_BUFS, 44, false, Some(1))).unwrap();
+        rig.tx.desc_table().store(1, desc(TX_BUFS + 0x100, 0x1000, false, None)).unwrap();
+        rig.tx.avail().ring().ref_at(0).unwrap().store(0);
+        rig.tx.avail().idx().store(1);
+        rig.dev.process_queue(TXQ);
+        assert!(rig.irq.needs_reset());
+    }
+
+    #[test]
+    fn malformed_rx_chain_needs_reset() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        // A read-only RX buffer, then something to send.
+        rig.rx.desc_table().store(0, desc(RX_BUFS, 0x1000, false, None)).unwrap();
+        rig.rx.avail().ring().ref_at(0).unwrap().store(0);
+        rig.rx.avail().idx().store(1);
+        rig.guest_send(guest_hdr(OP_REQUEST, 5000, 4321), &[]);
+        assert!(rig.irq.needs_reset());
+    }
+}

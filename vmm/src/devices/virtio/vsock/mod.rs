@@ -1,0 +1,21 @@
+//! virtio-vsock in user space (virtio 1.2, section 5.10), mediating between
+//! AF_VSOCK streams in the guest and AF_UNIX streams on the host. There is no
+//! vhost-vsock here: the VMM moves every byte itself.
+//!
+//! Host side (the convention Firecracker established, which the shim speaks):
+//! - one listening Unix socket per VM; a host process connects, writes
+//!   `CONNECT <port>\n`, and once the guest accepts reads `OK <hostport>\n`
+//!   before the stream carries data;
+//! - a guest connection to port P is connected to the Unix socket `<socket>_P`;
+//!   if nothing listens there the guest gets a RST.
+//!
+//! Rooms: [`defs`] (constants from the spec), [`packet`] (guest TX parsing via
+//! virtio-vsock, and RX header building), [`connection`] (one stream's state and
+//! credit accounting), [`device`] (queues, the host socket and the mux).
+
+pub mod connection;
+pub mod defs;
+mod device;
+pub mod packet;
+
+pub use device::Vsock;

@@ -1,0 +1,164 @@
+//! vCPU threads: run KVM_RUN and route exits to the buses.
+//!
+//! With the in-kernel irqchip and ioeventfds, the exits that reach us are port
+//! I/O to the console and i8042, MMIO to virtio registers, and the ways a VM ends.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::Bus;
+use crate::exit::{ExitReason, ExitSignal};
+
+/// KVM_SYSTEM_EVENT_* (include/uapi/linux/kvm.h).
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+const SYSTEM_EVENT_CRASH: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("creating vCPU {index}: {source}")]
+    Create {
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("spawning the thread of vCPU {index}: {source}")]
+    Spawn {
+        index: u8,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    Stop(ExitReason),
+}
+
+/// One vCPU and what its exits need.
+pub struct Vcpu {
+    pub fd: VcpuFd,
+    pub index: u8,
+    pub mmio: Arc<Bus>,
+    pub pio: Arc<Bus>,
+    pub exit: ExitSignal,
+}
+
+/// Routes one exit. Split from the loop so it can be tested without KVM.
+pub fn handle_exit(exit: VcpuExit<'_>, index: u8, mmio: &Bus, pio: &Bus) -> Next {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            // Absent ISA devices float the bus high; the guest's probes expect that.
+            if !pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            Next::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            // Port 0x80 (POST delay) and probes of absent devices go nowhere.
+            pio.write(u64::from(port), data);
+            Next::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                tracing::debug!(vcpu = index, addr, "MMIO read outside any device");
+                data.fill(0);
+            }
+            Next::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !mmio.write(addr, data) {
+                tracing::debug!(vcpu = index, addr, "MMIO write outside any device");
+            }
+            Next::Continue
+        }
+        // Triple fault: Linux's last resort for reboot.
+        VcpuExit::Shutdown => Next::Stop(ExitReason::GuestReset),
+        // HLT reaches us only without an in-kernel LAPIC; a halted guest is done.
+        VcpuExit::Hlt => Next::Stop(ExitReason::GuestPowerOff),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            SYSTEM_EVENT_SHUTDOWN => Next::Stop(ExitReason::GuestPowerOff),
+            SYSTEM_EVENT_RESET => Next::Stop(ExitReason::GuestReset),
+            SYSTEM_EVENT_CRASH => Next::Stop(ExitReason::GuestPanic),
+            other => Next::Stop(ExitReason::VcpuFailed(format!("vCPU {index}: system event {other}"))),
+        },
+        VcpuExit::FailEntry(reason, cpu) => Next::Stop(ExitReason::VcpuFailed(format!(
+            "vCPU {index}: VM entry failed, hardware reason {reason:#x} on host CPU {cpu}"
+        ))),
+        VcpuExit::InternalError => Next::Stop(ExitReason::VcpuFailed(format!(
+            "vCPU {index}: KVM internal error (KVM cannot emulate the guest's state)"
+        ))),
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
+        other => Next::Stop(ExitReason::VcpuFailed(format!("vCPU {index}: unexpected exit {other:?}"))),
+    }
+}
+
+impl Vcpu {
+    /// The run loop; returns when the VM stops. The thread is not joined: the VMM
+    /// process exits once the event loop has a reason, taking every vCPU with it.
+    pub fn run(mut self) {
+        loop {
+            if self.exit.reason().is_some() {
+                return;
+            }
+            let next = match self.fd.run() {
+                Ok(exit) => handle_exit(exit, self.index, &self.mmio, &self.pio),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+                Err(e) => Next::Stop(ExitReason::VcpuFailed(format!("vCPU {}: KVM_RUN: {e}", self.index))),
+            };
+            if let Next::Stop(reason) = next {
+                self.exit.exit(reason);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::legacy::I8042;
+    use std::sync::Mutex;
+
+    fn buses(exit: &ExitSignal) -> (Bus, Bus) {
+        let mut pio = Bus::new();
+        pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(exit.clone())))).unwrap();
+        (Bus::new(), pio)
+    }
+
+    #[test]
+    fn io_exits_route_and_absent_ports_float_high() {
+        let exit = ExitSignal::new().unwrap();
+        let (mmio, pio) = buses(&exit);
+        let mut d = [0u8; 1];
+        assert_eq!(handle_exit(VcpuExit::IoIn(0x2f8, &mut d), 0, &mmio, &pio), Next::Continue);
+        assert_eq!(d, [0xff]);
+        let mut m = [0xaau8; 4];
+        assert_eq!(handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut m), 0, &mmio, &pio), Next::Continue);
+        assert_eq!(m, [0; 4]);
+        assert_eq!(handle_exit(VcpuExit::IoOut(0x64, &[0xfe]), 0, &mmio, &pio), Next::Continue);
+        assert_eq!(exit.reason(), Some(ExitReason::GuestReset));
+    }
+
+    #[test]
+    fn ending_exits() {
+        let exit = ExitSignal::new().unwrap();
+        let (mmio, pio) = buses(&exit);
+        assert_eq!(handle_exit(VcpuExit::Shutdown, 0, &mmio, &pio), Next::Stop(ExitReason::GuestReset));
+        assert_eq!(
+            handle_exit(VcpuExit::SystemEvent(SYSTEM_EVENT_CRASH, &[]), 0, &mmio, &pio),
+            Next::Stop(ExitReason::GuestPanic)
+        );
+        assert!(matches!(
+            handle_exit(VcpuExit::InternalError, 1, &mmio, &pio),
+            Next::Stop(ExitReason::VcpuFailed(_))
+        ));
+        assert!(matches!(
+            handle_exit(VcpuExit::FailEntry(0x21, 3), 1, &mmio, &pio),
+            Next::Stop(ExitReason::VcpuFailed(_))
+        ));
+    }
+}

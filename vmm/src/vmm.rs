@@ -1,0 +1,316 @@
+//! Building and running one VM: KVM, guest memory, devices, boot state, vCPU
+//! threads and the event loop.
+//!
+//! Threads: one per vCPU (KVM_RUN; port/MMIO exits are handled on the vCPU thread
+//! under the device's lock) and the event-loop thread, which waits in epoll
+//! (event-manager) on queue notifications (ioeventfds), device sockets, the exit
+//! eventfd and a signalfd for SIGTERM/SIGINT. Interrupts go out through irqfds, so
+//! neither side needs the other to inject them.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{GuestMemory, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::{self as arch, layout, mptable};
+use crate::boot;
+use crate::config::ValidConfig;
+use crate::devices::legacy::{ConsoleWriter, EventFdTrigger, SerialConsole, I8042};
+use crate::devices::virtio::mmio::{regs, MmioTransport};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{VirtioDevice, EXTRA_EVENT_BASE};
+use crate::devices::{lock, Bus, DeviceError};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::memory::{create_guest_memory, GuestMemoryMmap};
+use crate::seccomp;
+use crate::vcpu::{Vcpu, VcpuError};
+use crate::{Error, Result};
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Event-loop glue for one virtio device: queue eventfds go to `process_queue`,
+/// everything else to the device's own handler.
+struct VirtioSubscriber<D: VirtioDevice> {
+    transport: Arc<Mutex<MmioTransport<D>>>,
+    queue_evts: Vec<EventFd>,
+}
+
+impl<D: VirtioDevice> MutEventSubscriber for VirtioSubscriber<D> {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+                tracing::error!(error = ?e, queue = i, "registering a queue eventfd failed");
+            }
+        }
+        lock(&self.transport).device_mut().init_events(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let data = events.data();
+        if data < EXTRA_EVENT_BASE {
+            if let Some(evt) = self.queue_evts.get(data as usize) {
+                // Drain the counter; one pass handles every pending notification.
+                let _ = evt.read();
+                lock(&self.transport).device_mut().process_queue(data as usize);
+            }
+        } else {
+            lock(&self.transport).device_mut().process_event(events, ops);
+        }
+    }
+}
+
+/// Wakes the loop for the exit eventfd and for SIGTERM/SIGINT.
+struct ExitSubscriber {
+    exit: ExitSignal,
+    signalfd: File,
+}
+
+impl MutEventSubscriber for ExitSubscriber {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, data) in [(self.exit.eventfd().as_raw_fd(), 0), (self.signalfd.as_raw_fd(), 1)] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                tracing::error!(error = ?e, "registering the exit sources failed");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() == 0 {
+            let _ = self.exit.eventfd().read();
+            return;
+        }
+        // struct signalfd_siginfo is 128 bytes; ssi_signo is its first u32.
+        let mut buf = [0u8; 128];
+        if self.signalfd.read_exact(&mut buf).is_ok() {
+            let signo = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as i32;
+            let name = if signo == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
+            self.exit.exit(ExitReason::Stopped(name.to_string()));
+        }
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and every thread it spawns later)
+/// and returns a signalfd that receives them, so a stop request is handled in
+/// the event loop, not in a signal handler.
+fn stop_signals_fd() -> Result<File> {
+    // SAFETY: sigemptyset/sigaddset initialise a local sigset; pthread_sigmask and
+    // signalfd take pointers to it for the duration of the call; results checked.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io_err("blocking SIGTERM")(std::io::Error::last_os_error()));
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(io_err("signalfd")(std::io::Error::last_os_error()));
+        }
+        Ok(File::from_raw_fd(fd))
+    }
+}
+
+/// Hands guest memory to KVM, one slot per region.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| io_err("guest memory host address")(std::io::Error::other(e)))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by
+        // `mem`, which the VMM keeps until the process exits, so KVM never sees
+        // the mapping go away under a running guest.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// A virtio device placed on the MMIO bus.
+struct Placed {
+    addr: u64,
+    irq: u32,
+}
+
+/// Puts a virtio device on the bus, with its irqfd and ioeventfds, and adds its
+/// event-loop subscriber.
+fn add_virtio<D: VirtioDevice + 'static>(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    em: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    index: u32,
+    device: D,
+) -> Result<Placed> {
+    let irq = layout::IRQ_VIRTIO_FIRST + index;
+    if irq > layout::IRQ_MAX {
+        return Err(DeviceError::NoIrq(format!("virtio device {index}")).into());
+    }
+    let addr = layout::virtio_mmio_addr(index);
+    let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("irq eventfd"))?;
+    vm.register_irqfd(&irq_evt, irq).map_err(kvm_err("KVM_IRQFD"))?;
+    let transport = MmioTransport::new(device, mem.clone(), irq_evt).map_err(io_err("virtio transport"))?;
+    let mut queue_evts = Vec::new();
+    for (i, evt) in transport.queue_evts().iter().enumerate() {
+        // QueueNotify writes carrying this queue's index complete in the kernel.
+        vm.register_ioevent(evt, &IoEventAddress::Mmio(addr + regs::QUEUE_NOTIFY), i as u32)
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        queue_evts.push(evt.try_clone().map_err(io_err("queue eventfd"))?);
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
+    em.add_subscriber(Arc::new(Mutex::new(VirtioSubscriber { transport, queue_evts })));
+    Ok(Placed { addr, irq })
+}
+
+/// Builds the VM from `config`, runs it, and returns why it stopped.
+pub fn run(config: &ValidConfig) -> Result<ExitReason> {
+    let cfg = &config.config;
+    let filters = if cfg.seccomp {
+        seccomp::install_sigsys_handler()?;
+        Some(seccomp::Filters::new()?)
+    } else {
+        None
+    };
+    let signalfd = stop_signals_fd()?;
+    let exit = ExitSignal::new().map_err(io_err("exit eventfd"))?;
+
+    let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+    for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory] {
+        if !kvm.check_extension(cap) {
+            return Err(io_err(format!("KVM lacks {cap:?}"))(std::io::Error::other("unsupported")));
+        }
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    arch::setup_vm(&vm)?;
+
+    let ram = create_guest_memory(cfg.memory_mib << 20)?;
+    let mem = ram.memory.clone();
+    register_memory(&vm, &mem)?;
+
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| io_err("event manager")(std::io::Error::other(format!("{e:?}"))))?;
+    em.add_subscriber(Arc::new(Mutex::new(ExitSubscriber {
+        exit: exit.clone(),
+        signalfd,
+    })));
+
+    // Legacy devices on the port bus.
+    let mut pio = Bus::new();
+    let console_out: Box<dyn std::io::Write + Send> = match &cfg.serial_out {
+        Some(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(io_err(format!("opening console output {}", p.display())))?,
+        ),
+        None => Box::new(std::io::stderr()),
+    };
+    let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("COM1 irq eventfd"))?;
+    vm.register_irqfd(&com1_irq, layout::IRQ_COM1).map_err(kvm_err("KVM_IRQFD"))?;
+    let serial = SerialConsole::new(EventFdTrigger(com1_irq), ConsoleWriter::new(console_out, Some(exit.clone())));
+    pio.insert(
+        u64::from(layout::PORT_COM1),
+        u64::from(layout::PORT_COM1_LEN),
+        Arc::new(Mutex::new(serial)),
+    )?;
+    pio.insert(
+        u64::from(layout::PORT_I8042),
+        u64::from(layout::PORT_I8042_LEN),
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+
+    // virtio devices on the MMIO bus, announced on the command line.
+    let mut mmio = Bus::new();
+    let mut placed = Vec::new();
+    let rng = Rng::new().map_err(io_err("opening /dev/urandom"))?;
+    placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 0, rng)?);
+    let mut vsock_socket = None;
+    if let Some(path) = &cfg.vsock_socket {
+        let vsock = Vsock::new(cfg.guest_cid, path).map_err(io_err(format!("vsock socket {}", path.display())))?;
+        vsock_socket = Some(path.clone());
+        placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 1, vsock)?);
+    }
+    let devices: Vec<(u64, u32)> = placed.iter().map(|p| (p.addr, p.irq)).collect();
+    let cmdline = boot::build_cmdline(&cfg.base_cmdline(), &devices)?;
+    tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
+
+    let entry = boot::prepare(&mem, &config.kernel, cfg.initramfs.as_deref(), &cmdline)?;
+    mptable::setup(&mem, config.vcpus).map_err(arch::ArchError::from)?;
+
+    let supported = arch::supported_cpuid(&kvm)?;
+    let mmio = Arc::new(mmio);
+    let pio = Arc::new(pio);
+    let mut vcpus = Vec::new();
+    for index in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        arch::configure_vcpu(&kvm, &fd, &supported, index, config.vcpus, &mem, entry)?;
+        vcpus.push(Vcpu {
+            fd,
+            index,
+            mmio: mmio.clone(),
+            pio: pio.clone(),
+            exit: exit.clone(),
+        });
+    }
+    for vcpu in vcpus {
+        let index = vcpu.index;
+        let filter = filters.as_ref().map(|f| f.vcpu.clone());
+        let exit = exit.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                if let Some(f) = filter {
+                    if let Err(e) = seccomp::apply("vCPU", &f) {
+                        exit.exit(ExitReason::Internal(e.to_string()));
+                        return;
+                    }
+                }
+                vcpu.run();
+            })
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+    }
+    if let Some(f) = &filters {
+        seccomp::apply("VMM", &f.vmm)?;
+    }
+    tracing::info!(vcpus = config.vcpus, memory_mib = cfg.memory_mib, ?entry, "guest started");
+
+    let reason = loop {
+        if let Err(e) = em.run() {
+            break ExitReason::Internal(format!("event loop: {e:?}"));
+        }
+        if let Some(r) = exit.reason() {
+            break r;
+        }
+    };
+    if let Some(p) = vsock_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    // Keep the memory mapped (and KVM's view of it valid) until the process ends.
+    std::mem::forget(ram);
+    Ok(reason)
+}
