@@ -1,100 +1,49 @@
-//! husk-agent: PID 1 of the Husk guest.
+//! husk-agent's entry point: the init sequence, then the ttrpc server.
 //!
-//! This first cut does what an init must before anything else: mount the
-//! kernel filesystems, report that the guest reached userspace, and reap
-//! orphans forever. The ttrpc API over vsock arrives with the agent issue.
-//! `husk.exit=poweroff|reboot` on the kernel command line ends the VM right
-//! after the report, which is how boot tests and boot benchmarks use it.
+//! Kernel command line parameters it reads:
+//! - `husk.exit=poweroff|reboot`: end the VM right after the ready report
+//!   (boot tests and boot benchmarks),
+//! - `husk.log=FILTER`: the log filter (tracing's env-filter syntax).
 
 use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
 
-use nix::mount::{mount, MsFlags};
+use anyhow::{Context, Result};
+use husk_agent::{init, logging, reaper::Reaper, service, shutdown, READY_MARKER};
+use husk_agent_api::{agent_ttrpc, ttrpc, AGENT_VSOCK_PORT};
 use nix::sys::reboot::{reboot, RebootMode};
-use nix::sys::wait::{waitpid, WaitPidFlag};
-use nix::unistd::{sync, Pid};
-
-/// The line boot tests and benchmarks wait for on the serial console.
-const READY_MARKER: &str = "husk-agent: init reached";
-
-fn mount_kernel_filesystems() -> Vec<String> {
-    let mut errors = Vec::new();
-    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let table: [(&str, &str, &str, MsFlags); 4] = [
-        ("proc", "/proc", "proc", nodev),
-        ("sysfs", "/sys", "sysfs", nodev),
-        (
-            "devtmpfs",
-            "/dev",
-            "devtmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        ),
-        (
-            "tmpfs",
-            "/run",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        ),
-    ];
-    for (src, target, fstype, flags) in table {
-        let _ = std::fs::create_dir_all(target);
-        if let Err(e) = mount(Some(src), target, Some(fstype), flags, None::<&str>) {
-            // EBUSY: already mounted (devtmpfs may be automounted); anything else is real.
-            if e != nix::errno::Errno::EBUSY {
-                errors.push(format!("mount {target}: {e}"));
-            }
-        }
-    }
-    errors
-}
-
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|e| format!("<{path}: {e}>"))
-}
-
-fn mem_total_kib() -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("MemTotal:")?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()
-        })
-}
-
-fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
-    cmdline
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
-}
+use nix::unistd::sync;
 
 fn main() {
-    let errors = mount_kernel_filesystems();
-    let mut out = std::io::stdout().lock();
-    for e in &errors {
-        let _ = writeln!(out, "husk-agent: {e}");
+    let pid1 = std::process::id() == 1;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if pid1 {
+        if let Err(e) = init::mount_kernel_filesystems(Path::new("/")) {
+            // Say it on the console; the API may still work without, say, devpts.
+            let _ = writeln!(std::io::stderr(), "husk-agent: {e}");
+        }
     }
-    let cmdline = read_trimmed("/proc/cmdline");
-    let _ = writeln!(
-        out,
-        "{READY_MARKER} (agent {}, kernel {}, cpus {}, memory {} KiB)",
-        env!("CARGO_PKG_VERSION"),
-        read_trimmed("/proc/sys/kernel/osrelease"),
-        read_trimmed("/sys/devices/system/cpu/online"),
-        mem_total_kib().unwrap_or(0),
-    );
-    let _ = out.flush();
-    drop(out);
+    // /proc is mounted now: read the command line again if it was not.
+    let cmdline = if cmdline.is_empty() {
+        std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
+    } else {
+        cmdline
+    };
+    let filter = init::cmdline_value(&cmdline, "husk.log").unwrap_or_else(|| "info".into());
+    logging::init(&filter);
 
-    match cmdline_value(&cmdline, "husk.exit").as_deref() {
+    let d = service::guest_details();
+    println!(
+        "{READY_MARKER} (agent {}, kernel {}, cpus {}, memory {} KiB)",
+        d.agent_version, d.kernel_version, d.online_cpus, d.memory_total_kib
+    );
+    let _ = std::io::stdout().flush();
+
+    match init::cmdline_value(&cmdline, "husk.exit").as_deref() {
         Some("poweroff") => {
-            sync();
-            let _ = reboot(RebootMode::RB_POWER_OFF);
+            let e = shutdown::power_off();
+            eprintln!("husk-agent: power off failed: {e}");
         }
         Some("reboot") => {
             sync();
@@ -103,27 +52,60 @@ fn main() {
         _ => {}
     }
 
-    // An init must never exit (the kernel panics) and must reap every orphan.
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::empty())) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::ECHILD) => {
-                std::thread::sleep(std::time::Duration::from_secs(3600))
-            }
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+    let result = serve(pid1);
+    if let Err(e) = &result {
+        tracing::error!("{e:#}");
+    }
+    if pid1 {
+        // An init must never exit: the kernel would panic. End the VM instead.
+        let e = shutdown::power_off();
+        eprintln!("husk-agent: power off failed: {e}");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
         }
+    }
+    if result.is_err() {
+        std::process::exit(1);
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn serve(pid1: bool) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let reaper = Reaper::new();
+        tokio::spawn(reaper.clone().run());
+        logging::start_vsock_forwarding();
 
-    #[test]
-    fn cmdline_values_are_found_by_whole_key() {
-        let c = "console=ttyS0 husk.exit=reboot husk.exitx=no quiet";
-        assert_eq!(cmdline_value(c, "husk.exit").as_deref(), Some("reboot"));
-        assert_eq!(cmdline_value(c, "husk.exi"), None);
-        assert_eq!(cmdline_value(c, "quiet"), None);
-    }
+        let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
+        let service = service::AgentService::new(shutdown_tx);
+        let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
+        let mut server = ttrpc::r#async::Server::new()
+            .bind(&addr)
+            .with_context(|| format!("binding {addr}"))?
+            .register_service(agent_ttrpc::create_agent(service));
+        server.start().await.context("starting the ttrpc server")?;
+        tracing::info!(port = AGENT_VSOCK_PORT, "agent API serving on vsock");
+
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let grace = tokio::select! {
+            req = shutdown_rx.recv() => {
+                Duration::from_secs(req.map_or(5, |r| u64::from(r.grace_seconds)))
+            }
+            _ = sigterm.recv() => Duration::from_secs(5),
+            _ = sigint.recv() => Duration::from_secs(5),
+        };
+        tracing::info!(?grace, "shutting down");
+        // Lets in-flight answers (the Shutdown reply among them) go out.
+        let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown()).await;
+        if pid1 {
+            let r = reaper.clone();
+            tokio::task::spawn_blocking(move || shutdown::stop_all_processes(&r, grace)).await?;
+        }
+        Ok(())
+    })
 }

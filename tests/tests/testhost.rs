@@ -128,3 +128,23 @@ fn a_killed_harness_leaves_no_vm() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A host directory that the test host's own /tmp would hide (a checkout
+/// under /tmp, say) is visible, read-only, when bound.
+#[test]
+fn bound_host_directories_are_visible_and_read_only() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::write(dir.path().join("hello"), "from the host\n").unwrap();
+    let d = dir.path().display();
+    let mut spec = Spec::new(format!("cat {d}/hello; touch {d}/new 2>/dev/null && echo writable || echo read-only"));
+    spec.binds.push(dir.path().to_path_buf());
+    let o = testhost::run(&spec).unwrap();
+    testhost::expect_success(&o).unwrap();
+    if let Mode::Nested { .. } = o.mode {
+        assert_eq!(o.output, "from the host\nread-only\n");
+        assert!(!dir.path().join("new").exists());
+    } else {
+        // Direct mode runs on this machine itself: nothing to bind.
+        assert!(o.output.starts_with("from the host\n"), "{}", o.output);
+    }
+}

@@ -7,6 +7,10 @@
 /// The vsock port the agent serves on (architecture convention).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The host port the agent's log stream connects to (guest-initiated; with
+/// husk-vmm it arrives at `<vsock socket>_1025` on the host).
+pub const LOG_PORT: u32 = 1025;
+
 #[allow(clippy::all, missing_docs, unused, unknown_lints, dead_code, non_camel_case_types, non_snake_case, non_upper_case_globals, trivial_casts, unused_results, unused_mut)]
 #[rustfmt::skip]
 pub mod agent {

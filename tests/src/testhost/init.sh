@@ -22,8 +22,12 @@ fail() {
 }
 
 SCRIPT=
+BINDS=
 for p in $(cat /proc/cmdline); do
-    case $p in husk_testhost.script=*) SCRIPT=${p#*=} ;; esac
+    case $p in
+        husk_testhost.script=*) SCRIPT=${p#*=} ;;
+        husk_testhost.binds=*) BINDS=${p#*=} ;;
+    esac
 done
 [ -n "$SCRIPT" ] || fail "no husk_testhost.script= on the command line"
 
@@ -66,6 +70,16 @@ mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 mount -t tmpfs -o mode=0755 tmpfs $R/run
 mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp
+
+# Host directories the script needs that the layers above hide (a checkout
+# under /tmp, say), read-only at the same paths.
+OLDIFS=$IFS
+IFS=,
+for b in $BINDS; do
+    mkdir -p "$R$b" && mount --bind "/host$b" "$R$b" && mount -o remount,bind,ro "$R$b" \
+        || fail "bind $b"
+done
+IFS=$OLDIFS
 
 cp "/host$SCRIPT" $R/run/husk-testhost.sh || fail "copying $SCRIPT"
 chroot $R /bin/sh /run/husk-testhost.sh < /dev/null > $OUT 2>&1

@@ -42,6 +42,9 @@ pub struct Spec {
     pub memory_mib: u32,
     /// Stream each output line to stderr as it arrives.
     pub echo: bool,
+    /// Host directories to show read-only at the same path inside, beyond
+    /// what the test host shows anyway; the current directory is always added.
+    pub binds: Vec<PathBuf>,
 }
 
 impl Spec {
@@ -52,6 +55,7 @@ impl Spec {
             cpus: 2,
             memory_mib: 3072,
             echo: true,
+            binds: Vec::new(),
         }
     }
 
@@ -231,6 +235,26 @@ fn spawn_reader<R: Read + Send + 'static>(r: R, echo: bool) -> mpsc::Receiver<St
     rx
 }
 
+/// The binds for the kernel command line: the spec's, the current directory
+/// and the workspace, absolute and free of the separators the line uses.
+fn bind_list(spec: &Spec) -> Result<String> {
+    let mut all: Vec<PathBuf> = spec.binds.clone();
+    all.push(std::env::current_dir().context("current directory")?);
+    all.push(crate::workspace_root());
+    let mut out: Vec<String> = Vec::new();
+    for p in all {
+        let p = p.canonicalize().with_context(|| format!("bind {}", p.display()))?;
+        let s = p.to_str().with_context(|| format!("bind {} is not UTF-8", p.display()))?.to_string();
+        if s.contains([' ', ',', '\t', '\n', '"']) {
+            bail!("bind {s:?}: paths with spaces, commas or quotes cannot pass the kernel command line");
+        }
+        if s != "/" && !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out.join(","))
+}
+
 /// One test host at a time on this machine: two TCG VMs on two cores would
 /// each crawl past their deadlines. Held for the whole run.
 const HOST_LOCK: &str = "/tmp/husk-testhost.lock";
@@ -284,9 +308,10 @@ fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
         std::thread::sleep(Duration::from_millis(10));
     }
 
+    let binds = bind_list(spec)?;
     let mem = format!("{}M", spec.memory_mib);
     let append = format!(
-        "console=ttyS0 loglevel=4 panic=-1 mitigations=off husk_testhost.script={}",
+        "console=ttyS0 loglevel=4 panic=-1 mitigations=off husk_testhost.script={} husk_testhost.binds={binds}",
         script.display()
     );
     let mut q = Command::new("qemu-system-x86_64");

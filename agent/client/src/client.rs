@@ -1,0 +1,220 @@
+//! The typed agent client: connects through hybrid vsock, waits for the
+//! agent to come up (bounded by the boot timeout), puts a deadline on every
+//! call, and reconnects on the next call after the connection dropped.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use husk_agent_api::agent::{
+    CheckRequest, CreateSandboxRequest, DestroySandboxRequest, GuestDetailsRequest, GuestDetailsResponse,
+    ShutdownRequest,
+};
+use husk_agent_api::agent_ttrpc::AgentClient as RawClient;
+use husk_agent_api::ttrpc::{self, asynchronous::transport::Socket, context};
+use husk_agent_api::AGENT_VSOCK_PORT;
+use tokio::sync::Mutex;
+
+use crate::vsock::{self, HandshakeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the agent did not answer within the boot timeout ({waited:?}); last error: {last}{}", console_section(.console_tail))]
+    BootTimeout {
+        waited: Duration,
+        last: String,
+        console_tail: String,
+    },
+    #[error("{call}: no answer within {timeout:?}")]
+    CallTimeout { call: &'static str, timeout: Duration },
+    #[error("{call}: the connection to the agent failed ({source}); the next call reconnects")]
+    Transport {
+        call: &'static str,
+        #[source]
+        source: ttrpc::Error,
+    },
+    #[error("{call}: the agent refused: {code:?}: {message}")]
+    Rpc {
+        call: &'static str,
+        code: ttrpc::Code,
+        message: String,
+    },
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+}
+
+fn console_section(tail: &str) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- guest console (last lines) ---\n{tail}")
+    }
+}
+
+/// How to reach the agent and how long to wait.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The VM's vsock Unix socket.
+    pub vsock_socket: PathBuf,
+    /// Until the first answer after boot.
+    pub boot_timeout: Duration,
+    /// For each call once connected.
+    pub call_timeout: Duration,
+    /// The guest console log, quoted in a boot-timeout error.
+    pub console_log: Option<PathBuf>,
+}
+
+impl ConnectOptions {
+    pub fn new(vsock_socket: impl Into<PathBuf>) -> Self {
+        Self {
+            vsock_socket: vsock_socket.into(),
+            boot_timeout: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(10),
+            console_log: None,
+        }
+    }
+}
+
+/// The last `n` lines of a file, or nothing.
+pub fn file_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A client of one VM's agent.
+pub struct Client {
+    opts: ConnectOptions,
+    conn: Mutex<Option<RawClient>>,
+}
+
+impl Client {
+    /// Connects, retrying with backoff until the agent answers a Check or
+    /// the boot timeout passes.
+    pub async fn connect(opts: ConnectOptions) -> Result<Self, ClientError> {
+        let client = Self {
+            opts,
+            conn: Mutex::new(None),
+        };
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let last = match client.try_check().await {
+                Ok(()) => return Ok(client),
+                Err(e) => e.to_string(),
+            };
+            let waited = started.elapsed();
+            if waited >= client.opts.boot_timeout {
+                return Err(ClientError::BootTimeout {
+                    waited,
+                    last,
+                    console_tail: client.opts.console_log.as_deref().map(|p| file_tail(p, 20)).unwrap_or_default(),
+                });
+            }
+            tracing::trace!(%last, ?backoff, "agent not up yet");
+            tokio::time::sleep(backoff.min(client.opts.boot_timeout - waited)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    async fn try_check(&self) -> Result<(), ClientError> {
+        // While booting, a single attempt gets only a short leash.
+        let resp = self
+            .call("Check", Duration::from_secs(2), |c, ctx| async move {
+                c.check(ctx, &CheckRequest::default()).await
+            })
+            .await?;
+        if resp.serving {
+            Ok(())
+        } else {
+            Err(ClientError::Rpc {
+                call: "Check",
+                code: ttrpc::Code::UNAVAILABLE,
+                message: "the agent is not serving yet".into(),
+            })
+        }
+    }
+
+    async fn raw(&self) -> Result<RawClient, ClientError> {
+        let mut conn = self.conn.lock().await;
+        if let Some(c) = conn.as_ref() {
+            return Ok(c.clone());
+        }
+        let stream = vsock::connect(&self.opts.vsock_socket, AGENT_VSOCK_PORT, self.opts.call_timeout).await?;
+        let c = RawClient::new(ttrpc::r#async::Client::new(Socket::new(stream)));
+        *conn = Some(c.clone());
+        Ok(c)
+    }
+
+    /// One call with a deadline. A transport failure drops the connection so
+    /// that the next call makes a new one.
+    async fn call<T, F, Fut>(&self, name: &'static str, timeout: Duration, f: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(RawClient, context::Context) -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        let c = self.raw().await?;
+        let ctx = context::with_timeout(timeout.as_nanos() as i64);
+        let result = match tokio::time::timeout(timeout, f(c, ctx)).await {
+            Err(_) => Err(ClientError::CallTimeout { call: name, timeout }),
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(ttrpc::Error::RpcStatus(s))) => Err(ClientError::Rpc {
+                call: name,
+                code: s.code(),
+                message: s.message().to_string(),
+            }),
+            // Socket errors, closed connections, undecodable answers alike.
+            Ok(Err(e)) => Err(ClientError::Transport { call: name, source: e }),
+        };
+        // Whatever went wrong, do not trust this connection again.
+        if !matches!(result, Err(ClientError::Rpc { .. })) {
+            *self.conn.lock().await = None;
+        }
+        result
+    }
+
+    pub async fn check(&self) -> Result<bool, ClientError> {
+        let t = self.opts.call_timeout;
+        let r = self
+            .call("Check", t, |c, ctx| async move { c.check(ctx, &CheckRequest::default()).await })
+            .await?;
+        Ok(r.serving)
+    }
+
+    pub async fn guest_details(&self) -> Result<GuestDetailsResponse, ClientError> {
+        let t = self.opts.call_timeout;
+        self.call("GetGuestDetails", t, |c, ctx| async move {
+            c.get_guest_details(ctx, &GuestDetailsRequest::default()).await
+        })
+        .await
+    }
+
+    pub async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        self.call("CreateSandbox", t, |c, ctx| async move { c.create_sandbox(ctx, &req).await })
+            .await
+            .map(drop)
+    }
+
+    pub async fn destroy_sandbox(&self, sandbox_id: &str) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = DestroySandboxRequest {
+            sandbox_id: sandbox_id.to_string(),
+            ..Default::default()
+        };
+        self.call("DestroySandbox", t, |c, ctx| async move { c.destroy_sandbox(ctx, &req).await })
+            .await
+            .map(drop)
+    }
+
+    /// Asks the agent to stop everything and power off. The VMM exits after.
+    pub async fn shutdown(&self, grace: Duration) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = ShutdownRequest {
+            grace_seconds: grace.as_secs() as u32,
+            ..Default::default()
+        };
+        self.call("Shutdown", t, |c, ctx| async move { c.shutdown(ctx, &req).await })
+            .await
+            .map(drop)
+    }
+}

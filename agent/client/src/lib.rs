@@ -1,0 +1,8 @@
+//! The host side of the husk-agent API, for the shim and the CLI.
+
+pub mod client;
+pub mod logs;
+pub mod vsock;
+
+pub use client::{Client, ClientError, ConnectOptions};
+pub use husk_agent_api::{agent, AGENT_VSOCK_PORT, LOG_PORT};

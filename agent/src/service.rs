@@ -1,0 +1,257 @@
+//! The agent API (`agent/api/proto/agent.proto`) served over ttrpc.
+//!
+//! Requests are validated here, before anything touches the guest: a bad
+//! field is an `INVALID_ARGUMENT` naming it, never a half-applied change.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use husk_agent_api::agent::{
+    CheckRequest, CheckResponse, CreateSandboxRequest, DestroySandboxRequest, Empty,
+    GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest,
+};
+use husk_agent_api::agent_ttrpc::Agent;
+use husk_agent_api::ttrpc::{self, r#async::TtrpcContext, Code};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use tokio::sync::mpsc;
+
+use crate::init;
+
+/// Where per-sandbox files (resolv.conf, hostname) live in the guest.
+pub const SANDBOX_DIR: &str = "/run/husk/sandbox";
+
+fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn invalid(field: &str, why: impl std::fmt::Display) -> ttrpc::Error {
+    status(Code::INVALID_ARGUMENT, format!("{field}: {why}"))
+}
+
+#[derive(Debug, Clone)]
+struct Sandbox {
+    id: String,
+    shared_mount: Option<PathBuf>,
+}
+
+pub struct AgentService {
+    sandbox: Mutex<Option<Sandbox>>,
+    shutdown: mpsc::Sender<ShutdownRequest>,
+}
+
+impl AgentService {
+    pub fn new(shutdown: mpsc::Sender<ShutdownRequest>) -> Arc<Self> {
+        Arc::new(Self {
+            sandbox: Mutex::new(None),
+            shutdown,
+        })
+    }
+}
+
+/// A hostname per RFC 1123: 1..=63 bytes, letters, digits, '-', not at the ends.
+fn check_hostname(h: &str) -> Result<(), &'static str> {
+    if h.is_empty() || h.len() > 63 {
+        return Err("must be 1 to 63 characters");
+    }
+    if !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err("may hold only letters, digits and '-'");
+    }
+    if h.starts_with('-') || h.ends_with('-') {
+        return Err("may not start or end with '-'");
+    }
+    Ok(())
+}
+
+/// A sandbox ID as containerd makes them: 1..=128 of [A-Za-z0-9_.-].
+fn check_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() || id.len() > 128 {
+        return Err("must be 1 to 128 characters");
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) || id.starts_with('.') {
+        return Err("may hold only letters, digits, '_', '.' and '-', and not start with '.'");
+    }
+    Ok(())
+}
+
+/// resolv.conf for the sandbox; every entry checked so that no request can
+/// write arbitrary lines.
+fn resolv_conf(servers: &[String], search: &[String]) -> Result<String, ttrpc::Error> {
+    let mut out = String::new();
+    for s in servers {
+        s.parse::<std::net::IpAddr>()
+            .map_err(|_| invalid("dns_servers", format!("{s:?} is not an IP address")))?;
+        out.push_str(&format!("nameserver {s}\n"));
+    }
+    if !search.is_empty() {
+        for d in search {
+            if d.is_empty() || d.len() > 253 || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b)) {
+                return Err(invalid("dns_search", format!("{d:?} is not a domain name")));
+            }
+        }
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    Ok(out)
+}
+
+pub fn guest_details() -> GuestDetailsResponse {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+    let online = read("/sys/devices/system/cpu/online");
+    GuestDetailsResponse {
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        kernel_version: read("/proc/sys/kernel/osrelease"),
+        online_cpu_count: cpu_count(&online),
+        online_cpus: online,
+        memory_total_kib: read("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0),
+        uptime_seconds: read("/proc/uptime")
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0),
+        ..Default::default()
+    }
+}
+
+/// Counts the CPUs in a kernel CPU list such as "0-3,6,8-9".
+pub fn cpu_count(list: &str) -> u32 {
+    list.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('-') {
+            Some((a, b)) => match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 0,
+            },
+            None => u32::from(p.trim().parse::<u32>().is_ok()),
+        })
+        .sum()
+}
+
+#[async_trait]
+impl Agent for AgentService {
+    async fn check(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<CheckResponse> {
+        Ok(CheckResponse {
+            serving: true,
+            ..Default::default()
+        })
+    }
+
+    async fn get_guest_details(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GuestDetailsRequest,
+    ) -> ttrpc::Result<GuestDetailsResponse> {
+        Ok(guest_details())
+    }
+
+    async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+        check_id(&req.sandbox_id).map_err(|e| invalid("sandbox_id", e))?;
+        check_hostname(&req.hostname).map_err(|e| invalid("hostname", e))?;
+        let resolv = resolv_conf(&req.dns_servers, &req.dns_search)?;
+        let shared = match (req.shared_fs_tag.is_empty(), req.shared_mount_point.is_empty()) {
+            (true, true) => None,
+            (false, false) => {
+                let p = PathBuf::from(&req.shared_mount_point);
+                if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                    return Err(invalid("shared_mount_point", "must be an absolute path without '..'"));
+                }
+                Some((req.shared_fs_tag.clone(), p))
+            }
+            _ => return Err(invalid("shared_fs_tag", "shared_fs_tag and shared_mount_point go together")),
+        };
+
+        let mut sandbox = self.sandbox.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = sandbox.as_ref() {
+            return Err(status(Code::ALREADY_EXISTS, format!("sandbox {} already exists in this VM", s.id)));
+        }
+        let dir = Path::new(SANDBOX_DIR);
+        std::fs::create_dir_all(dir).map_err(|e| status(Code::INTERNAL, format!("creating {SANDBOX_DIR}: {e}")))?;
+        std::fs::write(dir.join("resolv.conf"), resolv)
+            .map_err(|e| status(Code::INTERNAL, format!("writing resolv.conf: {e}")))?;
+        std::fs::write(dir.join("hostname"), format!("{}\n", req.hostname))
+            .map_err(|e| status(Code::INTERNAL, format!("writing hostname: {e}")))?;
+        init::set_hostname(&req.hostname).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        if let Some((tag, point)) = &shared {
+            std::fs::create_dir_all(point)
+                .map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", point.display())))?;
+            mount(Some(tag.as_str()), point, Some("virtiofs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>)
+                .map_err(|e| status(Code::INTERNAL, format!("mounting virtio-fs {tag:?} on {}: {e}", point.display())))?;
+        }
+        tracing::info!(sandbox = %req.sandbox_id, hostname = %req.hostname, "sandbox created");
+        *sandbox = Some(Sandbox {
+            id: req.sandbox_id,
+            shared_mount: shared.map(|(_, p)| p),
+        });
+        Ok(Empty::default())
+    }
+
+    async fn destroy_sandbox(&self, _ctx: &TtrpcContext, req: DestroySandboxRequest) -> ttrpc::Result<Empty> {
+        let mut sandbox = self.sandbox.lock().unwrap_or_else(PoisonError::into_inner);
+        match sandbox.as_ref() {
+            Some(s) if s.id == req.sandbox_id => {
+                if let Some(p) = &s.shared_mount {
+                    // Detach: a process still inside must not keep the sandbox alive.
+                    umount2(p, MntFlags::MNT_DETACH)
+                        .map_err(|e| status(Code::INTERNAL, format!("unmounting {}: {e}", p.display())))?;
+                }
+                tracing::info!(sandbox = %s.id, "sandbox destroyed");
+                *sandbox = None;
+                Ok(Empty::default())
+            }
+            _ => Err(status(Code::NOT_FOUND, format!("no sandbox {:?} in this VM", req.sandbox_id))),
+        }
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        // The main loop stops the server (which lets this answer go out
+        // first), stops every process, syncs and powers off.
+        self.shutdown
+            .try_send(req)
+            .map_err(|_| status(Code::UNAVAILABLE, "already shutting down"))?;
+        Ok(Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(cpu_count("0"), 1);
+        assert_eq!(cpu_count("0-3"), 4);
+        assert_eq!(cpu_count("0-3,6,8-9"), 7);
+        assert_eq!(cpu_count(""), 0);
+        assert_eq!(cpu_count("3-1,x"), 0);
+    }
+
+    #[test]
+    fn hostnames_and_ids() {
+        assert!(check_hostname("pod-1").is_ok());
+        for bad in ["", "-a", "a-", "a_b", "a.b", &"x".repeat(64), "a\nb"] {
+            assert!(check_hostname(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_id("abc_1.2-3").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn resolv_conf_is_built_from_checked_parts() {
+        let r = resolv_conf(&["10.0.0.2".into(), "fd00::1".into()], &["svc.local".into()]).unwrap();
+        assert_eq!(r, "nameserver 10.0.0.2\nnameserver fd00::1\nsearch svc.local\n");
+        assert!(resolv_conf(&["1.2.3.4\noptions evil".into()], &[]).is_err());
+        assert!(resolv_conf(&[], &["a b".into()]).is_err());
+    }
+
+    #[test]
+    fn details_describe_this_kernel() {
+        let d = guest_details();
+        assert!(!d.kernel_version.is_empty());
+        assert!(d.online_cpu_count >= 1);
+        assert!(d.memory_total_kib > 0);
+    }
+}
