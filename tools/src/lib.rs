@@ -1,0 +1,3 @@
+//! Husk's host-side tools: the `husk` CLI and the benchmark harness.
+
+pub mod vm;

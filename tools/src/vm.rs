@@ -1,0 +1,301 @@
+//! One micro-VM on this host, as the `husk` CLI runs it: a runtime directory
+//! `/run/husk/<id>/` (vsock socket, console log, pid), a `husk-vmm` process,
+//! the guest log forwarded into ours, and the agent client.
+//!
+//! Cleanup is the point of this module: a VM that fails to come up is killed
+//! and its directory removed; a directory left by a `husk` that was SIGKILLed
+//! is found (its VMM is gone or its owner is) and removed by the next call.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use husk_agent_client::{logs::LogForwarder, Client, ConnectOptions};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Where VM runtime state lives (architecture convention).
+pub fn runtime_root() -> PathBuf {
+    std::env::var_os("HUSK_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/husk"))
+}
+
+/// The husk-vmm binary: `$HUSK_VMM`, else beside this executable, else PATH.
+pub fn vmm_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("HUSK_VMM") {
+        return p.into();
+    }
+    if let Some(p) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("husk-vmm"))) {
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("husk-vmm")
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub boot_timeout: Duration,
+    /// Extra kernel command line parameters (after husk-vmm's defaults).
+    pub extra_cmdline: Option<String>,
+    /// Leave the VM running when this process ends.
+    pub detach: bool,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        let guest = husk_guest_image::install_dir();
+        Self {
+            kernel: guest.join("vmlinux"),
+            initramfs: guest.join("initramfs.cpio"),
+            vcpus: 1,
+            memory_mib: 256,
+            boot_timeout: Duration::from_secs(60),
+            extra_cmdline: None,
+            detach: false,
+        }
+    }
+}
+
+/// A running VM. Dropping it kills the VMM (unless detached) and removes
+/// the runtime directory.
+pub struct Vm {
+    pub id: String,
+    pub dir: PathBuf,
+    pub vmm_pid: Pid,
+    pub client: Client,
+    child: Option<tokio::process::Child>,
+    _logs: Option<LogForwarder>,
+    detached: bool,
+}
+
+fn random_id() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    // Unique enough for a directory name; falls back to pid and time.
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b = (t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Vm {
+    pub fn vsock_socket(dir: &Path) -> PathBuf {
+        dir.join("vsock.sock")
+    }
+    pub fn console_log(dir: &Path) -> PathBuf {
+        dir.join("console.log")
+    }
+
+    /// Boots `spec` and waits for the agent. On any failure the VM is gone
+    /// and its directory removed before the error returns.
+    pub async fn boot(spec: &VmSpec) -> Result<Vm> {
+        reap_stale(&runtime_root());
+        for f in [&spec.kernel, &spec.initramfs] {
+            if !f.exists() {
+                bail!("{} does not exist: run tools/setup (or make build)", f.display());
+            }
+        }
+        let id = random_id();
+        let dir = runtime_root().join(&id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let guard = DirGuard(Some(dir.clone()));
+        let vsock = Self::vsock_socket(&dir);
+        let console = Self::console_log(&dir);
+        // Listen for the guest's log before it boots, so no line is lost.
+        let logs = LogForwarder::start(&vsock, &id).context("listening for the guest log")?;
+
+        let mut cmd = tokio::process::Command::new(vmm_binary());
+        cmd.arg("--kernel")
+            .arg(&spec.kernel)
+            .arg("--initramfs")
+            .arg(&spec.initramfs)
+            .args(["--vcpus", &spec.vcpus.to_string(), "--memory-mib", &spec.memory_mib.to_string()])
+            .arg("--serial-out")
+            .arg(&console)
+            .arg("--vsock-socket")
+            .arg(&vsock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("vmm.log")).context("creating vmm.log")?,
+            ));
+        if let Some(extra) = &spec.extra_cmdline {
+            let cmdline = format!("{} {extra}", husk_guest_image::cmdline::default_cmdline());
+            cmd.args(["--cmdline", &cmdline]);
+        }
+        let detach = spec.detach;
+        // SAFETY: pre_exec runs in the child between fork and exec and only
+        // makes async-signal-safe calls (setsid, prctl).
+        unsafe {
+            cmd.pre_exec(move || {
+                if detach {
+                    // Its own session: it outlives us and our terminal.
+                    libc::setsid();
+                } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {}", vmm_binary().display()))?;
+        let vmm_pid = Pid::from_raw(child.id().context("husk-vmm exited at once")? as i32);
+        std::fs::write(dir.join("pid"), format!("{vmm_pid}\n{}\n", std::process::id()))?;
+
+        let mut opts = ConnectOptions::new(&vsock);
+        opts.boot_timeout = spec.boot_timeout;
+        opts.console_log = Some(console);
+        let (client, child) = connect_or_exit(opts, child).await?;
+        if detach {
+            std::fs::write(dir.join("detached"), "")?;
+        }
+        guard.disarm();
+        Ok(Vm {
+            id,
+            dir,
+            vmm_pid,
+            client,
+            child: Some(child),
+            _logs: Some(logs),
+            detached: detach,
+        })
+    }
+
+    /// Asks the guest to shut down and waits for husk-vmm to exit; kills it
+    /// if it does not within `timeout`. Returns husk-vmm's exit status.
+    pub async fn shutdown(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let asked = self.client.shutdown(Duration::from_secs(2)).await;
+        let mut child = self.child.take().context("the VM is not ours to wait for")?;
+        let status = match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(s) => s?,
+            Err(_) => {
+                let _ = child.kill().await;
+                bail!(
+                    "husk-vmm did not exit within {timeout:?} of Shutdown ({}); killed it",
+                    asked.map_or_else(|e| e.to_string(), |_| "the agent accepted".into())
+                );
+            }
+        };
+        asked.context("Shutdown")?;
+        Ok(status)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes the directory unless disarmed.
+struct DirGuard(Option<PathBuf>);
+
+impl DirGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Waits for the agent; if the VMM dies first, says so with its log.
+async fn connect_or_exit(
+    opts: ConnectOptions,
+    mut child: tokio::process::Child,
+) -> Result<(Client, tokio::process::Child)> {
+    let vmm_log = opts.vsock_socket.with_file_name("vmm.log");
+    tokio::select! {
+        r = Client::connect(opts) => match r {
+            Ok(c) => Ok((c, child)),
+            Err(e) => {
+                let _ = child.kill().await;
+                Err(e.into())
+            }
+        },
+        s = child.wait() => {
+            let log = husk_agent_client::client::file_tail(&vmm_log, 20);
+            bail!("husk-vmm exited ({}) before the agent answered:\n{log}", s.map_or_else(|e| e.to_string(), |s| s.to_string()))
+        }
+    }
+}
+
+/// Whether a process exists (signal 0 reaches it).
+fn alive(pid: i32) -> bool {
+    pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// Removes runtime directories whose VMM is gone, and kills VMMs whose
+/// owning `husk` died without detaching them (it was SIGKILLed).
+pub fn reap_stale(root: &Path) -> usize {
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in dir.filter_map(|e| e.ok()) {
+        let p = e.path();
+        let Ok(pids) = std::fs::read_to_string(p.join("pid")) else {
+            continue;
+        };
+        let mut it = pids.lines().map(|l| l.trim().parse::<i32>().unwrap_or(0));
+        let (vmm, owner) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        let detached = p.join("detached").exists();
+        if alive(vmm) && (detached || alive(owner)) {
+            continue;
+        }
+        if alive(vmm) {
+            let _ = kill(Pid::from_raw(vmm), Signal::SIGKILL);
+        }
+        tracing::info!(dir = %p.display(), "removing a VM left behind");
+        if std::fs::remove_dir_all(&p).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_directories_are_removed_and_live_ones_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let mk = |name: &str, pids: &str| {
+            let d = root.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("pid"), pids).unwrap();
+            d
+        };
+        let live = mk("live", &format!("{me}\n{me}\n"));
+        let dead_vmm = mk("dead", "2147483646\n1\n");
+        let mut orphan = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let orphaned = mk("orphaned", &format!("{}\n2147483646\n", orphan.id()));
+        assert_eq!(reap_stale(root.path()), 2);
+        assert!(live.exists());
+        assert!(!dead_vmm.exists());
+        assert!(!orphaned.exists());
+        // The VMM whose owner died was killed.
+        assert!(orphan.wait().unwrap().code().is_none());
+    }
+}
