@@ -45,8 +45,20 @@ fn table() -> Vec<KernelMount> {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let noexec = nosuid_nodev | MsFlags::MS_NOEXEC;
     vec![
-        KernelMount { source: "proc", target: "proc", fstype: "proc", flags: noexec, data: None },
-        KernelMount { source: "sysfs", target: "sys", fstype: "sysfs", flags: noexec, data: None },
+        KernelMount {
+            source: "proc",
+            target: "proc",
+            fstype: "proc",
+            flags: noexec,
+            data: None,
+        },
+        KernelMount {
+            source: "sysfs",
+            target: "sys",
+            fstype: "sysfs",
+            flags: noexec,
+            data: None,
+        },
         KernelMount {
             source: "devtmpfs",
             target: "dev",
@@ -61,9 +73,27 @@ fn table() -> Vec<KernelMount> {
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             data: Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
         },
-        KernelMount { source: "shm", target: "dev/shm", fstype: "tmpfs", flags: noexec, data: Some("mode=1777") },
-        KernelMount { source: "tmpfs", target: "run", fstype: "tmpfs", flags: nosuid_nodev, data: Some("mode=0755") },
-        KernelMount { source: "cgroup2", target: "sys/fs/cgroup", fstype: "cgroup2", flags: noexec, data: None },
+        KernelMount {
+            source: "shm",
+            target: "dev/shm",
+            fstype: "tmpfs",
+            flags: noexec,
+            data: Some("mode=1777"),
+        },
+        KernelMount {
+            source: "tmpfs",
+            target: "run",
+            fstype: "tmpfs",
+            flags: nosuid_nodev,
+            data: Some("mode=0755"),
+        },
+        KernelMount {
+            source: "cgroup2",
+            target: "sys/fs/cgroup",
+            fstype: "cgroup2",
+            flags: noexec,
+            data: None,
+        },
     ]
 }
 
@@ -90,7 +120,12 @@ pub fn mount_kernel_filesystems(root: &Path) -> Result<(), InitError> {
     }
     // /dev/ptmx stays devtmpfs's device node: since Linux 4.7 it opens the
     // devpts instance mounted at the `pts` beside it, so no symlink is needed.
-    for (link, target) in [("dev/fd", "/proc/self/fd"), ("dev/stdin", "/proc/self/fd/0"), ("dev/stdout", "/proc/self/fd/1"), ("dev/stderr", "/proc/self/fd/2")] {
+    for (link, target) in [
+        ("dev/fd", "/proc/self/fd"),
+        ("dev/stdin", "/proc/self/fd/0"),
+        ("dev/stdout", "/proc/self/fd/1"),
+        ("dev/stderr", "/proc/self/fd/2"),
+    ] {
         let p = root.join(link);
         if p.symlink_metadata().is_err() {
             let _ = std::os::unix::fs::symlink(target, &p);
@@ -152,8 +187,14 @@ mod tests {
                 let code = match unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS)
                     .map_err(|e| format!("unshare: {e}"))
                     .and_then(|_| {
-                        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-                            .map_err(|e| format!("private /: {e}"))
+                        mount(
+                            None::<&str>,
+                            "/",
+                            None::<&str>,
+                            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                            None::<&str>,
+                        )
+                        .map_err(|e| format!("private /: {e}"))
                     })
                     .and_then(|_| f())
                 {
@@ -180,8 +221,14 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let root = root.path().to_path_buf();
         in_namespaces(move || {
-            mount(Some("tmpfs"), &root, Some("tmpfs"), MsFlags::empty(), None::<&str>)
-                .map_err(|e| format!("tmpfs on {}: {e}", root.display()))?;
+            mount(
+                Some("tmpfs"),
+                &root,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| format!("tmpfs on {}: {e}", root.display()))?;
             mount_kernel_filesystems(&root).map_err(|e| e.to_string())?;
             mount_kernel_filesystems(&root).map_err(|e| format!("second call: {e}"))?;
             for (p, what) in [
@@ -199,13 +246,20 @@ mod tests {
                 let n = std::fs::read_to_string("/proc/self/mountinfo")
                     .unwrap()
                     .lines()
-                    .filter(|l| l.contains(&*root.to_string_lossy()) && l.split(" - ").nth(1).is_some_and(|r| r.starts_with(&format!("{fs} "))))
+                    .filter(|l| {
+                        l.contains(&*root.to_string_lossy())
+                            && l.split(" - ")
+                                .nth(1)
+                                .is_some_and(|r| r.starts_with(&format!("{fs} ")))
+                    })
                     .count();
                 if n != 1 {
                     return Err(format!("{fs} mounted {n} times"));
                 }
             }
-            if std::fs::read_link(root.join("dev/fd")).map_err(|e| format!("dev/fd: {e}"))? != Path::new("/proc/self/fd") {
+            if std::fs::read_link(root.join("dev/fd")).map_err(|e| format!("dev/fd: {e}"))?
+                != Path::new("/proc/self/fd")
+            {
                 return Err("dev/fd does not point at /proc/self/fd".into());
             }
             Ok(())
@@ -217,7 +271,9 @@ mod tests {
         in_namespaces(|| {
             set_hostname("husk-test-guest").map_err(|e| e.to_string())?;
             let got = nix::unistd::gethostname().map_err(|e| e.to_string())?;
-            (got == "husk-test-guest").then_some(()).ok_or(format!("hostname is {got:?}"))
+            (got == "husk-test-guest")
+                .then_some(())
+                .ok_or(format!("hostname is {got:?}"))
         });
     }
 }

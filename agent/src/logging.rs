@@ -59,14 +59,18 @@ pub struct TeeMaker;
 impl<'a> MakeWriter<'a> for TeeMaker {
     type Writer = Tee;
     fn make_writer(&'a self) -> Tee {
-        Tee { buf: Vec::with_capacity(256) }
+        Tee {
+            buf: Vec::with_capacity(256),
+        }
     }
 }
 
 /// Installs the subscriber; `RUST_LOG` style filter from `husk.log=` or info.
 pub fn init(filter: &str) {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(TeeMaker)
         .with_ansi(false)
         .without_time() // the host stamps lines when it receives them
@@ -104,7 +108,10 @@ fn forward(rx: Receiver<Vec<u8>>) {
         };
         let dropped = DROPPED.swap(0, Ordering::Relaxed);
         if dropped > 0 {
-            let _ = writeln!(stream, "husk-agent: {dropped} log lines dropped while the host was not reading");
+            let _ = writeln!(
+                stream,
+                "husk-agent: {dropped} log lines dropped while the host was not reading"
+            );
         }
         loop {
             let line = match pending.take() {

@@ -90,7 +90,8 @@ fn serve(pid1: bool) -> Result<()> {
         server.start().await.context("starting the ttrpc server")?;
         tracing::info!(port = AGENT_VSOCK_PORT, "agent API serving on vsock");
 
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let grace = tokio::select! {
             req = shutdown_rx.recv() => {

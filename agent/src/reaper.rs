@@ -50,7 +50,10 @@ impl Reaper {
 
     /// Spawns `cmd` and registers it before it can be reaped: the lock is
     /// held across the fork, so even an instant exit reaches the waiter.
-    pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<(Pid, oneshot::Receiver<ExitStatus>)> {
+    pub fn spawn(
+        &self,
+        cmd: &mut Command,
+    ) -> std::io::Result<(Pid, oneshot::Receiver<ExitStatus>)> {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let child = cmd.spawn()?;

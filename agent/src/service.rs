@@ -68,7 +68,11 @@ fn check_id(id: &str) -> Result<(), &'static str> {
     if id.is_empty() || id.len() > 128 {
         return Err("must be 1 to 128 characters");
     }
-    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) || id.starts_with('.') {
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        || id.starts_with('.')
+    {
         return Err("may hold only letters, digits, '_', '.' and '-', and not start with '.'");
     }
     Ok(())
@@ -85,7 +89,12 @@ fn resolv_conf(servers: &[String], search: &[String]) -> Result<String, ttrpc::E
     }
     if !search.is_empty() {
         for d in search {
-            if d.is_empty() || d.len() > 253 || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b)) {
+            if d.is_empty()
+                || d.len() > 253
+                || !d
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+            {
                 return Err(invalid("dns_search", format!("{d:?} is not a domain name")));
             }
         }
@@ -95,7 +104,11 @@ fn resolv_conf(servers: &[String], search: &[String]) -> Result<String, ttrpc::E
 }
 
 pub fn guest_details() -> GuestDetailsResponse {
-    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
     let online = read("/sys/devices/system/cpu/online");
     GuestDetailsResponse {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -104,7 +117,14 @@ pub fn guest_details() -> GuestDetailsResponse {
         online_cpus: online,
         memory_total_kib: read("/proc/meminfo")
             .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse().ok())
+            .find_map(|l| {
+                l.strip_prefix("MemTotal:")?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0),
         uptime_seconds: read("/proc/uptime")
             .split_whitespace()
@@ -146,38 +166,72 @@ impl Agent for AgentService {
         Ok(guest_details())
     }
 
-    async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+    async fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         check_id(&req.sandbox_id).map_err(|e| invalid("sandbox_id", e))?;
         check_hostname(&req.hostname).map_err(|e| invalid("hostname", e))?;
         let resolv = resolv_conf(&req.dns_servers, &req.dns_search)?;
-        let shared = match (req.shared_fs_tag.is_empty(), req.shared_mount_point.is_empty()) {
+        let shared = match (
+            req.shared_fs_tag.is_empty(),
+            req.shared_mount_point.is_empty(),
+        ) {
             (true, true) => None,
             (false, false) => {
                 let p = PathBuf::from(&req.shared_mount_point);
-                if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                    return Err(invalid("shared_mount_point", "must be an absolute path without '..'"));
+                if !p.is_absolute()
+                    || p.components()
+                        .any(|c| matches!(c, std::path::Component::ParentDir))
+                {
+                    return Err(invalid(
+                        "shared_mount_point",
+                        "must be an absolute path without '..'",
+                    ));
                 }
                 Some((req.shared_fs_tag.clone(), p))
             }
-            _ => return Err(invalid("shared_fs_tag", "shared_fs_tag and shared_mount_point go together")),
+            _ => {
+                return Err(invalid(
+                    "shared_fs_tag",
+                    "shared_fs_tag and shared_mount_point go together",
+                ))
+            }
         };
 
         let mut sandbox = self.sandbox.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(s) = sandbox.as_ref() {
-            return Err(status(Code::ALREADY_EXISTS, format!("sandbox {} already exists in this VM", s.id)));
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("sandbox {} already exists in this VM", s.id),
+            ));
         }
         let dir = Path::new(SANDBOX_DIR);
-        std::fs::create_dir_all(dir).map_err(|e| status(Code::INTERNAL, format!("creating {SANDBOX_DIR}: {e}")))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| status(Code::INTERNAL, format!("creating {SANDBOX_DIR}: {e}")))?;
         std::fs::write(dir.join("resolv.conf"), resolv)
             .map_err(|e| status(Code::INTERNAL, format!("writing resolv.conf: {e}")))?;
         std::fs::write(dir.join("hostname"), format!("{}\n", req.hostname))
             .map_err(|e| status(Code::INTERNAL, format!("writing hostname: {e}")))?;
         init::set_hostname(&req.hostname).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
         if let Some((tag, point)) = &shared {
-            std::fs::create_dir_all(point)
-                .map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", point.display())))?;
-            mount(Some(tag.as_str()), point, Some("virtiofs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>)
-                .map_err(|e| status(Code::INTERNAL, format!("mounting virtio-fs {tag:?} on {}: {e}", point.display())))?;
+            std::fs::create_dir_all(point).map_err(|e| {
+                status(Code::INTERNAL, format!("creating {}: {e}", point.display()))
+            })?;
+            mount(
+                Some(tag.as_str()),
+                point,
+                Some("virtiofs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                None::<&str>,
+            )
+            .map_err(|e| {
+                status(
+                    Code::INTERNAL,
+                    format!("mounting virtio-fs {tag:?} on {}: {e}", point.display()),
+                )
+            })?;
         }
         tracing::info!(sandbox = %req.sandbox_id, hostname = %req.hostname, "sandbox created");
         *sandbox = Some(Sandbox {
@@ -187,20 +241,28 @@ impl Agent for AgentService {
         Ok(Empty::default())
     }
 
-    async fn destroy_sandbox(&self, _ctx: &TtrpcContext, req: DestroySandboxRequest) -> ttrpc::Result<Empty> {
+    async fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DestroySandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         let mut sandbox = self.sandbox.lock().unwrap_or_else(PoisonError::into_inner);
         match sandbox.as_ref() {
             Some(s) if s.id == req.sandbox_id => {
                 if let Some(p) = &s.shared_mount {
                     // Detach: a process still inside must not keep the sandbox alive.
-                    umount2(p, MntFlags::MNT_DETACH)
-                        .map_err(|e| status(Code::INTERNAL, format!("unmounting {}: {e}", p.display())))?;
+                    umount2(p, MntFlags::MNT_DETACH).map_err(|e| {
+                        status(Code::INTERNAL, format!("unmounting {}: {e}", p.display()))
+                    })?;
                 }
                 tracing::info!(sandbox = %s.id, "sandbox destroyed");
                 *sandbox = None;
                 Ok(Empty::default())
             }
-            _ => Err(status(Code::NOT_FOUND, format!("no sandbox {:?} in this VM", req.sandbox_id))),
+            _ => Err(status(
+                Code::NOT_FOUND,
+                format!("no sandbox {:?} in this VM", req.sandbox_id),
+            )),
         }
     }
 
@@ -241,8 +303,15 @@ mod tests {
 
     #[test]
     fn resolv_conf_is_built_from_checked_parts() {
-        let r = resolv_conf(&["10.0.0.2".into(), "fd00::1".into()], &["svc.local".into()]).unwrap();
-        assert_eq!(r, "nameserver 10.0.0.2\nnameserver fd00::1\nsearch svc.local\n");
+        let r = resolv_conf(
+            &["10.0.0.2".into(), "fd00::1".into()],
+            &["svc.local".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            "nameserver 10.0.0.2\nnameserver fd00::1\nsearch svc.local\n"
+        );
         assert!(resolv_conf(&["1.2.3.4\noptions evil".into()], &[]).is_err());
         assert!(resolv_conf(&[], &["a b".into()]).is_err());
     }

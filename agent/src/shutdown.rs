@@ -15,7 +15,9 @@ fn others() -> usize {
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
                 .filter(|&pid| pid != me)
-                .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty()))
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+                })
                 .count()
         })
         .unwrap_or(0)
@@ -33,7 +35,10 @@ pub fn stop_all_processes(reaper: &Reaper, grace: Duration) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    tracing::warn!(left = others(), "processes outlived the grace period; killing");
+    tracing::warn!(
+        left = others(),
+        "processes outlived the grace period; killing"
+    );
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     let end = Instant::now() + Duration::from_secs(2);
     while others() > 0 && Instant::now() < end {

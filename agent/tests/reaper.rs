@@ -20,25 +20,45 @@ async fn reaper_reports_waited_children_and_collects_orphans() {
 /// Spawned children report their own statuses through the reaper.
 async fn waiters_get_exit_codes_and_signals(reaper: &Reaper) {
     let (_, ok) = reaper.spawn(&mut Command::new("true")).unwrap();
-    let (_, three) = reaper.spawn(Command::new("sh").args(["-c", "exit 3"])).unwrap();
+    let (_, three) = reaper
+        .spawn(Command::new("sh").args(["-c", "exit 3"]))
+        .unwrap();
     let (pid, killed) = reaper.spawn(Command::new("sleep").arg("30")).unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-    assert_eq!(tokio::time::timeout(T, ok).await.unwrap().unwrap(), ExitStatus(0));
-    assert_eq!(tokio::time::timeout(T, three).await.unwrap().unwrap(), ExitStatus(3));
-    assert_eq!(tokio::time::timeout(T, killed).await.unwrap().unwrap(), ExitStatus(137));
+    assert_eq!(
+        tokio::time::timeout(T, ok).await.unwrap().unwrap(),
+        ExitStatus(0)
+    );
+    assert_eq!(
+        tokio::time::timeout(T, three).await.unwrap().unwrap(),
+        ExitStatus(3)
+    );
+    assert_eq!(
+        tokio::time::timeout(T, killed).await.unwrap().unwrap(),
+        ExitStatus(137)
+    );
 }
 
 /// Orphans re-parented to us (as they would be to PID 1) are reaped too:
 /// 200 of them, and no zombie is left.
 async fn orphans_are_reaped(reaper: &Reaper) {
     // SAFETY: prctl with integer arguments only.
-    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+        0
+    );
     // The shell starts 200 background children and exits at once; they
     // finish later, as orphans.
     let (_, sh) = reaper
-        .spawn(Command::new("sh").args(["-c", "i=0; while [ $i -lt 200 ]; do sleep 0.3 & i=$((i+1)); done; exit 0"]))
+        .spawn(Command::new("sh").args([
+            "-c",
+            "i=0; while [ $i -lt 200 ]; do sleep 0.3 & i=$((i+1)); done; exit 0",
+        ]))
         .unwrap();
-    assert_eq!(tokio::time::timeout(T, sh).await.unwrap().unwrap(), ExitStatus(0));
+    assert_eq!(
+        tokio::time::timeout(T, sh).await.unwrap().unwrap(),
+        ExitStatus(0)
+    );
     let me = std::process::id().to_string();
     let deadline = std::time::Instant::now() + T;
     loop {
@@ -56,7 +76,10 @@ async fn orphans_are_reaped(reaper: &Reaper) {
         if children.is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "still children of ours: {children:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still children of ours: {children:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

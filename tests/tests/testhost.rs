@@ -136,7 +136,9 @@ fn bound_host_directories_are_visible_and_read_only() {
     let dir = tempfile::tempdir_in("/tmp").unwrap();
     std::fs::write(dir.path().join("hello"), "from the host\n").unwrap();
     let d = dir.path().display();
-    let mut spec = Spec::new(format!("cat {d}/hello; touch {d}/new 2>/dev/null && echo writable || echo read-only"));
+    let mut spec = Spec::new(format!(
+        "cat {d}/hello; touch {d}/new 2>/dev/null && echo writable || echo read-only"
+    ));
     spec.binds.push(dir.path().to_path_buf());
     let o = testhost::run(&spec).unwrap();
     testhost::expect_success(&o).unwrap();

@@ -27,7 +27,10 @@ pub fn vmm_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("HUSK_VMM") {
         return p.into();
     }
-    if let Some(p) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("husk-vmm"))) {
+    if let Some(p) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("husk-vmm")))
+    {
         if p.exists() {
             return p;
         }
@@ -80,8 +83,13 @@ fn random_id() -> String {
     use std::io::Read;
     let mut b = [0u8; 8];
     // Unique enough for a directory name; falls back to pid and time.
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         b = (t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32).to_le_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -101,7 +109,10 @@ impl Vm {
         reap_stale(&runtime_root());
         for f in [&spec.kernel, &spec.initramfs] {
             if !f.exists() {
-                bail!("{} does not exist: run tools/setup (or make build)", f.display());
+                bail!(
+                    "{} does not exist: run tools/setup (or make build)",
+                    f.display()
+                );
             }
         }
         let id = random_id();
@@ -118,7 +129,12 @@ impl Vm {
             .arg(&spec.kernel)
             .arg("--initramfs")
             .arg(&spec.initramfs)
-            .args(["--vcpus", &spec.vcpus.to_string(), "--memory-mib", &spec.memory_mib.to_string()])
+            .args([
+                "--vcpus",
+                &spec.vcpus.to_string(),
+                "--memory-mib",
+                &spec.memory_mib.to_string(),
+            ])
             .arg("--serial-out")
             .arg(&console)
             .arg("--vsock-socket")
@@ -146,9 +162,14 @@ impl Vm {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("starting {}", vmm_binary().display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", vmm_binary().display()))?;
         let vmm_pid = Pid::from_raw(child.id().context("husk-vmm exited at once")? as i32);
-        std::fs::write(dir.join("pid"), format!("{vmm_pid}\n{}\n", std::process::id()))?;
+        std::fs::write(
+            dir.join("pid"),
+            format!("{vmm_pid}\n{}\n", std::process::id()),
+        )?;
 
         let mut opts = ConnectOptions::new(&vsock);
         opts.boot_timeout = spec.boot_timeout;
@@ -173,7 +194,10 @@ impl Vm {
     /// if it does not within `timeout`. Returns husk-vmm's exit status.
     pub async fn shutdown(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let asked = self.client.shutdown(Duration::from_secs(2)).await;
-        let mut child = self.child.take().context("the VM is not ours to wait for")?;
+        let mut child = self
+            .child
+            .take()
+            .context("the VM is not ours to wait for")?;
         let status = match tokio::time::timeout(timeout, child.wait()).await {
             Ok(s) => s?,
             Err(_) => {
@@ -289,7 +313,10 @@ mod tests {
         };
         let live = mk("live", &format!("{me}\n{me}\n"));
         let dead_vmm = mk("dead", "2147483646\n1\n");
-        let mut orphan = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut orphan = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let orphaned = mk("orphaned", &format!("{}\n2147483646\n", orphan.id()));
         assert_eq!(reap_stale(root.path()), 2);
         assert!(live.exists());

@@ -16,7 +16,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, Error as ElfError, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, ReadVolatile};
@@ -51,7 +53,11 @@ pub enum BootError {
     #[error("loading the ELF kernel: {0}")]
     Elf(linux_loader::loader::Error),
     #[error("the initramfs ({size} bytes) does not fit between the kernel end {kernel_end:#x} and {limit:#x}")]
-    InitramfsTooBig { size: u64, kernel_end: u64, limit: u64 },
+    InitramfsTooBig {
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
     #[error("reading the initramfs into guest memory: {0}")]
     InitramfsRead(String),
     #[error("kernel command line: {0}")]
@@ -120,10 +126,12 @@ where
             })
         }
         Err(linux_loader::loader::Error::Elf(ElfError::InvalidElfMagicNumber)) => {
-            image.seek(SeekFrom::Start(0)).map_err(|e| BootError::Open {
-                path: "kernel".into(),
-                source: e,
-            })?;
+            image
+                .seek(SeekFrom::Start(0))
+                .map_err(|e| BootError::Open {
+                    path: "kernel".into(),
+                    source: e,
+                })?;
             match BzImage::load(mem, None, image, highmem) {
                 Ok(r) => {
                     let entry = EntryPoint {
@@ -216,8 +224,12 @@ pub fn write_boot_params(
     cmdline: &Cmdline,
     initramfs: Option<Initramfs>,
 ) -> Result<(), BootError> {
-    load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), cmdline).map_err(BootError::CmdlineLoad)?;
-    let cmdline_len = cmdline.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
+    load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), cmdline)
+        .map_err(BootError::CmdlineLoad)?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .unwrap_or(0);
     let e820 = e820_map(mem);
     match kernel.entry.protocol {
         BootProtocol::Pvh => write_pvh(mem, &e820, initramfs),
@@ -318,13 +330,20 @@ pub fn prepare(
 ) -> Result<EntryPoint, BootError> {
     let kernel = load_kernel(mem, kernel_path)?;
     let initramfs = match initramfs_path {
-        Some(p) => Some(load_initramfs(mem, p, kernel.kernel_end, initrd_addr_max(&kernel))?),
+        Some(p) => Some(load_initramfs(
+            mem,
+            p,
+            kernel.kernel_end,
+            initrd_addr_max(&kernel),
+        )?),
         None => None,
     };
     write_boot_params(mem, &kernel, cmdline, initramfs)?;
     // Memory sanity: the entry must be guest RAM, or the vCPU faults on its first fetch.
     if !mem.address_in_range(GuestAddress(kernel.entry.addr)) {
-        return Err(BootError::Elf(linux_loader::loader::Error::InvalidKernelStartAddress));
+        return Err(BootError::Elf(
+            linux_loader::loader::Error::InvalidKernelStartAddress,
+        ));
     }
     Ok(kernel.entry)
 }
@@ -390,7 +409,13 @@ mod tests {
         let ram = create_guest_memory(64 << 20).unwrap();
         let img = tiny_elf(0x100_0000, &[0xf4; 16], Some(0x100_0008));
         let k = load_kernel_from(&ram.memory, &mut Cursor::new(img)).unwrap();
-        assert_eq!(k.entry, EntryPoint { protocol: BootProtocol::Pvh, addr: 0x100_0008 });
+        assert_eq!(
+            k.entry,
+            EntryPoint {
+                protocol: BootProtocol::Pvh,
+                addr: 0x100_0008
+            }
+        );
         assert_eq!(k.kernel_end, 0x100_0010);
         let b: u8 = ram.memory.read_obj(GuestAddress(0x100_0000)).unwrap();
         assert_eq!(b, 0xf4);
@@ -401,7 +426,13 @@ mod tests {
         let ram = create_guest_memory(64 << 20).unwrap();
         let img = tiny_elf(0x100_0000, &[0x90; 8], None);
         let k = load_kernel_from(&ram.memory, &mut Cursor::new(img)).unwrap();
-        assert_eq!(k.entry, EntryPoint { protocol: BootProtocol::Linux64, addr: 0x100_0000 });
+        assert_eq!(
+            k.entry,
+            EntryPoint {
+                protocol: BootProtocol::Linux64,
+                addr: 0x100_0000
+            }
+        );
     }
 
     #[test]
@@ -420,7 +451,8 @@ mod tests {
 
     #[test]
     fn cmdline_announces_virtio_mmio_devices() {
-        let c = build_cmdline("console=ttyS0 quiet", &[(0xd000_0000, 5), (0xd000_1000, 6)]).unwrap();
+        let c =
+            build_cmdline("console=ttyS0 quiet", &[(0xd000_0000, 5), (0xd000_1000, 6)]).unwrap();
         assert_eq!(
             c.as_cstring().unwrap().to_str().unwrap(),
             "console=ttyS0 quiet virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
@@ -431,17 +463,31 @@ mod tests {
     fn initramfs_goes_to_the_top_of_low_ram_page_aligned() {
         let ram = create_guest_memory(64 << 20).unwrap();
         let data = vec![0xabu8; 10_000];
-        let i = load_initramfs_from(&ram.memory, &mut Cursor::new(data.clone()), 10_000, 0x200_0000, None)
-            .unwrap();
+        let i = load_initramfs_from(
+            &ram.memory,
+            &mut Cursor::new(data.clone()),
+            10_000,
+            0x200_0000,
+            None,
+        )
+        .unwrap();
         assert_eq!(i.addr % 4096, 0);
         assert!(i.addr + i.size <= 64 << 20);
         assert!(i.addr + i.size > (64 << 20) - 4096 * 4);
         let mut back = vec![0u8; 10_000];
-        ram.memory.read_slice(&mut back, GuestAddress(i.addr)).unwrap();
+        ram.memory
+            .read_slice(&mut back, GuestAddress(i.addr))
+            .unwrap();
         assert_eq!(back, data);
         // A bzImage limit below the top of RAM is honoured.
-        let i = load_initramfs_from(&ram.memory, &mut Cursor::new(data), 10_000, 0x200_0000, Some(0x2ff_ffff))
-            .unwrap();
+        let i = load_initramfs_from(
+            &ram.memory,
+            &mut Cursor::new(data),
+            10_000,
+            0x200_0000,
+            Some(0x2ff_ffff),
+        )
+        .unwrap();
         assert!(i.addr + i.size <= 0x300_0000);
     }
 
@@ -449,8 +495,14 @@ mod tests {
     fn initramfs_overlapping_the_kernel_is_refused() {
         let ram = create_guest_memory(32 << 20).unwrap();
         let size = 20 << 20;
-        let err = load_initramfs_from(&ram.memory, &mut Cursor::new(vec![0u8; size]), size as u64, 0x100_0000, None)
-            .unwrap_err();
+        let err = load_initramfs_from(
+            &ram.memory,
+            &mut Cursor::new(vec![0u8; size]),
+            size as u64,
+            0x100_0000,
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(err, BootError::InitramfsTooBig { .. }));
     }
 
@@ -458,24 +510,44 @@ mod tests {
     fn pvh_start_info_points_at_cmdline_memmap_and_module() {
         let ram = create_guest_memory(128 << 20).unwrap();
         let k = LoadedKernel {
-            entry: EntryPoint { protocol: BootProtocol::Pvh, addr: 0x100_0000 },
+            entry: EntryPoint {
+                protocol: BootProtocol::Pvh,
+                addr: 0x100_0000,
+            },
             kernel_end: 0x200_0000,
             setup_header: None,
         };
         let c = build_cmdline("console=ttyS0", &[]).unwrap();
-        let initrd = Initramfs { addr: 0x700_0000, size: 0x1000 };
+        let initrd = Initramfs {
+            addr: 0x700_0000,
+            size: 0x1000,
+        };
         write_boot_params(&ram.memory, &k, &c, Some(initrd)).unwrap();
-        let si: hvm_start_info = ram.memory.read_obj(GuestAddress(layout::PVH_START_INFO_ADDR)).unwrap();
+        let si: hvm_start_info = ram
+            .memory
+            .read_obj(GuestAddress(layout::PVH_START_INFO_ADDR))
+            .unwrap();
         assert_eq!(si.magic, XEN_HVM_START_MAGIC);
         assert_eq!(si.cmdline_paddr, layout::CMDLINE_ADDR);
-        assert_eq!((si.nr_modules, si.modlist_paddr), (1, layout::PVH_MODLIST_ADDR));
+        assert_eq!(
+            (si.nr_modules, si.modlist_paddr),
+            (1, layout::PVH_MODLIST_ADDR)
+        );
         assert_eq!(si.memmap_entries, 3);
-        let m: hvm_modlist_entry = ram.memory.read_obj(GuestAddress(layout::PVH_MODLIST_ADDR)).unwrap();
+        let m: hvm_modlist_entry = ram
+            .memory
+            .read_obj(GuestAddress(layout::PVH_MODLIST_ADDR))
+            .unwrap();
         assert_eq!((m.paddr, m.size), (0x700_0000, 0x1000));
-        let e: hvm_memmap_table_entry = ram.memory.read_obj(GuestAddress(layout::PVH_MEMMAP_ADDR + 48)).unwrap();
+        let e: hvm_memmap_table_entry = ram
+            .memory
+            .read_obj(GuestAddress(layout::PVH_MEMMAP_ADDR + 48))
+            .unwrap();
         assert_eq!((e.addr, e.type_), (layout::HIGH_MEMORY_START, 1));
         let mut cl = [0u8; 14];
-        ram.memory.read_slice(&mut cl, GuestAddress(layout::CMDLINE_ADDR)).unwrap();
+        ram.memory
+            .read_slice(&mut cl, GuestAddress(layout::CMDLINE_ADDR))
+            .unwrap();
         assert_eq!(&cl, b"console=ttyS0\0");
     }
 
@@ -483,16 +555,39 @@ mod tests {
     fn zero_page_has_e820_and_ramdisk() {
         let ram = create_guest_memory(128 << 20).unwrap();
         let k = LoadedKernel {
-            entry: EntryPoint { protocol: BootProtocol::Linux64, addr: 0x100_0200 },
+            entry: EntryPoint {
+                protocol: BootProtocol::Linux64,
+                addr: 0x100_0200,
+            },
             kernel_end: 0x200_0000,
             setup_header: Some(setup_header::default()),
         };
         let c = build_cmdline("console=ttyS0", &[(0xd000_0000, 5)]).unwrap();
-        write_boot_params(&ram.memory, &k, &c, Some(Initramfs { addr: 0x700_0000, size: 42 })).unwrap();
-        let bp: boot_params = ram.memory.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
+        write_boot_params(
+            &ram.memory,
+            &k,
+            &c,
+            Some(Initramfs {
+                addr: 0x700_0000,
+                size: 42,
+            }),
+        )
+        .unwrap();
+        let bp: boot_params = ram
+            .memory
+            .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR))
+            .unwrap();
         assert_eq!(bp.e820_entries, 3);
-        let (h_magic, h_flag, ptr, rd) = (bp.hdr.header, bp.hdr.boot_flag, bp.hdr.cmd_line_ptr, bp.hdr.ramdisk_image);
-        assert_eq!((h_magic, h_flag), (KERNEL_HDR_MAGIC, KERNEL_BOOT_FLAG_MAGIC));
+        let (h_magic, h_flag, ptr, rd) = (
+            bp.hdr.header,
+            bp.hdr.boot_flag,
+            bp.hdr.cmd_line_ptr,
+            bp.hdr.ramdisk_image,
+        );
+        assert_eq!(
+            (h_magic, h_flag),
+            (KERNEL_HDR_MAGIC, KERNEL_BOOT_FLAG_MAGIC)
+        );
         assert_eq!(ptr as u64, layout::CMDLINE_ADDR);
         assert_eq!(rd, 0x700_0000);
     }

@@ -194,18 +194,57 @@ mod tests {
 
     #[test]
     fn rejects_bad_values() {
-        assert!(matches!(VmConfig::default().validate(), Err(ConfigError::NoKernel)));
+        assert!(matches!(
+            VmConfig::default().validate(),
+            Err(ConfigError::NoKernel)
+        ));
         let base = VmConfig {
             kernel: Some("/k".into()),
             ..Default::default()
         };
         for (c, ok) in [
-            (VmConfig { vcpus: 0, ..base.clone() }, false),
-            (VmConfig { vcpus: 33, ..base.clone() }, false),
-            (VmConfig { vcpus: 32, ..base.clone() }, true),
-            (VmConfig { memory_mib: 16, ..base.clone() }, false),
-            (VmConfig { guest_cid: 2, ..base.clone() }, false),
-            (VmConfig { vsock_socket: Some("/x".repeat(60).into()), ..base.clone() }, false),
+            (
+                VmConfig {
+                    vcpus: 0,
+                    ..base.clone()
+                },
+                false,
+            ),
+            (
+                VmConfig {
+                    vcpus: 33,
+                    ..base.clone()
+                },
+                false,
+            ),
+            (
+                VmConfig {
+                    vcpus: 32,
+                    ..base.clone()
+                },
+                true,
+            ),
+            (
+                VmConfig {
+                    memory_mib: 16,
+                    ..base.clone()
+                },
+                false,
+            ),
+            (
+                VmConfig {
+                    guest_cid: 2,
+                    ..base.clone()
+                },
+                false,
+            ),
+            (
+                VmConfig {
+                    vsock_socket: Some("/x".repeat(60).into()),
+                    ..base.clone()
+                },
+                false,
+            ),
         ] {
             assert_eq!(c.validate().is_ok(), ok, "{c:?}");
         }

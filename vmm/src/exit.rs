@@ -76,7 +76,11 @@ impl ExitSignal {
     /// Records `reason` unless one is already recorded, and wakes the event loop.
     pub fn exit(&self, reason: ExitReason) {
         {
-            let mut r = self.inner.reason.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut r = self
+                .inner
+                .reason
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if r.is_none() {
                 tracing::info!(%reason, "VM exit requested");
                 *r = Some(reason);
@@ -88,16 +92,28 @@ impl ExitSignal {
 
     /// Notes a guest panic; the reset that follows it is then reported as a panic.
     pub fn note_panic(&self) {
-        self.inner.panicked.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .panicked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The recorded reason, with a panic seen on the console taking precedence
     /// over the reset that `panic=-1` turns it into.
     pub fn reason(&self) -> Option<ExitReason> {
-        let r = self.inner.reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let panicked = self.inner.panicked.load(std::sync::atomic::Ordering::SeqCst);
+        let r = self
+            .inner
+            .reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let panicked = self
+            .inner
+            .panicked
+            .load(std::sync::atomic::Ordering::SeqCst);
         match r {
-            Some(ExitReason::GuestReset) | Some(ExitReason::GuestPowerOff) if panicked => Some(ExitReason::GuestPanic),
+            Some(ExitReason::GuestReset) | Some(ExitReason::GuestPowerOff) if panicked => {
+                Some(ExitReason::GuestPanic)
+            }
             other => other,
         }
     }

@@ -14,11 +14,11 @@ pub mod arch;
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod exit;
 pub mod memory;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vmm;
-pub mod exit;
 
 /// Everything that can stop the VMM from building or running a VM.
 #[derive(Debug, thiserror::Error)]

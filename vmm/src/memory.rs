@@ -31,7 +31,9 @@ pub enum MemoryError {
     Seal(#[source] std::io::Error),
     #[error("mapping guest memory failed: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
-    #[error("guest memory size {0} bytes is not usable (needs a multiple of 4 KiB, at least 32 MiB)")]
+    #[error(
+        "guest memory size {0} bytes is not usable (needs a multiple of 4 KiB, at least 32 MiB)"
+    )]
     BadSize(u64),
 }
 
@@ -69,7 +71,7 @@ pub fn create_memfd(size: u64) -> Result<File, MemoryError> {
 
 /// Creates `size` bytes of guest RAM laid out by [`layout::ram_ranges`].
 pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
-    if size < MIN_MEMORY || size % 4096 != 0 {
+    if size < MIN_MEMORY || size & 0xfff != 0 {
         return Err(MemoryError::BadSize(size));
     }
     let memfd = create_memfd(size)?;
@@ -107,7 +109,9 @@ mod tests {
         let ram = create_guest_memory(64 << 20).unwrap();
         assert_eq!(ram.memory.num_regions(), 1);
         assert_eq!(low_ram_end(&ram.memory), 64 << 20);
-        ram.memory.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        ram.memory
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
         // The same bytes are visible through the memfd: the pages are shared.
         let mut buf = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(&ram.memfd, &mut buf, 0x1000).unwrap();
@@ -125,14 +129,22 @@ mod tests {
         // MAP_NORESERVE: 4 GiB of address space, no memory touched.
         let ram = create_guest_memory(4 << 30).unwrap();
         assert_eq!(ram.memory.num_regions(), 2);
-        assert!(!ram.memory.address_in_range(GuestAddress(layout::MMIO_HOLE_START)));
+        assert!(!ram
+            .memory
+            .address_in_range(GuestAddress(layout::MMIO_HOLE_START)));
         assert!(ram.memory.address_in_range(GuestAddress(1 << 32)));
         assert_eq!(low_ram_end(&ram.memory), layout::MMIO_HOLE_START);
     }
 
     #[test]
     fn rejects_bad_sizes() {
-        assert!(matches!(create_guest_memory(1 << 20), Err(MemoryError::BadSize(_))));
-        assert!(matches!(create_guest_memory((64 << 20) + 1), Err(MemoryError::BadSize(_))));
+        assert!(matches!(
+            create_guest_memory(1 << 20),
+            Err(MemoryError::BadSize(_))
+        ));
+        assert!(matches!(
+            create_guest_memory((64 << 20) + 1),
+            Err(MemoryError::BadSize(_))
+        ));
     }
 }

@@ -83,7 +83,9 @@ pub fn handle_exit(exit: VcpuExit<'_>, index: u8, mmio: &Bus, pio: &Bus) -> Next
             SYSTEM_EVENT_SHUTDOWN => Next::Stop(ExitReason::GuestPowerOff),
             SYSTEM_EVENT_RESET => Next::Stop(ExitReason::GuestReset),
             SYSTEM_EVENT_CRASH => Next::Stop(ExitReason::GuestPanic),
-            other => Next::Stop(ExitReason::VcpuFailed(format!("vCPU {index}: system event {other}"))),
+            other => Next::Stop(ExitReason::VcpuFailed(format!(
+                "vCPU {index}: system event {other}"
+            ))),
         },
         VcpuExit::FailEntry(reason, cpu) => Next::Stop(ExitReason::VcpuFailed(format!(
             "vCPU {index}: VM entry failed, hardware reason {reason:#x} on host CPU {cpu}"
@@ -92,7 +94,9 @@ pub fn handle_exit(exit: VcpuExit<'_>, index: u8, mmio: &Bus, pio: &Bus) -> Next
             "vCPU {index}: KVM internal error (KVM cannot emulate the guest's state)"
         ))),
         VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
-        other => Next::Stop(ExitReason::VcpuFailed(format!("vCPU {index}: unexpected exit {other:?}"))),
+        other => Next::Stop(ExitReason::VcpuFailed(format!(
+            "vCPU {index}: unexpected exit {other:?}"
+        ))),
     }
 }
 
@@ -107,7 +111,10 @@ impl Vcpu {
             let next = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, self.index, &self.mmio, &self.pio),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
-                Err(e) => Next::Stop(ExitReason::VcpuFailed(format!("vCPU {}: KVM_RUN: {e}", self.index))),
+                Err(e) => Next::Stop(ExitReason::VcpuFailed(format!(
+                    "vCPU {}: KVM_RUN: {e}",
+                    self.index
+                ))),
             };
             if let Next::Stop(reason) = next {
                 self.exit.exit(reason);
@@ -125,7 +132,8 @@ mod tests {
 
     fn buses(exit: &ExitSignal) -> (Bus, Bus) {
         let mut pio = Bus::new();
-        pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(exit.clone())))).unwrap();
+        pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(exit.clone()))))
+            .unwrap();
         (Bus::new(), pio)
     }
 
@@ -134,12 +142,21 @@ mod tests {
         let exit = ExitSignal::new().unwrap();
         let (mmio, pio) = buses(&exit);
         let mut d = [0u8; 1];
-        assert_eq!(handle_exit(VcpuExit::IoIn(0x2f8, &mut d), 0, &mmio, &pio), Next::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x2f8, &mut d), 0, &mmio, &pio),
+            Next::Continue
+        );
         assert_eq!(d, [0xff]);
         let mut m = [0xaau8; 4];
-        assert_eq!(handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut m), 0, &mmio, &pio), Next::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut m), 0, &mmio, &pio),
+            Next::Continue
+        );
         assert_eq!(m, [0; 4]);
-        assert_eq!(handle_exit(VcpuExit::IoOut(0x64, &[0xfe]), 0, &mmio, &pio), Next::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x64, &[0xfe]), 0, &mmio, &pio),
+            Next::Continue
+        );
         assert_eq!(exit.reason(), Some(ExitReason::GuestReset));
     }
 
@@ -147,9 +164,17 @@ mod tests {
     fn ending_exits() {
         let exit = ExitSignal::new().unwrap();
         let (mmio, pio) = buses(&exit);
-        assert_eq!(handle_exit(VcpuExit::Shutdown, 0, &mmio, &pio), Next::Stop(ExitReason::GuestReset));
         assert_eq!(
-            handle_exit(VcpuExit::SystemEvent(SYSTEM_EVENT_CRASH, &[]), 0, &mmio, &pio),
+            handle_exit(VcpuExit::Shutdown, 0, &mmio, &pio),
+            Next::Stop(ExitReason::GuestReset)
+        );
+        assert_eq!(
+            handle_exit(
+                VcpuExit::SystemEvent(SYSTEM_EVENT_CRASH, &[]),
+                0,
+                &mmio,
+                &pio
+            ),
             Next::Stop(ExitReason::GuestPanic)
         );
         assert!(matches!(

@@ -66,10 +66,14 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioSubscriber<D> {
             if let Some(evt) = self.queue_evts.get(data as usize) {
                 // Drain the counter; one pass handles every pending notification.
                 let _ = evt.read();
-                lock(&self.transport).device_mut().process_queue(data as usize);
+                lock(&self.transport)
+                    .device_mut()
+                    .process_queue(data as usize);
             }
         } else {
-            lock(&self.transport).device_mut().process_event(events, ops);
+            lock(&self.transport)
+                .device_mut()
+                .process_event(events, ops);
         }
     }
 }
@@ -82,7 +86,10 @@ struct ExitSubscriber {
 
 impl MutEventSubscriber for ExitSubscriber {
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, data) in [(self.exit.eventfd().as_raw_fd(), 0), (self.signalfd.as_raw_fd(), 1)] {
+        for (fd, data) in [
+            (self.exit.eventfd().as_raw_fd(), 0),
+            (self.signalfd.as_raw_fd(), 1),
+        ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
                 tracing::error!(error = ?e, "registering the exit sources failed");
             }
@@ -98,7 +105,11 @@ impl MutEventSubscriber for ExitSubscriber {
         let mut buf = [0u8; 128];
         if self.signalfd.read_exact(&mut buf).is_ok() {
             let signo = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as i32;
-            let name = if signo == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
+            let name = if signo == libc::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
             self.exit.exit(ExitReason::Stopped(name.to_string()));
         }
     }
@@ -169,18 +180,27 @@ fn add_virtio<D: VirtioDevice + 'static>(
     }
     let addr = layout::virtio_mmio_addr(index);
     let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("irq eventfd"))?;
-    vm.register_irqfd(&irq_evt, irq).map_err(kvm_err("KVM_IRQFD"))?;
-    let transport = MmioTransport::new(device, mem.clone(), irq_evt).map_err(io_err("virtio transport"))?;
+    vm.register_irqfd(&irq_evt, irq)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let transport =
+        MmioTransport::new(device, mem.clone(), irq_evt).map_err(io_err("virtio transport"))?;
     let mut queue_evts = Vec::new();
     for (i, evt) in transport.queue_evts().iter().enumerate() {
         // QueueNotify writes carrying this queue's index complete in the kernel.
-        vm.register_ioevent(evt, &IoEventAddress::Mmio(addr + regs::QUEUE_NOTIFY), i as u32)
-            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        vm.register_ioevent(
+            evt,
+            &IoEventAddress::Mmio(addr + regs::QUEUE_NOTIFY),
+            i as u32,
+        )
+        .map_err(kvm_err("KVM_IOEVENTFD"))?;
         queue_evts.push(evt.try_clone().map_err(io_err("queue eventfd"))?);
     }
     let transport = Arc::new(Mutex::new(transport));
     mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
-    em.add_subscriber(Arc::new(Mutex::new(VirtioSubscriber { transport, queue_evts })));
+    em.add_subscriber(Arc::new(Mutex::new(VirtioSubscriber {
+        transport,
+        queue_evts,
+    })));
     Ok(Placed { addr, irq })
 }
 
@@ -199,7 +219,9 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory] {
         if !kvm.check_extension(cap) {
-            return Err(io_err(format!("KVM lacks {cap:?}"))(std::io::Error::other("unsupported")));
+            return Err(io_err(format!("KVM lacks {cap:?}"))(std::io::Error::other(
+                "unsupported",
+            )));
         }
     }
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -209,8 +231,8 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     let mem = ram.memory.clone();
     register_memory(&vm, &mem)?;
 
-    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(|e| io_err("event manager")(std::io::Error::other(format!("{e:?}"))))?;
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()
+        .map_err(|e| io_err("event manager")(std::io::Error::other(format!("{e:?}"))))?;
     em.add_subscriber(Arc::new(Mutex::new(ExitSubscriber {
         exit: exit.clone(),
         signalfd,
@@ -229,8 +251,12 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         None => Box::new(std::io::stderr()),
     };
     let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("COM1 irq eventfd"))?;
-    vm.register_irqfd(&com1_irq, layout::IRQ_COM1).map_err(kvm_err("KVM_IRQFD"))?;
-    let serial = SerialConsole::new(EventFdTrigger(com1_irq), ConsoleWriter::new(console_out, Some(exit.clone())));
+    vm.register_irqfd(&com1_irq, layout::IRQ_COM1)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let serial = SerialConsole::new(
+        EventFdTrigger(com1_irq),
+        ConsoleWriter::new(console_out, Some(exit.clone())),
+    );
     pio.insert(
         u64::from(layout::PORT_COM1),
         u64::from(layout::PORT_COM1_LEN),
@@ -249,7 +275,8 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 0, rng)?);
     let mut vsock_socket = None;
     if let Some(path) = &cfg.vsock_socket {
-        let vsock = Vsock::new(cfg.guest_cid, path).map_err(io_err(format!("vsock socket {}", path.display())))?;
+        let vsock = Vsock::new(cfg.guest_cid, path)
+            .map_err(io_err(format!("vsock socket {}", path.display())))?;
         vsock_socket = Some(path.clone());
         placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 1, vsock)?);
     }
@@ -297,7 +324,12 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     if let Some(f) = &filters {
         seccomp::apply("VMM", &f.vmm)?;
     }
-    tracing::info!(vcpus = config.vcpus, memory_mib = cfg.memory_mib, ?entry, "guest started");
+    tracing::info!(
+        vcpus = config.vcpus,
+        memory_mib = cfg.memory_mib,
+        ?entry,
+        "guest started"
+    );
 
     let reason = loop {
         if let Err(e) = em.run() {

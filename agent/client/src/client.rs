@@ -3,11 +3,12 @@
 //! call, and reconnects on the next call after the connection dropped.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use husk_agent_api::agent::{
-    CheckRequest, CreateSandboxRequest, DestroySandboxRequest, GuestDetailsRequest, GuestDetailsResponse,
-    ShutdownRequest,
+    CheckRequest, CreateSandboxRequest, DestroySandboxRequest, GuestDetailsRequest,
+    GuestDetailsResponse, ShutdownRequest,
 };
 use husk_agent_api::agent_ttrpc::AgentClient as RawClient;
 use husk_agent_api::ttrpc::{self, asynchronous::transport::Socket, context};
@@ -25,7 +26,10 @@ pub enum ClientError {
         console_tail: String,
     },
     #[error("{call}: no answer within {timeout:?}")]
-    CallTimeout { call: &'static str, timeout: Duration },
+    CallTimeout {
+        call: &'static str,
+        timeout: Duration,
+    },
     #[error("{call}: the connection to the agent failed ({source}); the next call reconnects")]
     Transport {
         call: &'static str,
@@ -76,43 +80,60 @@ impl ConnectOptions {
 
 /// The last `n` lines of a file, or nothing.
 pub fn file_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A client of one VM's agent.
+/// A client of one VM's agent. Clones share the connection.
+#[derive(Clone)]
 pub struct Client {
     opts: ConnectOptions,
-    conn: Mutex<Option<RawClient>>,
+    conn: Arc<Mutex<Option<RawClient>>>,
 }
 
 impl Client {
     /// Connects, retrying with backoff until the agent answers a Check or
     /// the boot timeout passes.
     pub async fn connect(opts: ConnectOptions) -> Result<Self, ClientError> {
-        let client = Self {
-            opts,
-            conn: Mutex::new(None),
-        };
+        let client = Self::lazy(opts);
         let started = Instant::now();
         let mut backoff = Duration::from_millis(10);
         loop {
-            let last = match client.try_check().await {
-                Ok(()) => return Ok(client),
-                Err(e) => e.to_string(),
+            // Each attempt is bounded by what is left of the boot timeout: a
+            // handshake the guest never answers must not outlast it.
+            let left = client.opts.boot_timeout.saturating_sub(started.elapsed());
+            let last = match tokio::time::timeout(left, client.try_check()).await {
+                Ok(Ok(())) => return Ok(client),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer before the boot timeout".to_string(),
             };
             let waited = started.elapsed();
             if waited >= client.opts.boot_timeout {
                 return Err(ClientError::BootTimeout {
                     waited,
                     last,
-                    console_tail: client.opts.console_log.as_deref().map(|p| file_tail(p, 20)).unwrap_or_default(),
+                    console_tail: client
+                        .opts
+                        .console_log
+                        .as_deref()
+                        .map(|p| file_tail(p, 20))
+                        .unwrap_or_default(),
                 });
             }
             tracing::trace!(%last, ?backoff, "agent not up yet");
             tokio::time::sleep(backoff.min(client.opts.boot_timeout - waited)).await;
             backoff = (backoff * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// A client that connects on its first call, without waiting for boot.
+    pub fn lazy(opts: ConnectOptions) -> Self {
+        Self {
+            opts,
+            conn: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -139,7 +160,12 @@ impl Client {
         if let Some(c) = conn.as_ref() {
             return Ok(c.clone());
         }
-        let stream = vsock::connect(&self.opts.vsock_socket, AGENT_VSOCK_PORT, self.opts.call_timeout).await?;
+        let stream = vsock::connect(
+            &self.opts.vsock_socket,
+            AGENT_VSOCK_PORT,
+            self.opts.call_timeout,
+        )
+        .await?;
         let c = RawClient::new(ttrpc::r#async::Client::new(Socket::new(stream)));
         *conn = Some(c.clone());
         Ok(c)
@@ -147,7 +173,12 @@ impl Client {
 
     /// One call with a deadline. A transport failure drops the connection so
     /// that the next call makes a new one.
-    async fn call<T, F, Fut>(&self, name: &'static str, timeout: Duration, f: F) -> Result<T, ClientError>
+    async fn call<T, F, Fut>(
+        &self,
+        name: &'static str,
+        timeout: Duration,
+        f: F,
+    ) -> Result<T, ClientError>
     where
         F: FnOnce(RawClient, context::Context) -> Fut,
         Fut: std::future::Future<Output = ttrpc::Result<T>>,
@@ -155,7 +186,10 @@ impl Client {
         let c = self.raw().await?;
         let ctx = context::with_timeout(timeout.as_nanos() as i64);
         let result = match tokio::time::timeout(timeout, f(c, ctx)).await {
-            Err(_) => Err(ClientError::CallTimeout { call: name, timeout }),
+            Err(_) => Err(ClientError::CallTimeout {
+                call: name,
+                timeout,
+            }),
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(ttrpc::Error::RpcStatus(s))) => Err(ClientError::Rpc {
                 call: name,
@@ -163,7 +197,10 @@ impl Client {
                 message: s.message().to_string(),
             }),
             // Socket errors, closed connections, undecodable answers alike.
-            Ok(Err(e)) => Err(ClientError::Transport { call: name, source: e }),
+            Ok(Err(e)) => Err(ClientError::Transport {
+                call: name,
+                source: e,
+            }),
         };
         // Whatever went wrong, do not trust this connection again.
         if !matches!(result, Err(ClientError::Rpc { .. })) {
@@ -175,7 +212,9 @@ impl Client {
     pub async fn check(&self) -> Result<bool, ClientError> {
         let t = self.opts.call_timeout;
         let r = self
-            .call("Check", t, |c, ctx| async move { c.check(ctx, &CheckRequest::default()).await })
+            .call("Check", t, |c, ctx| async move {
+                c.check(ctx, &CheckRequest::default()).await
+            })
             .await?;
         Ok(r.serving)
     }
@@ -183,16 +222,19 @@ impl Client {
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse, ClientError> {
         let t = self.opts.call_timeout;
         self.call("GetGuestDetails", t, |c, ctx| async move {
-            c.get_guest_details(ctx, &GuestDetailsRequest::default()).await
+            c.get_guest_details(ctx, &GuestDetailsRequest::default())
+                .await
         })
         .await
     }
 
     pub async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<(), ClientError> {
         let t = self.opts.call_timeout;
-        self.call("CreateSandbox", t, |c, ctx| async move { c.create_sandbox(ctx, &req).await })
-            .await
-            .map(drop)
+        self.call("CreateSandbox", t, |c, ctx| async move {
+            c.create_sandbox(ctx, &req).await
+        })
+        .await
+        .map(drop)
     }
 
     pub async fn destroy_sandbox(&self, sandbox_id: &str) -> Result<(), ClientError> {
@@ -201,9 +243,11 @@ impl Client {
             sandbox_id: sandbox_id.to_string(),
             ..Default::default()
         };
-        self.call("DestroySandbox", t, |c, ctx| async move { c.destroy_sandbox(ctx, &req).await })
-            .await
-            .map(drop)
+        self.call("DestroySandbox", t, |c, ctx| async move {
+            c.destroy_sandbox(ctx, &req).await
+        })
+        .await
+        .map(drop)
     }
 
     /// Asks the agent to stop everything and power off. The VMM exits after.
@@ -213,8 +257,10 @@ impl Client {
             grace_seconds: grace.as_secs() as u32,
             ..Default::default()
         };
-        self.call("Shutdown", t, |c, ctx| async move { c.shutdown(ctx, &req).await })
-            .await
-            .map(drop)
+        self.call("Shutdown", t, |c, ctx| async move {
+            c.shutdown(ctx, &req).await
+        })
+        .await
+        .map(drop)
     }
 }

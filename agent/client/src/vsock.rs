@@ -34,13 +34,21 @@ pub enum HandshakeError {
 const MAX_ANSWER: usize = 32;
 
 /// Opens a stream to guest `port` through the VM's vsock socket `uds`.
-pub async fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, HandshakeError> {
-    let mut s = UnixStream::connect(uds).await.map_err(|source| HandshakeError::Connect {
-        path: uds.to_path_buf(),
-        source,
-    })?;
+pub async fn connect(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, HandshakeError> {
+    let mut s = UnixStream::connect(uds)
+        .await
+        .map_err(|source| HandshakeError::Connect {
+            path: uds.to_path_buf(),
+            source,
+        })?;
     let io = |source| HandshakeError::Io { port, source };
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(io)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(io)?;
     // Byte by byte: whatever follows the newline belongs to the stream.
     let answer = tokio::time::timeout(timeout, async {
         let mut line = Vec::with_capacity(MAX_ANSWER);
@@ -115,8 +123,13 @@ mod tests {
             let uds = dir.path().join("v.sock");
             let l = UnixListener::bind(&uds).unwrap();
             tokio::spawn(fake_vmm(l, reply));
-            let e = connect(&uds, 1024, Duration::from_secs(5)).await.unwrap_err();
-            assert!(matches!(e, HandshakeError::Refused { .. }), "{reply:?}: {e}");
+            let e = connect(&uds, 1024, Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, HandshakeError::Refused { .. }),
+                "{reply:?}: {e}"
+            );
         }
     }
 
@@ -131,16 +144,28 @@ mod tests {
             let (_s2, _) = l.accept().await.unwrap();
             tokio::time::sleep(Duration::from_secs(30)).await;
         });
-        let e = connect(&uds, 1024, Duration::from_secs(5)).await.unwrap_err();
-        assert!(matches!(e, HandshakeError::Refused { ref answer, .. } if answer.len() <= MAX_ANSWER + 1), "{e}");
-        let e = connect(&uds, 1024, Duration::from_millis(200)).await.unwrap_err();
+        let e = connect(&uds, 1024, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, HandshakeError::Refused { ref answer, .. } if answer.len() <= MAX_ANSWER + 1),
+            "{e}"
+        );
+        let e = connect(&uds, 1024, Duration::from_millis(200))
+            .await
+            .unwrap_err();
         assert!(matches!(e, HandshakeError::Timeout { .. }), "{e}");
-        let e = connect(&dir.path().join("absent"), 1024, Duration::from_secs(1)).await.unwrap_err();
+        let e = connect(&dir.path().join("absent"), 1024, Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(matches!(e, HandshakeError::Connect { .. }), "{e}");
     }
 
     #[test]
     fn listener_paths() {
-        assert_eq!(listener_path(Path::new("/run/husk/x/vsock.sock"), 1025), Path::new("/run/husk/x/vsock.sock_1025"));
+        assert_eq!(
+            listener_path(Path::new("/run/husk/x/vsock.sock"), 1025),
+            Path::new("/run/husk/x/vsock.sock_1025")
+        );
     }
 }

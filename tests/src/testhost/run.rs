@@ -243,8 +243,13 @@ fn bind_list(spec: &Spec) -> Result<String> {
     all.push(crate::workspace_root());
     let mut out: Vec<String> = Vec::new();
     for p in all {
-        let p = p.canonicalize().with_context(|| format!("bind {}", p.display()))?;
-        let s = p.to_str().with_context(|| format!("bind {} is not UTF-8", p.display()))?.to_string();
+        let p = p
+            .canonicalize()
+            .with_context(|| format!("bind {}", p.display()))?;
+        let s = p
+            .to_str()
+            .with_context(|| format!("bind {} is not UTF-8", p.display()))?
+            .to_string();
         if s.contains([' ', ',', '\t', '\n', '"']) {
             bail!("bind {s:?}: paths with spaces, commas or quotes cannot pass the kernel command line");
         }

@@ -47,12 +47,18 @@ enum VmCmd {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,guest=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,guest=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Vm(VmCmd::Boot { cpus, memory, boot_timeout, keep }) => {
+        Cmd::Vm(VmCmd::Boot {
+            cpus,
+            memory,
+            boot_timeout,
+            keep,
+        }) => {
             let spec = VmSpec {
                 vcpus: cpus,
                 memory_mib: memory,
@@ -65,13 +71,20 @@ async fn main() -> Result<()> {
             let ready = started.elapsed();
             let d = vm.client.guest_details().await?;
             println!("vm:        {}", vm.id);
-            println!("agent:     {} (ready {} ms after start)", d.agent_version, ready.as_millis());
+            println!(
+                "agent:     {} (ready {} ms after start)",
+                d.agent_version,
+                ready.as_millis()
+            );
             println!("kernel:    {}", d.kernel_version);
             println!("cpus:      {} ({})", d.online_cpu_count, d.online_cpus);
             println!("memory:    {} KiB", d.memory_total_kib);
             if keep {
                 println!("running:   husk-vmm pid {}", vm.vmm_pid);
-                println!("vsock:     {} (CONNECT 1024 for the agent)", Vm::vsock_socket(&vm.dir).display());
+                println!(
+                    "vsock:     {} (CONNECT 1024 for the agent)",
+                    Vm::vsock_socket(&vm.dir).display()
+                );
                 println!("console:   {}", Vm::console_log(&vm.dir).display());
                 println!("stop with: husk vm stop {}", vm.id);
                 return Ok(());
@@ -93,7 +106,11 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("reaching VM {id}"))?;
             client.shutdown(Duration::from_secs(2)).await?;
             // Its VMM exits on its own; the next husk call removes the directory.
-            let pid: i32 = std::fs::read_to_string(dir.join("pid"))?.lines().next().unwrap_or("0").parse()?;
+            let pid: i32 = std::fs::read_to_string(dir.join("pid"))?
+                .lines()
+                .next()
+                .unwrap_or("0")
+                .parse()?;
             for _ in 0..200 {
                 if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
                     let _ = std::fs::remove_dir_all(&dir);

@@ -123,11 +123,20 @@ mod tests {
         let mut bus = Bus::new();
         let a = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x1000, 0x100, a.clone()).unwrap();
-        bus.insert(0x1100, 0x100, Arc::new(Mutex::new(Recorder::default()))).unwrap();
-        assert!(bus.insert(0x10ff, 2, Arc::new(Mutex::new(Recorder::default()))).is_err());
-        assert!(bus.insert(0xfff, 2, Arc::new(Mutex::new(Recorder::default()))).is_err());
-        assert!(bus.insert(0x5000, 0, Arc::new(Mutex::new(Recorder::default()))).is_err());
-        assert!(bus.insert(u64::MAX, 2, Arc::new(Mutex::new(Recorder::default()))).is_err());
+        bus.insert(0x1100, 0x100, Arc::new(Mutex::new(Recorder::default())))
+            .unwrap();
+        assert!(bus
+            .insert(0x10ff, 2, Arc::new(Mutex::new(Recorder::default())))
+            .is_err());
+        assert!(bus
+            .insert(0xfff, 2, Arc::new(Mutex::new(Recorder::default())))
+            .is_err());
+        assert!(bus
+            .insert(0x5000, 0, Arc::new(Mutex::new(Recorder::default())))
+            .is_err());
+        assert!(bus
+            .insert(u64::MAX, 2, Arc::new(Mutex::new(Recorder::default())))
+            .is_err());
 
         let mut d = [0u8; 4];
         assert!(bus.read(0x1010, &mut d));

@@ -169,7 +169,17 @@ mod tests {
         l6.ecx = LEAF6_ECX_EPB | 1;
         let mut la = entry(0xa, 0);
         la.eax = 0x0704_0102;
-        vec![l0, entry(1, 0), l4_1, l4_3, l6, la, entry(0xb, 0), entry(0xb, 1), entry(0xb, 2)]
+        vec![
+            l0,
+            entry(1, 0),
+            l4_1,
+            l4_3,
+            l6,
+            la,
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+        ]
     }
 
     fn find(v: &[kvm_cpuid_entry2], f: u32, i: u32) -> kvm_cpuid_entry2 {
@@ -179,7 +189,14 @@ mod tests {
     #[test]
     fn topology_for_four_vcpus() {
         let mut v = intel();
-        filter(&mut v, CpuidParams { cpu_index: 2, cpu_count: 4, tsc_deadline: true });
+        filter(
+            &mut v,
+            CpuidParams {
+                cpu_index: 2,
+                cpu_count: 4,
+                tsc_deadline: true,
+            },
+        );
         let l1 = find(&v, 1, 0);
         assert_eq!(l1.ebx >> 24, 2);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -188,9 +205,15 @@ mod tests {
         assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
 
         let smt = find(&v, 0xb, 0);
-        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, LEVEL_TYPE_SMT, 2));
+        assert_eq!(
+            (smt.eax, smt.ebx, smt.ecx >> 8, smt.edx),
+            (0, 1, LEVEL_TYPE_SMT, 2)
+        );
         let core = find(&v, 0xb, 1);
-        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.ecx & 0xff), (2, 4, LEVEL_TYPE_CORE, 1));
+        assert_eq!(
+            (core.eax, core.ebx, core.ecx >> 8, core.ecx & 0xff),
+            (2, 4, LEVEL_TYPE_CORE, 1)
+        );
         let end = find(&v, 0xb, 2);
         assert_eq!((end.ebx, end.ecx >> 8), (0, 0));
 
@@ -205,12 +228,22 @@ mod tests {
     #[test]
     fn single_vcpu_has_no_htt_and_gets_kvm_signature() {
         let mut v = intel();
-        filter(&mut v, CpuidParams { cpu_index: 0, cpu_count: 1, tsc_deadline: false });
+        filter(
+            &mut v,
+            CpuidParams {
+                cpu_index: 0,
+                cpu_count: 1,
+                tsc_deadline: false,
+            },
+        );
         let l1 = find(&v, 1, 0);
         assert_eq!(l1.edx & LEAF1_EDX_HTT, 0);
         assert_eq!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
         let sig = find(&v, KVM_CPUID_SIGNATURE, 0);
-        let bytes: Vec<u8> = [sig.ebx, sig.ecx, sig.edx].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let bytes: Vec<u8> = [sig.ebx, sig.ecx, sig.edx]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
         assert_eq!(&bytes[..9], b"KVMKVMKVM");
         assert_eq!(sig.eax, KVM_CPUID_FEATURES);
     }
@@ -222,7 +255,14 @@ mod tests {
         let mut e1 = entry(0x8000_0001, 0);
         e1.ecx = EXT1_ECX_TOPOEXT;
         let mut v = vec![l0, e1, entry(0x8000_0008, 0), entry(0x8000_001e, 0)];
-        filter(&mut v, CpuidParams { cpu_index: 0, cpu_count: 3, tsc_deadline: false });
+        filter(
+            &mut v,
+            CpuidParams {
+                cpu_index: 0,
+                cpu_count: 3,
+                tsc_deadline: false,
+            },
+        );
         let e1 = find(&v, 0x8000_0001, 0);
         assert_eq!(e1.ecx & EXT1_ECX_TOPOEXT, 0);
         assert_ne!(e1.ecx & EXT1_ECX_CMP_LEGACY, 0);
@@ -234,6 +274,9 @@ mod tests {
 
     #[test]
     fn id_bits_rounds_up() {
-        assert_eq!([id_bits(1), id_bits(2), id_bits(3), id_bits(4), id_bits(5)], [0, 1, 2, 2, 3]);
+        assert_eq!(
+            [id_bits(1), id_bits(2), id_bits(3), id_bits(4), id_bits(5)],
+            [0, 1, 2, 2, 3]
+        );
     }
 }

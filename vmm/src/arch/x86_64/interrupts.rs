@@ -28,9 +28,17 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 /// Rewrites LINT0/LINT1 in a LAPIC state read from KVM.
 pub fn set_lint(lapic: &mut kvm_lapic_state) {
     let lint0 = get_reg(lapic, APIC_LVT_LINT0);
-    set_reg(lapic, APIC_LVT_LINT0, with_delivery_mode(lint0, APIC_MODE_EXTINT));
+    set_reg(
+        lapic,
+        APIC_LVT_LINT0,
+        with_delivery_mode(lint0, APIC_MODE_EXTINT),
+    );
     let lint1 = get_reg(lapic, APIC_LVT_LINT1);
-    set_reg(lapic, APIC_LVT_LINT1, with_delivery_mode(lint1, APIC_MODE_NMI));
+    set_reg(
+        lapic,
+        APIC_LVT_LINT1,
+        with_delivery_mode(lint1, APIC_MODE_NMI),
+    );
 }
 
 #[cfg(test)]

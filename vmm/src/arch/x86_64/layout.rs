@@ -79,7 +79,10 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_HOLE_START {
         vec![(0, size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, size - MMIO_HOLE_START),
+        ]
     }
 }
 
@@ -109,9 +112,14 @@ mod tests {
         ];
         v.sort();
         for w in v.windows(2) {
-            assert!(w[0].0 + w[0].1 <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
+            assert!(
+                w[0].0 + w[0].1 <= w[1].0,
+                "{:x?} overlaps {:x?}",
+                w[0],
+                w[1]
+            );
         }
-        assert!(BOOT_STACK_POINTER < PML4_ADDR && BOOT_STACK_POINTER > PVH_MEMMAP_ADDR);
+        const { assert!(BOOT_STACK_POINTER < PML4_ADDR && BOOT_STACK_POINTER > PVH_MEMMAP_ADDR) };
         assert!(v.last().map(|l| l.0 + l.1).unwrap() <= HIGH_MEMORY_START);
     }
 
@@ -128,8 +136,11 @@ mod tests {
     #[test]
     fn devices_sit_in_the_hole() {
         let last = virtio_mmio_addr(IRQ_MAX - IRQ_VIRTIO_FIRST) + VIRTIO_MMIO_SIZE;
-        assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE_START);
+        const { assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE_START) };
         assert!(last <= u64::from(IOAPIC_ADDR));
-        assert!(KVM_TSS_ADDR + 3 * 4096 <= u64::from(IOAPIC_ADDR) || KVM_TSS_ADDR > u64::from(APIC_ADDR));
+        assert!(
+            KVM_TSS_ADDR + 3 * 4096 <= u64::from(IOAPIC_ADDR)
+                || KVM_TSS_ADDR > u64::from(APIC_ADDR)
+        );
     }
 }

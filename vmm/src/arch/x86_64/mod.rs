@@ -50,7 +50,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ArchError {
 pub fn setup_vm(vm: &VmFd) -> Result<(), ArchError> {
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     // The dummy speaker port keeps port 0x61 in the kernel too.
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
@@ -103,7 +104,8 @@ pub fn configure_vcpu(
         return Err(ArchError::Msrs { set, wanted });
     }
 
-    vcpu.set_fpu(&regs::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+    vcpu.set_fpu(&regs::boot_fpu())
+        .map_err(kvm_err("KVM_SET_FPU"))?;
 
     let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     interrupts::set_lint(&mut lapic);
@@ -173,7 +175,10 @@ mod tests {
         let big = create_guest_memory(5 << 30).unwrap();
         let m = e820_map(&big.memory);
         assert_eq!(m.len(), 4);
-        assert_eq!(m[3], (1 << 32, (5 << 30) - layout::MMIO_HOLE_START, E820_RAM));
+        assert_eq!(
+            m[3],
+            (1 << 32, (5 << 30) - layout::MMIO_HOLE_START, E820_RAM)
+        );
     }
 
     /// Needs /dev/kvm that can run stock guests.
@@ -187,7 +192,10 @@ mod tests {
         let supported = supported_cpuid(&kvm).unwrap();
         for i in 0..2u8 {
             let vcpu = vm.create_vcpu(u64::from(i)).unwrap();
-            let entry = EntryPoint { protocol: BootProtocol::Pvh, addr: 0x100_0000 };
+            let entry = EntryPoint {
+                protocol: BootProtocol::Pvh,
+                addr: 0x100_0000,
+            };
             configure_vcpu(&kvm, &vcpu, &supported, i, 2, &ram.memory, entry).unwrap();
         }
     }

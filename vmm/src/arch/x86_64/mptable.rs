@@ -29,8 +29,8 @@ const ENTRY_LOCAL_INTERRUPT: u8 = 4;
 
 const CPU_ENABLED: u8 = 1;
 const CPU_BOOTSTRAP: u8 = 2;
-/// Family 6 stepping signature and FPU | APIC feature flags for processor entries.
-const CPU_SIGNATURE: u32 = (6 << 8) | 0x600;
+/// Family 6 signature and FPU | APIC feature flags for processor entries.
+const CPU_SIGNATURE: u32 = 6 << 8;
 const CPU_FEATURES: u32 = (1 << 9) | 1;
 
 const INT_TYPE_INT: u8 = 0;
@@ -54,7 +54,10 @@ pub enum MptableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the whole MP table as it should appear at `base`.

@@ -60,7 +60,11 @@ mod tests {
     fn boot_msrs_enable_write_back_caching() {
         let m = boot_msrs();
         assert_eq!(m.as_slice().len(), boot_msr_values().len());
-        let mtrr = m.as_slice().iter().find(|e| e.index == MSR_MTRR_DEF_TYPE).unwrap();
+        let mtrr = m
+            .as_slice()
+            .iter()
+            .find(|e| e.index == MSR_MTRR_DEF_TYPE)
+            .unwrap();
         assert_eq!(mtrr.data & 0xff, 6);
         assert_ne!(mtrr.data & (1 << 11), 0);
     }

@@ -142,13 +142,22 @@ pub fn setup_sregs(
 fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootTableWriteError> {
     const PRESENT_RW: u64 = 0x3;
     const HUGE: u64 = 0x80;
-    mem.write_obj(layout::PDPTE_ADDR | PRESENT_RW, GuestAddress(layout::PML4_ADDR))
-        .map_err(|_| BootTableWriteError("PML4"))?;
-    mem.write_obj(layout::PDE_ADDR | PRESENT_RW, GuestAddress(layout::PDPTE_ADDR))
-        .map_err(|_| BootTableWriteError("PDPT"))?;
+    mem.write_obj(
+        layout::PDPTE_ADDR | PRESENT_RW,
+        GuestAddress(layout::PML4_ADDR),
+    )
+    .map_err(|_| BootTableWriteError("PML4"))?;
+    mem.write_obj(
+        layout::PDE_ADDR | PRESENT_RW,
+        GuestAddress(layout::PDPTE_ADDR),
+    )
+    .map_err(|_| BootTableWriteError("PDPT"))?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | HUGE | PRESENT_RW, GuestAddress(layout::PDE_ADDR + i * 8))
-            .map_err(|_| BootTableWriteError("page directory"))?;
+        mem.write_obj(
+            (i << 21) | HUGE | PRESENT_RW,
+            GuestAddress(layout::PDE_ADDR + i * 8),
+        )
+        .map_err(|_| BootTableWriteError("page directory"))?;
     }
     Ok(())
 }
@@ -198,7 +207,10 @@ mod tests {
     #[test]
     fn segments_decode_their_entries() {
         let code = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((code.selector, code.l, code.g, code.present, code.s), (8, 1, 1, 1, 1));
+        assert_eq!(
+            (code.selector, code.l, code.g, code.present, code.s),
+            (8, 1, 1, 1, 1)
+        );
         assert_eq!(code.limit, 0xffff_ffff);
         assert_eq!(code.type_, 0xb);
         let tss = segment_from_gdt(gdt_entry(0x008b, 0, 0x67), 3);
@@ -218,10 +230,16 @@ mod tests {
         assert_eq!((s.cr4, s.efer), (0, 0));
         assert_eq!(s.cs.db, 1);
         assert_eq!(s.ds.limit, 0xffff_ffff);
-        let gdt1: u64 = ram.memory.read_obj(GuestAddress(layout::GDT_ADDR + 8)).unwrap();
+        let gdt1: u64 = ram
+            .memory
+            .read_obj(GuestAddress(layout::GDT_ADDR + 8))
+            .unwrap();
         assert_eq!(gdt1, 0x00cf_9b00_0000_ffff);
         let r = boot_regs(BootProtocol::Pvh, 0x100_0000);
-        assert_eq!((r.rip, r.rbx, r.rflags), (0x100_0000, layout::PVH_START_INFO_ADDR, 2));
+        assert_eq!(
+            (r.rip, r.rbx, r.rflags),
+            (0x100_0000, layout::PVH_START_INFO_ADDR, 2)
+        );
     }
 
     #[test]
@@ -233,9 +251,15 @@ mod tests {
         assert_ne!(s.cr4 & X86_CR4_PAE, 0);
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(s.cr3, layout::PML4_ADDR);
-        let pml4: u64 = ram.memory.read_obj(GuestAddress(layout::PML4_ADDR)).unwrap();
+        let pml4: u64 = ram
+            .memory
+            .read_obj(GuestAddress(layout::PML4_ADDR))
+            .unwrap();
         assert_eq!(pml4, layout::PDPTE_ADDR | 3);
-        let pde5: u64 = ram.memory.read_obj(GuestAddress(layout::PDE_ADDR + 5 * 8)).unwrap();
+        let pde5: u64 = ram
+            .memory
+            .read_obj(GuestAddress(layout::PDE_ADDR + 5 * 8))
+            .unwrap();
         assert_eq!(pde5, (5 << 21) | 0x83);
         let r = boot_regs(BootProtocol::Linux64, 0x100_0200);
         assert_eq!(r.rsi, layout::ZERO_PAGE_ADDR);

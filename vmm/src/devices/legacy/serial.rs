@@ -162,7 +162,7 @@ mod tests {
             ConsoleWriter::new(Box::new(std::io::sink()), None),
         );
         for _ in 0..10_000 {
-            serial.write(0, &[b'x']);
+            serial.write(0, b"x");
         }
         let mut d = [0u8; 2];
         serial.read(0, &mut d);

@@ -31,7 +31,9 @@ pub enum ChainError {
     AvailIndex,
     #[error("descriptor chain {head} is empty (head index out of range?)")]
     Empty { head: u16 },
-    #[error("descriptor chain {head} does not end (loop, bad next index or unreadable descriptor)")]
+    #[error(
+        "descriptor chain {head} does not end (loop, bad next index or unreadable descriptor)"
+    )]
     Unterminated { head: u16 },
     #[error("descriptor in chain {head} has length zero")]
     ZeroLength { head: u16 },
@@ -119,8 +121,15 @@ pub fn collect(
 }
 
 /// Returns a chain to the driver with `len` bytes written.
-pub fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), ChainError> {
-    queue.add_used(mem, head, len).map_err(|_| ChainError::UsedRing)
+pub fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<(), ChainError> {
+    queue
+        .add_used(mem, head, len)
+        .map_err(|_| ChainError::UsedRing)
 }
 
 /// Test helpers: guest memory with a queue and hand-built chains.
@@ -149,19 +158,34 @@ pub mod test_utils {
         if next.is_some() {
             flags |= VRING_DESC_F_NEXT;
         }
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next.unwrap_or(0)))
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            flags as u16,
+            next.unwrap_or(0),
+        ))
     }
 
     /// Places `descs` at table index 0.. and publishes `heads` in the avail ring.
-    pub fn publish(vq: &MockSplitQueue<'_, GuestMemoryMmap>, descs: &[RawDescriptor], heads: &[u16]) {
+    pub fn publish(
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        descs: &[RawDescriptor],
+        heads: &[u16],
+    ) {
         for (i, d) in descs.iter().enumerate() {
             vq.desc_table().store(i as u16, *d).unwrap();
         }
         let start = vq.avail().idx().load();
         for (i, h) in heads.iter().enumerate() {
-            vq.avail().ring().ref_at((start as usize + i) % 16).unwrap().store(u16::to_le(*h));
+            vq.avail()
+                .ring()
+                .ref_at((start as usize + i) % 16)
+                .unwrap()
+                .store(u16::to_le(*h));
         }
-        vq.avail().idx().store(u16::to_le(start.wrapping_add(heads.len() as u16)));
+        vq.avail()
+            .idx()
+            .store(u16::to_le(start.wrapping_add(heads.len() as u16)));
     }
 
     /// A 16-entry queue in `mem`, ready, as the driver would configure it.
@@ -177,7 +201,10 @@ mod tests {
     use super::test_utils::*;
     use super::*;
 
-    fn first(descs: &[virtio_queue::desc::RawDescriptor], max: u64) -> Result<Vec<Desc>, ChainError> {
+    fn first(
+        descs: &[virtio_queue::desc::RawDescriptor],
+        max: u64,
+    ) -> Result<Vec<Desc>, ChainError> {
         let mem = memory();
         let (vq, mut q) = queue(&mem);
         publish(&vq, descs, &[0]);
@@ -187,7 +214,14 @@ mod tests {
 
     #[test]
     fn good_chain() {
-        let v = first(&[desc(0x8000, 16, false, Some(1)), desc(0x9000, 64, true, None)], 1 << 20).unwrap();
+        let v = first(
+            &[
+                desc(0x8000, 16, false, Some(1)),
+                desc(0x9000, 64, true, None),
+            ],
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(v.len(), 2);
         assert!(!v[0].write_only && v[1].write_only);
     }
@@ -208,7 +242,14 @@ mod tests {
 
     #[test]
     fn looping_chain() {
-        let e = first(&[desc(0x8000, 8, false, Some(1)), desc(0x9000, 8, false, Some(0))], 1 << 20).unwrap_err();
+        let e = first(
+            &[
+                desc(0x8000, 8, false, Some(1)),
+                desc(0x9000, 8, false, Some(0)),
+            ],
+            1 << 20,
+        )
+        .unwrap_err();
         assert_eq!(e, ChainError::Unterminated { head: 0 });
         // A self-loop too.
         let e = first(&[desc(0x8000, 8, false, Some(0))], 1 << 20).unwrap_err();
@@ -227,18 +268,32 @@ mod tests {
         let (vq, mut q) = queue(&mem);
         publish(&vq, &[desc(0x8000, 8, true, None)], &[40]);
         let c = pop(&mut q, &mem).unwrap().unwrap();
-        assert_eq!(collect(c, &mem, 1 << 20).unwrap_err(), ChainError::Empty { head: 40 });
+        assert_eq!(
+            collect(c, &mem, 1 << 20).unwrap_err(),
+            ChainError::Empty { head: 40 }
+        );
     }
 
     #[test]
     fn read_after_write() {
-        let e = first(&[desc(0x8000, 8, true, Some(1)), desc(0x9000, 8, false, None)], 1 << 20).unwrap_err();
+        let e = first(
+            &[desc(0x8000, 8, true, Some(1)), desc(0x9000, 8, false, None)],
+            1 << 20,
+        )
+        .unwrap_err();
         assert_eq!(e, ChainError::ReadAfterWrite { head: 0 });
     }
 
     #[test]
     fn oversized() {
-        let e = first(&[desc(0x8000, 0x8000, true, Some(1)), desc(0x10000, 0x8000, true, None)], 0xffff).unwrap_err();
+        let e = first(
+            &[
+                desc(0x8000, 0x8000, true, Some(1)),
+                desc(0x10000, 0x8000, true, None),
+            ],
+            0xffff,
+        )
+        .unwrap_err();
         assert!(matches!(e, ChainError::TooLong { .. }));
     }
 

@@ -83,7 +83,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queue_evts.push(EventFd::new(EFD_NONBLOCK)?);
             // Queue::new fails only for a max size that is zero, over 32768 or not a
             // power of two: a bug in the device, reported as an I/O error here.
-            queues.push(Queue::new(max).map_err(|e| std::io::Error::other(format!("queue size {max}: {e}")))?);
+            queues.push(
+                Queue::new(max)
+                    .map_err(|e| std::io::Error::other(format!("queue size {max}: {e}")))?,
+            );
         }
         Ok(MmioTransport {
             device,
@@ -202,7 +205,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         // Bits are only ever added by the driver (a reset clears them).
         if value & self.status != self.status {
-            tracing::debug!(old = self.status, new = value, "driver cleared status bits without reset");
+            tracing::debug!(
+                old = self.status,
+                new = value,
+                "driver cleared status bits without reset"
+            );
             return;
         }
         let mut new = value & !STATUS_NEEDS_RESET;
@@ -243,7 +250,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             // The configuration never changes under the driver.
             CONFIG_GENERATION => 0,
             _ => {
-                tracing::debug!(offset, "read of a write-only or unknown virtio-mmio register");
+                tracing::debug!(
+                    offset,
+                    "read of a write-only or unknown virtio-mmio register"
+                );
                 0
             }
         }
@@ -261,8 +271,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     return;
                 }
                 match self.driver_features_select {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
                     _ => {}
                 }
             }
@@ -274,7 +289,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     q.set_size(v.min(u32::from(u16::MAX)) as u16);
                 }
             }
-            QUEUE_READY if self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0 => {
+            QUEUE_READY
+                if self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0 =>
+            {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(v == 1);
                 }
@@ -282,7 +299,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             QUEUE_DESC_LOW if cfg => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
             QUEUE_DESC_HIGH if cfg => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
             QUEUE_DRIVER_LOW if cfg => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            QUEUE_DRIVER_HIGH if cfg => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            QUEUE_DRIVER_HIGH if cfg => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(v)))
+            }
             QUEUE_DEVICE_LOW if cfg => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
             QUEUE_DEVICE_HIGH if cfg => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
             QUEUE_NOTIFY => {
@@ -310,7 +329,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             self.device.read_config(offset - regs::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || offset & 3 != 0 {
             tracing::debug!(offset, size = data.len(), "bad virtio-mmio register read");
             data.fill(0);
             return;
@@ -331,7 +350,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             tracing::debug!(offset, size = data.len(), "bad virtio-mmio register write");
             return;
         };
-        if offset % 4 != 0 {
+        if offset & 3 != 0 {
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));
@@ -427,7 +446,11 @@ mod tests {
         w(t, DRIVER_FEATURES, 1); // VERSION_1
         w(t, DRIVER_FEATURES_SEL, 0);
         w(t, DRIVER_FEATURES, 1);
-        w(t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            t,
+            STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
     }
 
     fn setup_queue(t: &mut MmioTransport<Dummy>, sel: u32, size: u32, base: u32) {
@@ -495,17 +518,33 @@ mod tests {
         w(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(&mut t, DRIVER_FEATURES, 1);
         // No VERSION_1: legacy drivers are not supported.
-        w(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_eq!(r(&mut t, STATUS) & STATUS_FEATURES_OK, 0);
 
         let mut t = transport();
         w(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(&mut t, DRIVER_FEATURES_SEL, 1);
-        w(&mut t, DRIVER_FEATURES, ((F_VERSION_1 | F_IN_ORDER) >> 32) as u32);
-        w(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            DRIVER_FEATURES,
+            ((F_VERSION_1 | F_IN_ORDER) >> 32) as u32,
+        );
+        w(
+            &mut t,
+            STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_eq!(r(&mut t, STATUS) & STATUS_FEATURES_OK, 0);
         // DRIVER_OK without FEATURES_OK does not start the device.
-        w(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK);
+        w(
+            &mut t,
+            STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+        );
         assert!(t.device().activated.is_none());
     }
 
@@ -580,9 +619,16 @@ mod tests {
         let mut t = transport();
         negotiate(&mut t);
         w(&mut t, STATUS, STATUS_ACKNOWLEDGE);
-        assert_eq!(r(&mut t, STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        assert_eq!(
+            r(&mut t, STATUS),
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+        );
         // The driver cannot set NEEDS_RESET itself.
-        w(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_NEEDS_RESET);
+        w(
+            &mut t,
+            STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_NEEDS_RESET,
+        );
         assert_eq!(r(&mut t, STATUS) & STATUS_NEEDS_RESET, 0);
     }
 

@@ -161,7 +161,9 @@ pub const EXTRA_EVENT_BASE: u32 = 0x100;
 /// Copies `bytes` of config-space `data` from `config` at `offset`, zero outside.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(start) = usize::try_from(offset) else { return };
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
     if start >= config.len() {
         return;
     }

@@ -66,16 +66,20 @@ impl Rng {
                     tracing::error!(error = %e, "reading host entropy failed");
                     return Ok(written);
                 }
-                let addr = d.addr.checked_add(u64::from(off)).ok_or(ChainError::OutOfRange {
-                    head: 0,
-                    addr: d.addr.0,
-                    len: d.len,
-                })?;
-                mem.write_slice(&buf[..n], addr).map_err(|_| ChainError::OutOfRange {
-                    head: 0,
-                    addr: d.addr.0,
-                    len: d.len,
-                })?;
+                let addr = d
+                    .addr
+                    .checked_add(u64::from(off))
+                    .ok_or(ChainError::OutOfRange {
+                        head: 0,
+                        addr: d.addr.0,
+                        len: d.len,
+                    })?;
+                mem.write_slice(&buf[..n], addr)
+                    .map_err(|_| ChainError::OutOfRange {
+                        head: 0,
+                        addr: d.addr.0,
+                        len: d.len,
+                    })?;
                 off += n as u32;
                 budget -= n as u32;
                 written += n as u32;
@@ -129,7 +133,11 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let queue = a.queues.into_iter().next().ok_or(ActivateError::BadQueue(0))?;
+        let queue = a
+            .queues
+            .into_iter()
+            .next()
+            .ok_or(ActivateError::BadQueue(0))?;
         if !virtio_queue::QueueT::ready(&queue) {
             return Err(ActivateError::BadQueue(0));
         }
@@ -201,7 +209,14 @@ mod tests {
     fn fills_writable_buffers() {
         let mem = memory();
         let (vq, q) = queue(&mem);
-        publish(&vq, &[desc(0x8000, 100, true, Some(1)), desc(0x9000, 28, true, None)], &[0]);
+        publish(
+            &vq,
+            &[
+                desc(0x8000, 100, true, Some(1)),
+                desc(0x9000, 28, true, None),
+            ],
+            &[0],
+        );
         let (mut rng, irq) = activated(&mem, q);
         rng.process_queue(0);
         assert_eq!(used_len(&rng, &mem, 0), 128);
@@ -245,12 +260,25 @@ mod tests {
         // Out of range.
         assert_breaks(&[desc(MEM_SIZE as u64, 16, true, None)], &[0]);
         // Loop.
-        assert_breaks(&[desc(0x8000, 16, true, Some(1)), desc(0x9000, 16, true, Some(0))], &[0]);
+        assert_breaks(
+            &[
+                desc(0x8000, 16, true, Some(1)),
+                desc(0x9000, 16, true, Some(0)),
+            ],
+            &[0],
+        );
         // Head out of range.
         assert_breaks(&[desc(0x8000, 16, true, None)], &[99]);
         // Oversized: 16 descriptors of 4 GiB - 1 each overflow the chain limit.
         let big: Vec<_> = (0..16u16)
-            .map(|i| desc(0x8000, u32::MAX, true, if i < 15 { Some(i + 1) } else { None }))
+            .map(|i| {
+                desc(
+                    0x8000,
+                    u32::MAX,
+                    true,
+                    if i < 15 { Some(i + 1) } else { None },
+                )
+            })
             .collect();
         assert_breaks(&big, &[0]);
     }

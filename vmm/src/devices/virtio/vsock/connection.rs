@@ -83,7 +83,9 @@ impl Connection {
     pub fn peer_free(&self) -> u32 {
         let in_flight = self.rx_cnt.wrapping_sub(self.peer_fwd_cnt);
         // A guest reporting more forwarded than we sent gets no credit at all.
-        self.peer_buf_alloc.saturating_sub(in_flight).min(self.peer_buf_alloc)
+        self.peer_buf_alloc
+            .saturating_sub(in_flight)
+            .min(self.peer_buf_alloc)
     }
 
     /// A header from us to the guest for this connection, carrying our credit.
@@ -149,26 +151,45 @@ mod tests {
     fn pair() -> (Connection, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
-        (Connection::new(a, State::Established, FIRST_HOST_PORT, 1024), b)
+        (
+            Connection::new(a, State::Established, FIRST_HOST_PORT, 1024),
+            b,
+        )
     }
 
     #[test]
     fn credit_towards_the_guest() {
         let (mut c, _b) = pair();
         assert_eq!(c.peer_free(), 0);
-        c.update_peer_credit(&Header { buf_alloc: 1000, fwd_cnt: 0, ..Default::default() });
+        c.update_peer_credit(&Header {
+            buf_alloc: 1000,
+            fwd_cnt: 0,
+            ..Default::default()
+        });
         assert_eq!(c.peer_free(), 1000);
         c.rx_cnt = 600;
         assert_eq!(c.peer_free(), 400);
-        c.update_peer_credit(&Header { buf_alloc: 1000, fwd_cnt: 600, ..Default::default() });
+        c.update_peer_credit(&Header {
+            buf_alloc: 1000,
+            fwd_cnt: 600,
+            ..Default::default()
+        });
         assert_eq!(c.peer_free(), 1000);
         // Wrapping counters.
         c.rx_cnt = 5;
-        c.update_peer_credit(&Header { buf_alloc: 1000, fwd_cnt: u32::MAX - 4, ..Default::default() });
+        c.update_peer_credit(&Header {
+            buf_alloc: 1000,
+            fwd_cnt: u32::MAX - 4,
+            ..Default::default()
+        });
         assert_eq!(c.peer_free(), 990);
         // A lying guest (fwd_cnt ahead of what we sent) gets nothing.
         c.rx_cnt = 0;
-        c.update_peer_credit(&Header { buf_alloc: 1000, fwd_cnt: 10, ..Default::default() });
+        c.update_peer_credit(&Header {
+            buf_alloc: 1000,
+            fwd_cnt: 10,
+            ..Default::default()
+        });
         assert_eq!(c.peer_free(), 0);
     }
 
@@ -181,7 +202,8 @@ mod tests {
         assert_eq!(&buf, b"hello");
         assert_eq!(c.fwd_cnt, 5);
         assert!(!c.credit_update_due);
-        c.push_tx(&vec![0u8; CREDIT_UPDATE_THRESHOLD as usize]).unwrap();
+        c.push_tx(&vec![0u8; CREDIT_UPDATE_THRESHOLD as usize])
+            .unwrap();
         // The peer is not reading, so some of it may wait in tx_buf.
         let mut sink = vec![0u8; CONN_BUF_SIZE as usize];
         let mut got = 0;

@@ -21,7 +21,9 @@ use super::defs::*;
 use super::packet::{self, Header, TxPacket};
 use crate::devices::virtio::chain::{self, ChainError};
 use crate::devices::virtio::defs::{F_VERSION_1, TYPE_VSOCK};
-use crate::devices::virtio::{ActivateError, Activation, Interrupt, VirtioDevice, EXTRA_EVENT_BASE};
+use crate::devices::virtio::{
+    ActivateError, Activation, Interrupt, VirtioDevice, EXTRA_EVENT_BASE,
+};
 use crate::memory::GuestMemoryMmap;
 
 /// (host port, guest port).
@@ -106,19 +108,28 @@ impl Vsock {
     }
 
     fn watch(&self, fd: RawFd, events: EventSet) {
-        if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, fd as u64)) {
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, fd as u64),
+        ) {
             tracing::warn!(error = %e, "vsock: watching a host socket failed");
         }
     }
 
     fn unwatch(&self, fd: RawFd) {
-        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 
     fn add_conn(&mut self, conn: Connection) {
         let fd = conn.stream.as_raw_fd();
         let key = (conn.local_port, conn.peer_port);
-        self.watch(fd, EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED);
+        self.watch(
+            fd,
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
+        );
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
     }
@@ -252,7 +263,13 @@ impl Vsock {
                     }
                     let fd = stream.as_raw_fd();
                     self.watch(fd, EventSet::IN | EventSet::READ_HANG_UP);
-                    self.pending.insert(fd, Pending { stream, line: Vec::new() });
+                    self.pending.insert(
+                        fd,
+                        Pending {
+                            stream,
+                            line: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => return,
@@ -263,7 +280,9 @@ impl Vsock {
     /// Reads the `CONNECT <port>\n` line byte by byte, so that no stream data
     /// after it is consumed before the guest accepts.
     fn read_connect_line(&mut self, fd: RawFd) {
-        let Some(p) = self.pending.get_mut(&fd) else { return };
+        let Some(p) = self.pending.get_mut(&fd) else {
+            return;
+        };
         let mut byte = [0u8; 1];
         let port = loop {
             match p.stream.read(&mut byte) {
@@ -281,7 +300,9 @@ impl Vsock {
             }
         };
         self.unwatch(fd);
-        let Some(pending) = self.pending.remove(&fd) else { return };
+        let Some(pending) = self.pending.remove(&fd) else {
+            return;
+        };
         let Some(port) = port else {
             tracing::debug!("vsock: bad CONNECT line from a host client");
             return;
@@ -313,7 +334,9 @@ impl Vsock {
                     self.read_connect_line(fd);
                     continue;
                 }
-                let Some(key) = self.by_fd.get(&fd).copied() else { continue };
+                let Some(key) = self.by_fd.get(&fd).copied() else {
+                    continue;
+                };
                 let set = ev.event_set();
                 if let Some(c) = self.conns.get_mut(&key) {
                     if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
@@ -348,7 +371,9 @@ impl Vsock {
         for key in keys {
             let guest_cid = self.guest_cid;
             let c = self.conns.get_mut(&key)?;
-            let n = (c.peer_free() as usize).min(room).min(MAX_PKT_DATA as usize);
+            let n = (c.peer_free() as usize)
+                .min(room)
+                .min(MAX_PKT_DATA as usize);
             if n == 0 {
                 continue; // waits for a credit update
             }
@@ -424,7 +449,9 @@ impl Vsock {
         if self.broken {
             return;
         }
-        let Some(mut a) = self.active.take() else { return };
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
         match f(self, &mut a) {
             Ok(true) => a.interrupt.signal_used_queue(),
             Ok(false) => {}
@@ -478,7 +505,10 @@ impl VirtioDevice for Vsock {
             interrupt: a.interrupt,
         });
         self.broken = false;
-        self.pump();
+        // No pump here: activation runs on the vCPU thread that wrote
+        // DRIVER_OK, whose seccomp filter has no socket or epoll calls. The
+        // driver kicks its RX queue as soon as it has posted buffers, and
+        // that kick reaches `process_queue` on the event loop thread.
         Ok(())
     }
 
@@ -502,7 +532,11 @@ impl VirtioDevice for Vsock {
     }
 
     fn init_events(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.epoll, EXTRA_EVENT_BASE, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.epoll,
+            EXTRA_EVENT_BASE,
+            EventSet::IN,
+        )) {
             tracing::error!(error = ?e, "vsock: registering the host socket set failed");
         }
     }
@@ -552,17 +586,42 @@ mod tests {
                 features: F_VERSION_1,
             })
             .unwrap();
-            Rig { mem, rx, tx, dev, irq, rx_seen: 0, _dir: dir, path }
+            Rig {
+                mem,
+                rx,
+                tx,
+                dev,
+                irq,
+                rx_seen: 0,
+                _dir: dir,
+                path,
+            }
         }
 
-        /// Posts 16 RX chains (header + 64 KiB data each... in 4 KiB here).
+        /// Keeps 8 RX chains (44-byte header + 4 KiB data) posted, as the guest driver does.
         fn post_rx(&mut self) {
-            for i in 0..8u16 {
-                let base = RX_BUFS + u64::from(i) * 0x2000;
-                self.rx.desc_table().store(2 * i, desc(base, 44, true, Some(2 * i + 1))).unwrap();
-                self.rx.desc_table().store(2 * i + 1, desc(base + 0x100, 0x1000, true, None)).unwrap();
+            loop {
                 let idx = self.rx.avail().idx().load();
-                self.rx.avail().ring().ref_at(idx as usize % 16).unwrap().store(2 * i);
+                let used = self.rx.used().idx().load();
+                if idx.wrapping_sub(used) >= 8 {
+                    break;
+                }
+                let i = idx % 8;
+                let base = RX_BUFS + u64::from(i) * 0x2000;
+                self.rx
+                    .desc_table()
+                    .store(2 * i, desc(base, 44, true, Some(2 * i + 1)))
+                    .unwrap();
+                self.rx
+                    .desc_table()
+                    .store(2 * i + 1, desc(base + 0x100, 0x1000, true, None))
+                    .unwrap();
+                self.rx
+                    .avail()
+                    .ring()
+                    .ref_at(idx as usize % 16)
+                    .unwrap()
+                    .store(2 * i);
                 self.rx.avail().idx().store(idx.wrapping_add(1));
             }
             self.dev.process_queue(RXQ);
@@ -575,15 +634,33 @@ mod tests {
             let base = TX_BUFS + u64::from(d) * 0x1000;
             let mut h = h;
             h.len = data.len() as u32;
-            self.mem.write_slice(&h.to_bytes(), GuestAddress(base)).unwrap();
+            self.mem
+                .write_slice(&h.to_bytes(), GuestAddress(base))
+                .unwrap();
             if data.is_empty() {
-                self.tx.desc_table().store(d, desc(base, 44, false, None)).unwrap();
+                self.tx
+                    .desc_table()
+                    .store(d, desc(base, 44, false, None))
+                    .unwrap();
             } else {
-                self.mem.write_slice(data, GuestAddress(base + 0x100)).unwrap();
-                self.tx.desc_table().store(d, desc(base, 44, false, Some(d + 1))).unwrap();
-                self.tx.desc_table().store(d + 1, desc(base + 0x100, data.len() as u32, false, None)).unwrap();
+                self.mem
+                    .write_slice(data, GuestAddress(base + 0x100))
+                    .unwrap();
+                self.tx
+                    .desc_table()
+                    .store(d, desc(base, 44, false, Some(d + 1)))
+                    .unwrap();
+                self.tx
+                    .desc_table()
+                    .store(d + 1, desc(base + 0x100, data.len() as u32, false, None))
+                    .unwrap();
             }
-            self.tx.avail().ring().ref_at(slot as usize % 16).unwrap().store(d);
+            self.tx
+                .avail()
+                .ring()
+                .ref_at(slot as usize % 16)
+                .unwrap()
+                .store(d);
             self.tx.avail().idx().store(slot.wrapping_add(1));
             self.dev.process_queue(TXQ);
         }
@@ -593,7 +670,13 @@ mod tests {
             let mut out = Vec::new();
             let used_idx = self.rx.used().idx().load();
             while self.rx_seen != used_idx {
-                let e = self.rx.used().ring().ref_at(self.rx_seen as usize % 16).unwrap().load();
+                let e = self
+                    .rx
+                    .used()
+                    .ring()
+                    .ref_at(self.rx_seen as usize % 16)
+                    .unwrap()
+                    .load();
                 let head = e.id() as u64;
                 let len = e.len() as usize;
                 let base = RX_BUFS + (head / 2) * 0x2000;
@@ -601,7 +684,9 @@ mod tests {
                 self.mem.read_slice(&mut hb, GuestAddress(base)).unwrap();
                 let h = parse_header(&hb);
                 let mut data = vec![0u8; len - 44];
-                self.mem.read_slice(&mut data, GuestAddress(base + 0x100)).unwrap();
+                self.mem
+                    .read_slice(&mut data, GuestAddress(base + 0x100))
+                    .unwrap();
                 out.push((h, data));
                 self.rx_seen = self.rx_seen.wrapping_add(1);
             }
@@ -661,7 +746,10 @@ mod tests {
         rig.guest_send(guest_hdr(OP_REQUEST, 5000, 4321), &[]);
         let p = rig.guest_recv();
         assert_eq!(p.len(), 1);
-        assert_eq!((p[0].0.op, p[0].0.src_port, p[0].0.dst_port), (OP_RST, 4321, 5000));
+        assert_eq!(
+            (p[0].0.op, p[0].0.src_port, p[0].0.dst_port),
+            (OP_RST, 4321, 5000)
+        );
         // RW for a connection that does not exist: RST too.
         rig.guest_send(guest_hdr(OP_RW, 5000, 4321), b"x");
         assert_eq!(rig.guest_recv()[0].0.op, OP_RST);
@@ -697,7 +785,10 @@ mod tests {
         drop(host);
         rig.host_events();
         let r = rig.guest_recv();
-        assert_eq!((r[0].0.op, r[0].0.flags), (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND));
+        assert_eq!(
+            (r[0].0.op, r[0].0.flags),
+            (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+        );
         rig.guest_send(guest_hdr(OP_RST, 7000, 1234), &[]);
         assert!(rig.dev.conns.is_empty());
     }
@@ -719,7 +810,10 @@ mod tests {
         rig.guest_send(guest_hdr(OP_RESPONSE, 1024, req.src_port), &[]);
         let mut line = [0u8; 64];
         let n = host.read(&mut line).unwrap();
-        assert_eq!(std::str::from_utf8(&line[..n]).unwrap(), format!("OK {}\n", req.src_port));
+        assert_eq!(
+            std::str::from_utf8(&line[..n]).unwrap(),
+            format!("OK {}\n", req.src_port)
+        );
         // Data from the host is limited by the guest's credit.
         let mut h = guest_hdr(OP_CREDIT_UPDATE, 1024, req.src_port);
         h.buf_alloc = 3;
@@ -748,7 +842,8 @@ mod tests {
             rig.host_events();
             rig.host_events();
             let mut b = [0u8; 8];
-            host.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+            host.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
             assert_eq!(host.read(&mut b).unwrap_or(0), 0, "{line:?}");
         }
         assert!(rig.guest_recv().is_empty());
@@ -793,17 +888,38 @@ mod tests {
 
     #[test]
     fn malformed_tx_chains_need_reset() {
-        let cases: Vec<Box<dyn Fn(&MockSplitQueue<GuestMemoryMmap>)>> = vec![
+        type Setup = Box<dyn Fn(&MockSplitQueue<GuestMemoryMmap>)>;
+        let cases: Vec<Setup> = vec![
             // Header descriptor too short.
-            Box::new(|tx| tx.desc_table().store(0, desc(TX_BUFS, 8, false, None)).unwrap()),
+            Box::new(|tx| {
+                tx.desc_table()
+                    .store(0, desc(TX_BUFS, 8, false, None))
+                    .unwrap()
+            }),
             // Wrong direction (device-writable TX buffer).
-            Box::new(|tx| tx.desc_table().store(0, desc(TX_BUFS, 44, true, None)).unwrap()),
+            Box::new(|tx| {
+                tx.desc_table()
+                    .store(0, desc(TX_BUFS, 44, true, None))
+                    .unwrap()
+            }),
             // Out of range.
-            Box::new(|tx| tx.desc_table().store(0, desc(1 << 40, 44, false, None)).unwrap()),
+            Box::new(|tx| {
+                tx.desc_table()
+                    .store(0, desc(1 << 40, 44, false, None))
+                    .unwrap()
+            }),
             // Zero length.
-            Box::new(|tx| tx.desc_table().store(0, desc(TX_BUFS, 0, false, None)).unwrap()),
+            Box::new(|tx| {
+                tx.desc_table()
+                    .store(0, desc(TX_BUFS, 0, false, None))
+                    .unwrap()
+            }),
             // Loop.
-            Box::new(|tx| tx.desc_table().store(0, desc(TX_BUFS, 44, false, Some(0))).unwrap()),
+            Box::new(|tx| {
+                tx.desc_table()
+                    .store(0, desc(TX_BUFS, 44, false, Some(0)))
+                    .unwrap()
+            }),
         ];
         for (i, setup) in cases.iter().enumerate() {
             let mem = memory();
@@ -827,9 +943,16 @@ mod tests {
         // Header claims more than MAX_PKT_DATA.
         let mut h = guest_hdr(OP_RW, 1, 2);
         h.len = MAX_PKT_DATA + 1;
-        mem.write_slice(&h.to_bytes(), GuestAddress(TX_BUFS)).unwrap();
-        rig.tx.desc_table().store(0, desc(TX_BUFS, 44, false, Some(1))).unwrap();
-        rig.tx.desc_table().store(1, desc(TX_BUFS + 0x100, 0x1000, false, None)).unwrap();
+        mem.write_slice(&h.to_bytes(), GuestAddress(TX_BUFS))
+            .unwrap();
+        rig.tx
+            .desc_table()
+            .store(0, desc(TX_BUFS, 44, false, Some(1)))
+            .unwrap();
+        rig.tx
+            .desc_table()
+            .store(1, desc(TX_BUFS + 0x100, 0x1000, false, None))
+            .unwrap();
         rig.tx.avail().ring().ref_at(0).unwrap().store(0);
         rig.tx.avail().idx().store(1);
         rig.dev.process_queue(TXQ);
@@ -841,7 +964,10 @@ mod tests {
         let mem = memory();
         let mut rig = Rig::new(&mem);
         // A read-only RX buffer, then something to send.
-        rig.rx.desc_table().store(0, desc(RX_BUFS, 0x1000, false, None)).unwrap();
+        rig.rx
+            .desc_table()
+            .store(0, desc(RX_BUFS, 0x1000, false, None))
+            .unwrap();
         rig.rx.avail().ring().ref_at(0).unwrap().store(0);
         rig.rx.avail().idx().store(1);
         rig.guest_send(guest_hdr(OP_REQUEST, 5000, 4321), &[]);

@@ -71,7 +71,8 @@ pub fn parse_tx(
     mem: &GuestMemoryMmap,
     chain: &mut DescriptorChain<&GuestMemoryMmap>,
 ) -> Result<TxPacket, ParseError> {
-    let pkt = VsockPacket::from_tx_virtq_chain(mem, chain, MAX_PKT_DATA).map_err(|e| ParseError(format!("{e:?}")))?;
+    let pkt = VsockPacket::from_tx_virtq_chain(mem, chain, MAX_PKT_DATA)
+        .map_err(|e| ParseError(format!("{e:?}")))?;
     let hdr = Header {
         src_cid: pkt.src_cid(),
         dst_cid: pkt.dst_cid(),
@@ -86,7 +87,9 @@ pub fn parse_tx(
     };
     let mut data = Vec::new();
     if hdr.op == OP_RW && hdr.len > 0 {
-        let slice = pkt.data_slice().ok_or_else(|| ParseError("RW packet without data".into()))?;
+        let slice = pkt
+            .data_slice()
+            .ok_or_else(|| ParseError("RW packet without data".into()))?;
         // virtio-vsock bounded the slice by the header's len, itself at most MAX_PKT_DATA.
         data = vec![0u8; hdr.len as usize];
         slice
@@ -104,14 +107,17 @@ pub fn write_rx(
     hdr: &Header,
     data: &[u8],
 ) -> Result<u32, ParseError> {
-    let pkt = VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA).map_err(|e| ParseError(format!("{e:?}")))?;
+    let pkt = VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA)
+        .map_err(|e| ParseError(format!("{e:?}")))?;
     let mut hdr = *hdr;
     hdr.len = data.len() as u32;
     pkt.header_slice()
         .write_slice(&hdr.to_bytes(), 0)
         .map_err(|e| ParseError(format!("writing header: {e}")))?;
     if !data.is_empty() {
-        let slice = pkt.data_slice().ok_or_else(|| ParseError("RX chain without data buffer".into()))?;
+        let slice = pkt
+            .data_slice()
+            .ok_or_else(|| ParseError("RX chain without data buffer".into()))?;
         if slice.len() < data.len() {
             return Err(ParseError("RX data buffer too small".into()));
         }
@@ -128,7 +134,8 @@ pub fn rx_capacity(
     chain: &DescriptorChain<&GuestMemoryMmap>,
 ) -> Result<usize, ParseError> {
     let mut c = chain.clone();
-    let pkt = VsockPacket::from_rx_virtq_chain(mem, &mut c, MAX_PKT_DATA).map_err(|e| ParseError(format!("{e:?}")))?;
+    let pkt = VsockPacket::from_rx_virtq_chain(mem, &mut c, MAX_PKT_DATA)
+        .map_err(|e| ParseError(format!("{e:?}")))?;
     Ok(pkt.data_slice().map_or(0, |s| s.len()))
 }
 
@@ -156,6 +163,9 @@ mod tests {
         assert_eq!(u16::from_le_bytes([b[30], b[31]]), OP_RW);
         assert_eq!(u32::from_le_bytes(b[40..44].try_into().unwrap()), 7);
         let r = h.rst_reply();
-        assert_eq!((r.src_cid, r.dst_cid, r.src_port, r.dst_port, r.op), (3, 2, 1024, 0x1122_3344, OP_RST));
+        assert_eq!(
+            (r.src_cid, r.dst_cid, r.src_port, r.dst_port, r.op),
+            (3, 2, 1024, 0x1122_3344, OP_RST)
+        );
     }
 }
