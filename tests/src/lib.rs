@@ -2,6 +2,7 @@
 
 pub mod kvm_smoke;
 pub mod procs;
+pub mod scenario;
 pub mod testhost;
 
 use std::path::PathBuf;

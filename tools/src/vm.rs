@@ -50,6 +50,8 @@ pub struct VmSpec {
     pub extra_cmdline: Option<String>,
     /// Leave the VM running when this process ends.
     pub detach: bool,
+    /// The VM's id (its runtime directory's name); random when `None`.
+    pub id: Option<String>,
 }
 
 impl Default for VmSpec {
@@ -63,6 +65,7 @@ impl Default for VmSpec {
             boot_timeout: Duration::from_secs(60),
             extra_cmdline: None,
             detach: false,
+            id: None,
         }
     }
 }
@@ -115,7 +118,10 @@ impl Vm {
                 );
             }
         }
-        let id = random_id();
+        let id = spec.id.clone().unwrap_or_else(random_id);
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            bail!("invalid VM id {id:?}");
+        }
         let dir = runtime_root().join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let guard = DirGuard(Some(dir.clone()));

@@ -3,7 +3,7 @@
 //! boots real VMs with husk-vmm, the guest kernel and husk-agent, asserts,
 //! and exits non-zero with a message on the first failure.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +24,14 @@ enum Scenario {
     Reconnect,
     /// An agent that never comes up is a boot-timeout error quoting the console.
     BootTimeout,
+    /// husk-vmm boots 1/2/4 vCPUs with 128 MiB..2 GiB (PVH vmlinux and
+    /// bzImage); the guest sees them; guest poweroff ends husk-vmm with 0.
+    VmmBoot,
+    /// A guest kernel panic ends husk-vmm non-zero, with the console kept.
+    VmmPanic,
+    /// vsock: the guest echoes host streams (50 concurrent, 1 MiB each,
+    /// byte-exact) and its own connection reaches `<socket>_5001`.
+    VmmVsock,
 }
 
 #[derive(Parser)]
@@ -32,6 +40,15 @@ struct Args {
     /// Guest kernel and initramfs directory (vmlinux, initramfs.cpio).
     #[arg(long)]
     guest: Option<PathBuf>,
+    /// The VMM tests' initramfs (husk-test-init as /init).
+    #[arg(long, default_value = "target/husk/test-initramfs.cpio")]
+    test_initramfs: PathBuf,
+    /// vmm-vsock: concurrent streams.
+    #[arg(long, default_value_t = 50)]
+    streams: usize,
+    /// vmm-vsock: bytes per stream.
+    #[arg(long, default_value_t = 1 << 20)]
+    bytes: usize,
 }
 
 fn spec(guest: &Option<PathBuf>, vcpus: u32, memory_mib: u32) -> VmSpec {
@@ -239,6 +256,244 @@ async fn boot_timeout(guest: &Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// One husk-vmm run with the test init; console in `dir/console.log`.
+struct TestVm {
+    child: tokio::process::Child,
+    console: PathBuf,
+    vsock: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestVm {
+    fn start(kernel: &Path, initramfs: &Path, vcpus: u32, mem: u32, extra: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let console = dir.path().join("console.log");
+        let vsock = dir.path().join("vsock.sock");
+        let cmdline = format!("{} {extra}", husk_guest_image::cmdline::default_cmdline());
+        let child = tokio::process::Command::new(husk_tools::vm::vmm_binary())
+            .arg("--kernel")
+            .arg(kernel)
+            .arg("--initramfs")
+            .arg(initramfs)
+            .args([
+                "--vcpus",
+                &vcpus.to_string(),
+                "--memory-mib",
+                &mem.to_string(),
+                "--cmdline",
+                &cmdline,
+            ])
+            .arg("--serial-out")
+            .arg(&console)
+            .arg("--vsock-socket")
+            .arg(&vsock)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting husk-vmm")?;
+        Ok(Self {
+            child,
+            console,
+            vsock,
+            _dir: dir,
+        })
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    async fn wait_console(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let end = Instant::now() + timeout;
+        while !self.console().contains(needle) {
+            ensure!(
+                Instant::now() < end,
+                "no {needle:?} on the console in {timeout:?}:\n{}",
+                self.console()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(s) => Ok(s?),
+            Err(_) => bail!(
+                "husk-vmm still running after {timeout:?}; console:\n{}",
+                self.console()
+            ),
+        }
+    }
+}
+
+fn kernel(guest: &Option<PathBuf>, name: &str) -> PathBuf {
+    guest
+        .clone()
+        .unwrap_or_else(husk_guest_image::install_dir)
+        .join(name)
+}
+
+async fn vmm_boot(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
+    for (image, vcpus, mem) in [
+        ("vmlinux", 1u32, 128u32),
+        ("vmlinux", 2, 512),
+        ("vmlinux", 4, 2048),
+        ("bzImage", 2, 256),
+    ] {
+        let started = Instant::now();
+        let mut vm = TestVm::start(
+            &kernel(guest, image),
+            initramfs,
+            vcpus,
+            mem,
+            "test_init.exit=poweroff",
+        )?;
+        let status = vm.wait(Duration::from_secs(120)).await?;
+        let console = vm.console();
+        ensure!(
+            status.success(),
+            "{image} {vcpus}/{mem}: husk-vmm ended with {status}; console:\n{console}"
+        );
+        let report = console
+            .lines()
+            .find_map(|l| l.strip_prefix("test-init: cpus "))
+            .with_context(|| format!("no report on the console:\n{console}"))?;
+        let (cpus, kib) = report.split_once(" memory ").context("malformed report")?;
+        let want_cpus = if vcpus == 1 {
+            "0".to_string()
+        } else {
+            format!("0-{}", vcpus - 1)
+        };
+        ensure!(
+            cpus == want_cpus,
+            "{image}: guest sees cpus {cpus}, configured {vcpus}"
+        );
+        let kib: u64 = kib.trim().parse()?;
+        let cfg = u64::from(mem) * 1024;
+        ensure!(
+            kib <= cfg && kib >= cfg * 8 / 10,
+            "{image}: guest sees {kib} KiB of {cfg}"
+        );
+        println!(
+            "vmm-boot: {image} {vcpus} vCPU / {mem} MiB: cpus {cpus}, {kib} KiB, exit 0 after {:?}",
+            started.elapsed()
+        );
+    }
+    Ok(())
+}
+
+async fn vmm_panic(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
+    let mut vm = TestVm::start(
+        &kernel(guest, "vmlinux"),
+        initramfs,
+        1,
+        128,
+        "rdinit=/no-such-init",
+    )?;
+    let status = vm.wait(Duration::from_secs(120)).await?;
+    let console = vm.console();
+    ensure!(
+        !status.success(),
+        "a panicking guest ended husk-vmm with {status}"
+    );
+    ensure!(
+        status.code() == Some(2),
+        "panic exit status is {status}, not 2"
+    );
+    ensure!(
+        console.contains("Kernel panic"),
+        "the console lost the panic:\n{console}"
+    );
+    println!(
+        "vmm-panic: husk-vmm {status}, console kept ({} bytes)",
+        console.len()
+    );
+    Ok(())
+}
+
+async fn vmm_vsock(
+    guest: &Option<PathBuf>,
+    initramfs: &Path,
+    streams: usize,
+    bytes: usize,
+) -> Result<()> {
+    let mut vm = TestVm::start(&kernel(guest, "vmlinux"), initramfs, 2, 256, "")?;
+    // The guest dials host port 5001 once up: listen before it can.
+    let dial = husk_agent_client::vsock::listener_path(&vm.vsock, 5001);
+    let mut t = Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        // husk-vmm creates the vsock socket's directory entry; ours goes beside it.
+        match UnixListener::bind(&dial) {
+            Ok(l) => break l,
+            Err(e) => {
+                ensure!(Instant::now() < t, "binding {}: {e}", dial.display());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    vm.wait_console(
+        "echo listening on vsock port 5000",
+        Duration::from_secs(120),
+    )
+    .await?;
+    let (s, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .context("the guest never dialed")??;
+    let mut line = String::new();
+    tokio::io::BufReader::new(s).read_line(&mut line).await?;
+    ensure!(
+        line == "hello from the guest\n",
+        "the guest's stream carried {line:?}"
+    );
+    println!(
+        "vmm-vsock: guest-initiated stream arrived at {}",
+        dial.display()
+    );
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..streams {
+        let sock = vm.vsock.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = husk_agent_client::vsock::connect(&sock, 5000, Duration::from_secs(30)).await?;
+            let data: Vec<u8> = (0..bytes)
+                .map(|j| (j.wrapping_mul(31) ^ i.wrapping_mul(7919)) as u8)
+                .collect();
+            let (mut r, mut w) = s.into_split();
+            let expect = data.clone();
+            // The write half comes back and stays open until the echo is
+            // complete: dropping it would half-close the stream.
+            let writer = tokio::spawn(async move { w.write_all(&data).await.map(|_| w) });
+            let mut got = vec![0u8; bytes];
+            r.read_exact(&mut got).await?;
+            let _w = writer.await??;
+            anyhow::ensure!(got == expect, "stream {i}: echoed bytes differ");
+            anyhow::Ok(())
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        tokio::time::timeout(Duration::from_secs(600), task)
+            .await
+            .with_context(|| format!("stream {i} stalled"))???;
+    }
+    let took = started.elapsed();
+    println!(
+        "vmm-vsock: {streams} streams x {} KiB echoed byte-exact in {took:?} ({:.1} MiB/s each way)",
+        bytes / 1024,
+        (streams * bytes) as f64 / (1 << 20) as f64 / took.as_secs_f64()
+    );
+    // SIGTERM: a clean stop by the host.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.child.id().context("pid")? as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    t = Instant::now();
+    let status = vm.wait(Duration::from_secs(30)).await?;
+    ensure!(status.success(), "SIGTERM ended husk-vmm with {status}");
+    println!("vmm-vsock: SIGTERM -> {status} in {:?}", t.elapsed());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new()?;
@@ -247,6 +502,11 @@ fn main() -> Result<()> {
             Scenario::Api => api(&args.guest).await,
             Scenario::Reconnect => reconnect(&args.guest).await,
             Scenario::BootTimeout => boot_timeout(&args.guest).await,
+            Scenario::VmmBoot => vmm_boot(&args.guest, &args.test_initramfs).await,
+            Scenario::VmmPanic => vmm_panic(&args.guest, &args.test_initramfs).await,
+            Scenario::VmmVsock => {
+                vmm_vsock(&args.guest, &args.test_initramfs, args.streams, args.bytes).await
+            }
         }
     })?;
     Ok(())

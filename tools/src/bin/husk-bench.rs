@@ -2,6 +2,7 @@
 //! runs, printed as a markdown table and written as JSON.
 //!
 //!   husk-bench initramfs --runs 20     boot to /init, gzip vs uncompressed initramfs
+//!   husk-bench vmm-boot --runs 20      husk-vmm start -> guest /init -> agent ready; VMM RSS/PSS
 //!
 //! Later issues add their measurements here as subcommands.
 
@@ -44,6 +45,18 @@ enum Cmd {
         /// QEMU accelerator: tcg here; kvm on hardware KVM or in the test host.
         #[arg(long, default_value = "tcg")]
         accel: String,
+    },
+    /// husk-vmm start to the agent's first console line (guest /init) and to
+    /// its first answered Check (agent ready), and husk-vmm's RSS and PSS
+    /// once the agent is ready. Needs KVM that boots stock guests (run it in
+    /// the test host here: `husk-testhost run -- ./target/debug/husk-bench vmm-boot`).
+    VmmBoot {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
     },
 }
 
@@ -142,6 +155,85 @@ fn initramfs(
     )
 }
 
+/// `Rss:` and `Pss:` of a process, in KiB, from smaps_rollup.
+fn rss_pss_kib(pid: i32) -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    Ok((field("Rss:"), field("Pss:")))
+}
+
+async fn vmm_boot(runs: usize, cpus: u32, memory: u32) -> Result<serde_json::Value> {
+    use husk_tools::vm::{Vm, VmSpec};
+    let (mut init_ms, mut ready_ms, mut rss, mut pss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs {
+        let id = format!("bench-{}-{run}", std::process::id());
+        let console = husk_tools::vm::runtime_root().join(&id).join("console.log");
+        let spec = VmSpec {
+            vcpus: cpus,
+            memory_mib: memory,
+            id: Some(id),
+            ..VmSpec::default()
+        };
+        let started = Instant::now();
+        // The console is watched while the VM boots: the agent's first line
+        // is when the guest reached /init.
+        let watch = tokio::spawn(async move {
+            loop {
+                if std::fs::read_to_string(&console)
+                    .is_ok_and(|c| c.contains("husk-agent: init reached"))
+                {
+                    return started.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let vm = Vm::boot(&spec).await?;
+        let ready = started.elapsed();
+        let init = tokio::time::timeout(Duration::from_secs(5), watch).await??;
+        let (r, p) = rss_pss_kib(vm.vmm_pid.as_raw())?;
+        let status = vm.shutdown(Duration::from_secs(30)).await?;
+        if !status.success() {
+            bail!("run {run}: husk-vmm ended with {status}");
+        }
+        init_ms.push(init.as_secs_f64() * 1000.0);
+        ready_ms.push(ready.as_secs_f64() * 1000.0);
+        rss.push(r as f64);
+        pss.push(p as f64);
+        eprintln!(
+            "run {run}: init {:.0} ms, agent ready {:.0} ms, RSS {r} KiB, PSS {p} KiB",
+            init_ms[run], ready_ms[run]
+        );
+    }
+    let (i50, i90) = stats(&mut init_ms);
+    let (r50, r90) = stats(&mut ready_ms);
+    let (rss50, _) = stats(&mut rss);
+    let (pss50, _) = stats(&mut pss);
+    println!("| measure ({runs} boots, {cpus} vCPU, {memory} MiB) | median | p90 |");
+    println!("|---|---:|---:|");
+    println!("| husk-vmm start -> guest /init | {i50:.0} ms | {i90:.0} ms |");
+    println!("| husk-vmm start -> agent ready | {r50:.0} ms | {r90:.0} ms |");
+    println!("| husk-vmm RSS after boot | {rss50:.0} KiB | |");
+    println!("| husk-vmm PSS after boot | {pss50:.0} KiB | |");
+    Ok(json!({
+        "benchmark": "vmm-boot", "runs": runs, "vcpus": cpus, "memory_mib": memory,
+        "init_ms": {"median": i50, "p90": i90},
+        "agent_ready_ms": {"median": r50, "p90": r90},
+        "vmm_rss_kib_median": rss50, "vmm_pss_kib_median": pss50,
+    }))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -151,6 +243,9 @@ fn main() -> Result<()> {
             kernel,
             accel,
         } => initramfs(runs, agent, kernel, &accel)?,
+        Cmd::VmmBoot { runs, cpus, memory } => {
+            tokio::runtime::Runtime::new()?.block_on(vmm_boot(runs, cpus, memory))?
+        }
     };
     if let Some(p) = cli.json {
         std::fs::write(&p, serde_json::to_string_pretty(&result)?)?;

@@ -1,0 +1,33 @@
+//! husk-agent in a real VM, through the host client: the API, reconnects,
+//! and an agent that never comes up.
+
+use std::time::Duration;
+
+use husk_tests::scenario;
+
+/// Check 100 times and 16 at once; GetGuestDetails matches the VM's vCPUs
+/// and memory; Shutdown ends husk-vmm with 0 and removes the runtime dir.
+#[test]
+fn api_answers_and_shutdown_ends_the_vm() {
+    let out = scenario::run("api", Duration::from_secs(300));
+    assert_eq!(
+        out.matches("shutdown -> exit status: 0").count(),
+        2,
+        "{out}"
+    );
+}
+
+/// A connection cut mid-call is a transport error; the next call reconnects.
+#[test]
+fn a_cut_connection_is_reported_and_the_next_call_reconnects() {
+    let out = scenario::run("reconnect", Duration::from_secs(300));
+    assert!(out.contains("next call reconnected"), "{out}");
+}
+
+/// No agent (a wrong init): a boot-timeout error quoting the guest console,
+/// within the timeout, with nothing left behind.
+#[test]
+fn an_agent_that_never_comes_up_is_a_boot_timeout() {
+    let out = scenario::run("boot-timeout", Duration::from_secs(300));
+    assert!(out.contains("boot-timeout: after"), "{out}");
+}
