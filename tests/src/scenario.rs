@@ -1,5 +1,5 @@
-//! Running `husk-scenario` (tests/src/bin/husk-scenario.rs) where VMs can
-//! boot: in the test host, or here on hardware KVM.
+//! Running `husk-scenario` (tests/src/bin/husk-scenario.rs) and shell
+//! scripts where VMs can boot: in the test host, or here on hardware KVM.
 
 use std::time::Duration;
 
@@ -8,10 +8,20 @@ use crate::workspace_root;
 
 /// Runs one scenario and panics with its output unless it succeeds.
 pub fn run(scenario: &str, timeout: Duration) -> String {
+    run_script(
+        &format!("exec ./target/debug/husk-scenario {scenario}\n"),
+        timeout,
+    )
+}
+
+/// Runs a shell script from the workspace root where VMs boot; panics with
+/// its output unless it succeeds.
+pub fn run_script(script: &str, timeout: Duration) -> String {
     let root = workspace_root();
     for built in [
         "target/debug/husk-scenario",
         "target/debug/husk-vmm",
+        "target/debug/husk",
         "target/husk/test-initramfs.cpio",
     ] {
         assert!(
@@ -19,17 +29,8 @@ pub fn run(scenario: &str, timeout: Duration) -> String {
             "{built} is missing: run `make build`"
         );
     }
-    let script = format!(
-        "cd '{}' || exit 1\nexec ./target/debug/husk-scenario {scenario}\n",
-        root.display()
-    );
-    let o = testhost::run(&Spec::new(script).timeout(timeout))
-        .unwrap_or_else(|e| panic!("{scenario}: {e}"));
-    assert!(
-        o.success(),
-        "scenario {scenario} exited {}:\n{}",
-        o.status,
-        o.output
-    );
+    let script = format!("cd '{}' || exit 1\n{script}", root.display());
+    let o = testhost::run(&Spec::new(script).timeout(timeout)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.success(), "exited {}:\n{}", o.status, o.output);
     o.output
 }

@@ -31,3 +31,24 @@ fn an_agent_that_never_comes_up_is_a_boot_timeout() {
     let out = scenario::run("boot-timeout", Duration::from_secs(300));
     assert!(out.contains("boot-timeout: after"), "{out}");
 }
+
+/// The CLI: `husk vm boot` prints what the guest sees and shuts it down;
+/// `--keep` leaves it running until `husk vm stop`.
+#[test]
+fn husk_vm_boot_and_keep() {
+    let out = scenario::run_script(
+        "set -e\n\
+         ./target/debug/husk vm boot --cpus 2 --memory 256\n\
+         ./target/debug/husk vm boot --keep > /tmp/keep.txt\n\
+         cat /tmp/keep.txt\n\
+         id=$(sed -n 's/^vm: *//p' /tmp/keep.txt)\n\
+         test -d /run/husk/$id\n\
+         ./target/debug/husk vm stop $id\n\
+         test ! -e /run/husk/$id && echo cleaned\n",
+        Duration::from_secs(300),
+    );
+    assert!(out.contains("cpus:      2 (0-1)"), "{out}");
+    assert!(out.contains("stopped:   husk-vmm exit status: 0"), "{out}");
+    assert!(out.contains("stop with: husk vm stop"), "{out}");
+    assert!(out.contains("cleaned"), "{out}");
+}

@@ -6,3 +6,6 @@ pub mod vsock;
 
 pub use client::{Client, ClientError, ConnectOptions};
 pub use husk_agent_api::{agent, AGENT_VSOCK_PORT, LOG_PORT};
+
+/// The status codes of refused calls ([`ClientError::Rpc`]'s `code`).
+pub use husk_agent_api::ttrpc::Code as agent_api_code;

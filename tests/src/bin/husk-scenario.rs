@@ -120,6 +120,7 @@ async fn api(guest: &Option<PathBuf>) -> Result<()> {
             "agent version {}",
             d.agent_version
         );
+        sandbox_calls(&vm.client).await?;
         let dir = vm.dir.clone();
         let status = vm.shutdown(Duration::from_secs(30)).await?;
         ensure!(
@@ -130,6 +131,63 @@ async fn api(guest: &Option<PathBuf>) -> Result<()> {
         println!("api: {vcpus} vCPU / {mem} MiB: 100 checks, 16 concurrent, details, shutdown -> {status}");
     }
     ensure!(runtime_entries() == 0, "runtime entries left behind");
+    Ok(())
+}
+
+/// CreateSandbox / DestroySandbox: the happy path, and bad requests refused
+/// with the field named and nothing applied.
+async fn sandbox_calls(client: &Client) -> Result<()> {
+    use husk_agent_client::agent::CreateSandboxRequest;
+    let req = |id: &str, host: &str| CreateSandboxRequest {
+        sandbox_id: id.into(),
+        hostname: host.into(),
+        dns_servers: vec!["10.0.2.3".into()],
+        dns_search: vec!["svc.cluster.local".into()],
+        ..Default::default()
+    };
+    let refused = |r: Result<(), ClientError>, field: &str| -> Result<()> {
+        match r {
+            Err(ClientError::Rpc { code, message, .. }) if message.contains(field) => {
+                println!("api: refused as expected: {code:?}: {message}");
+                Ok(())
+            }
+            other => bail!("expected a refusal naming {field}, got {other:?}"),
+        }
+    };
+    refused(
+        client.create_sandbox(req("pod-1", "bad_host!")).await,
+        "hostname",
+    )?;
+    refused(
+        client.create_sandbox(req("../x", "pod")).await,
+        "sandbox_id",
+    )?;
+    let mut bad_dns = req("pod-1", "pod");
+    bad_dns.dns_servers = vec!["1.2.3.4\noptions ndots:99".into()];
+    refused(client.create_sandbox(bad_dns).await, "dns_servers")?;
+    client
+        .create_sandbox(req("pod-1", "pod-one"))
+        .await
+        .context("CreateSandbox")?;
+    match client.create_sandbox(req("pod-2", "pod-two")).await {
+        Err(ClientError::Rpc {
+            code: husk_agent_client::agent_api_code::ALREADY_EXISTS,
+            ..
+        }) => {}
+        other => bail!("a second sandbox in one VM: {other:?}"),
+    }
+    match client.destroy_sandbox("pod-2").await {
+        Err(ClientError::Rpc {
+            code: husk_agent_client::agent_api_code::NOT_FOUND,
+            ..
+        }) => {}
+        other => bail!("destroying an unknown sandbox: {other:?}"),
+    }
+    client
+        .destroy_sandbox("pod-1")
+        .await
+        .context("DestroySandbox")?;
+    println!("api: sandbox created (hostname, resolv.conf) and destroyed; bad requests refused");
     Ok(())
 }
 
@@ -495,6 +553,13 @@ async fn vmm_vsock(
 }
 
 fn main() -> Result<()> {
+    // The guest's log arrives over vsock as `guest` events: show them, so
+    // that tests can see the channel works.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn,guest=info"))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
