@@ -2,6 +2,7 @@
 //! husk-vmm in integration tests, and on the serial console it reports:
 //!
 //!   test-init: cpus <online list> memory <KiB>
+//!   test-init: hwrng <current rng> read <n> bytes
 //!   test-init: echo listening on vsock port 5000
 //!   test-init: dialed host port 5001
 //!
@@ -75,6 +76,16 @@ fn main() {
     say(&format!(
         "cpus {} memory {mem}",
         read("/sys/devices/system/cpu/online")
+    ));
+    // virtio-rng: the kernel names it the current hwrng; read from it.
+    mount("devtmpfs", "/dev", "devtmpfs");
+    let mut buf = [0u8; 64];
+    let got = std::fs::File::open("/dev/hwrng")
+        .and_then(|mut f| f.read(&mut buf))
+        .unwrap_or(0);
+    say(&format!(
+        "hwrng {} read {got} bytes",
+        read("/sys/devices/virtual/misc/hw_random/rng_current")
     ));
     if read("/proc/cmdline")
         .split_whitespace()

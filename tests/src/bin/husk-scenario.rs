@@ -427,13 +427,21 @@ async fn vmm_boot(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
             "{image}: guest sees cpus {cpus}, configured {vcpus}"
         );
         let kib: u64 = kib.trim().parse()?;
+        let rng = console
+            .lines()
+            .find_map(|l| l.strip_prefix("test-init: hwrng "))
+            .with_context(|| format!("no hwrng report:\n{console}"))?;
+        ensure!(
+            rng.starts_with("virtio_rng") && rng.ends_with("read 64 bytes"),
+            "{image}: hwrng: {rng}"
+        );
         let cfg = u64::from(mem) * 1024;
         ensure!(
             kib <= cfg && kib >= cfg * 8 / 10,
             "{image}: guest sees {kib} KiB of {cfg}"
         );
         println!(
-            "vmm-boot: {image} {vcpus} vCPU / {mem} MiB: cpus {cpus}, {kib} KiB, exit 0 after {:?}",
+            "vmm-boot: {image} {vcpus} vCPU / {mem} MiB: cpus {cpus}, {kib} KiB, hwrng {rng}, exit 0 after {:?}",
             started.elapsed()
         );
     }
