@@ -214,7 +214,14 @@ impl Vm {
                 );
             }
         };
-        asked.context("Shutdown")?;
+        // The agent may power off before its answer leaves (the answer and the
+        // end of the guest race): a lost connection is fine once husk-vmm has
+        // exited cleanly. A refusal is not.
+        match asked {
+            Ok(()) | Err(husk_agent_client::ClientError::Transport { .. }) if status.success() => {}
+            Err(e) => return Err(anyhow::Error::from(e).context("Shutdown")),
+            Ok(()) => {}
+        }
         Ok(status)
     }
 }
