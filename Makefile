@@ -18,4 +18,4 @@ demo: setup build
 	tools/demo
 
 test: setup build lint
-	cargo test --workspace
+	cargo test --workspace --no-fail-fast
