@@ -31,3 +31,15 @@ fn vsock_streams_both_ways() {
     );
     assert!(out.contains("SIGTERM -> exit status: 0"), "{out}");
 }
+
+/// The shim's control interface: the ready byte on `--ready-fd`, ping, info,
+/// garbage refused with the connection kept, shutdown -> exit 0, sockets removed.
+#[test]
+fn control_socket_and_ready_signal() {
+    let out = scenario::run("vmm-control", Duration::from_secs(300));
+    assert!(out.contains("vmm-control: ready byte 'R'"), "{out}");
+    assert!(
+        out.contains("shutdown -> exit status: 0; sockets removed"),
+        "{out}"
+    );
+}

@@ -3,8 +3,11 @@
 //! ```json
 //! { "kernel": "/usr/local/share/husk/vmlinux", "initramfs": "/usr/local/share/husk/initramfs",
 //!   "vcpus": 2, "memory_mib": 256, "serial_out": "/run/husk/x/console.log",
-//!   "vsock_socket": "/run/husk/x/vsock.sock" }
+//!   "vsock_socket": "/run/husk/x/vsock.sock", "api_socket": "/run/husk/x/api.sock" }
 //! ```
+//!
+//! The ready fd (`--ready-fd`) is a flag only: an fd number means something only
+//! to the process that inherited it, never in a file.
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +45,10 @@ pub enum ConfigError {
     Cid(u64),
     #[error("vsock socket path {0} is too long for a Unix socket (with the _PORT suffix)")]
     SocketPath(String),
+    #[error("control socket path {0} is too long for a Unix socket")]
+    ApiSocketPath(String),
+    #[error("ready fd must be 3 or more (not stdin, stdout or stderr), got {0}")]
+    ReadyFd(i32),
 }
 
 fn default_vcpus() -> u64 {
@@ -84,6 +91,12 @@ pub struct VmConfig {
     pub guest_cid: u64,
     #[serde(default = "default_true")]
     pub seccomp: bool,
+    /// The control socket for the shim (see [`crate::api`]); none when absent.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    /// An inherited fd that gets one byte once the guest runs (`--ready-fd`).
+    #[serde(skip)]
+    pub ready_fd: Option<i32>,
 }
 
 impl Default for VmConfig {
@@ -98,6 +111,8 @@ impl Default for VmConfig {
             vsock_socket: None,
             guest_cid: default_cid(),
             seccomp: true,
+            api_socket: None,
+            ready_fd: None,
         }
     }
 }
@@ -141,6 +156,17 @@ impl VmConfig {
             // sun_path holds 108 bytes with the NUL; leave room for "_4294967295".
             if p.as_os_str().len() + 11 >= 108 {
                 return Err(ConfigError::SocketPath(p.display().to_string()));
+            }
+        }
+        if let Some(p) = &self.api_socket {
+            // sun_path holds 108 bytes with the NUL.
+            if p.as_os_str().len() >= 108 {
+                return Err(ConfigError::ApiSocketPath(p.display().to_string()));
+            }
+        }
+        if let Some(fd) = self.ready_fd {
+            if fd < 3 {
+                return Err(ConfigError::ReadyFd(fd));
             }
         }
         Ok(ValidConfig {
@@ -187,6 +213,8 @@ mod tests {
             vsock_socket: Some("/tmp/v.sock".into()),
             guest_cid: 7,
             seccomp: false,
+            api_socket: Some("/tmp/api.sock".into()),
+            ready_fd: None,
         };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(VmConfig::from_json_str(&s, "t").unwrap(), c);
@@ -245,6 +273,34 @@ mod tests {
                 },
                 false,
             ),
+            (
+                VmConfig {
+                    api_socket: Some("/x".repeat(54).into()),
+                    ..base.clone()
+                },
+                false,
+            ),
+            (
+                VmConfig {
+                    api_socket: Some("/x".repeat(53).into()),
+                    ..base.clone()
+                },
+                true,
+            ),
+            (
+                VmConfig {
+                    ready_fd: Some(2),
+                    ..base.clone()
+                },
+                false,
+            ),
+            (
+                VmConfig {
+                    ready_fd: Some(3),
+                    ..base.clone()
+                },
+                true,
+            ),
         ] {
             assert_eq!(c.validate().is_ok(), ok, "{c:?}");
         }
@@ -255,5 +311,9 @@ mod tests {
         assert!(VmConfig::from_json_str(r#"{"kernel": "/k", "vcpu": 2}"#, "t").is_err());
         assert!(VmConfig::from_json_str("{", "t").is_err());
         assert!(VmConfig::from_json_str(r#"{"vcpus": -1}"#, "t").is_err());
+        // The ready fd is a flag, never a config field.
+        assert!(VmConfig::from_json_str(r#"{"kernel": "/k", "ready_fd": 5}"#, "t").is_err());
+        let c = VmConfig::from_json_str(r#"{"api_socket": "/run/a.sock"}"#, "t").unwrap();
+        assert_eq!(c.api_socket, Some("/run/a.sock".into()));
     }
 }

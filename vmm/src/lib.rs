@@ -4,12 +4,14 @@
 //! KVM ([`vcpu`], [`arch`]), a Linux kernel loaded by linux-loader ([`boot`]), an
 //! 8250 console and an i8042 reset line ([`devices::legacy`]) and virtio-mmio
 //! devices on virtio-queue rings ([`devices::virtio`]). [`vmm`] wires them into an
-//! epoll event loop; [`seccomp`] jails every thread.
+//! epoll event loop; [`seccomp`] jails every thread. [`api`] is the shim's
+//! control socket and ready signal.
 //!
 //! The guest is hostile: everything read from guest memory or device registers
 //! is validated before use, and a bad ring puts its device into the virtio
 //! `NEEDS_RESET` state instead of taking the VMM down.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
@@ -37,6 +39,8 @@ pub enum Error {
     Device(#[from] devices::DeviceError),
     #[error("seccomp: {0}")]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("ready signal: {0}")]
+    Ready(#[from] api::ready::ReadyError),
     #[error("KVM: {what}: {source}")]
     Kvm {
         what: &'static str,

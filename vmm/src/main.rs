@@ -3,6 +3,7 @@
 //! Exit status: 0 when the guest powers off or reboots (a Husk guest's way to shut
 //! down) or on SIGTERM/SIGINT; 1 on a VMM error; 2 on a guest kernel panic; 3 when
 //! a vCPU fails (KVM cannot run the guest); 159 when seccomp denies a syscall.
+//! A `{"op":"shutdown"}` on the control socket (`--api-socket`) exits 0.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,12 @@ struct Args {
     /// Run without seccomp filters (debugging only).
     #[arg(long = "no-seccomp")]
     no_seccomp: bool,
+    /// The control socket for the shim: line-oriented JSON (ping, info, shutdown).
+    #[arg(long = "api-socket")]
+    api_socket: Option<PathBuf>,
+    /// An inherited fd that gets one byte, then is closed, once the guest runs.
+    #[arg(long = "ready-fd")]
+    ready_fd: Option<i32>,
 }
 
 fn build_config(args: Args) -> anyhow::Result<VmConfig> {
@@ -75,6 +82,10 @@ fn build_config(args: Args) -> anyhow::Result<VmConfig> {
     if args.no_seccomp {
         c.seccomp = false;
     }
+    if args.api_socket.is_some() {
+        c.api_socket = args.api_socket;
+    }
+    c.ready_fd = args.ready_fd;
     Ok(c)
 }
 

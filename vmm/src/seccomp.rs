@@ -88,6 +88,8 @@ fn vmm_syscalls() -> Vec<i64> {
         libc::SYS_sendmsg,
         libc::SYS_shutdown,
         libc::SYS_getsockopt,
+        // vsock deadlines (connect and drain timeouts) re-arm a timerfd.
+        libc::SYS_timerfd_settime,
         // Removing the vsock socket on the way out.
         libc::SYS_unlink,
         libc::SYS_unlinkat,

@@ -4,8 +4,9 @@
 //! Threads: one per vCPU (KVM_RUN; port/MMIO exits are handled on the vCPU thread
 //! under the device's lock) and the event-loop thread, which waits in epoll
 //! (event-manager) on queue notifications (ioeventfds), device sockets, the exit
-//! eventfd and a signalfd for SIGTERM/SIGINT. Interrupts go out through irqfds, so
-//! neither side needs the other to inject them.
+//! eventfd and a signalfd for SIGTERM/SIGINT, the control socket and the ready
+//! signal ([`crate::api`]). Interrupts go out through irqfds, so neither side
+//! needs the other to inject them.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -19,6 +20,7 @@ use vm_memory::{GuestMemory, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api::{ControlServer, ReadySignal, VmInfo};
 use crate::arch::x86_64::{self as arch, layout, mptable};
 use crate::boot;
 use crate::config::ValidConfig;
@@ -207,6 +209,8 @@ fn add_virtio<D: VirtioDevice + 'static>(
 /// Builds the VM from `config`, runs it, and returns why it stopped.
 pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     let cfg = &config.config;
+    // First, so the inherited fd is ours before anything else runs.
+    let ready_out = cfg.ready_fd.map(crate::api::ready::take_fd).transpose()?;
     let filters = if cfg.seccomp {
         seccomp::install_sigsys_handler()?;
         Some(seccomp::Filters::new()?)
@@ -280,6 +284,21 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         vsock_socket = Some(path.clone());
         placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 1, vsock)?);
     }
+    let (ready, vcpu_started) = ReadySignal::new(usize::from(config.vcpus), ready_out)?;
+    em.add_subscriber(Arc::new(Mutex::new(ready)));
+    let mut api_socket = None;
+    if let Some(path) = &cfg.api_socket {
+        let info = VmInfo {
+            vcpus: config.vcpus,
+            memory_mib: cfg.memory_mib,
+            pid: std::process::id(),
+            vsock_socket: vsock_socket.as_ref().map(|p| p.display().to_string()),
+        };
+        let server = ControlServer::new(path, info, exit.clone())
+            .map_err(io_err(format!("control socket {}", path.display())))?;
+        api_socket = Some(path.clone());
+        em.add_subscriber(Arc::new(Mutex::new(server)));
+    }
     let devices: Vec<(u64, u32)> = placed.iter().map(|p| (p.addr, p.irq)).collect();
     let cmdline = boot::build_cmdline(&cfg.base_cmdline(), &devices)?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
@@ -308,6 +327,7 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         let index = vcpu.index;
         let filter = filters.as_ref().map(|f| f.vcpu.clone());
         let exit = exit.clone();
+        let started = vcpu_started.clone();
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -317,6 +337,7 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
                         return;
                     }
                 }
+                started.report();
                 vcpu.run();
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
@@ -339,7 +360,7 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
             break r;
         }
     };
-    if let Some(p) = vsock_socket {
+    for p in [vsock_socket, api_socket].into_iter().flatten() {
         let _ = std::fs::remove_file(p);
     }
     // Keep the memory mapped (and KVM's view of it valid) until the process ends.

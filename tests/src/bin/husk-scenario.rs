@@ -32,6 +32,10 @@ enum Scenario {
     /// vsock: the guest echoes host streams (50 concurrent, 1 MiB each,
     /// byte-exact) and its own connection reaches `<socket>_5001`.
     VmmVsock,
+    /// The control socket and ready signal: the ready byte arrives, ping,
+    /// info and garbage are answered, shutdown stops the VM with 0 and the
+    /// sockets are removed.
+    VmmControl,
 }
 
 #[derive(Parser)]
@@ -560,6 +564,95 @@ async fn vmm_vsock(
     Ok(())
 }
 
+async fn vmm_control(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let dir = tempfile::tempdir()?;
+    let api = dir.path().join("api.sock");
+    let vsock = dir.path().join("vsock.sock");
+    let (ready_r, ready_w): (OwnedFd, OwnedFd) = nix::unistd::pipe()?;
+    let ready_w_raw = ready_w.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(husk_tools::vm::vmm_binary());
+    cmd.arg("--kernel")
+        .arg(kernel(guest, "vmlinux"))
+        .arg("--initramfs")
+        .arg(initramfs)
+        .args(["--vcpus", "2", "--memory-mib", "128", "--ready-fd", "3"])
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--vsock-socket")
+        .arg(&vsock)
+        .arg("--serial-out")
+        .arg(dir.path().join("console.log"))
+        .kill_on_drop(true);
+    // SAFETY: dup2 in the forked child, before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(ready_w_raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("starting husk-vmm")?;
+    drop(ready_w);
+    // The ready byte, or EOF if husk-vmm died first.
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut b = [0u8; 1];
+        nix::unistd::read(ready_r.as_raw_fd(), &mut b).map(|n| (n, b[0]))
+    });
+    let (n, byte) = tokio::time::timeout(Duration::from_secs(60), ready)
+        .await
+        .context("no ready signal")???;
+    ensure!(n == 1, "the ready fd closed without a byte");
+    println!(
+        "vmm-control: ready byte {:?} after {:?}",
+        byte as char,
+        started.elapsed()
+    );
+
+    let s = UnixStream::connect(&api)
+        .await
+        .context("connecting to the control socket")?;
+    let (r, mut w) = s.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut ask = async |line: &str| -> Result<serde_json::Value> {
+        w.write_all(format!("{line}\n").as_bytes()).await?;
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut answer))
+            .await
+            .context("no answer")??;
+        serde_json::from_str(&answer).with_context(|| format!("answer {answer:?}"))
+    };
+    ensure!(ask(r#"{"op":"ping"}"#).await?["ok"] == true, "ping");
+    let info = ask(r#"{"op":"info"}"#).await?;
+    ensure!(
+        info["vcpus"] == 2 && info["memory_mib"] == 128,
+        "info: {info}"
+    );
+    ensure!(info["pid"] == child.id().unwrap_or(0), "info pid: {info}");
+    let bad = ask("this is not json").await?;
+    ensure!(
+        bad["ok"] == false && bad["error"].is_string(),
+        "garbage: {bad}"
+    );
+    ensure!(
+        ask(r#"{"op":"ping"}"#).await?["ok"] == true,
+        "ping after garbage"
+    );
+    ensure!(ask(r#"{"op":"shutdown"}"#).await?["ok"] == true, "shutdown");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .context("still running after shutdown")??;
+    ensure!(
+        status.success(),
+        "husk-vmm ended with {status} after a control-socket shutdown"
+    );
+    ensure!(!api.exists() && !vsock.exists(), "sockets left behind");
+    println!("vmm-control: ping, info, garbage refused, shutdown -> {status}; sockets removed");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     // The guest's log arrives over vsock as `guest` events: show them, so
     // that tests can see the channel works.
@@ -577,6 +670,7 @@ fn main() -> Result<()> {
             Scenario::BootTimeout => boot_timeout(&args.guest).await,
             Scenario::VmmBoot => vmm_boot(&args.guest, &args.test_initramfs).await,
             Scenario::VmmPanic => vmm_panic(&args.guest, &args.test_initramfs).await,
+            Scenario::VmmControl => vmm_control(&args.guest, &args.test_initramfs).await,
             Scenario::VmmVsock => {
                 vmm_vsock(&args.guest, &args.test_initramfs, args.streams, args.bytes).await
             }

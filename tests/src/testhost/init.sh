@@ -10,6 +10,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 stty -F $OUT raw -echo 2>/dev/null
+echo "@@HUSK-TESTHOST-UP@@" > $OUT
 
 finish() {
     echo "@@HUSK-TESTHOST-EXIT=$1@@" > $OUT

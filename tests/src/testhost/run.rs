@@ -14,6 +14,8 @@ use super::{assets, detect::Mode, initrd};
 
 /// The line `init.sh` writes after the script, with its status.
 const EXIT_MARKER: &str = "@@HUSK-TESTHOST-EXIT=";
+/// The line `init.sh` writes first, once the L2 runs userspace.
+const UP_MARKER: &str = "@@HUSK-TESTHOST-UP@@";
 
 /// `virtiofsd` installed by `cargo install virtiofsd` (Debian 12 has no package).
 pub fn virtiofsd_path() -> PathBuf {
@@ -95,6 +97,12 @@ pub enum RunError {
     VmDied {
         status: String,
         output: String,
+        console: String,
+        stderr: String,
+    },
+    #[error("the test host never started (twice, {waited:?} each); L2 console:\n{console}\n--- qemu stderr ---\n{stderr}")]
+    NeverStarted {
+        waited: Duration,
         console: String,
         stderr: String,
     },
@@ -222,7 +230,7 @@ fn spawn_reader<R: Read + Send + 'static>(r: R, echo: bool) -> mpsc::Receiver<St
                 Ok(_) => {
                     // The serial line discipline may add \r; drop it.
                     let line = String::from_utf8_lossy(&buf).replace('\r', "");
-                    if echo && !line.starts_with(EXIT_MARKER) {
+                    if echo && !line.starts_with(EXIT_MARKER) && !line.starts_with(UP_MARKER) {
                         let _ = std::io::stderr().write_all(line.as_bytes());
                     }
                     if tx.send(line).is_err() {
@@ -280,10 +288,57 @@ fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
     std::fs::write(&initrd, initrd::build(&assets)?).context("writing the initrd")?;
     let sock = dir.path().join("virtiofsd.sock");
     let console = dir.path().join("console.log");
+    let ctx = Attempt {
+        assets: &assets,
+        script: &script,
+        initrd: &initrd,
+        sock: &sock,
+        console: &console,
+    };
+    // The L2 says it is up before anything else; one that never does (a
+    // QEMU start that stalls on a loaded machine, a hung L2 boot) is an
+    // infrastructure failure, not the test's: start it once more.
+    for tries_left in (0..2).rev() {
+        match attempt(spec, &mode, &ctx, started) {
+            Err(RunError::NeverStarted {
+                waited,
+                console,
+                stderr,
+            }) if tries_left > 0 => {
+                eprintln!(
+                    "[testhost] the L2 did not start within {waited:?}; starting it again\n{console}\n{stderr}"
+                );
+                let _ = std::fs::remove_file(&sock);
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns on its last try")
+}
 
+/// What one start of the L2 needs.
+struct Attempt<'a> {
+    assets: &'a assets::Assets,
+    script: &'a Path,
+    initrd: &'a Path,
+    sock: &'a Path,
+    console: &'a Path,
+}
+
+/// How long the L2 may take to say it is up (it takes ~3-10 s).
+const UP_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<Outcome, RunError> {
+    let Attempt {
+        assets,
+        script,
+        initrd,
+        sock,
+        console,
+    } = *ctx;
     let mut vfs = Command::new(virtiofsd_path());
     vfs.arg("--socket-path")
-        .arg(&sock)
+        .arg(sock)
         .args([
             "--shared-dir",
             "/",
@@ -343,7 +398,7 @@ fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
     .arg("-kernel")
     .arg(assets.vmlinuz())
     .arg("-initrd")
-    .arg(&initrd)
+    .arg(initrd)
     .args(["-append", &append])
     .args([
         "-chardev",
@@ -370,11 +425,18 @@ fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
     });
 
     let deadline = Instant::now() + spec.timeout;
+    let up_deadline = Instant::now() + UP_TIMEOUT.min(spec.timeout);
+    let mut up = false;
     let mut output = String::new();
     let mut status = None;
     loop {
-        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let until = if up { deadline } else { up_deadline };
+        match lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(l) => {
+                if l.trim() == UP_MARKER {
+                    up = true;
+                    continue;
+                }
                 if let Some(rest) = l.trim().strip_prefix(EXIT_MARKER) {
                     status = rest.trim_end_matches("@@").parse::<i32>().ok();
                     break;
@@ -382,13 +444,22 @@ fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
                 output.push_str(&l);
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) if !up => {
+                drop(qemu);
+                drop(virtiofsd);
+                return Err(RunError::NeverStarted {
+                    waited: UP_TIMEOUT.min(spec.timeout),
+                    console: tail(console, 40),
+                    stderr: stderr_reader.join().unwrap_or_default(),
+                });
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 drop(qemu);
                 drop(virtiofsd);
                 return Err(RunError::Timeout {
                     timeout: spec.timeout,
                     output,
-                    console: tail(&console, 40),
+                    console: tail(console, 40),
                 });
             }
         }
@@ -402,13 +473,13 @@ fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
         Some(status) => Ok(Outcome {
             status,
             output,
-            mode,
+            mode: mode.clone(),
             elapsed: started.elapsed(),
         }),
         None => Err(RunError::VmDied {
             status: vm_status.map_or("killed".into(), |s| s.to_string()),
             output,
-            console: tail(&console, 40),
+            console: tail(console, 40),
             stderr,
         }),
     }

@@ -11,6 +11,7 @@
 //! device stops touching its queues until the driver resets it.
 
 pub mod chain;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Write};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use super::defs::*;
 use super::packet::Header;
@@ -51,6 +52,12 @@ pub struct Connection {
     pub host_readable: bool,
     /// A credit update is owed to the guest.
     pub credit_update_due: bool,
+    /// Host-initiated connections only: when to give up waiting for the guest's
+    /// RESPONSE (a guest that never answers must not hold the host client forever).
+    pub connect_deadline: Option<Instant>,
+    /// The host stream's write side was shut down (after the guest's SHUTDOWN_SEND
+    /// and once everything it sent before was written).
+    pub host_write_shut: bool,
 }
 
 impl Connection {
@@ -70,6 +77,8 @@ impl Connection {
             peer_shut_rcv: false,
             host_readable: false,
             credit_update_due: false,
+            connect_deadline: None,
+            host_write_shut: false,
         }
     }
 
@@ -140,6 +149,19 @@ impl Connection {
 
     pub fn tx_pending(&self) -> usize {
         self.tx_buf.len()
+    }
+
+    /// After the guest's SHUTDOWN_SEND, passes the end of stream on to the host
+    /// (shutdown of the write side) once every byte sent before it is written, so
+    /// the host reader sees EOF exactly after the last byte. Idempotent.
+    pub fn shut_host_write_if_done(&mut self) {
+        if self.peer_shut_send && !self.host_write_shut && self.tx_buf.is_empty() {
+            self.host_write_shut = true;
+            if let Err(e) = self.stream.shutdown(std::net::Shutdown::Write) {
+                // The host is gone already; the next read or write reports it.
+                tracing::debug!(error = %e, "vsock: shutting down the host write side");
+            }
+        }
     }
 }
 

@@ -40,3 +40,27 @@ pub const FIRST_HOST_PORT: u32 = 1 << 30;
 
 /// The longest `CONNECT <port>\n` line accepted.
 pub const MAX_CONNECT_LINE: usize = 32;
+
+/// How long a host-initiated connection waits, from the `CONNECT <port>` line
+/// to the guest's RESPONSE (or RST), before the host client is dropped and the
+/// guest sent a RST. Also bounds how long a host client may take to send the
+/// line itself. The agent answers in microseconds; 5 s is far beyond a busy
+/// guest, and short enough that a wedged guest surfaces as a failed connect
+/// instead of a hung shim.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a stream the guest has closed may keep its host socket open to
+/// write out guest data that was still buffered (the host reader being slow).
+/// After it the rest is dropped (and logged): a host that never reads must not
+/// pin the VMM's memory.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most control packets (RST, RESPONSE, credit updates...) queued for the guest
+/// while it posts no RX buffers. Each guest TX packet can queue one, so past this
+/// the TX queue is left unprocessed until the guest takes its replies: a guest
+/// that floods REQUESTs without receiving cannot grow the VMM's memory.
+pub const MAX_PENDING_CTRL: usize = 1024;
+
+/// Rounds of TX-then-RX in one wake-up while TX is held back by
+/// [`MAX_PENDING_CTRL`]; bounds the work a busy guest makes one event cost.
+pub const MAX_PUMP_ROUNDS: usize = 64;

@@ -3,7 +3,14 @@
 //! Host sockets live in the device's own epoll set (edge-triggered for
 //! connections), whose fd is one event source of the VMM loop. That lets TX
 //! processing open connections (guest REQUESTs) without reaching back into the
-//! event loop.
+//! event loop. A timerfd in the same set wakes the device for its deadlines:
+//! host clients that never finish `CONNECT`, guests that never answer a
+//! host-initiated REQUEST, and closed streams still draining to a slow host.
+//!
+//! Closing: when the guest shuts a stream down completely, the guest side ends
+//! at once (RST), but guest data still buffered for the host is written out
+//! first (the stream moves to `draining`), so output the guest sent before it
+//! closed is never silently lost.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -11,10 +18,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{Connection, State};
 use super::defs::*;
@@ -33,6 +42,13 @@ type Key = (u32, u32);
 struct Pending {
     stream: UnixStream,
     line: Vec<u8>,
+    deadline: Instant,
+}
+
+/// A stream the guest has closed whose host socket still has guest data to write.
+struct Draining {
+    conn: Connection,
+    deadline: Instant,
 }
 
 struct Active {
@@ -60,6 +76,12 @@ pub struct Vsock {
     conns: HashMap<Key, Connection>,
     by_fd: HashMap<RawFd, Key>,
     pending: HashMap<RawFd, Pending>,
+    draining: HashMap<RawFd, Draining>,
+    /// Wakes the device at the earliest deadline (see [`Vsock::rearm_timer`]).
+    timer: TimerFd,
+    timer_deadline: Option<Instant>,
+    connect_timeout: Duration,
+    drain_timeout: Duration,
     /// Control packets waiting for RX buffers.
     rx_ctrl: VecDeque<Header>,
     next_port: u32,
@@ -70,6 +92,7 @@ pub struct Vsock {
 }
 
 const LISTENER_TOKEN: u64 = u64::MAX;
+const TIMER_TOKEN: u64 = u64::MAX - 1;
 
 impl Vsock {
     /// Listens on `socket_path` (replacing a stale socket file) for the guest `guest_cid`.
@@ -86,6 +109,12 @@ impl Vsock {
             listener.as_raw_fd(),
             EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
         )?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+        )?;
         Ok(Vsock {
             guest_cid,
             socket_path: socket_path.to_path_buf(),
@@ -94,6 +123,11 @@ impl Vsock {
             conns: HashMap::new(),
             by_fd: HashMap::new(),
             pending: HashMap::new(),
+            draining: HashMap::new(),
+            timer,
+            timer_deadline: None,
+            connect_timeout: CONNECT_TIMEOUT,
+            drain_timeout: DRAIN_TIMEOUT,
             rx_ctrl: VecDeque::new(),
             next_port: FIRST_HOST_PORT,
             active: None,
@@ -105,6 +139,12 @@ impl Vsock {
 
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
+    }
+
+    /// Overrides [`CONNECT_TIMEOUT`] and [`DRAIN_TIMEOUT`] (tests use short ones).
+    pub fn set_timeouts(&mut self, connect: Duration, drain: Duration) {
+        self.connect_timeout = connect;
+        self.drain_timeout = drain;
     }
 
     fn watch(&self, fd: RawFd, events: EventSet) {
@@ -147,6 +187,138 @@ impl Vsock {
         if let Some(mut c) = self.remove_conn(key) {
             let h = c.header(self.guest_cid, OP_RST, 0);
             self.rx_ctrl.push_back(h);
+        }
+    }
+
+    /// Ends `key` towards the guest with a RST (the answer to its full
+    /// SHUTDOWN), and keeps the host socket only until the guest data buffered
+    /// for it is written, then closes it after a write-side shutdown.
+    fn close_conn(&mut self, key: Key) {
+        let Some(mut c) = self.conns.remove(&key) else {
+            return;
+        };
+        let fd = c.stream.as_raw_fd();
+        self.by_fd.remove(&fd);
+        let h = c.header(self.guest_cid, OP_RST, 0);
+        self.rx_ctrl.push_back(h);
+        c.peer_shut_send = true;
+        if c.flush_tx() && c.tx_pending() > 0 {
+            // Stays in the epoll set; EPOLLOUT continues the flush.
+            tracing::debug!(
+                ?key,
+                pending = c.tx_pending(),
+                "vsock: draining a closed stream"
+            );
+            let deadline = Instant::now() + self.drain_timeout;
+            self.draining.insert(fd, Draining { conn: c, deadline });
+            return;
+        }
+        c.shut_host_write_if_done();
+        self.unwatch(fd);
+    }
+
+    /// The host socket of a closed stream can take more.
+    fn drain(&mut self, fd: RawFd) {
+        let Some(d) = self.draining.get_mut(&fd) else {
+            return;
+        };
+        let ok = d.conn.flush_tx();
+        if ok && d.conn.tx_pending() > 0 {
+            return;
+        }
+        if let Some(mut d) = self.draining.remove(&fd) {
+            if !ok {
+                tracing::debug!(
+                    lost = d.conn.tx_pending(),
+                    "vsock: host went away while a closed stream drained"
+                );
+            }
+            d.conn.shut_host_write_if_done();
+            self.unwatch(fd);
+        }
+    }
+
+    /// The earliest deadline of anything waiting.
+    fn next_deadline(&self) -> Option<Instant> {
+        let pending = self.pending.values().map(|p| p.deadline);
+        let connects = self.conns.values().filter_map(|c| c.connect_deadline);
+        let drains = self.draining.values().map(|d| d.deadline);
+        pending.chain(connects).chain(drains).min()
+    }
+
+    /// Points the timerfd at the earliest deadline (or disarms it). Setting a
+    /// timerfd also resets its expiration count (timerfd_create(2)), so the
+    /// level-triggered epoll entry goes quiet without a read that could block.
+    fn rearm_timer(&mut self) {
+        let next = self.next_deadline();
+        if next == self.timer_deadline {
+            return;
+        }
+        let r = match next {
+            // A zero duration would disarm; a deadline already past fires in 1 ms.
+            Some(at) => {
+                let d = at.saturating_duration_since(Instant::now());
+                self.timer.reset(d.max(Duration::from_millis(1)), None)
+            }
+            None => self.timer.clear(),
+        };
+        match r {
+            Ok(()) => self.timer_deadline = next,
+            Err(e) => tracing::error!(error = %e, "vsock: setting the deadline timer failed"),
+        }
+    }
+
+    /// Ends everything whose deadline is at or before `now`.
+    fn expire(&mut self, now: Instant) {
+        self.timer_deadline = None; // the timer fired (or is about to be re-set)
+        let stale: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            tracing::debug!("vsock: host client did not finish CONNECT in time");
+            self.unwatch(fd);
+            self.pending.remove(&fd);
+        }
+        let stale: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::LocalInit)
+            .filter(|(_, c)| c.connect_deadline.is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            tracing::warn!(
+                guest_port = key.1,
+                "vsock: the guest did not answer a host connection in time; closing it"
+            );
+            // If the REQUEST never left (no RX buffers), it is withdrawn; else
+            // the RST tells the guest to forget a late half-open connection.
+            let before = self.rx_ctrl.len();
+            self.rx_ctrl
+                .retain(|h| (h.src_port, h.dst_port) != (key.0, key.1));
+            if self.rx_ctrl.len() == before {
+                self.reset_conn(key);
+            } else {
+                self.remove_conn(key);
+            }
+        }
+        let stale: Vec<RawFd> = self
+            .draining
+            .iter()
+            .filter(|(_, d)| d.deadline <= now)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            if let Some(d) = self.draining.remove(&fd) {
+                tracing::warn!(
+                    lost = d.conn.tx_pending(),
+                    "vsock: host did not read a closed stream's data in time; dropped"
+                );
+                self.unwatch(fd);
+            }
         }
     }
 
@@ -194,6 +366,7 @@ impl Vsock {
         match h.op {
             OP_RESPONSE if conn.state == State::LocalInit => {
                 conn.state = State::Established;
+                conn.connect_deadline = None;
                 let line = format!("OK {}\n", conn.local_port);
                 // The host client waits for this line; a short write on a fresh
                 // stream means it is gone.
@@ -221,11 +394,11 @@ impl Vsock {
                 conn.peer_shut_send |= h.flags & SHUTDOWN_SEND != 0;
                 conn.peer_shut_rcv |= h.flags & SHUTDOWN_RCV != 0;
                 if conn.peer_shut_send && conn.peer_shut_rcv {
-                    // The guest is closing: forward what we hold, then end both sides.
-                    conn.flush_tx();
-                    self.reset_conn(key);
-                } else if conn.peer_shut_send && conn.tx_pending() == 0 {
-                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                    // The guest is closing: it is done at once (RST), while
+                    // what it sent before still goes to the host.
+                    self.close_conn(key);
+                } else {
+                    conn.shut_host_write_if_done();
                 }
             }
             OP_RST => {
@@ -268,6 +441,7 @@ impl Vsock {
                         Pending {
                             stream,
                             line: Vec::new(),
+                            deadline: Instant::now() + self.connect_timeout,
                         },
                     );
                 }
@@ -309,6 +483,7 @@ impl Vsock {
         };
         let local = self.alloc_port();
         let mut conn = Connection::new(pending.stream, State::LocalInit, local, port);
+        conn.connect_deadline = Some(Instant::now() + self.connect_timeout);
         let req = conn.header(self.guest_cid, OP_REQUEST, 0);
         self.add_conn(conn);
         self.rx_ctrl.push_back(req);
@@ -329,9 +504,17 @@ impl Vsock {
                     self.accept_host();
                     continue;
                 }
+                if token == TIMER_TOKEN {
+                    self.expire(Instant::now());
+                    continue;
+                }
                 let fd = token as RawFd;
                 if self.pending.contains_key(&fd) {
                     self.read_connect_line(fd);
+                    continue;
+                }
+                if self.draining.contains_key(&fd) {
+                    self.drain(fd);
                     continue;
                 }
                 let Some(key) = self.by_fd.get(&fd).copied() else {
@@ -347,6 +530,7 @@ impl Vsock {
                             self.reset_conn(key);
                             continue;
                         }
+                        c.shut_host_write_if_done();
                         if c.credit_update_due {
                             let h = c.header(self.guest_cid, OP_CREDIT_UPDATE, 0);
                             self.rx_ctrl.push_back(h);
@@ -431,9 +615,16 @@ impl Vsock {
         }
     }
 
-    fn process_tx(&mut self, a: &mut Active) -> Result<bool, Fault> {
+    /// Handles guest TX packets; returns (any used, held back by a full control queue).
+    fn process_tx(&mut self, a: &mut Active) -> Result<(bool, bool), Fault> {
         let mut used = false;
-        while let Some(mut c) = chain::pop(&mut a.txq, &a.mem)? {
+        loop {
+            if self.rx_ctrl.len() >= MAX_PENDING_CTRL {
+                return Ok((used, true));
+            }
+            let Some(mut c) = chain::pop(&mut a.txq, &a.mem)? else {
+                return Ok((used, false));
+            };
             let head = c.head_index();
             chain::collect(c.clone(), &a.mem, u64::from(MAX_PKT_DATA) + 4096)?;
             let pkt = packet::parse_tx(&a.mem, &mut c)?;
@@ -441,7 +632,6 @@ impl Vsock {
             used = true;
             self.on_tx(pkt);
         }
-        Ok(used)
     }
 
     /// Runs `f` against the active queues; a fault breaks the device.
@@ -466,9 +656,17 @@ impl Vsock {
 
     fn pump(&mut self) {
         self.with_active(|s, a| {
-            let tx = s.process_tx(a)?;
-            let rx = s.fill_rx(a)?;
-            Ok(tx || rx)
+            let mut any = false;
+            for _ in 0..MAX_PUMP_ROUNDS {
+                let (tx, held_back) = s.process_tx(a)?;
+                let rx = s.fill_rx(a)?;
+                any |= tx || rx;
+                // Only RX progress can release held-back TX work.
+                if !(held_back && rx) {
+                    break;
+                }
+            }
+            Ok(any)
         });
     }
 }
@@ -518,6 +716,9 @@ impl VirtioDevice for Vsock {
         for k in keys {
             self.remove_conn(k);
         }
+        // Draining streams belong to connections the guest already closed: a
+        // device reset is no reason to drop the data they still hold for the
+        // host, so they keep draining (under their deadline).
         self.rx_ctrl.clear();
         self.active = None;
         self.broken = false;
@@ -528,6 +729,7 @@ impl VirtioDevice for Vsock {
         // we never send; its buffers stay with us.
         if index == RXQ || index == TXQ {
             self.pump();
+            self.rearm_timer();
         }
     }
 
@@ -544,6 +746,7 @@ impl VirtioDevice for Vsock {
     fn process_event(&mut self, _events: Events, _ops: &mut EventOps) {
         self.poll_host();
         self.pump();
+        self.rearm_timer();
     }
 }
 
@@ -558,6 +761,24 @@ mod tests {
     const CID: u64 = 3;
     const RX_BUFS: u64 = 0x40000;
     const TX_BUFS: u64 = 0x80000;
+    /// The used rings live apart from the mock's layout: virtio-queue 0.17's
+    /// MockSplitQueue puts the used ring `len` bytes (not `2 * len + 4`) after
+    /// the avail ring's entries, so with 16 entries the device's used-index
+    /// writes land on avail entries 8 and 9 once a test wraps the ring.
+    const RX_USED: u64 = 0x3000;
+    const TX_USED: u64 = 0x3800;
+
+    /// The used index and element `slot` of the used ring at `addr`.
+    fn used_idx(mem: &GuestMemoryMmap, addr: u64) -> u16 {
+        mem.read_obj(GuestAddress(addr + 2)).unwrap()
+    }
+
+    fn used_elem(mem: &GuestMemoryMmap, addr: u64, slot: u16) -> (u32, u32) {
+        let at = addr + 4 + 8 * u64::from(slot % 16);
+        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (id, len)
+    }
 
     struct Rig<'a> {
         mem: &'a GuestMemoryMmap,
@@ -579,9 +800,13 @@ mod tests {
             let mut dev = Vsock::new(CID, &path).unwrap();
             let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
             let ev = Queue::new(16).unwrap();
+            let mut rxq: Queue = rx.create_queue().unwrap();
+            rxq.set_used_ring_address(Some(RX_USED as u32), Some(0));
+            let mut txq: Queue = tx.create_queue().unwrap();
+            txq.set_used_ring_address(Some(TX_USED as u32), Some(0));
             dev.activate(Activation {
                 mem: mem.clone(),
-                queues: vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), ev],
+                queues: vec![rxq, txq, ev],
                 interrupt: irq.clone(),
                 features: F_VERSION_1,
             })
@@ -602,8 +827,10 @@ mod tests {
         fn post_rx(&mut self) {
             loop {
                 let idx = self.rx.avail().idx().load();
-                let used = self.rx.used().idx().load();
-                if idx.wrapping_sub(used) >= 8 {
+                // A buffer is reposted only once `guest_recv` has read it, as a
+                // driver does; reposting on the device's used index alone would
+                // let the device overwrite packets the test has not seen.
+                if idx.wrapping_sub(self.rx_seen) >= 8 {
                     break;
                 }
                 let i = idx % 8;
@@ -668,17 +895,10 @@ mod tests {
         /// Packets the device put in RX buffers since the last call.
         fn guest_recv(&mut self) -> Vec<(Header, Vec<u8>)> {
             let mut out = Vec::new();
-            let used_idx = self.rx.used().idx().load();
-            while self.rx_seen != used_idx {
-                let e = self
-                    .rx
-                    .used()
-                    .ring()
-                    .ref_at(self.rx_seen as usize % 16)
-                    .unwrap()
-                    .load();
-                let head = e.id() as u64;
-                let len = e.len() as usize;
+            let used = used_idx(self.mem, RX_USED);
+            while self.rx_seen != used {
+                let (head, len) = used_elem(self.mem, RX_USED, self.rx_seen);
+                let (head, len) = (u64::from(head), len as usize);
                 let base = RX_BUFS + (head / 2) * 0x2000;
                 let mut hb = [0u8; 44];
                 self.mem.read_slice(&mut hb, GuestAddress(base)).unwrap();
@@ -693,10 +913,69 @@ mod tests {
             out
         }
 
+        /// What the event loop does when the device's epoll set fires.
         fn host_events(&mut self) {
             self.dev.poll_host();
             self.dev.pump();
+            self.dev.rearm_timer();
         }
+
+        /// A guest connection to `<socket>_<port>`, accepted on the host.
+        fn guest_connect(&mut self, guest_port: u32, port: u32) -> UnixStream {
+            let mut p = self.path.clone().into_os_string();
+            p.push(format!("_{port}"));
+            let l = UnixListener::bind(&p).unwrap();
+            self.post_rx();
+            self.guest_send(guest_hdr(OP_REQUEST, guest_port, port), &[]);
+            let (host, _) = l.accept().unwrap();
+            assert_eq!(self.guest_recv()[0].0.op, OP_RESPONSE);
+            host
+        }
+
+        /// A host connection the guest has been asked for: (host stream, REQUEST).
+        fn host_connect(&mut self, port: u32) -> (UnixStream, Header) {
+            let mut host = UnixStream::connect(&self.path).unwrap();
+            self.post_rx();
+            host.write_all(format!("CONNECT {port}\n").as_bytes())
+                .unwrap();
+            self.host_events();
+            self.host_events();
+            let r = self.guest_recv();
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].0.op, OP_REQUEST);
+            (host, r[0].0)
+        }
+
+        /// Runs host events until `done` or 10 s pass.
+        fn host_events_until(&mut self, mut done: impl FnMut(&mut Self) -> bool) {
+            let end = Instant::now() + Duration::from_secs(10);
+            while !done(self) {
+                assert!(Instant::now() < end, "timed out");
+                self.host_events();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// Reads `stream` to EOF on a thread (the host side of a test connection).
+    fn read_to_eof(mut stream: UnixStream) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut v = Vec::new();
+            stream.read_to_end(&mut v).unwrap();
+            v
+        })
+    }
+
+    /// `len` bytes of a pattern that shows misordering and loss.
+    fn pattern(seed: u32, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) as u8 ^ (i >> 12) as u8
+            })
+            .collect()
     }
 
     fn parse_header(b: &[u8; 44]) -> Header {
@@ -972,5 +1251,337 @@ mod tests {
         rig.rx.avail().idx().store(1);
         rig.guest_send(guest_hdr(OP_REQUEST, 5000, 4321), &[]);
         assert!(rig.irq.needs_reset());
+    }
+
+    const SHORT: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn host_connect_times_out_when_the_guest_never_answers() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.dev.set_timeouts(SHORT, DRAIN_TIMEOUT);
+        rig.post_rx();
+        let (mut host, req) = rig.host_connect(1024);
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The guest stays silent; the timer (through the device's epoll set) fires.
+        std::thread::sleep(SHORT * 2);
+        rig.host_events();
+        assert!(rig.dev.conns.is_empty());
+        let mut b = [0u8; 8];
+        assert_eq!(host.read(&mut b).unwrap(), 0, "host client closed, no OK");
+        // The guest is told to forget the half-open connection.
+        let r = rig.guest_recv();
+        assert_eq!(
+            (r[0].0.op, r[0].0.src_port, r[0].0.dst_port),
+            (OP_RST, req.src_port, 1024)
+        );
+        // A late RESPONSE is answered with RST, not an OK to a closed client.
+        rig.guest_send(guest_hdr(OP_RESPONSE, 1024, req.src_port), &[]);
+        assert_eq!(rig.guest_recv()[0].0.op, OP_RST);
+        assert!(rig.dev.timer_deadline.is_none());
+    }
+
+    #[test]
+    fn an_answered_connect_does_not_time_out() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.dev.set_timeouts(SHORT, DRAIN_TIMEOUT);
+        rig.post_rx();
+        let (_host, req) = rig.host_connect(1024);
+        rig.guest_send(guest_hdr(OP_RESPONSE, 1024, req.src_port), &[]);
+        assert!(rig.dev.timer_deadline.is_none(), "nothing left to wait for");
+        rig.dev.expire(Instant::now() + Duration::from_secs(3600));
+        assert_eq!(rig.dev.conns.len(), 1);
+    }
+
+    #[test]
+    fn connect_timeout_withdraws_a_request_never_delivered() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.dev.set_timeouts(SHORT, DRAIN_TIMEOUT);
+        // No RX buffers: the REQUEST waits in the control queue.
+        let mut host = UnixStream::connect(&rig.path).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        rig.host_events();
+        rig.host_events();
+        assert_eq!(rig.dev.rx_ctrl.len(), 1);
+        rig.dev.expire(Instant::now() + SHORT);
+        assert!(rig.dev.conns.is_empty());
+        assert!(rig.dev.rx_ctrl.is_empty(), "neither REQUEST nor RST");
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(host.read(&mut [0u8; 8]).unwrap(), 0);
+    }
+
+    #[test]
+    fn host_client_that_never_sends_connect_times_out() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.dev.set_timeouts(SHORT, DRAIN_TIMEOUT);
+        let mut host = UnixStream::connect(&rig.path).unwrap();
+        host.write_all(b"CONN").unwrap();
+        rig.host_events();
+        assert_eq!(rig.dev.pending.len(), 1);
+        std::thread::sleep(SHORT * 2);
+        rig.host_events();
+        assert!(rig.dev.pending.is_empty());
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(host.read(&mut [0u8; 8]).unwrap(), 0);
+    }
+
+    /// Sends `data` from the guest in 4 KiB packets.
+    fn guest_send_all(rig: &mut Rig<'_>, guest_port: u32, port: u32, data: &[u8]) {
+        for chunk in data.chunks(4096) {
+            rig.guest_send(guest_hdr(OP_RW, guest_port, port), chunk);
+        }
+    }
+
+    #[test]
+    fn guest_close_flushes_buffered_data_before_the_host_socket_closes() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        let host = rig.guest_connect(7000, 77);
+        // A full advertised buffer: more than the host socket takes unread.
+        let data = pattern(1, CONN_BUF_SIZE as usize);
+        guest_send_all(&mut rig, 7000, 77, &data);
+        let key = (77, 7000);
+        assert!(
+            rig.dev.conns[&key].tx_pending() > 0,
+            "test needs buffered data"
+        );
+        rig.guest_recv();
+        // The guest closes: it is answered at once, the data is not dropped.
+        let mut h = guest_hdr(OP_SHUTDOWN, 7000, 77);
+        h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        rig.guest_send(h, &[]);
+        let r = rig.guest_recv();
+        assert_eq!(r.last().unwrap().0.op, OP_RST);
+        assert!(rig.dev.conns.is_empty());
+        assert_eq!(rig.dev.draining.len(), 1);
+        let reader = read_to_eof(host);
+        rig.host_events_until(|r| r.dev.draining.is_empty());
+        assert!(reader.join().unwrap() == data, "byte-exact, then EOF");
+        // The port pair is free again at once.
+        rig.guest_connect(7000, 78);
+    }
+
+    #[test]
+    fn guest_close_with_nothing_buffered_closes_at_once() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        let host = rig.guest_connect(7000, 77);
+        guest_send_all(&mut rig, 7000, 77, b"bye");
+        let mut h = guest_hdr(OP_SHUTDOWN, 7000, 77);
+        h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        rig.guest_send(h, &[]);
+        assert!(rig.dev.draining.is_empty() && rig.dev.conns.is_empty());
+        assert_eq!(read_to_eof(host).join().unwrap(), b"bye");
+    }
+
+    #[test]
+    fn draining_is_bounded_by_its_deadline() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.dev.set_timeouts(CONNECT_TIMEOUT, SHORT);
+        let _host = rig.guest_connect(7000, 77);
+        guest_send_all(&mut rig, 7000, 77, &pattern(2, CONN_BUF_SIZE as usize));
+        let mut h = guest_hdr(OP_SHUTDOWN, 7000, 77);
+        h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        rig.guest_send(h, &[]);
+        assert_eq!(rig.dev.draining.len(), 1);
+        // The host never reads.
+        rig.host_events_until(|r| r.dev.draining.is_empty());
+        assert!(rig.dev.timer_deadline.is_none());
+    }
+
+    #[test]
+    fn guest_send_shutdown_shuts_the_host_write_side_after_the_data() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        let host = rig.guest_connect(7000, 77);
+        let data = pattern(3, CONN_BUF_SIZE as usize);
+        guest_send_all(&mut rig, 7000, 77, &data);
+        let mut h = guest_hdr(OP_SHUTDOWN, 7000, 77);
+        h.flags = SHUTDOWN_SEND;
+        rig.guest_send(h, &[]);
+        let key = (77, 7000);
+        assert!(!rig.dev.conns[&key].host_write_shut, "data still buffered");
+        let mut writer = host.try_clone().unwrap();
+        let reader = read_to_eof(host);
+        rig.host_events_until(|r| r.dev.conns[&key].host_write_shut);
+        assert!(reader.join().unwrap() == data, "byte-exact, then EOF");
+        // The other direction still works: the guest only stopped sending.
+        writer.write_all(b"reply").unwrap();
+        rig.post_rx();
+        rig.host_events();
+        let r = rig.guest_recv();
+        let rw: Vec<_> = r.iter().filter(|p| p.0.op == OP_RW).collect();
+        assert_eq!(rw.len(), 1, "{r:?}");
+        assert_eq!(rw[0].1, b"reply");
+        // More data after SHUTDOWN_SEND breaks the contract: RST.
+        rig.guest_send(guest_hdr(OP_RW, 7000, 77), b"x");
+        assert_eq!(rig.guest_recv().last().unwrap().0.op, OP_RST);
+        assert!(rig.dev.conns.is_empty());
+    }
+
+    #[test]
+    fn a_guest_that_never_receives_cannot_grow_the_control_queue() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        // No RX buffers; every REQUEST to an unknown port wants a RST back.
+        for i in 0..MAX_PENDING_CTRL as u32 + 5 {
+            rig.guest_send(guest_hdr(OP_REQUEST, 5000 + i, 4321), &[]);
+        }
+        assert_eq!(rig.dev.rx_ctrl.len(), MAX_PENDING_CTRL);
+        assert!(!rig.irq.needs_reset());
+        // Posting RX buffers lets replies out and the held-back TX in.
+        rig.post_rx();
+        let r = rig.guest_recv();
+        assert_eq!(r.len(), 8);
+        assert!(r.iter().all(|p| p.0.op == OP_RST));
+        assert_eq!(rig.dev.rx_ctrl.len(), MAX_PENDING_CTRL - 8 + 5);
+        assert_eq!(used_idx(&mem, TX_USED), MAX_PENDING_CTRL as u16 + 5);
+        assert!(!rig.irq.needs_reset());
+    }
+
+    const STREAMS: u32 = 50;
+    const STREAM_BYTES: usize = 1 << 20;
+    const CHUNK: usize = 4096;
+
+    #[test]
+    fn fifty_host_streams_of_a_mebibyte_reach_the_guest_byte_exact() {
+        // What the guest advertises per stream, and how often it says it consumed.
+        const GUEST_BUF: u32 = 256 * 1024;
+        const GUEST_UPDATE: u32 = 64 * 1024;
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        rig.post_rx();
+        let mut writers = Vec::new();
+        let mut hosts = Vec::new();
+        let mut streams: HashMap<u32, (usize, Vec<u8>, u32, bool)> = HashMap::new();
+        for i in 0..STREAMS {
+            let (host, req) = rig.host_connect(1024);
+            let mut resp = guest_hdr(OP_RESPONSE, 1024, req.src_port);
+            resp.buf_alloc = GUEST_BUF;
+            rig.guest_send(resp, &[]);
+            streams.insert(req.src_port, (i as usize, Vec::new(), 0, false));
+            hosts.push(host);
+        }
+        // All connected first (so the handshakes see only their own packets),
+        // then every host client writes at once.
+        for (i, mut host) in hosts.into_iter().enumerate() {
+            writers.push(std::thread::spawn(move || {
+                // A client reads its "OK <port>" first; closing with it unread
+                // would be an abort (ECONNRESET), which the guest sees as RST.
+                let mut ok = [0u8; 1];
+                while ok[0] != b'\n' {
+                    host.read_exact(&mut ok).unwrap();
+                }
+                host.write_all(&pattern(i as u32, STREAM_BYTES)).unwrap();
+                // Dropped: the guest sees SHUTDOWN after the last byte.
+            }));
+        }
+        let end = Instant::now() + Duration::from_secs(120);
+        while streams.values().any(|s| !s.3) {
+            assert!(Instant::now() < end, "timed out");
+            rig.host_events();
+            rig.post_rx();
+            for (h, data) in rig.guest_recv() {
+                let Some(s) = streams.get_mut(&h.src_port) else {
+                    panic!("packet for an unknown stream: {h:?}");
+                };
+                match h.op {
+                    OP_RW => {
+                        assert!(!s.3, "data after SHUTDOWN");
+                        s.1.extend_from_slice(&data);
+                        let consumed = s.1.len() as u32;
+                        if consumed - s.2 >= GUEST_UPDATE {
+                            s.2 = consumed;
+                            let mut u = guest_hdr(OP_CREDIT_UPDATE, 1024, h.src_port);
+                            u.buf_alloc = GUEST_BUF;
+                            u.fwd_cnt = consumed;
+                            rig.guest_send(u, &[]);
+                        }
+                    }
+                    OP_SHUTDOWN => {
+                        s.3 = true;
+                        rig.guest_send(guest_hdr(OP_RST, 1024, h.src_port), &[]);
+                    }
+                    OP_CREDIT_UPDATE => {}
+                    op => panic!("unexpected op {op} on {h:?}"),
+                }
+            }
+            if streams.values().all(|s| !s.3) {
+                std::thread::yield_now();
+            }
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        for (i, data, _, _) in streams.into_values() {
+            assert_eq!(data.len(), STREAM_BYTES, "stream {i}");
+            assert!(
+                data == pattern(i as u32, STREAM_BYTES),
+                "stream {i} corrupted"
+            );
+        }
+        assert!(rig.dev.conns.is_empty());
+        assert!(!rig.irq.needs_reset());
+    }
+
+    #[test]
+    fn fifty_guest_streams_of_a_mebibyte_reach_the_host_byte_exact() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        let mut p = rig.path.clone().into_os_string();
+        p.push("_77");
+        let l = UnixListener::bind(&p).unwrap();
+        rig.post_rx();
+        let mut readers = Vec::new();
+        for i in 0..STREAMS {
+            rig.guest_send(guest_hdr(OP_REQUEST, 20_000 + i, 77), &[]);
+            readers.push(read_to_eof(l.accept().unwrap().0));
+        }
+        let data: Vec<Vec<u8>> = (0..STREAMS)
+            .map(|i| pattern(100 + i, STREAM_BYTES))
+            .collect();
+        // Per stream: bytes sent, and the device's credit (buf_alloc, fwd_cnt).
+        let mut sent = vec![0usize; STREAMS as usize];
+        let mut credit = vec![(0u32, 0u32); STREAMS as usize];
+        let end = Instant::now() + Duration::from_secs(120);
+        while sent.iter().any(|n| *n < STREAM_BYTES) {
+            assert!(Instant::now() < end, "timed out");
+            rig.post_rx();
+            rig.host_events();
+            for (h, _) in rig.guest_recv() {
+                let i = (h.dst_port - 20_000) as usize;
+                assert!(h.op != OP_RST, "stream {i} reset: {h:?}");
+                credit[i] = (h.buf_alloc, h.fwd_cnt);
+            }
+            // Round robin, within the credit the device granted (as Linux does).
+            for i in 0..STREAMS as usize {
+                let (buf_alloc, fwd_cnt) = credit[i];
+                let in_flight = (sent[i] as u32).wrapping_sub(fwd_cnt);
+                let n = CHUNK.min(STREAM_BYTES - sent[i]);
+                if n == 0 || in_flight as usize + n > buf_alloc as usize {
+                    continue;
+                }
+                let port = 20_000 + i as u32;
+                rig.guest_send(guest_hdr(OP_RW, port, 77), &data[i][sent[i]..sent[i] + n]);
+                sent[i] += n;
+            }
+        }
+        for i in 0..STREAMS {
+            let mut h = guest_hdr(OP_SHUTDOWN, 20_000 + i, 77);
+            h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+            rig.guest_send(h, &[]);
+        }
+        rig.host_events_until(|r| r.dev.draining.is_empty());
+        for (i, r) in readers.into_iter().enumerate() {
+            let got = r.join().unwrap();
+            assert_eq!(got.len(), STREAM_BYTES, "stream {i}");
+            assert!(got == data[i], "stream {i} corrupted");
+        }
+        assert!(rig.dev.conns.is_empty());
+        assert!(!rig.irq.needs_reset());
     }
 }

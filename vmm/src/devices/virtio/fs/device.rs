@@ -1,0 +1,316 @@
+//! The virtio-fs device state machine: queues in, FUSE messages to the jailed
+//! passthrough server, replies out.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
+use fuse_backend_rs::api::filesystem::FileSystem;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use super::defs::*;
+use super::jail::{FsConfig, Jail};
+use crate::devices::virtio::chain::{self, ChainError};
+use crate::devices::virtio::defs::F_VERSION_1;
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
+};
+use crate::memory::GuestMemoryMmap;
+
+/// Why a share could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("virtio-fs tag {tag:?} must be 1 to {TAG_LEN} bytes of UTF-8 without NUL")]
+    BadTag { tag: String },
+    #[error("shared directory {}: {source}", path.display())]
+    SharedDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("shared directory {} is not a directory", path.display())]
+    NotADirectory { path: PathBuf },
+    // fuse-backend-rs takes the root as a String.
+    #[error("shared directory {} is not valid UTF-8", path.display())]
+    NotUtf8 { path: PathBuf },
+    #[error("setting up the passthrough file system for {}: {source}", path.display())]
+    Passthrough {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why the device stopped serving its queues (it then needs a reset).
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("request {head} has {len} readable bytes, less than a FUSE header")]
+    ShortHeader { head: u16, len: u64 },
+    #[error("request {head}: {source}")]
+    Transport {
+        head: u16,
+        #[source]
+        source: io::Error,
+    },
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// virtio-fs sharing one host directory.
+pub struct Fs {
+    tag: String,
+    shared_dir: PathBuf,
+    config: [u8; CONFIG_LEN],
+    /// The same file system the server holds, for `destroy` after a device reset.
+    fs: Arc<Jail>,
+    server: Server<Arc<Jail>>,
+    active: Option<Active>,
+    broken: bool,
+    /// A device reset happened: inodes and handles from the previous driver are
+    /// dropped before the next request. Not done in `reset` itself, which runs on
+    /// the vCPU thread whose seccomp filter has no file system calls.
+    stale: bool,
+    sizes: [u16; 2],
+}
+
+impl Fs {
+    /// A device that shares `shared_dir` under the mount tag `tag` (what the guest
+    /// passes to `mount -t virtiofs TAG DIR`).
+    ///
+    /// `shared_dir` is resolved here, once, to its canonical path (a host-side
+    /// symlink in the configured path is the operator's choice); from then on
+    /// nothing under it is followed out of it. Call before seccomp is applied:
+    /// this opens `/proc/self/fd` and `/proc/self/mountinfo`.
+    pub fn new(tag: &str, shared_dir: &Path, cfg: FsConfig) -> Result<Fs, FsError> {
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
+            return Err(FsError::BadTag {
+                tag: tag.to_owned(),
+            });
+        }
+        let canonical = shared_dir
+            .canonicalize()
+            .map_err(|source| FsError::SharedDir {
+                path: shared_dir.to_owned(),
+                source,
+            })?;
+        let meta = std::fs::metadata(&canonical).map_err(|source| FsError::SharedDir {
+            path: canonical.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(FsError::NotADirectory { path: canonical });
+        }
+        let root = canonical.to_str().ok_or_else(|| FsError::NotUtf8 {
+            path: canonical.clone(),
+        })?;
+        let fs = Arc::new(Jail::new(root, cfg).map_err(|source| FsError::Passthrough {
+            path: canonical.clone(),
+            source,
+        })?);
+
+        let mut config = [0u8; CONFIG_LEN];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+
+        tracing::info!(tag, dir = %canonical.display(), ?cfg, "virtio-fs share");
+        Ok(Fs {
+            tag: tag.to_owned(),
+            shared_dir: canonical,
+            config,
+            server: Server::new(fs.clone()),
+            fs,
+            active: None,
+            broken: false,
+            stale: false,
+            sizes: [HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE],
+        })
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The canonical path of the shared directory.
+    pub fn shared_dir(&self) -> &Path {
+        &self.shared_dir
+    }
+
+    /// Serves one request; returns the bytes written into the chain.
+    fn handle(
+        &self,
+        c: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<u32, RequestError> {
+        let head = c.head_index();
+        // Every buffer inside guest memory, readable before writable, bounded total.
+        let descs = chain::collect(c.clone(), mem, MAX_CHAIN_BYTES)?;
+        let sum = |w: bool| -> u64 {
+            descs
+                .iter()
+                .filter(|d| d.write_only == w)
+                .map(|d| u64::from(d.len))
+                .sum()
+        };
+        let (readable, writable) = (sum(false), sum(true));
+        if readable < IN_HEADER_LEN as u64 {
+            return Err(RequestError::ShortHeader {
+                head,
+                len: readable,
+            });
+        }
+        let transport = |e: fuse_backend_rs::transport::Error| RequestError::Transport {
+            head,
+            source: io::Error::other(e),
+        };
+
+        // Our own look at the header: to know which requests want no reply, and
+        // the `unique` to answer with when the server gives up on a request.
+        let mut peek = Reader::from_descriptor_chain(mem, c.clone()).map_err(transport)?;
+        let in_header: InHeader = peek
+            .read_obj()
+            .map_err(|source| RequestError::Transport { head, source })?;
+        let reader = Reader::from_descriptor_chain(mem, c.clone()).map_err(transport)?;
+        let writer = VirtioFsWriter::new(mem, c.clone()).map_err(transport)?;
+
+        let written = match self
+            .server
+            .handle_message(reader, Writer::from(writer), None, None)
+        {
+            // DESTROY writes its reply but reports 0 bytes.
+            Ok(0) if in_header.opcode == FUSE_DESTROY && writable >= OUT_HEADER_LEN as u64 => {
+                OUT_HEADER_LEN as u64
+            }
+            Ok(n) => n as u64,
+            Err(e) => {
+                // The server could not decode the request or write its reply (a
+                // `len` that lies, a missing name, a reply buffer too small...).
+                // Answer with an error so the guest's request does not hang.
+                tracing::debug!(
+                    error = %e,
+                    opcode = in_header.opcode,
+                    unique = in_header.unique,
+                    "virtio-fs: malformed request"
+                );
+                let no_reply = matches!(
+                    in_header.opcode,
+                    FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT
+                );
+                if no_reply || writable < OUT_HEADER_LEN as u64 {
+                    return Ok(0);
+                }
+                let errno = match e {
+                    fuse_backend_rs::Error::DecodeMessage(_)
+                    | fuse_backend_rs::Error::MissingParameter
+                    | fuse_backend_rs::Error::InvalidCString(_)
+                    | fuse_backend_rs::Error::InvalidHeaderLength
+                    | fuse_backend_rs::Error::InvalidXattrSize(_) => libc::EINVAL,
+                    _ => libc::EIO,
+                };
+                let out = OutHeader {
+                    len: OUT_HEADER_LEN as u32,
+                    error: -errno,
+                    unique: in_header.unique,
+                };
+                let mut w = VirtioFsWriter::new(mem, c).map_err(transport)?;
+                w.write_obj(out)
+                    .map_err(|source| RequestError::Transport { head, source })?;
+                OUT_HEADER_LEN as u64
+            }
+        };
+        // The server writes only into the chain, which MAX_CHAIN_BYTES bounds far
+        // below u32::MAX.
+        Ok(written.min(writable) as u32)
+    }
+
+    fn process_requests(&mut self, index: usize) -> Result<bool, RequestError> {
+        let Some(mut active) = self.active.take() else {
+            return Ok(false);
+        };
+        let result = (|| {
+            let mut used_any = false;
+            let Active { mem, queues, .. } = &mut active;
+            let queue = &mut queues[index];
+            while let Some(c) = chain::pop(queue, mem)? {
+                let head = c.head_index();
+                let len = self.handle(c, mem)?;
+                chain::add_used(queue, mem, head, len)?;
+                used_any = true;
+            }
+            Ok(used_any)
+        })();
+        if let Ok(true) = result {
+            active.interrupt.signal_used_queue();
+        }
+        self.active = Some(active);
+        result
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        TYPE_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.sizes
+    }
+
+    fn features(&self) -> u64 {
+        // VIRTIO_FS_F_NOTIFICATION (a notification queue) is not offered.
+        F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        if a.queues.len() != self.sizes.len() {
+            return Err(ActivateError::BadQueue(a.queues.len()));
+        }
+        if let Some(i) = a.queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::BadQueue(i));
+        }
+        self.active = Some(Active {
+            mem: a.mem,
+            queues: a.queues,
+            interrupt: a.interrupt,
+        });
+        self.broken = false;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.broken = false;
+        self.stale = true;
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if index >= self.sizes.len() || self.broken || self.active.is_none() {
+            return;
+        }
+        if self.stale {
+            // The previous driver's inodes and open files go before the new one
+            // sends anything (on this, the event-loop thread).
+            self.stale = false;
+            self.fs.destroy();
+        }
+        if let Err(e) = self.process_requests(index) {
+            tracing::warn!(error = %e, queue = index, "virtio-fs: malformed queue; device needs reset");
+            self.broken = true;
+            if let Some(a) = &self.active {
+                a.interrupt.set_needs_reset();
+            }
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The jail: a [`FileSystem`] in front of fuse-backend-rs's `PassthroughFs` that
+//! refuses what could reach outside the shared directory (the module doc of
+//! [`super`] explains why each rule is there).
+
+use std::ffi::CStr;
+use std::io;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter,
+};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+/// How the guest may cache what it reads from the share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Cache {
+    /// No data caching in the guest: every read reaches the host. For directories
+    /// that the host changes under the guest's feet.
+    Never,
+    /// Close-to-open consistency: cached data is dropped when a file is reopened.
+    /// Host changes show up at the next open.
+    #[default]
+    Auto,
+    /// The guest keeps what it read; only right when the guest is the only writer.
+    Always,
+}
+
+/// Options of a share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsConfig {
+    pub cache: Cache,
+    /// Let the guest coalesce writes in its page cache (needs exclusive access).
+    pub writeback: bool,
+}
+
+/// `__O_TMPFILE` without the `O_DIRECTORY` bit that `O_TMPFILE` includes.
+const O_TMPFILE_BIT: u32 = (libc::O_TMPFILE & !libc::O_DIRECTORY) as u32;
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn enosys() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSYS)
+}
+
+/// A name the guest wants to resolve or create in one directory: a single path
+/// component. `.` and `..` are refused everywhere: the Linux FUSE client only
+/// looks them up for NFS export (`EXPORT_SUPPORT`, which we never grant), and
+/// without them no name can climb out of a directory at all.
+fn check_name(name: &CStr) -> io::Result<()> {
+    let b = name.to_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        tracing::debug!(name = ?name, "virtio-fs: refused a name that is not one path component");
+        return Err(einval());
+    }
+    Ok(())
+}
+
+/// Open flags from the guest: `O_PATH` would make the host's `openat` ignore
+/// `O_NOFOLLOW`/`O_EXCL` and follow a final symlink (out of the share);
+/// `O_TMPFILE` creates files the jail never looked up. Neither is something the
+/// Linux FUSE client sends.
+fn check_open_flags(flags: u32) -> io::Result<()> {
+    if flags & (libc::O_PATH as u32) != 0 || flags & O_TMPFILE_BIT != 0 {
+        tracing::debug!(flags, "virtio-fs: refused O_PATH or O_TMPFILE");
+        return Err(einval());
+    }
+    Ok(())
+}
+
+/// Sets the process umask to 0 and puts the previous one back when dropped.
+///
+/// PassthroughFs creates files with exactly the mode the guest computed (the guest
+/// applied its own umask already), so the host umask must be 0 while it creates
+/// files, and its `import` sets the umask to 0 for the whole process. The umask
+/// is process-wide: without the guard, everything the VMM created after the first
+/// FUSE INIT (sockets, logs) would get mode 0777/0666.
+struct UmaskGuard(libc::mode_t);
+
+impl UmaskGuard {
+    fn zero() -> Self {
+        // SAFETY: umask only swaps an integer in the kernel; it cannot fail.
+        UmaskGuard(unsafe { libc::umask(0) })
+    }
+}
+
+impl Drop for UmaskGuard {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::umask(self.0) };
+    }
+}
+
+/// The jailed passthrough file system.
+pub struct Jail {
+    inner: PassthroughFs<()>,
+}
+
+impl Jail {
+    /// A passthrough of `root` (an absolute, canonical path to a directory).
+    ///
+    /// Opens `/proc/self/fd` and `/proc/self/mountinfo` now; `root` itself is
+    /// opened (by path, `O_PATH | O_NOFOLLOW`) at every FUSE INIT and DESTROY.
+    pub fn new(root: &str, cfg: FsConfig) -> io::Result<Jail> {
+        let cache_policy = match cfg.cache {
+            Cache::Never => CachePolicy::Never,
+            Cache::Auto => CachePolicy::Auto,
+            Cache::Always => CachePolicy::Always,
+        };
+        let config = Config {
+            root_dir: root.to_owned(),
+            cache_policy,
+            writeback: cfg.writeback,
+            // Off: see the module doc (xattrs).
+            xattr: false,
+            // Import the root at INIT, and keep the passthrough's own name checks on
+            // (it skips them when it thinks a VFS layer did them).
+            do_import: true,
+            // Off: inodes are O_PATH fds, never file handles (no
+            // name_to_handle_at/open_by_handle_at on guest input).
+            inode_file_handles: false,
+            // Off: every open goes through OPEN, where the jail checks the flags.
+            no_open: false,
+            no_opendir: false,
+            // Off: it would drop and raise CAP_FSETID (capget/capset) per write.
+            killpriv_v2: false,
+            use_host_ino: false,
+            seal_size: false,
+            dax_file_size: None,
+            ..Config::default()
+        };
+        Ok(Jail {
+            inner: PassthroughFs::new(config)?,
+        })
+    }
+}
+
+impl FileSystem for Jail {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        // `import` (run by init) sets the umask to 0; the guard restores it.
+        let _umask = UmaskGuard::zero();
+        let mut want = self.inner.init(capable)?;
+        // 1 MiB requests instead of the 4 KiB default: the FUSE server sizes
+        // max_write and max_pages from these.
+        want |= FsOptions::BIG_WRITES | FsOptions::MAX_PAGES;
+        // No NFS export (lookups of "." and ".." by node id) and no DAX window.
+        want.remove(FsOptions::EXPORT_SUPPORT | FsOptions::PERFILE_DAX);
+        Ok(want)
+    }
+
+    fn destroy(&self) {
+        // Drops every inode and handle, then re-imports the root (umask 0 again).
+        let _umask = UmaskGuard::zero();
+        self.inner.destroy()
+    }
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        check_name(name)?;
+        self.inner.lookup(ctx, parent, name)
+    }
+
+    fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.setattr(ctx, inode, attr, handle, valid)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        // The target is stored verbatim: it means something only in the guest,
+        // which resolves it; the host never follows it.
+        check_name(name)?;
+        let _umask = UmaskGuard::zero();
+        self.inner.symlink(ctx, linkname, parent, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        check_name(name)?;
+        // Device nodes made by the guest would be real devices on the host. FIFOs,
+        // sockets and overlayfs whiteouts (character device 0:0) are what
+        // containers make; other devices belong on the guest's own /dev.
+        let allowed = match mode & libc::S_IFMT {
+            libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => true,
+            libc::S_IFCHR => rdev == 0,
+            _ => false,
+        };
+        if !allowed {
+            tracing::debug!(mode, rdev, "virtio-fs: refused a device node");
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        let _umask = UmaskGuard::zero();
+        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        check_name(name)?;
+        let _umask = UmaskGuard::zero();
+        self.inner.mkdir(ctx, parent, name, mode, umask)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        check_name(name)?;
+        self.inner.unlink(ctx, parent, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        check_name(name)?;
+        self.inner.rmdir(ctx, parent, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        check_name(oldname)?;
+        check_name(newname)?;
+        self.inner
+            .rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        check_name(newname)?;
+        self.inner.link(ctx, inode, newparent, newname)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        check_open_flags(flags)?;
+        self.inner.open(ctx, inode, flags, fuse_flags)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mut args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        check_name(name)?;
+        check_open_flags(args.flags)?;
+        // The passthrough creates with O_CREAT | O_EXCL, which already refuses a
+        // final symlink; O_NOFOLLOW keeps that true whatever the flags become.
+        args.flags |= libc::O_NOFOLLOW as u32;
+        let _umask = UmaskGuard::zero();
+        self.inner.create(ctx, parent, name, args)
+    }
+
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.inner.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.inner
+            .fallocate(ctx, inode, handle, mode, offset, length)
+    }
+
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        handle: u64,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
+        self.inner.statfs(ctx, inode)
+    }
+
+    // Extended attributes are refused (see the module doc). ENOSYS makes the guest
+    // kernel remember that and answer EOPNOTSUPP itself from then on.
+    fn setxattr(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _name: &CStr,
+        _value: &[u8],
+        _flags: u32,
+    ) -> io::Result<()> {
+        Err(enosys())
+    }
+
+    fn getxattr(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _name: &CStr,
+        _size: u32,
+    ) -> io::Result<GetxattrReply> {
+        Err(enosys())
+    }
+
+    fn listxattr(&self, _ctx: &Context, _inode: u64, _size: u32) -> io::Result<ListxattrReply> {
+        Err(enosys())
+    }
+
+    fn removexattr(&self, _ctx: &Context, _inode: u64, _name: &CStr) -> io::Result<()> {
+        Err(enosys())
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        check_open_flags(flags)?;
+        self.inner.opendir(ctx, inode, flags)
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        self.inner.access(ctx, inode, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+
+    // Everything else keeps the trait's default, ENOSYS: ioctl (arbitrary host
+    // ioctls), bmap, poll, POSIX locks (getlk/setlk/setlkw: the guest kernel
+    // then keeps locks local), and setupmapping/removemapping (no DAX window).
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_be_one_component() {
+        for bad in [&b"\0"[..], b".\0", b"..\0", b"a/b\0", b"/\0", b"../etc\0"] {
+            let name = CStr::from_bytes_with_nul(bad).unwrap();
+            assert!(check_name(name).is_err(), "{name:?}");
+        }
+        for good in [&b"a\0"[..], b"...\0", b".hidden\0", b"..x\0"] {
+            check_name(CStr::from_bytes_with_nul(good).unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn open_flags() {
+        check_open_flags(libc::O_RDWR as u32 | libc::O_CREAT as u32).unwrap();
+        check_open_flags(libc::O_DIRECTORY as u32).unwrap();
+        assert!(check_open_flags(libc::O_PATH as u32).is_err());
+        assert!(check_open_flags(libc::O_TMPFILE as u32 | libc::O_RDWR as u32).is_err());
+    }
+}

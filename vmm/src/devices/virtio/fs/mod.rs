@@ -1,0 +1,88 @@
+//! virtio-fs (virtio 1.2, section 5.11): one host directory shared into the
+//! guest, served in-process by fuse-backend-rs's passthrough file system, with no
+//! separate virtiofsd and no vhost-user socket. The guest mounts it with
+//! `mount -t virtiofs <tag> <dir>`.
+//!
+//! - `device` ([`Fs`]): the virtio device: two queues (hiprio, one request queue), the
+//!   configuration space (`tag[36]`, `num_request_queues`), chains in, FUSE
+//!   messages to `fuse_backend_rs::api::server::Server`, replies out.
+//! - `jail` ([`FsConfig`]): the file system the server drives: `PassthroughFs` behind a
+//!   wrapper that refuses what could reach outside the share.
+//! - [`defs`]: constants and limits.
+//!
+//! # The jail
+//!
+//! The guest is hostile; the VMM usually runs as root. Nothing the guest sends
+//! may make the host read, write, stat or list anything outside the shared
+//! directory. How each way out is closed:
+//!
+//! - **Every inode is reached one component at a time from the root.** The
+//!   passthrough keeps an `O_PATH` fd per inode and resolves a LOOKUP with
+//!   `openat(parent_fd, name, O_PATH | O_NOFOLLOW)`; node ids the guest never
+//!   got from a LOOKUP/CREATE/MKDIR/... are unknown (`EBADF`), and open handles
+//!   are checked against their inode. So the set of reachable host files is the
+//!   tree under the root, as long as each step stays inside it:
+//! - **Names are single components.** The jail refuses, in every request that
+//!   names something (LOOKUP, MKDIR, MKNOD, SYMLINK, CREATE, UNLINK, RMDIR,
+//!   RENAME, LINK), an empty name, a name with `/`, and `.` and `..` themselves.
+//!   The passthrough alone turns `..` at the root into `.` but still resolves
+//!   `..` elsewhere; the Linux FUSE client never sends either (it only looks them
+//!   up for NFS export, which we never grant), so refusing both leaves no step
+//!   that climbs.
+//! - **Symlinks are never followed on the host.** LOOKUP of a symlink returns the
+//!   link itself (`O_NOFOLLOW`); the guest reads it with READLINK and resolves it
+//!   in its own namespace, so `evil -> /etc` or `evil -> ../../..` means the
+//!   guest's `/etc`. A symlink inode is not a directory, so LOOKUP through it
+//!   fails (`ENOTDIR`), and OPEN/OPENDIR only reopen regular files and
+//!   directories (through `/proc/self/fd/N`, which lands on the inode itself,
+//!   never on what a link points to). CREATE uses `O_CREAT | O_EXCL` (which does
+//!   not follow a final symlink) and the jail adds `O_NOFOLLOW`; a CREATE over an
+//!   existing symlink fails instead of creating the link's target.
+//! - **Open flags are checked.** `O_PATH` makes `openat` ignore `O_EXCL` and
+//!   `O_NOFOLLOW` and follow a final symlink: a CREATE with `O_PATH` of
+//!   `evil -> /etc` would hand the guest a handle on the host's `/etc`. The jail
+//!   refuses `O_PATH` and `O_TMPFILE` in OPEN, OPENDIR and CREATE.
+//! - **No file handles.** `inode_file_handles` is off, so the host never calls
+//!   `name_to_handle_at`/`open_by_handle_at`; FUSE has no request that takes a
+//!   handle from the guest, and NFS export support (`EXPORT_SUPPORT`) is not
+//!   offered. POSIX locks, ioctl, bmap, poll and DAX mapping requests are
+//!   answered `ENOSYS`.
+//! - **No extended attributes.** The passthrough's xattr calls go through
+//!   `/proc/self/fd/N` paths and would let a root guest set `trusted.*` and
+//!   `security.*` attributes (overlayfs metadata, file capabilities) on host
+//!   files; all four xattr requests are answered `ENOSYS`, which the guest kernel
+//!   turns into `EOPNOTSUPP`.
+//! - **No device nodes.** MKNOD of block or character devices would create real
+//!   host devices; only regular files, FIFOs, sockets and overlayfs whiteouts
+//!   (char 0:0) are made.
+//!
+//! What stays the host's business: hard links or bind mounts that the host itself
+//! placed inside the share, and host processes that move directories out of it
+//! while the guest runs. Files the guest makes setuid stay setuid on the host
+//! (containers need them inside the guest), so the share should live on a
+//! `nosuid,nodev` mount (`/run` usually is).
+//!
+//! # Threads, credentials, umask
+//!
+//! Requests are served synchronously in [`VirtioDevice::process_queue`] (the
+//! event-loop thread). To create files with the guest's ownership, the
+//! passthrough switches the *thread's* effective uid/gid (raw `setresuid` /
+//! `setresgid`, per thread) around the call; that needs a root (or
+//! `CAP_SETUID`/`CAP_SETGID`) VMM for guest uids other than 0. Files are created
+//! with the exact mode the guest computed, which needs umask 0 while creating:
+//! the jail sets it around those calls and restores the VMM's own umask after.
+//! The umask is process-wide, so requests must be served from one thread (all
+//! `Fs` devices of a VMM on the event loop), and no other thread should create
+//! files while one is being served.
+//!
+//! [`VirtioDevice::process_queue`]: crate::devices::virtio::VirtioDevice::process_queue
+
+pub mod defs;
+mod device;
+mod jail;
+
+pub use device::{Fs, FsError};
+pub use jail::{Cache, FsConfig};
+
+#[cfg(test)]
+mod tests;

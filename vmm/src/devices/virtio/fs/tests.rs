@@ -1,0 +1,758 @@
+//! The device driven the way the guest's virtio-fs driver drives it: hand-built
+//! FUSE requests in descriptor chains in guest memory, over a temporary share.
+//! No KVM needed.
+
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use fuse_backend_rs::abi::fuse_abi::{
+    AttrOut, CreateIn, EntryOut, GetattrIn, GetxattrIn, InHeader, InitIn, InitOut, MkdirIn,
+    MknodIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, SetxattrIn, WriteIn, WriteOut,
+};
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::defs::*;
+use super::{Fs, FsConfig, FsError};
+use crate::devices::virtio::chain::test_utils::{desc, memory, publish};
+use crate::devices::virtio::defs::F_VERSION_1;
+use crate::devices::virtio::{ActivateError, Activation, Interrupt, VirtioDevice};
+use crate::memory::GuestMemoryMmap;
+
+// FUSE opcodes (include/uapi/linux/fuse.h).
+const LOOKUP: u32 = 1;
+const FORGET: u32 = 2;
+const GETATTR: u32 = 3;
+const READLINK: u32 = 5;
+const SYMLINK: u32 = 6;
+const MKNOD: u32 = 8;
+const MKDIR: u32 = 9;
+const OPEN: u32 = 14;
+const READ: u32 = 15;
+const WRITE: u32 = 16;
+const RELEASE: u32 = 18;
+const SETXATTR: u32 = 21;
+const GETXATTR: u32 = 22;
+const LISTXATTR: u32 = 23;
+const INIT: u32 = 26;
+const OPENDIR: u32 = 27;
+const IOCTL: u32 = 39;
+const CREATE: u32 = 35;
+
+const ROOT: u64 = 1;
+/// Where requests and replies live in guest memory.
+const REQ: u64 = 0x10000;
+const RESP: u64 = 0x40000;
+const RESP_LEN: u32 = 0x10000;
+
+/// The umask is process-wide and the jail sets it around file creation; tests
+/// that serve requests run one at a time, as the one event-loop thread would.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Guest<'a> {
+    _serial: MutexGuard<'static, ()>,
+    mem: &'a GuestMemoryMmap,
+    queues: [MockSplitQueue<'a, GuestMemoryMmap>; 2],
+    dev: Fs,
+    irq: Arc<Interrupt>,
+    unique: u64,
+}
+
+/// A NUL-terminated name.
+fn c(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+impl<'a> Guest<'a> {
+    fn new(mem: &'a GuestMemoryMmap, dir: &Path) -> Self {
+        let dev = Fs::new("share", dir, FsConfig::default()).unwrap();
+        let mut g = Guest {
+            _serial: SERIAL.lock().unwrap_or_else(|e| e.into_inner()),
+            mem,
+            queues: [
+                MockSplitQueue::create(mem, GuestAddress(0x1000), 16),
+                MockSplitQueue::create(mem, GuestAddress(0x4000), 16),
+            ],
+            dev,
+            irq: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            unique: 0,
+        };
+        g.activate();
+        g
+    }
+
+    fn activate(&mut self) {
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| q.create_queue().unwrap())
+            .collect();
+        self.dev
+            .activate(Activation {
+                mem: self.mem.clone(),
+                queues,
+                interrupt: self.irq.clone(),
+                features: F_VERSION_1,
+            })
+            .unwrap();
+    }
+
+    /// Publishes one chain on queue `q`; returns the used length, or None when the
+    /// device did not return the chain.
+    fn send(&mut self, q: usize, descs: &[RawDescriptor]) -> Option<u32> {
+        let vq = &self.queues[q];
+        let before = vq.used().idx().load();
+        publish(vq, descs, &[0]);
+        self.dev.process_queue(q);
+        let after = vq.used().idx().load();
+        if after == before {
+            return None;
+        }
+        Some(
+            vq.used()
+                .ring()
+                .ref_at(before as usize % 16)
+                .unwrap()
+                .load()
+                .len(),
+        )
+    }
+
+    fn header(&mut self, opcode: u32, nodeid: u64, body_len: usize) -> InHeader {
+        self.unique += 1;
+        InHeader {
+            len: (IN_HEADER_LEN + body_len) as u32,
+            opcode,
+            unique: self.unique,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            padding: 0,
+        }
+    }
+
+    /// Sends `header` and `body` with a reply buffer of `resp_len` bytes; returns
+    /// the reply bytes.
+    fn raw(&mut self, header: InHeader, body: &[u8], resp_len: u32) -> Vec<u8> {
+        let req = cat(&[header.as_slice(), body]);
+        self.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        let descs = if resp_len == 0 {
+            vec![desc(REQ, req.len() as u32, false, None)]
+        } else {
+            vec![
+                desc(REQ, req.len() as u32, false, Some(1)),
+                desc(RESP, resp_len, true, None),
+            ]
+        };
+        // Stale bytes must not pass for a reply.
+        self.mem
+            .write_slice(&vec![0xee; RESP_LEN as usize], GuestAddress(RESP))
+            .unwrap();
+        let used = self.send(1, &descs).expect("the chain comes back");
+        let mut out = vec![0u8; used as usize];
+        self.mem.read_slice(&mut out, GuestAddress(RESP)).unwrap();
+        out
+    }
+
+    /// One request; Ok(payload) or Err(errno).
+    fn call(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> Result<Vec<u8>, i32> {
+        let h = self.header(opcode, nodeid, body.len());
+        let reply = self.raw(h, body, RESP_LEN);
+        assert!(reply.len() >= OUT_HEADER_LEN, "short reply {reply:?}");
+        let out = OutHeader::from_slice(&reply[..OUT_HEADER_LEN]).unwrap();
+        assert_eq!(out.unique, h.unique);
+        assert_eq!(out.len as usize, reply.len());
+        assert!(!self.irq.needs_reset());
+        if out.error != 0 {
+            return Err(-out.error);
+        }
+        Ok(reply[OUT_HEADER_LEN..].to_vec())
+    }
+
+    fn obj<T: ByteValued>(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> Result<T, i32> {
+        let p = self.call(opcode, nodeid, body)?;
+        Ok(*T::from_slice(&p[..std::mem::size_of::<T>()]).expect("reply too short"))
+    }
+
+    fn init(&mut self) -> InitOut {
+        let init = InitIn {
+            major: 7,
+            minor: 33,
+            max_readahead: 1 << 20,
+            // BIG_WRITES | MAX_PAGES | EXPORT_SUPPORT
+            flags: 0x20 | 0x40_0000 | 0x10,
+        };
+        self.obj(INIT, 0, init.as_slice()).unwrap()
+    }
+
+    fn lookup(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
+        self.obj(LOOKUP, parent, &c(name))
+    }
+
+    fn open(&mut self, node: u64, flags: i32) -> Result<u64, i32> {
+        let o: OpenOut = self.obj(
+            OPEN,
+            node,
+            OpenIn {
+                flags: flags as u32,
+                fuse_flags: 0,
+            }
+            .as_slice(),
+        )?;
+        Ok(o.fh)
+    }
+
+    fn read(&mut self, node: u64, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
+        let r = ReadIn {
+            fh,
+            offset: 0,
+            size,
+            ..Default::default()
+        };
+        self.call(READ, node, r.as_slice())
+    }
+
+    fn create(
+        &mut self,
+        parent: u64,
+        name: &str,
+        flags: i32,
+        mode: u32,
+    ) -> Result<(EntryOut, OpenOut), i32> {
+        let args = CreateIn {
+            flags: flags as u32,
+            mode,
+            umask: 0o022,
+            fuse_flags: 0,
+        };
+        let p = self.call(CREATE, parent, &cat(&[args.as_slice(), &c(name)]))?;
+        let n = std::mem::size_of::<EntryOut>();
+        Ok((
+            *EntryOut::from_slice(&p[..n]).unwrap(),
+            *OpenOut::from_slice(&p[n..n + std::mem::size_of::<OpenOut>()]).unwrap(),
+        ))
+    }
+}
+
+fn share() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello.txt"), b"hello world").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/inner"), b"inner").unwrap();
+    dir
+}
+
+fn is_lnk(mode: u32) -> bool {
+    mode & libc::S_IFMT == libc::S_IFLNK
+}
+
+#[test]
+fn config_space_holds_tag_and_queue_count() {
+    let dir = share();
+    let dev = Fs::new("rootfs", dir.path(), FsConfig::default()).unwrap();
+    assert_eq!(dev.device_type(), 26);
+    assert_eq!(
+        dev.queue_max_sizes(),
+        &[HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE]
+    );
+    assert_eq!(dev.features(), F_VERSION_1);
+    let mut cfg = [0xffu8; CONFIG_LEN];
+    dev.read_config(0, &mut cfg);
+    assert_eq!(&cfg[..6], b"rootfs");
+    assert!(cfg[6..TAG_LEN].iter().all(|b| *b == 0));
+    assert_eq!(&cfg[TAG_LEN..], &1u32.to_le_bytes());
+    // Reads past the end are zero; a 4-byte read of num_request_queues works.
+    let mut d = [0xffu8; 4];
+    dev.read_config(TAG_LEN as u64, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 1);
+    dev.read_config(CONFIG_LEN as u64, &mut d);
+    assert_eq!(d, [0; 4]);
+    assert_eq!(dev.tag(), "rootfs");
+    assert_eq!(dev.shared_dir(), dir.path().canonicalize().unwrap());
+}
+
+#[test]
+fn constructor_refuses_bad_tags_and_dirs() {
+    let dir = share();
+    for tag in ["", &"x".repeat(37), "a\0b"] {
+        assert!(matches!(
+            Fs::new(tag, dir.path(), FsConfig::default()),
+            Err(FsError::BadTag { .. })
+        ));
+    }
+    // 36 bytes fill the field exactly.
+    Fs::new(&"t".repeat(36), dir.path(), FsConfig::default()).unwrap();
+    assert!(matches!(
+        Fs::new("t", &dir.path().join("missing"), FsConfig::default()),
+        Err(FsError::SharedDir { .. })
+    ));
+    assert!(matches!(
+        Fs::new("t", &dir.path().join("hello.txt"), FsConfig::default()),
+        Err(FsError::NotADirectory { .. })
+    ));
+}
+
+#[test]
+fn activation_needs_both_queues() {
+    let dir = share();
+    let mem = memory();
+    let mut dev = Fs::new("t", dir.path(), FsConfig::default()).unwrap();
+    let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let e = dev
+        .activate(Activation {
+            mem: mem.clone(),
+            queues: vec![q.create_queue().unwrap()],
+            interrupt: irq,
+            features: F_VERSION_1,
+        })
+        .unwrap_err();
+    assert!(matches!(e, ActivateError::BadQueue(1)));
+    // Notifications before activation are ignored.
+    dev.process_queue(1);
+}
+
+#[test]
+fn init_lookup_getattr_open_read() {
+    let dir = share();
+    let mem = memory();
+    let mut g = Guest::new(&mem, dir.path());
+    let init = g.init();
+    assert_eq!(init.major, 7);
+    // 1 MiB requests, and no NFS export even though the driver offered it.
+    assert_eq!(init.max_pages, 256);
+    assert_eq!(init.max_write, 1 << 20);
+    assert_eq!(init.flags & 0x10, 0);
+
+    let e = g.lookup(ROOT, "hello.txt").unwrap();
+    assert_eq!(e.attr.size, 11);
+    assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFREG);
+    let host_ino = std::fs::metadata(dir.path().join("hello.txt"))
+        .unwrap()
+        .ino();
+    assert_eq!(e.attr.ino, host_ino);
+
+    let a: AttrOut = g
+        .obj(GETATTR, e.nodeid, GetattrIn::default().as_slice())
+        .unwrap();
+    assert_eq!(a.attr.size, 11);
+
+    let fh = g.open(e.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(g.read(e.nodeid, fh, 100).unwrap(), b"hello world");
+    let rel = ReleaseIn {
+        fh,
+        ..Default::default()
+    };
+    g.call(RELEASE, e.nodeid, rel.as_slice()).unwrap();
+
+    let sub = g.lookup(ROOT, "sub").unwrap();
+    let inner = g.lookup(sub.nodeid, "inner").unwrap();
+    let fh = g.open(inner.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(g.read(inner.nodeid, fh, 4096).unwrap(), b"inner");
+
+    assert_eq!(g.lookup(ROOT, "nope").unwrap_err(), libc::ENOENT);
+    // FORGET on the hiprio queue: no reply, no writable buffer, no reset.
+    let h = g.header(FORGET, e.nodeid, 8);
+    let req = cat(&[h.as_slice(), &1u64.to_le_bytes()]);
+    mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+    assert_eq!(
+        g.send(0, &[desc(REQ, req.len() as u32, false, None)]),
+        Some(0)
+    );
+    assert!(!g.irq.needs_reset());
+}
+
+#[test]
+fn guest_writes_land_on_the_host() {
+    let dir = share();
+    let mem = memory();
+    let mut g = Guest::new(&mem, dir.path());
+    g.init();
+    let umask_before = current_umask();
+
+    let (e, o) = g
+        .create(ROOT, "new.txt", libc::O_WRONLY | libc::O_CREAT, 0o100640)
+        .unwrap();
+    let data = b"written by the guest";
+    let w = WriteIn {
+        fh: o.fh,
+        offset: 0,
+        size: data.len() as u32,
+        ..Default::default()
+    };
+    let out: WriteOut = g.obj(WRITE, e.nodeid, &cat(&[w.as_slice(), data])).unwrap();
+    assert_eq!(out.size as usize, data.len());
+    let path = dir.path().join("new.txt");
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    // The guest's mode exactly (its umask is its own business), and the VMM's
+    // umask is back to what it was.
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+    assert_eq!(current_umask(), umask_before);
+
+    let m = MkdirIn {
+        mode: 0o1777,
+        umask: 0,
+    };
+    let d: EntryOut = g
+        .obj(MKDIR, ROOT, &cat(&[m.as_slice(), &c("tmp")]))
+        .unwrap();
+    assert_eq!(d.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+    let meta = std::fs::metadata(dir.path().join("tmp")).unwrap();
+    assert!(meta.is_dir());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o1777);
+
+    // Symlinks are made as given and read back verbatim.
+    let l: EntryOut = g
+        .obj(SYMLINK, ROOT, &cat(&[&c("lnk"), &c("/etc/passwd")]))
+        .unwrap();
+    assert!(is_lnk(l.attr.mode));
+    assert_eq!(
+        std::fs::read_link(dir.path().join("lnk")).unwrap(),
+        Path::new("/etc/passwd")
+    );
+    assert_eq!(g.call(READLINK, l.nodeid, &[]).unwrap(), b"/etc/passwd");
+
+    // A FIFO and an overlayfs whiteout are allowed; real devices are not.
+    let fifo = MknodIn {
+        mode: libc::S_IFIFO | 0o644,
+        ..Default::default()
+    };
+    g.obj::<EntryOut>(MKNOD, ROOT, &cat(&[fifo.as_slice(), &c("fifo")]))
+        .unwrap();
+    assert!(std::fs::metadata(dir.path().join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    let mem_dev = MknodIn {
+        mode: libc::S_IFCHR | 0o666,
+        rdev: (1 << 8) | 1,
+        ..Default::default()
+    };
+    assert_eq!(
+        g.call(MKNOD, ROOT, &cat(&[mem_dev.as_slice(), &c("mem")]))
+            .unwrap_err(),
+        libc::EPERM
+    );
+    let blk = MknodIn {
+        mode: libc::S_IFBLK | 0o666,
+        rdev: (8 << 8),
+        ..Default::default()
+    };
+    assert_eq!(
+        g.call(MKNOD, ROOT, &cat(&[blk.as_slice(), &c("sda")]))
+            .unwrap_err(),
+        libc::EPERM
+    );
+    assert!(!dir.path().join("mem").exists() && !dir.path().join("sda").exists());
+}
+
+fn current_umask() -> libc::mode_t {
+    // SAFETY: umask swaps an integer; the old value is put straight back.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    }
+}
+
+#[test]
+fn dotdot_and_slashes_do_not_climb() {
+    let dir = share();
+    let mem = memory();
+    let mut g = Guest::new(&mem, dir.path());
+    g.init();
+    for name in ["..", ".", "../etc", "sub/../..", "/etc", ""] {
+        assert_eq!(g.lookup(ROOT, name).unwrap_err(), libc::EINVAL, "{name:?}");
+    }
+    let sub = g.lookup(ROOT, "sub").unwrap();
+    assert_eq!(g.lookup(sub.nodeid, "..").unwrap_err(), libc::EINVAL);
+    let m = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    assert_eq!(
+        g.call(MKDIR, ROOT, &cat(&[m.as_slice(), &c("../escaped")]))
+            .unwrap_err(),
+        libc::EINVAL
+    );
+    assert!(!dir.path().parent().unwrap().join("escaped").exists());
+}
+
+#[test]
+fn symlinks_are_not_followed_on_the_host() {
+    let dir = share();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"host secret").unwrap();
+    symlink("/etc", dir.path().join("evil")).unwrap();
+    symlink("../../..", dir.path().join("evil2")).unwrap();
+    symlink(outside.path(), dir.path().join("evil3")).unwrap();
+    symlink(outside.path().join("planted"), dir.path().join("dangling")).unwrap();
+    let etc_ino = std::fs::metadata("/etc").unwrap().ino();
+
+    let mem = memory();
+    let mut g = Guest::new(&mem, dir.path());
+    g.init();
+    for (name, target) in [
+        ("evil", "/etc".to_owned()),
+        ("evil2", "../../..".to_owned()),
+        ("evil3", outside.path().to_str().unwrap().to_owned()),
+    ] {
+        // LOOKUP returns the link itself...
+        let e = g.lookup(ROOT, name).unwrap();
+        assert!(is_lnk(e.attr.mode), "{name}");
+        assert_ne!(e.attr.ino, etc_ino);
+        // ...whose target the guest reads and resolves on its own side.
+        assert_eq!(g.call(READLINK, e.nodeid, &[]).unwrap(), target.as_bytes());
+        // Nothing resolves through it on the host.
+        for inner in ["passwd", "secret", "etc"] {
+            assert_eq!(g.lookup(e.nodeid, inner).unwrap_err(), libc::ENOTDIR);
+        }
+        let od = OpenIn {
+            flags: libc::O_RDONLY as u32 | libc::O_DIRECTORY as u32,
+            fuse_flags: 0,
+        };
+        assert!(g.call(OPENDIR, e.nodeid, od.as_slice()).is_err());
+        assert!(g.open(e.nodeid, libc::O_RDONLY).is_err());
+        assert!(g.open(e.nodeid, libc::O_RDWR | libc::O_TRUNC).is_err());
+        // CREATE over the link opens nothing behind it.
+        assert!(g
+            .create(ROOT, name, libc::O_RDWR | libc::O_CREAT, 0o100644)
+            .is_err());
+        // O_PATH would make the host ignore O_EXCL/O_NOFOLLOW and follow the link.
+        assert_eq!(
+            g.create(ROOT, name, libc::O_PATH | libc::O_CREAT, 0o100644)
+                .unwrap_err(),
+            libc::EINVAL
+        );
+        assert_eq!(g.open(e.nodeid, libc::O_PATH).unwrap_err(), libc::EINVAL);
+    }
+    // A dangling link to a path outside: CREATE must not make the target.
+    assert!(g
+        .create(ROOT, "dangling", libc::O_WRONLY | libc::O_CREAT, 0o100644)
+        .is_err());
+    assert!(!outside.path().join("planted").exists());
+    assert_eq!(
+        std::fs::read(outside.path().join("secret")).unwrap(),
+        b"host secret"
+    );
+}
+
+#[test]
+fn xattrs_handles_and_unknown_nodes_are_refused() {
+    let dir = share();
+    let mem = memory();
+    let mut g = Guest::new(&mem, dir.path());
+    g.init();
+    let gx = GetxattrIn {
+        size: 256,
+        padding: 0,
+    };
+    for name in ["user.x", "security.selinux", "trusted.overlay.opaque"] {
+        assert_eq!(
+            g.call(GETXATTR, ROOT, &cat(&[gx.as_slice(), &c(name)]))
+                .unwrap_err(),
+            libc::ENOSYS
+        );
+    }
+    assert_eq!(
+        g.call(LISTXATTR, ROOT, gx.as_slice()).unwrap_err(),
+        libc::ENOSYS
+    );
+    let sx = SetxattrIn { size: 1, flags: 0 };
+    assert_eq!(
+        g.call(
+            SETXATTR,
+            ROOT,
+            &cat(&[sx.as_slice(), &c("trusted.x"), b"1"])
+        )
+        .unwrap_err(),
+        libc::ENOSYS
+    );
+
+    // Node ids and file handles the guest was never given are unknown.
+    let a = GetattrIn::default();
+    assert!(g.call(GETATTR, 999, a.as_slice()).is_err());
+    assert!(g.open(0xdead_beef, libc::O_RDONLY).is_err());
+    let f = g.lookup(ROOT, "hello.txt").unwrap();
+    let fh = g.open(f.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(g.read(f.nodeid, fh + 100, 10).unwrap_err(), libc::EBADF);
+    // A handle belongs to its inode: not usable through another node id.
+    let sub = g.lookup(ROOT, "sub").unwrap();
+    assert_eq!(g.read(sub.nodeid, fh, 10).unwrap_err(), libc::EBADF);
+    // ioctl is not served (the server reports ENOSYS as ENOTTY, as for any
+    // ioctl a file does not know).
+    let ioctl = [0u8; 32];
+    assert_eq!(g.call(IOCTL, f.nodeid, &ioctl).unwrap_err(), libc::ENOTTY);
+    // Unknown opcodes get ENOSYS.
+    assert_eq!(g.call(9999, ROOT, &[]).unwrap_err(), libc::ENOSYS);
+}
+
+#[test]
+fn lying_lengths_get_error_replies() {
+    let dir = share();
+    let mem = memory();
+    let mut g = Guest::new(&mem, dir.path());
+    g.init();
+
+    let reply_errno = |reply: &[u8]| -> i32 {
+        assert_eq!(reply.len(), OUT_HEADER_LEN);
+        -OutHeader::from_slice(reply).unwrap().error
+    };
+    // `len` claims more than the chain holds.
+    let mut h = g.header(LOOKUP, ROOT, 10);
+    h.len = 4000;
+    let r = g.raw(h, &c("hello.txt"), RESP_LEN);
+    assert_eq!(reply_errno(&r), libc::EINVAL);
+    // `len` shorter than the header itself.
+    let mut h = g.header(LOOKUP, ROOT, 10);
+    h.len = 8;
+    let r = g.raw(h, &c("hello.txt"), RESP_LEN);
+    assert_eq!(reply_errno(&r), libc::EINVAL);
+    // `len` beyond any message size.
+    let mut h = g.header(LOOKUP, ROOT, 10);
+    h.len = u32::MAX;
+    let r = g.raw(h, &c("hello.txt"), RESP_LEN);
+    assert_eq!(reply_errno(&r), libc::ENOMEM);
+    // A name without its NUL.
+    let h = g.header(LOOKUP, ROOT, 5);
+    let r = g.raw(h, b"hello", RESP_LEN);
+    assert_eq!(reply_errno(&r), libc::EINVAL);
+    // A READ whose body is cut short.
+    let h = g.header(READ, ROOT, 8);
+    let r = g.raw(h, &[0u8; 8], RESP_LEN);
+    assert_eq!(reply_errno(&r), libc::EINVAL);
+    // A WRITE claiming more data than it carries.
+    let f = g.lookup(ROOT, "hello.txt").unwrap();
+    let fh = g.open(f.nodeid, libc::O_RDWR).unwrap();
+    let w = WriteIn {
+        fh,
+        offset: 0,
+        size: 1 << 20,
+        ..Default::default()
+    };
+    let body = cat(&[w.as_slice(), b"xx"]);
+    let h = g.header(WRITE, f.nodeid, body.len());
+    // The server writes what the chain really carries, nothing more.
+    let r = g.raw(h, &body, RESP_LEN);
+    let out = OutHeader::from_slice(&r[..OUT_HEADER_LEN]).unwrap();
+    if out.error == 0 {
+        let w = WriteOut::from_slice(&r[OUT_HEADER_LEN..]).unwrap();
+        assert!(w.size <= 2, "{}", w.size);
+    }
+    let content = std::fs::read(dir.path().join("hello.txt")).unwrap();
+    assert_eq!(content.len(), 11);
+    assert_eq!(&content[2..], b"llo world");
+    // A READ asking for more than the reply buffer holds.
+    let h = g.header(READ, f.nodeid, std::mem::size_of::<ReadIn>());
+    let rd = ReadIn {
+        fh,
+        size: 1 << 20,
+        ..Default::default()
+    };
+    let r = g.raw(h, rd.as_slice(), 24);
+    assert!(r.len() <= 24);
+    // A reply buffer too small for any reply: the chain comes back empty.
+    let h = g.header(LOOKUP, ROOT, 10);
+    assert!(g.raw(h, &c("hello.txt"), 8).is_empty());
+    // No reply buffer at all.
+    let h = g.header(LOOKUP, ROOT, 10);
+    assert!(g.raw(h, &c("hello.txt"), 0).is_empty());
+
+    // After all that the device still works.
+    assert!(!g.irq.needs_reset());
+    assert_eq!(g.lookup(ROOT, "hello.txt").unwrap().attr.size, 11);
+}
+
+#[test]
+fn malformed_chains_need_reset() {
+    let dir = share();
+    let mem = memory();
+
+    // A header cut short: fewer readable bytes than a fuse_in_header.
+    let mut g = Guest::new(&mem, dir.path());
+    mem.write_slice(&[0u8; 20], GuestAddress(REQ)).unwrap();
+    let used = g.send(
+        1,
+        &[desc(REQ, 20, false, Some(1)), desc(RESP, 64, true, None)],
+    );
+    assert_eq!(used, None);
+    assert!(g.irq.needs_reset());
+    // A broken device ignores further notifications until reset...
+    assert_eq!(g.send(1, &[desc(REQ, 64, false, None)]), None);
+    // ...and works again after one, with a fresh INIT.
+    g.dev.reset();
+    g.irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    g.queues = [
+        MockSplitQueue::create(&mem, GuestAddress(0x1000), 16),
+        MockSplitQueue::create(&mem, GuestAddress(0x4000), 16),
+    ];
+    g.activate();
+    g.init();
+    assert!(g.lookup(ROOT, "hello.txt").is_ok());
+
+    // Only writable buffers.
+    drop(g);
+    let mut g = Guest::new(&mem, dir.path());
+    assert_eq!(g.send(1, &[desc(RESP, 64, true, None)]), None);
+    assert!(g.irq.needs_reset());
+
+    // A zero-length buffer, and one outside guest memory.
+    drop(g);
+    let mut g = Guest::new(&mem, dir.path());
+    assert_eq!(g.send(1, &[desc(REQ, 0, false, None)]), None);
+    assert!(g.irq.needs_reset());
+    drop(g);
+    let mut g = Guest::new(&mem, dir.path());
+    assert_eq!(g.send(1, &[desc(u64::MAX - 8, 64, false, None)]), None);
+    assert!(g.irq.needs_reset());
+
+    // Readable after writable.
+    drop(g);
+    let mut g = Guest::new(&mem, dir.path());
+    assert_eq!(
+        g.send(
+            1,
+            &[desc(RESP, 64, true, Some(1)), desc(REQ, 64, false, None)]
+        ),
+        None
+    );
+    assert!(g.irq.needs_reset());
+
+    // More than the device accepts in one chain.
+    drop(g);
+    let mut g = Guest::new(&mem, dir.path());
+    let big = (MAX_CHAIN_BYTES / 2 + 1) as u32;
+    assert_eq!(
+        g.send(
+            1,
+            &[desc(REQ, big, false, Some(1)), desc(REQ, big, true, None)]
+        ),
+        None
+    );
+    assert!(g.irq.needs_reset());
+
+    // A loop.
+    drop(g);
+    let mut g = Guest::new(&mem, dir.path());
+    assert_eq!(
+        g.send(
+            1,
+            &[desc(REQ, 64, false, Some(1)), desc(RESP, 64, true, Some(0))]
+        ),
+        None
+    );
+    assert!(g.irq.needs_reset());
+}
