@@ -5,6 +5,7 @@ pub mod cache;
 pub mod cmdline;
 pub mod initramfs;
 pub mod kernel;
+pub mod qemu;
 
 use std::path::{Path, PathBuf};
 

@@ -3,10 +3,10 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use husk_guest_image::{agent_initramfs, cmdline, install_dir};
+use husk_guest_image::{agent_initramfs, install_dir};
 use husk_tests::workspace_root;
 
 const MARKER: &str = "husk-agent: init reached";
@@ -42,36 +42,18 @@ fn boot_tcg(kernel: PathBuf, cpus: u32, mem_mib: u32) -> String {
         agent_initramfs(&agent()).unwrap().to_bytes(false).unwrap(),
     )
     .unwrap();
-    // The agent reboots at once (reboot=k: the i8042 reset line, a device
-    // `microvm` only has when asked); with -no-reboot that ends QEMU.
-    let append = format!("{} husk.exit=reboot", cmdline::default_cmdline());
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args([
-            "-machine",
-            "microvm,accel=tcg",
-            "-cpu",
-            "max",
-            "-device",
-            "i8042",
-        ])
-        .args(["-smp", &cpus.to_string(), "-m", &format!("{mem_mib}M")])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", &append, "-serial", "stdio"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-system-x86_64 (run tools/setup)");
+    // The agent reboots at once, which ends QEMU (see microvm_command).
+    let mut child = husk_guest_image::qemu::microvm_command(
+        &kernel,
+        &initrd,
+        "tcg",
+        cpus,
+        mem_mib,
+        "husk.exit=reboot",
+    )
+    .stderr(Stdio::inherit())
+    .spawn()
+    .expect("qemu-system-x86_64 (run tools/setup)");
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

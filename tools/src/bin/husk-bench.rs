@@ -7,13 +7,13 @@
 //! Later issues add their measurements here as subcommands.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use husk_guest_image::{agent_initramfs, cmdline, install_dir};
+use husk_guest_image::{agent_initramfs, install_dir};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -68,35 +68,13 @@ fn stats(samples: &mut [f64]) -> (f64, f64) {
 }
 
 /// Boots once under QEMU and returns milliseconds to the agent's marker.
-fn boot_once(kernel: &PathBuf, initrd: &PathBuf, accel: &str) -> Result<f64> {
-    let append = format!("{} husk.exit=reboot", cmdline::default_cmdline());
-    let cpu = if accel == "kvm" { "host" } else { "max" };
+fn boot_once(kernel: &Path, initrd: &Path, accel: &str) -> Result<f64> {
     let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args([
-            "-machine",
-            &format!("microvm,accel={accel}"),
-            "-device",
-            "i8042",
-        ])
-        .args(["-cpu", cpu, "-smp", "1", "-m", "256M", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", &append])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning qemu-system-x86_64")?;
+    let mut child =
+        husk_guest_image::qemu::microvm_command(kernel, initrd, accel, 1, 256, "husk.exit=reboot")
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning qemu-system-x86_64")?;
     let out = child.stdout.take().context("qemu stdout")?;
     let mut at = None;
     for line in BufReader::new(out).lines().map_while(Result::ok) {
