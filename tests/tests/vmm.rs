@@ -43,3 +43,14 @@ fn control_socket_and_ready_signal() {
         "{out}"
     );
 }
+
+/// virtio-fs: a host directory shared into the guest; reads and writes both
+/// ways; a host-made symlink to /etc means the guest's /etc, not the host's.
+#[test]
+fn virtio_fs_shares_a_host_directory() {
+    let out = scenario::run("vmm-fs", Duration::from_secs(300));
+    assert!(
+        out.contains("vmm-fs: guest read the share, its write landed on the host"),
+        "{out}"
+    );
+}

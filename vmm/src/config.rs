@@ -97,6 +97,19 @@ pub struct VmConfig {
     /// An inherited fd that gets one byte once the guest runs (`--ready-fd`).
     #[serde(skip)]
     pub ready_fd: Option<i32>,
+    /// A host directory shared into the guest over virtio-fs; none when absent.
+    #[serde(default)]
+    pub shared_dir: Option<PathBuf>,
+    /// The virtio-fs tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
+    #[serde(default = "default_fs_tag")]
+    pub fs_tag: String,
+}
+
+/// The tag of the sandbox share (architecture: one share per sandbox).
+pub const DEFAULT_FS_TAG: &str = "husk-share";
+
+fn default_fs_tag() -> String {
+    DEFAULT_FS_TAG.to_string()
 }
 
 impl Default for VmConfig {
@@ -113,6 +126,8 @@ impl Default for VmConfig {
             seccomp: true,
             api_socket: None,
             ready_fd: None,
+            shared_dir: None,
+            fs_tag: default_fs_tag(),
         }
     }
 }

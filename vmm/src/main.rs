@@ -33,6 +33,12 @@ struct Args {
     /// The host side of vsock (no vsock device otherwise).
     #[arg(long = "vsock-socket")]
     vsock_socket: Option<PathBuf>,
+    /// A host directory to share into the guest over virtio-fs.
+    #[arg(long = "shared-dir")]
+    shared_dir: Option<PathBuf>,
+    /// The virtio-fs tag the guest mounts (default husk-share).
+    #[arg(long = "fs-tag")]
+    fs_tag: Option<String>,
     /// The guest's vsock CID.
     #[arg(long = "guest-cid")]
     guest_cid: Option<u64>,
@@ -72,6 +78,12 @@ fn build_config(args: Args) -> anyhow::Result<VmConfig> {
     }
     if args.serial_out.is_some() {
         c.serial_out = args.serial_out;
+    }
+    if args.shared_dir.is_some() {
+        c.shared_dir = args.shared_dir;
+    }
+    if let Some(t) = args.fs_tag {
+        c.fs_tag = t;
     }
     if args.vsock_socket.is_some() {
         c.vsock_socket = args.vsock_socket;

@@ -94,6 +94,35 @@ fn vmm_syscalls() -> Vec<i64> {
         libc::SYS_unlink,
         libc::SYS_unlinkat,
         libc::SYS_ioctl,
+        // virtio-fs (the passthrough behind the jail, devices/virtio/fs):
+        // creating, reading and changing files inside the share. No
+        // name_to_handle_at/open_by_handle_at and no xattr calls: the jail
+        // refuses what would need them.
+        libc::SYS_openat,
+        libc::SYS_getdents64,
+        libc::SYS_readlinkat,
+        libc::SYS_mkdirat,
+        libc::SYS_mknodat,
+        libc::SYS_symlinkat,
+        libc::SYS_linkat,
+        libc::SYS_renameat2,
+        libc::SYS_fchmod,
+        libc::SYS_fchmodat,
+        libc::SYS_fchownat,
+        libc::SYS_ftruncate,
+        libc::SYS_fallocate,
+        libc::SYS_utimensat,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_dup,
+        libc::SYS_fstatfs,
+        libc::SYS_pread64,
+        libc::SYS_preadv,
+        libc::SYS_pwrite64,
+        libc::SYS_pwritev,
+        libc::SYS_umask,
+        libc::SYS_setresuid,
+        libc::SYS_setresgid,
     ]);
     v
 }

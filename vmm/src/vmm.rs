@@ -25,6 +25,7 @@ use crate::arch::x86_64::{self as arch, layout, mptable};
 use crate::boot;
 use crate::config::ValidConfig;
 use crate::devices::legacy::{ConsoleWriter, EventFdTrigger, SerialConsole, I8042};
+use crate::devices::virtio::fs::{Fs, FsConfig};
 use crate::devices::virtio::mmio::{regs, MmioTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
@@ -283,6 +284,11 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
             .map_err(io_err(format!("vsock socket {}", path.display())))?;
         vsock_socket = Some(path.clone());
         placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 1, vsock)?);
+    }
+    if let Some(dir) = &cfg.shared_dir {
+        // Before seccomp: the passthrough opens /proc/self/fd and mountinfo.
+        let fs = Fs::new(&cfg.fs_tag, dir, FsConfig::default()).map_err(DeviceError::from)?;
+        placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 2, fs)?);
     }
     let (ready, vcpu_started) = ReadySignal::new(usize::from(config.vcpus), ready_out)?;
     em.add_subscriber(Arc::new(Mutex::new(ready)));

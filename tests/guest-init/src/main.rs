@@ -6,6 +6,10 @@
 //!   test-init: echo listening on vsock port 5000
 //!   test-init: dialed host port 5001
 //!
+//! With `test_init.fs=TAG` it mounts that virtio-fs share on /share and
+//! reports `test-init: fs read <hello.txt>`, writes `from-guest.txt`, and
+//! reports what reading `evil/hostname` through a host-made symlink gives.
+//!
 //! It echoes every stream accepted on vsock port 5000 (one thread each),
 //! sends one line to host port 5001, and then waits to be stopped.
 //! `test_init.exit=poweroff` on the command line powers off right after the
@@ -49,6 +53,20 @@ fn power_off() -> ! {
     }
 }
 
+fn share(tag: &str) {
+    mount(tag, "/share", "virtiofs");
+    say(&format!("fs read {}", read("/share/hello.txt")));
+    match std::fs::write("/share/from-guest.txt", "written in the guest\n") {
+        Ok(()) => say("fs wrote from-guest.txt"),
+        Err(e) => say(&format!("fs write failed: {e}")),
+    }
+    // `evil -> /etc` was made on the host; here it must mean the guest's /etc.
+    match std::fs::read_to_string("/share/evil/hostname") {
+        Ok(c) => say(&format!("fs evil read {:?}", c.trim())),
+        Err(e) => say(&format!("fs evil refused: {e}")),
+    }
+}
+
 fn echo(mut s: vsock::VsockStream) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -87,6 +105,13 @@ fn main() {
         "hwrng {} read {got} bytes",
         read("/sys/devices/virtual/misc/hw_random/rng_current")
     ));
+    let cmdline = read("/proc/cmdline");
+    if let Some(tag) = cmdline
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("test_init.fs="))
+    {
+        share(tag);
+    }
     if read("/proc/cmdline")
         .split_whitespace()
         .any(|p| p == "test_init.exit=poweroff")

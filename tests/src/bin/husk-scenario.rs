@@ -32,6 +32,9 @@ enum Scenario {
     /// vsock: the guest echoes host streams (50 concurrent, 1 MiB each,
     /// byte-exact) and its own connection reaches `<socket>_5001`.
     VmmVsock,
+    /// virtio-fs: the guest reads a host file, its write lands on the host,
+    /// and a host-made symlink to /etc does not reach the host's /etc.
+    VmmFs,
     /// The control socket and ready signal: the ready byte arrives, ping,
     /// info and garbage are answered, shutdown stops the VM with 0 and the
     /// sockets are removed.
@@ -564,6 +567,59 @@ async fn vmm_vsock(
     Ok(())
 }
 
+async fn vmm_fs(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
+    let share = tempfile::tempdir()?;
+    std::fs::write(share.path().join("hello.txt"), "hello from the host\n")?;
+    std::os::unix::fs::symlink("/etc", share.path().join("evil"))?;
+    let host_hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let dir = tempfile::tempdir()?;
+    let console = dir.path().join("console.log");
+    let cmdline = format!(
+        "{} test_init.fs=husk-share test_init.exit=poweroff",
+        husk_guest_image::cmdline::default_cmdline()
+    );
+    let status = tokio::process::Command::new(husk_tools::vm::vmm_binary())
+        .arg("--kernel")
+        .arg(kernel(guest, "vmlinux"))
+        .arg("--initramfs")
+        .arg(initramfs)
+        .args(["--vcpus", "1", "--memory-mib", "256", "--cmdline", &cmdline])
+        .arg("--shared-dir")
+        .arg(share.path())
+        .arg("--serial-out")
+        .arg(&console)
+        .kill_on_drop(true)
+        .status()
+        .await?;
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    ensure!(status.success(), "husk-vmm ended with {status}:\n{out}");
+    ensure!(
+        out.contains("test-init: fs read hello from the host"),
+        "the guest did not read the share:\n{out}"
+    );
+    ensure!(
+        out.contains("test-init: fs wrote from-guest.txt"),
+        "the guest could not write:\n{out}"
+    );
+    let landed = std::fs::read_to_string(share.path().join("from-guest.txt")).unwrap_or_default();
+    ensure!(
+        landed == "written in the guest\n",
+        "the guest's write did not land on the host: {landed:?}"
+    );
+    let evil = out
+        .lines()
+        .find(|l| l.contains("test-init: fs evil"))
+        .unwrap_or_default();
+    ensure!(
+        evil.contains("refused")
+            || !evil.contains(host_hostname.trim())
+            || host_hostname.trim().is_empty(),
+        "the symlink reached the host's /etc: {evil}"
+    );
+    println!("vmm-fs: guest read the share, its write landed on the host; {evil}");
+    Ok(())
+}
+
 async fn vmm_control(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
     use std::os::fd::{AsRawFd, OwnedFd};
     let dir = tempfile::tempdir()?;
@@ -671,6 +727,7 @@ fn main() -> Result<()> {
             Scenario::VmmBoot => vmm_boot(&args.guest, &args.test_initramfs).await,
             Scenario::VmmPanic => vmm_panic(&args.guest, &args.test_initramfs).await,
             Scenario::VmmControl => vmm_control(&args.guest, &args.test_initramfs).await,
+            Scenario::VmmFs => vmm_fs(&args.guest, &args.test_initramfs).await,
             Scenario::VmmVsock => {
                 vmm_vsock(&args.guest, &args.test_initramfs, args.streams, args.bytes).await
             }

@@ -20,6 +20,8 @@ pub enum DeviceError {
     },
     #[error("no IRQ line left for device {0}")]
     NoIrq(String),
+    #[error("virtio-fs: {0}")]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
 }
 
 /// A device on a bus. Accesses carry the offset into the device's window; the
