@@ -230,6 +230,8 @@ mod tests {
             seccomp: false,
             api_socket: Some("/tmp/api.sock".into()),
             ready_fd: None,
+            shared_dir: Some("/run/husk/x/shared".into()),
+            fs_tag: "other-tag".into(),
         };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(VmConfig::from_json_str(&s, "t").unwrap(), c);
