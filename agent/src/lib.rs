@@ -2,6 +2,7 @@
 //! every process, and serves the agent API (`agent/api`) over ttrpc on vsock
 //! port 1024 until the host asks it to shut down.
 
+pub mod container;
 pub mod init;
 pub mod logging;
 pub mod reaper;

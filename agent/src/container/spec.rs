@@ -1,0 +1,340 @@
+//! Validation of an OCI runtime spec (config.json) received from the host.
+//!
+//! The host is trusted more than the guest's workloads, but a spec is still
+//! data from outside the agent: containerd passes through what a user or a
+//! Kubernetes manifest wrote. Everything the agent will act on is checked
+//! here, once, into [`ValidSpec`]; later stages use only that.
+
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+/// What is wrong with a spec, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("OCI spec: {field}: {problem}")]
+pub struct SpecError {
+    /// The JSON path of the field, e.g. `process.args` or `mounts[2].type`.
+    pub field: String,
+    pub problem: String,
+}
+
+fn err(field: impl Into<String>, problem: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Mount types the agent knows how to set up in the guest.
+pub const MOUNT_TYPES: &[&str] = &[
+    "bind", "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay",
+];
+
+/// A mount, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub destination: PathBuf,
+    pub kind: String,
+    pub source: Option<PathBuf>,
+    pub options: Vec<String>,
+}
+
+/// The parts of a spec the agent acts on, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidSpec {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub terminal: bool,
+    /// The rootfs, relative to the sandbox's shared directory.
+    pub root: PathBuf,
+    pub root_readonly: bool,
+    pub hostname: Option<String>,
+    pub mounts: Vec<Mount>,
+    pub namespaces: Vec<LinuxNamespaceType>,
+}
+
+/// An absolute path with no `..` (destinations inside the container).
+fn absolute_clean(field: &str, p: &Path) -> Result<(), SpecError> {
+    if !p.is_absolute() {
+        return Err(err(
+            field,
+            format!("{} is not an absolute path", p.display()),
+        ));
+    }
+    if p.components().any(|c| c == Component::ParentDir) {
+        return Err(err(field, format!("{} contains '..'", p.display())));
+    }
+    Ok(())
+}
+
+/// Parses and checks `json` (the bytes of config.json).
+pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
+    let spec: Spec = serde_json::from_slice(json).map_err(|e| err("(document)", e.to_string()))?;
+
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| err("process", "missing: nothing to run"))?;
+    let args = process.args().clone().unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        return Err(err("process.args", "must name a program to run"));
+    }
+    let env = process.env().clone().unwrap_or_default();
+    for (i, e) in env.iter().enumerate() {
+        if !e.contains('=') || e.starts_with('=') {
+            return Err(err(
+                format!("process.env[{i}]"),
+                format!("{e:?} is not NAME=value"),
+            ));
+        }
+    }
+    let cwd = process.cwd().clone();
+    absolute_clean("process.cwd", &cwd)?;
+    let user = process.user();
+
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| err("root", "missing: no root filesystem"))?;
+    let root_path = root.path().clone();
+    if root_path.as_os_str().is_empty() {
+        return Err(err("root.path", "is empty"));
+    }
+    // The rootfs lives in the sandbox's share: a relative path below it.
+    if root_path.is_absolute() || root_path.components().any(|c| c == Component::ParentDir) {
+        return Err(err(
+            "root.path",
+            format!(
+                "{} must be relative to the sandbox share, without '..'",
+                root_path.display()
+            ),
+        ));
+    }
+
+    let mut mounts = Vec::new();
+    for (i, m) in spec.mounts().clone().unwrap_or_default().iter().enumerate() {
+        let field = |f: &str| format!("mounts[{i}].{f}");
+        absolute_clean(&field("destination"), m.destination())?;
+        let options = m.options().clone().unwrap_or_default();
+        let kind = match m.typ().as_deref() {
+            // runc treats a missing type with "bind"/"rbind" options as a bind mount.
+            None | Some("none") | Some("")
+                if options.iter().any(|o| o == "bind" || o == "rbind") =>
+            {
+                "bind".to_string()
+            }
+            None | Some("") => return Err(err(field("type"), "missing")),
+            Some(t) if MOUNT_TYPES.contains(&t) => t.to_string(),
+            Some(t) => {
+                return Err(err(
+                    field("type"),
+                    format!(
+                        "{t:?} is not a mount type the guest supports ({})",
+                        MOUNT_TYPES.join(", ")
+                    ),
+                ))
+            }
+        };
+        if kind == "bind" {
+            let src = m
+                .source()
+                .as_ref()
+                .ok_or_else(|| err(field("source"), "a bind mount needs a source"))?;
+            if src.as_os_str().is_empty() || src.components().any(|c| c == Component::ParentDir) {
+                return Err(err(
+                    field("source"),
+                    format!("{} is empty or contains '..'", src.display()),
+                ));
+            }
+        }
+        mounts.push(Mount {
+            destination: m.destination().clone(),
+            kind,
+            source: m.source().clone(),
+            options,
+        });
+    }
+
+    let mut namespaces = Vec::new();
+    if let Some(linux) = spec.linux() {
+        let mut seen = HashSet::new();
+        for (i, ns) in linux
+            .namespaces()
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if !seen.insert(ns.typ()) {
+                return Err(err(
+                    format!("linux.namespaces[{i}]"),
+                    format!("{:?} is listed twice", ns.typ()),
+                ));
+            }
+            if let Some(p) = ns.path() {
+                absolute_clean(&format!("linux.namespaces[{i}].path"), p)?;
+            }
+            namespaces.push(ns.typ());
+        }
+    }
+
+    let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
+    if let Some(h) = &hostname {
+        if h.len() > 64 || h.contains(['/', '\0', '\n']) {
+            return Err(err("hostname", format!("{h:?} is not a usable hostname")));
+        }
+    }
+
+    Ok(ValidSpec {
+        args,
+        env,
+        cwd,
+        uid: user.uid(),
+        gid: user.gid(),
+        additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        terminal: process.terminal().unwrap_or(false),
+        root: root_path,
+        root_readonly: root.readonly().unwrap_or(false),
+        hostname,
+        mounts,
+        namespaces,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn good() -> Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 1000, "gid": 1000, "additionalGids": [10, 20]},
+                "args": ["/bin/sh", "-c", "echo hi"],
+                "env": ["PATH=/usr/bin:/bin", "TERM=xterm"],
+                "cwd": "/"
+            },
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "pod",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/data", "source": "volumes/data", "options": ["rbind", "ro"]}
+            ],
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "network", "path": "/proc/1/ns/net"}]}
+        })
+    }
+
+    fn check(v: &Value) -> Result<ValidSpec, SpecError> {
+        validate(serde_json::to_string(v).unwrap().as_bytes())
+    }
+
+    fn refused(mut v: Value, edit: impl FnOnce(&mut Value), field: &str) {
+        edit(&mut v);
+        let e = check(&v).expect_err("a bad spec was accepted");
+        assert_eq!(e.field, field, "{e}");
+    }
+
+    #[test]
+    fn a_good_spec_is_taken_apart() {
+        let s = check(&good()).unwrap();
+        assert_eq!(s.args, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(
+            (s.uid, s.gid, s.additional_gids.clone()),
+            (1000, 1000, vec![10, 20])
+        );
+        assert_eq!(s.root, Path::new("rootfs"));
+        assert!(s.root_readonly);
+        assert_eq!(s.hostname.as_deref(), Some("pod"));
+        assert_eq!(s.mounts[1].kind, "bind");
+        assert_eq!(s.namespaces.len(), 3);
+    }
+
+    #[test]
+    fn malformed_specs_name_the_field() {
+        refused(
+            good(),
+            |v| drop(v.as_object_mut().unwrap().remove("process")),
+            "process",
+        );
+        refused(good(), |v| v["process"]["args"] = json!([]), "process.args");
+        refused(
+            good(),
+            |v| v["process"]["cwd"] = json!("relative/dir"),
+            "process.cwd",
+        );
+        refused(
+            good(),
+            |v| v["process"]["cwd"] = json!("/a/../../b"),
+            "process.cwd",
+        );
+        refused(
+            good(),
+            |v| v["process"]["env"] = json!(["OK=1", "NOEQUALS"]),
+            "process.env[1]",
+        );
+        refused(
+            good(),
+            |v| drop(v.as_object_mut().unwrap().remove("root")),
+            "root",
+        );
+        refused(
+            good(),
+            |v| v["root"]["path"] = json!("/abs/rootfs"),
+            "root.path",
+        );
+        refused(
+            good(),
+            |v| v["root"]["path"] = json!("../outside"),
+            "root.path",
+        );
+        refused(
+            good(),
+            |v| v["mounts"][0]["type"] = json!("nfs"),
+            "mounts[0].type",
+        );
+        refused(
+            good(),
+            |v| v["mounts"][0]["destination"] = json!("proc"),
+            "mounts[0].destination",
+        );
+        refused(
+            good(),
+            |v| v["mounts"][1]["source"] = json!("../../etc"),
+            "mounts[1].source",
+        );
+        refused(
+            good(),
+            |v| v["mounts"][1] = json!({"destination": "/x", "options": ["ro"]}),
+            "mounts[1].type",
+        );
+        refused(
+            good(),
+            |v| v["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "pid"}]),
+            "linux.namespaces[1]",
+        );
+        refused(good(), |v| v["hostname"] = json!("a/b"), "hostname");
+    }
+
+    #[test]
+    fn garbage_is_refused_not_panicked_on() {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"null",
+            b"{\"process\": 5}",
+            &[0xff, 0xfe][..],
+        ] {
+            let e = validate(bad).unwrap_err();
+            assert_eq!(e.field, "(document)", "{bad:?}: {e}");
+        }
+        // serde reads an empty array as a struct of defaults: still refused.
+        assert_eq!(validate(b"[]").unwrap_err().field, "process");
+    }
+}
