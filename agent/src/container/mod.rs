@@ -3,4 +3,5 @@
 //! refused with the field named, and nothing in the guest changes. Building
 //! and running the container comes with the rest of the containers issue.
 
+pub mod process;
 pub mod spec;

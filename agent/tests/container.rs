@@ -1,0 +1,135 @@
+//! Containers built by the agent's code, on this machine: a busybox rootfs in
+//! a temporary "share", new namespaces, pivot_root, the user, exec. (In the
+//! guest the same code runs as PID 1 over the virtio-fs share.)
+
+use std::io::Read;
+use std::path::Path;
+
+use husk_agent::container::process::{self, ContainerError, Stage, Stdio};
+use husk_agent::container::spec::{self, ValidSpec};
+use nix::sys::wait::{waitpid, WaitStatus};
+use serde_json::{json, Value};
+
+/// A busybox rootfs under `share/rootfs`, from Debian's busybox-static.
+fn busybox_share() -> tempfile::TempDir {
+    let share = tempfile::tempdir().unwrap();
+    let root = share.path().join("rootfs");
+    for d in ["bin", "proc", "dev", "tmp", "etc", "work"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static: run tools/setup");
+    for a in [
+        "sh", "echo", "cat", "id", "pwd", "hostname", "touch", "ls", "sleep",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0::/:/bin/sh\n").unwrap();
+    share
+}
+
+fn spec_json(args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {"user": {"uid": 0, "gid": 0}, "args": args, "env": ["PATH=/bin"], "cwd": "/"},
+        "root": {"path": "rootfs"},
+        "hostname": "husk-test",
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}]}
+    })
+}
+
+fn valid(v: &Value) -> ValidSpec {
+    spec::validate(serde_json::to_string(v).unwrap().as_bytes()).unwrap()
+}
+
+/// Runs the container to its end: (exit code, stdout, stderr).
+fn run(share: &Path, v: &Value) -> Result<(i32, String, String), ContainerError> {
+    let (out_r, out_w) = process::pipe().unwrap();
+    let (err_r, err_w) = process::pipe().unwrap();
+    let stdio = Stdio {
+        stdin: process::null_stdin().unwrap(),
+        stdout: out_w,
+        stderr: err_w,
+    };
+    let pid = process::start(&valid(v), share, stdio)?;
+    let mut out = String::new();
+    let mut err = String::new();
+    std::fs::File::from(out_r).read_to_string(&mut out).unwrap();
+    std::fs::File::from(err_r).read_to_string(&mut err).unwrap();
+    let code = match waitpid(pid, None).unwrap() {
+        WaitStatus::Exited(_, c) => c,
+        WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+        other => panic!("{other:?}"),
+    };
+    Ok((code, out, err))
+}
+
+#[test]
+fn exit_codes_output_and_namespaces() {
+    let share = busybox_share();
+    let (code, out, err) = run(
+        share.path(),
+        &spec_json(&["sh", "-c", "echo hi; echo oops >&2; echo pid=$$; hostname; ls /proc/1/ >/dev/null && echo proc; exit 3"]),
+    )
+    .unwrap();
+    assert_eq!(code, 3, "{out}{err}");
+    assert_eq!(out, "hi\npid=1\nhusk-test\nproc\n");
+    assert_eq!(err, "oops\n");
+    // The host kept its hostname and its mounts.
+    assert_ne!(nix::unistd::gethostname().unwrap(), "husk-test");
+}
+
+#[test]
+fn user_groups_cwd_and_env() {
+    let share = busybox_share();
+    let mut v = spec_json(&["sh", "-c", "id -u; id -g; id -G; pwd; echo $FOO"]);
+    v["process"]["user"] = json!({"uid": 1000, "gid": 1001, "additionalGids": [10, 20]});
+    v["process"]["cwd"] = json!("/work");
+    v["process"]["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
+    let (code, out, err) = run(share.path(), &v).unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "1000\n1001\n1001 10 20\n/work\nbar baz\n");
+}
+
+#[test]
+fn read_only_root_and_a_volume() {
+    let share = busybox_share();
+    std::fs::create_dir_all(share.path().join("volumes/data")).unwrap();
+    std::fs::write(share.path().join("volumes/data/in.txt"), "from the host\n").unwrap();
+    let mut v = spec_json(&["sh", "-c", "cat /data/in.txt; echo out > /data/out.txt; touch /rootfs-write 2>/dev/null && echo writable || echo read-only"]);
+    v["root"]["readonly"] = json!(true);
+    v["mounts"].as_array_mut().unwrap().push(json!({"destination": "/data", "type": "bind", "source": "volumes/data", "options": ["rbind", "rw"]}));
+    let (code, out, err) = run(share.path(), &v).unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "from the host\nread-only\n");
+    assert_eq!(
+        std::fs::read_to_string(share.path().join("volumes/data/out.txt")).unwrap(),
+        "out\n"
+    );
+}
+
+#[test]
+fn a_missing_program_is_a_clear_error() {
+    let share = busybox_share();
+    match run(share.path(), &spec_json(&["/no/such/program"])) {
+        Err(ContainerError::Start {
+            stage: Stage::Exec,
+            errno,
+            detail,
+        }) => {
+            assert_eq!(errno, nix::errno::Errno::ENOENT);
+            assert!(detail.unwrap().contains("/no/such/program"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut v = spec_json(&["sh"]);
+    v["process"]["cwd"] = json!("/no/such/dir");
+    assert!(matches!(
+        run(share.path(), &v),
+        Err(ContainerError::Start {
+            stage: Stage::Cwd,
+            ..
+        })
+    ));
+}
