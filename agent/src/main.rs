@@ -80,8 +80,18 @@ fn serve(pid1: bool) -> Result<()> {
         tokio::spawn(reaper.clone().run());
         logging::start_vsock_forwarding();
 
+        let hub = husk_agent::container::stdio::Hub::default();
+        tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                if let Err(e) = hub.serve().await {
+                    tracing::error!("stdio streams: {e}");
+                }
+            }
+        });
+        let containers = husk_agent::container::manager::Manager::new(reaper.clone(), hub);
         let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
-        let service = service::AgentService::new(shutdown_tx);
+        let service = service::AgentService::new(shutdown_tx, containers);
         let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
         let mut server = ttrpc::r#async::Server::new()
             .bind(&addr)

@@ -64,6 +64,20 @@ impl Reaper {
         Ok((pid, rx))
     }
 
+    /// Registers the pid that `start` returns, holding the reaper's lock
+    /// across the call so that not even an instant exit is missed. For
+    /// processes not made by `Command` (containers are cloned).
+    pub fn register_with<E>(
+        &self,
+        start: impl FnOnce() -> Result<Pid, E>,
+    ) -> Result<(Pid, oneshot::Receiver<ExitStatus>), E> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let pid = start()?;
+        let (tx, rx) = oneshot::channel();
+        inner.waiters.insert(pid, tx);
+        Ok((pid, rx))
+    }
+
     /// Collects every process that has exited. Returns how many.
     pub fn reap(&self) -> usize {
         let mut n = 0;

@@ -8,14 +8,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use husk_agent_api::agent::{
-    CheckRequest, CheckResponse, CreateSandboxRequest, DestroySandboxRequest, Empty,
-    GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest,
+    CheckRequest, CheckResponse, ContainerRequest, CreateContainerRequest, CreateSandboxRequest,
+    DestroySandboxRequest, Empty, GuestDetailsRequest, GuestDetailsResponse, ProcessRequest,
+    ShutdownRequest, SignalProcessRequest, WaitProcessResponse,
 };
 use husk_agent_api::agent_ttrpc::Agent;
 use husk_agent_api::ttrpc::{self, r#async::TtrpcContext, Code};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tokio::sync::mpsc;
 
+use crate::container::manager::{Manager, ManagerError, INIT};
 use crate::init;
 
 /// Where per-sandbox files (resolv.conf, hostname) live in the guest.
@@ -38,14 +40,39 @@ struct Sandbox {
 pub struct AgentService {
     sandbox: Mutex<Option<Sandbox>>,
     shutdown: mpsc::Sender<ShutdownRequest>,
+    containers: Manager,
 }
 
 impl AgentService {
-    pub fn new(shutdown: mpsc::Sender<ShutdownRequest>) -> Arc<Self> {
+    pub fn new(shutdown: mpsc::Sender<ShutdownRequest>, containers: Manager) -> Arc<Self> {
         Arc::new(Self {
             sandbox: Mutex::new(None),
             shutdown,
+            containers,
         })
+    }
+}
+
+fn container_status(e: ManagerError) -> ttrpc::Error {
+    let code = match &e {
+        ManagerError::NotFound(_) => Code::NOT_FOUND,
+        ManagerError::Exists(_) => Code::ALREADY_EXISTS,
+        ManagerError::State { .. } | ManagerError::NoShare => Code::FAILED_PRECONDITION,
+        ManagerError::Spec(_) | ManagerError::BadId(_) => Code::INVALID_ARGUMENT,
+        ManagerError::Start(_) | ManagerError::Io(_) => Code::INTERNAL,
+    };
+    status(code, e.to_string())
+}
+
+/// Only containers' own processes for now; exec comes with its own calls.
+fn check_exec_id(exec_id: &str) -> ttrpc::Result<()> {
+    if exec_id.is_empty() || exec_id == INIT {
+        Ok(())
+    } else {
+        Err(status(
+            Code::NOT_FOUND,
+            format!("no process {exec_id:?}: exec is not supported yet"),
+        ))
     }
 }
 
@@ -233,6 +260,8 @@ impl Agent for AgentService {
                 )
             })?;
         }
+        self.containers
+            .set_share(shared.as_ref().map(|(_, p)| p.clone()));
         tracing::info!(sandbox = %req.sandbox_id, hostname = %req.hostname, "sandbox created");
         *sandbox = Some(Sandbox {
             id: req.sandbox_id,
@@ -255,6 +284,7 @@ impl Agent for AgentService {
                         status(Code::INTERNAL, format!("unmounting {}: {e}", p.display()))
                     })?;
                 }
+                self.containers.set_share(None);
                 tracing::info!(sandbox = %s.id, "sandbox destroyed");
                 *sandbox = None;
                 Ok(Empty::default())
@@ -272,6 +302,71 @@ impl Agent for AgentService {
         self.shutdown
             .try_send(req)
             .map_err(|_| status(Code::UNAVAILABLE, "already shutting down"))?;
+        Ok(Empty::default())
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .create(&req.container_id, &req.oci_spec)
+            .map_err(container_status)?;
+        tracing::info!(container = %req.container_id, "container created");
+        Ok(Empty::default())
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .start(&req.container_id)
+            .map_err(container_status)?;
+        tracing::info!(container = %req.container_id, "container started");
+        Ok(Empty::default())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        check_exec_id(&req.exec_id)?;
+        let status = self
+            .containers
+            .wait(&req.container_id)
+            .await
+            .map_err(container_status)?;
+        Ok(WaitProcessResponse {
+            status,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_exec_id(&req.exec_id)?;
+        let sig = i32::try_from(req.signal).map_err(|_| invalid("signal", "out of range"))?;
+        self.containers
+            .signal(&req.container_id, sig)
+            .map_err(container_status)?;
+        Ok(Empty::default())
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .remove(&req.container_id)
+            .map_err(container_status)?;
         Ok(Empty::default())
     }
 }

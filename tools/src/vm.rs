@@ -52,6 +52,11 @@ pub struct VmSpec {
     pub detach: bool,
     /// The VM's id (its runtime directory's name); random when `None`.
     pub id: Option<String>,
+    /// A host directory to show the guest as `rootfs` in the sandbox share
+    /// (virtio-fs, tag `husk-share`). The bind mount that puts it there is
+    /// made in husk-vmm's own mount namespace, so it can never outlive the
+    /// VM or be seen (or deleted through) from the host's namespace.
+    pub rootfs: Option<PathBuf>,
 }
 
 impl Default for VmSpec {
@@ -66,6 +71,7 @@ impl Default for VmSpec {
             extra_cmdline: None,
             detach: false,
             id: None,
+            rootfs: None,
         }
     }
 }
@@ -104,6 +110,10 @@ impl Vm {
     }
     pub fn console_log(dir: &Path) -> PathBuf {
         dir.join("console.log")
+    }
+    /// The sandbox share on the host (virtio-fs, tag `husk-share`).
+    pub fn shared_dir(dir: &Path) -> PathBuf {
+        dir.join("shared")
     }
 
     /// Boots `spec` and waits for the agent. On any failure the VM is gone
@@ -155,8 +165,27 @@ impl Vm {
             cmd.args(["--cmdline", &cmdline]);
         }
         let detach = spec.detach;
+        let share_bind = match &spec.rootfs {
+            Some(rootfs) => {
+                let shared = Self::shared_dir(&dir);
+                let target = shared.join("rootfs");
+                std::fs::create_dir_all(&target)
+                    .with_context(|| format!("creating {}", target.display()))?;
+                if !rootfs.is_dir() {
+                    bail!("rootfs {} is not a directory", rootfs.display());
+                }
+                cmd.arg("--shared-dir").arg(&shared);
+                let c = |p: &Path| {
+                    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+                        .context("a path holds NUL")
+                };
+                Some((c(rootfs)?, c(&target)?))
+            }
+            None => None,
+        };
         // SAFETY: pre_exec runs in the child between fork and exec and only
-        // makes async-signal-safe calls (setsid, prctl).
+        // makes raw syscalls (setsid, prctl, unshare, mount) on C strings
+        // prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 if detach {
@@ -164,6 +193,27 @@ impl Vm {
                     libc::setsid();
                 } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some((src, dst)) = &share_bind {
+                    let null = std::ptr::null::<libc::c_char>();
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(
+                            null,
+                            c"/".as_ptr(),
+                            null,
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) != 0
+                        || libc::mount(
+                            src.as_ptr(),
+                            dst.as_ptr(),
+                            null,
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

@@ -11,6 +11,9 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// husk-vmm it arrives at `<vsock socket>_1025` on the host).
 pub const LOG_PORT: u32 = 1025;
 
+/// The vsock port for process stdio streams (see `agent.proto`).
+pub const STDIO_PORT: u32 = 1026;
+
 #[allow(clippy::all, missing_docs, unused, unknown_lints, dead_code, non_camel_case_types, non_snake_case, non_upper_case_globals, trivial_casts, unused_results, unused_mut)]
 #[rustfmt::skip]
 pub mod agent {

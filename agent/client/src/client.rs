@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use husk_agent_api::agent::{
-    CheckRequest, CreateSandboxRequest, DestroySandboxRequest, GuestDetailsRequest,
-    GuestDetailsResponse, ShutdownRequest,
+    CheckRequest, ContainerRequest, CreateContainerRequest, CreateSandboxRequest,
+    DestroySandboxRequest, GuestDetailsRequest, GuestDetailsResponse, ProcessRequest,
+    ShutdownRequest, SignalProcessRequest,
 };
 use husk_agent_api::agent_ttrpc::AgentClient as RawClient;
 use husk_agent_api::ttrpc::{self, asynchronous::transport::Socket, context};
@@ -262,5 +263,101 @@ impl Client {
         })
         .await
         .map(drop)
+    }
+
+    /// Creates a container from an OCI spec (JSON); see `agent.proto`.
+    pub async fn create_container(&self, id: &str, oci_spec: Vec<u8>) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = CreateContainerRequest {
+            container_id: id.to_string(),
+            oci_spec,
+            ..Default::default()
+        };
+        self.call("CreateContainer", t, |c, ctx| async move {
+            c.create_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        self.call("StartContainer", t, |c, ctx| async move {
+            c.start_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Waits, without a deadline, for the container's process to end and its
+    /// output to arrive; returns its exit status (128 + signal if killed).
+    pub async fn wait_process(&self, id: &str) -> Result<i32, ClientError> {
+        let req = ProcessRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        // A day: the process decides how long this takes.
+        let t = Duration::from_secs(86_400);
+        self.call("WaitProcess", t, |c, ctx| async move {
+            c.wait_process(ctx, &req).await
+        })
+        .await
+        .map(|r| r.status)
+    }
+
+    pub async fn signal_process(&self, id: &str, signal: i32) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = SignalProcessRequest {
+            container_id: id.to_string(),
+            signal: signal as u32,
+            ..Default::default()
+        };
+        self.call("SignalProcess", t, |c, ctx| async move {
+            c.signal_process(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        self.call("RemoveContainer", t, |c, ctx| async move {
+            c.remove_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Opens the host end of one stdio stream (`stdout`, `stderr`) of a
+    /// container's process. Attach before StartContainer to miss nothing.
+    pub async fn attach(
+        &self,
+        id: &str,
+        stream: &str,
+    ) -> Result<tokio::net::UnixStream, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let mut s = vsock::connect(
+            &self.opts.vsock_socket,
+            husk_agent_api::STDIO_PORT,
+            self.opts.call_timeout,
+        )
+        .await?;
+        s.write_all(format!("{id} - {stream}\n").as_bytes())
+            .await
+            .map_err(|source| {
+                ClientError::Handshake(HandshakeError::Io {
+                    port: husk_agent_api::STDIO_PORT,
+                    source,
+                })
+            })?;
+        Ok(s)
     }
 }

@@ -3,5 +3,7 @@
 //! refused with the field named, and nothing in the guest changes. Building
 //! and running the container comes with the rest of the containers issue.
 
+pub mod manager;
 pub mod process;
 pub mod spec;
+pub mod stdio;

@@ -218,8 +218,6 @@ const DEVICES: &[(&str, u32, u32, u32)] = &[
 /// Everything the child needs, prepared before `clone`.
 struct Plan {
     root: CString,
-    old_root: CString,
-    old_root_inside: CString,
     dev: CString,
     devices: Vec<(CString, libc::mode_t, libc::dev_t)>,
     dev_pts: CString,
@@ -294,14 +292,11 @@ pub fn start(spec: &ValidSpec, share: &Path, stdio: Stdio) -> Result<Pid, Contai
         .iter()
         .map(|m| prepare_mount(&root, share, m))
         .collect::<Result<Vec<_>, _>>()?;
-    let old_root = mount_point(&root, Path::new("/.husk-old-root"), false)?;
     let dev = mount_point(&root, Path::new("/dev"), false)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
     let plan = Plan {
         root: cpath(&root)?,
-        old_root: cpath(&old_root)?,
-        old_root_inside: cstr(b"/.husk-old-root")?,
         devices: DEVICES
             .iter()
             .map(|(n, mode, maj, min)| {
@@ -504,20 +499,39 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
                 return fail(plan, Stage::Mount);
             }
         }
-        if libc::syscall(
-            libc::SYS_pivot_root,
-            plan.root.as_ptr(),
-            plan.old_root.as_ptr(),
-        ) != 0
-        {
+        // pivot_root(".", "."): the old root ends up stacked on the new one
+        // and is detached at once; no directory in the rootfs is needed.
+        if libc::chdir(plan.root.as_ptr()) != 0 {
             return fail(plan, Stage::PivotRoot);
         }
-        if libc::chdir(c"/".as_ptr()) != 0
-            || libc::umount2(plan.old_root_inside.as_ptr(), libc::MNT_DETACH) != 0
-        {
+        if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0 {
+            if libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0 {
+                return fail(plan, Stage::PivotRoot);
+            }
+        } else if nix::errno::Errno::last_raw() == libc::EINVAL {
+            // The agent's own root is the initramfs (rootfs), which
+            // pivot_root refuses. Move the container's root over "/" in this
+            // mount namespace and chroot into it (runc's --no-pivot). Known
+            // gap: a process that keeps CAP_SYS_CHROOT could climb back to
+            // the initramfs, which is the guest's, not the host's; the fix
+            // is an agent that switches its root to a tmpfs at boot.
+            if libc::mount(
+                c".".as_ptr(),
+                c"/".as_ptr(),
+                null,
+                libc::MS_MOVE,
+                std::ptr::null(),
+            ) != 0
+                || libc::chroot(c".".as_ptr()) != 0
+            {
+                return fail(plan, Stage::PivotRoot);
+            }
+        } else {
             return fail(plan, Stage::PivotRoot);
         }
-        libc::rmdir(plan.old_root_inside.as_ptr());
+        if libc::chdir(c"/".as_ptr()) != 0 {
+            return fail(plan, Stage::PivotRoot);
+        }
         if plan.readonly
             && libc::mount(
                 null,
