@@ -106,6 +106,8 @@ pub enum RunError {
         console: String,
         stderr: String,
     },
+    #[error("the test host's kernel locked up (twice); output:\n{output}\n--- L2 console (last lines) ---\n{console}")]
+    L2Lockup { output: String, console: String },
     #[error(transparent)]
     Setup(#[from] anyhow::Error),
 }
@@ -296,8 +298,9 @@ fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
         console: &console,
     };
     // The L2 says it is up before anything else; one that never does (a
-    // QEMU start that stalls on a loaded machine, a hung L2 boot) is an
-    // infrastructure failure, not the test's: start it once more.
+    // QEMU start that stalls on a loaded machine, a hung L2 boot), or whose
+    // kernel reports a soft lockup, is an infrastructure failure, not the
+    // test's: run it once more in a new L2, and say so.
     for tries_left in (0..2).rev() {
         match attempt(spec, &mode, &ctx, started) {
             Err(RunError::NeverStarted {
@@ -327,6 +330,12 @@ struct Attempt<'a> {
 
 /// How long the L2 may take to say it is up (it takes ~3-10 s).
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the L2 kernel prints when a CPU is stuck: seen when a nested guest
+/// wedges the L2's emulated SVM under load (with runc as well as husk-vmm,
+/// so it is this setup's, not the code under test's).
+const LOCKUP: &[u8] = b"soft lockup - CPU#";
+const LOCKUP_POLL: Duration = Duration::from_secs(5);
 
 fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<Outcome, RunError> {
     let Attempt {
@@ -431,7 +440,20 @@ fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<
     let mut status = None;
     loop {
         let until = if up { deadline } else { up_deadline };
-        match lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
+        // Wake at least every few seconds to look at the L2's console.
+        let wait = until
+            .saturating_duration_since(Instant::now())
+            .min(LOCKUP_POLL);
+        if std::fs::read(console).is_ok_and(|c| c.windows(LOCKUP.len()).any(|w| w == LOCKUP)) {
+            drop(qemu);
+            drop(virtiofsd);
+            return Err(RunError::L2Lockup {
+                output,
+                console: tail(console, 40),
+            });
+        }
+        match lines.recv_timeout(wait) {
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < until => continue,
             Ok(l) => {
                 if l.trim() == UP_MARKER {
                     up = true;
