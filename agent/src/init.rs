@@ -134,6 +134,57 @@ pub fn mount_kernel_filesystems(root: &Path) -> Result<(), InitError> {
     Ok(())
 }
 
+/// Set in the environment of the agent once it runs from its own root.
+pub const SWITCHED_ENV: &str = "HUSK_AGENT_ROOT";
+
+/// Moves PID 1 off the initramfs: the kernel's initial root (rootfs) is the
+/// one mount `pivot_root` refuses, and every container's root needs
+/// pivot_root. Copies `/init` (this binary) onto a fresh tmpfs, moves that
+/// tmpfs over `/`, chroots into it and re-executes, like `switch_root`.
+/// The initramfs's copy of the binary is deleted first so that its memory is
+/// freed. Returns only on failure; the caller goes on from the initramfs.
+pub fn switch_root_to_tmpfs() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let step = |what: &str, r: nix::Result<()>| {
+        r.map_err(|e| std::io::Error::other(format!("{what}: {e}")))
+    };
+    let run = || -> std::io::Result<std::convert::Infallible> {
+        let new = Path::new("/newroot");
+        std::fs::create_dir_all(new)?;
+        step(
+            "mounting the new root",
+            mount(
+                Some("rootfs"),
+                new,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("mode=0755"),
+            ),
+        )?;
+        for d in ["dev", "proc", "sys", "run", "tmp"] {
+            std::fs::create_dir_all(new.join(d))?;
+        }
+        std::fs::copy("/init", new.join("init"))?;
+        // devtmpfs comes later; the kernel opened our console on the old /dev.
+        let _ = std::fs::remove_file("/init");
+        nix::unistd::chdir(new).map_err(std::io::Error::from)?;
+        step(
+            "moving the new root over /",
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>),
+        )?;
+        step("chroot", nix::unistd::chroot("."))?;
+        nix::unistd::chdir("/").map_err(std::io::Error::from)?;
+        Err(std::process::Command::new("/init")
+            .args(std::env::args_os().skip(1))
+            .env(SWITCHED_ENV, "tmpfs")
+            .exec())
+    };
+    match run() {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
 /// Whether `target` is a mount point of `fstype`, per /proc/self/mountinfo.
 fn is_mounted_as(target: &Path, fstype: &str) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {

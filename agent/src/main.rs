@@ -17,6 +17,15 @@ use nix::unistd::sync;
 
 fn main() {
     let pid1 = std::process::id() == 1;
+    if pid1 && std::env::var_os(init::SWITCHED_ENV).is_none() {
+        // Only returns if the switch failed: go on from the initramfs
+        // (containers then fall back to MS_MOVE + chroot).
+        let e = init::switch_root_to_tmpfs();
+        let _ = writeln!(
+            std::io::stderr(),
+            "husk-agent: staying on the initramfs: {e}"
+        );
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if pid1 {
         if let Err(e) = init::mount_kernel_filesystems(Path::new("/")) {

@@ -509,12 +509,11 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
                 return fail(plan, Stage::PivotRoot);
             }
         } else if nix::errno::Errno::last_raw() == libc::EINVAL {
-            // The agent's own root is the initramfs (rootfs), which
-            // pivot_root refuses. Move the container's root over "/" in this
-            // mount namespace and chroot into it (runc's --no-pivot). Known
-            // gap: a process that keeps CAP_SYS_CHROOT could climb back to
-            // the initramfs, which is the guest's, not the host's; the fix
-            // is an agent that switches its root to a tmpfs at boot.
+            // The agent's own root is still the initramfs (rootfs), which
+            // pivot_root refuses: its switch to a tmpfs at boot failed. Move
+            // the container's root over "/" in this mount namespace and
+            // chroot into it (runc's --no-pivot); weaker, since a process
+            // that keeps CAP_SYS_CHROOT could climb back to the initramfs.
             if libc::mount(
                 c".".as_ptr(),
                 c"/".as_ptr(),
