@@ -6,6 +6,20 @@ use std::process::{Command, Stdio};
 
 use crate::cmdline;
 
+/// `qemu-system-x86_64` with nothing but what we add: no default devices,
+/// no user config, no display, and a guest reset ends QEMU.
+pub fn base_command() -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    c
+}
+
 /// A `qemu-system-x86_64` command booting `kernel` + `initrd` on the
 /// `microvm` machine, the serial console on stdout. `accel` is `tcg` or
 /// `kvm`. The i8042 is added because `microvm` has none by default and the

@@ -12,8 +12,8 @@
 //! the sandbox's namespaces, cgroups, capabilities, seccomp, rlimits,
 //! masked and read-only paths, terminals.
 
-use std::ffi::{CString, OsStr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -585,9 +585,7 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 /// `/dev/null` opened for reading, for a process without stdin.
 pub fn null_stdin() -> std::io::Result<OwnedFd> {
-    let f = std::fs::File::open(OsStr::new("/dev/null"))?;
-    // SAFETY: into_raw_fd hands over ownership of a valid fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(f)) })
+    Ok(std::fs::File::open("/dev/null")?.into())
 }
 
 #[cfg(test)]

@@ -383,47 +383,41 @@ fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<
         "console=ttyS0 loglevel=4 panic=-1 mitigations=off husk_testhost.script={} husk_testhost.binds={binds}",
         script.display()
     );
-    let mut q = Command::new("qemu-system-x86_64");
-    q.args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
-    // -cpu max under TCG emulates SVM with nested paging: KVM works inside.
-    .args([
-        "-machine",
-        "q35,accel=tcg,memory-backend=mem",
-        "-cpu",
-        "max",
-    ])
-    .args(["-smp", &spec.cpus.to_string(), "-m", &mem])
-    // vhost-user needs guest memory that virtiofsd can map: a shared memfd.
-    .args([
-        "-object",
-        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-    ])
-    .arg("-kernel")
-    .arg(assets.vmlinuz())
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", &append])
-    .args([
-        "-chardev",
-        &format!("socket,id=vfs,path={}", sock.display()),
-    ])
-    .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"])
-    .args(["-serial", &format!("file:{}", console.display())])
-    .args([
-        "-chardev",
-        "stdio,id=out,signal=off",
-        "-serial",
-        "chardev:out",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let mut q = husk_guest_image::qemu::base_command();
+    q
+        // -cpu max under TCG emulates SVM with nested paging: KVM works inside.
+        .args([
+            "-machine",
+            "q35,accel=tcg,memory-backend=mem",
+            "-cpu",
+            "max",
+        ])
+        .args(["-smp", &spec.cpus.to_string(), "-m", &mem])
+        // vhost-user needs guest memory that virtiofsd can map: a shared memfd.
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ])
+        .arg("-kernel")
+        .arg(assets.vmlinuz())
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &append])
+        .args([
+            "-chardev",
+            &format!("socket,id=vfs,path={}", sock.display()),
+        ])
+        .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"])
+        .args(["-serial", &format!("file:{}", console.display())])
+        .args([
+            "-chardev",
+            "stdio,id=out,signal=off",
+            "-serial",
+            "chardev:out",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut qemu = Guard::spawn("qemu", &mut q)?;
     let lines = spawn_reader(qemu.child.stdout.take().context("qemu stdout")?, spec.echo);
     let mut stderr_pipe = qemu.child.stderr.take().context("qemu stderr")?;
