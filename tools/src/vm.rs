@@ -57,6 +57,20 @@ pub struct VmSpec {
     /// made in husk-vmm's own mount namespace, so it can never outlive the
     /// VM or be seen (or deleted through) from the host's namespace.
     pub rootfs: Option<PathBuf>,
+    /// More host paths to show in the share (volumes), bound the same way.
+    pub binds: Vec<Bind>,
+    /// Share `shared/` with the guest even without a rootfs or binds: the
+    /// caller (the shim) mounts into it from the host's namespace later.
+    pub share: bool,
+}
+
+/// A host path bound into the sandbox share.
+#[derive(Debug, Clone)]
+pub struct Bind {
+    pub source: PathBuf,
+    /// Where in the share: one relative component, e.g. `volumes/0`.
+    pub target: PathBuf,
+    pub readonly: bool,
 }
 
 impl Default for VmSpec {
@@ -72,6 +86,8 @@ impl Default for VmSpec {
             detach: false,
             id: None,
             rootfs: None,
+            binds: Vec::new(),
+            share: false,
         }
     }
 }
@@ -165,24 +181,48 @@ impl Vm {
             cmd.args(["--cmdline", &cmdline]);
         }
         let detach = spec.detach;
-        let share_bind = match &spec.rootfs {
-            Some(rootfs) => {
-                let shared = Self::shared_dir(&dir);
-                let target = shared.join("rootfs");
-                std::fs::create_dir_all(&target)
-                    .with_context(|| format!("creating {}", target.display()))?;
-                if !rootfs.is_dir() {
-                    bail!("rootfs {} is not a directory", rootfs.display());
-                }
-                cmd.arg("--shared-dir").arg(&shared);
-                let c = |p: &Path| {
-                    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-                        .context("a path holds NUL")
-                };
-                Some((c(rootfs)?, c(&target)?))
-            }
-            None => None,
+        // Binds into the share, made in husk-vmm's own mount namespace.
+        let shared = Self::shared_dir(&dir);
+        let mut binds: Vec<(std::ffi::CString, std::ffi::CString, bool)> = Vec::new();
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).context("a path holds NUL")
         };
+        let rootfs_bind = spec.rootfs.as_ref().map(|r| Bind {
+            source: r.clone(),
+            target: PathBuf::from("rootfs"),
+            readonly: false,
+        });
+        for b in rootfs_bind.iter().chain(&spec.binds) {
+            if b.target.is_absolute()
+                || b.target
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                bail!(
+                    "bind target {} must be relative, without '..'",
+                    b.target.display()
+                );
+            }
+            let meta = std::fs::metadata(&b.source)
+                .with_context(|| format!("{} (to share with the guest)", b.source.display()))?;
+            let target = shared.join(&b.target);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            if meta.is_dir() {
+                std::fs::create_dir_all(&target)
+            } else {
+                std::fs::File::create(&target).map(drop)
+            }
+            .with_context(|| format!("creating {}", target.display()))?;
+            binds.push((c(&b.source)?, c(&target)?, b.readonly));
+        }
+        if spec.share || !binds.is_empty() {
+            std::fs::create_dir_all(&shared)
+                .with_context(|| format!("creating {}", shared.display()))?;
+            cmd.arg("--shared-dir").arg(&shared);
+        }
         // SAFETY: pre_exec runs in the child between fork and exec and only
         // makes raw syscalls (setsid, prctl, unshare, mount) on C strings
         // prepared before the fork.
@@ -194,23 +234,35 @@ impl Vm {
                 } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if let Some((src, dst)) = &share_bind {
-                    let null = std::ptr::null::<libc::c_char>();
-                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                let null = std::ptr::null::<libc::c_char>();
+                if !binds.is_empty()
+                    && (libc::unshare(libc::CLONE_NEWNS) != 0
                         || libc::mount(
                             null,
                             c"/".as_ptr(),
                             null,
                             libc::MS_REC | libc::MS_PRIVATE,
                             std::ptr::null(),
-                        ) != 0
-                        || libc::mount(
-                            src.as_ptr(),
-                            dst.as_ptr(),
-                            null,
-                            libc::MS_BIND | libc::MS_REC,
-                            std::ptr::null(),
-                        ) != 0
+                        ) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for (src, dst, readonly) in &binds {
+                    if libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        null,
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ) != 0
+                        || (*readonly
+                            && libc::mount(
+                                null,
+                                dst.as_ptr(),
+                                null,
+                                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                                std::ptr::null(),
+                            ) != 0)
                     {
                         return Err(std::io::Error::last_os_error());
                     }

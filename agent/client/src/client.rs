@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use husk_agent_api::agent::{
     CheckRequest, ContainerRequest, CreateContainerRequest, CreateSandboxRequest,
-    DestroySandboxRequest, GuestDetailsRequest, GuestDetailsResponse, ProcessRequest,
-    ShutdownRequest, SignalProcessRequest,
+    DestroySandboxRequest, ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse,
+    OomEventRequest, ProcessRequest, ShutdownRequest, SignalProcessRequest, StatsContainerResponse,
+    TtyWinResizeRequest, UpdateContainerRequest,
 };
 use husk_agent_api::agent_ttrpc::AgentClient as RawClient;
 use husk_agent_api::ttrpc::{self, asynchronous::transport::Socket, context};
@@ -266,11 +267,18 @@ impl Client {
     }
 
     /// Creates a container from an OCI spec (JSON); see `agent.proto`.
-    pub async fn create_container(&self, id: &str, oci_spec: Vec<u8>) -> Result<(), ClientError> {
+    /// `stdin`: the host will attach a stdin stream.
+    pub async fn create_container(
+        &self,
+        id: &str,
+        oci_spec: Vec<u8>,
+        stdin: bool,
+    ) -> Result<(), ClientError> {
         let t = self.opts.call_timeout;
         let req = CreateContainerRequest {
             container_id: id.to_string(),
             oci_spec,
+            stdin,
             ..Default::default()
         };
         self.call("CreateContainer", t, |c, ctx| async move {
@@ -282,10 +290,7 @@ impl Client {
 
     pub async fn start_container(&self, id: &str) -> Result<(), ClientError> {
         let t = self.opts.call_timeout;
-        let req = ContainerRequest {
-            container_id: id.to_string(),
-            ..Default::default()
-        };
+        let req = container_req(id);
         self.call("StartContainer", t, |c, ctx| async move {
             c.start_container(ctx, &req).await
         })
@@ -293,13 +298,35 @@ impl Client {
         .map(drop)
     }
 
-    /// Waits, without a deadline, for the container's process to end and its
-    /// output to arrive; returns its exit status (128 + signal if killed).
-    pub async fn wait_process(&self, id: &str) -> Result<i32, ClientError> {
-        let req = ProcessRequest {
+    /// Starts another process in a running container. `process` is an OCI
+    /// `process` object (JSON); attach its streams before calling.
+    pub async fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: Vec<u8>,
+        stdin: bool,
+    ) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = ExecProcessRequest {
             container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            process,
+            stdin,
             ..Default::default()
         };
+        self.call("ExecProcess", t, |c, ctx| async move {
+            c.exec_process(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Waits, without a deadline, for a process (exec_id "" is the
+    /// container's own) to end and its output to arrive; returns its exit
+    /// status (128 + signal if killed).
+    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<i32, ClientError> {
+        let req = process_req(id, exec_id);
         // A day: the process decides how long this takes.
         let t = Duration::from_secs(86_400);
         self.call("WaitProcess", t, |c, ctx| async move {
@@ -309,10 +336,16 @@ impl Client {
         .map(|r| r.status)
     }
 
-    pub async fn signal_process(&self, id: &str, signal: i32) -> Result<(), ClientError> {
+    pub async fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+    ) -> Result<(), ClientError> {
         let t = self.opts.call_timeout;
         let req = SignalProcessRequest {
             container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
             signal: signal as u32,
             ..Default::default()
         };
@@ -323,12 +356,108 @@ impl Client {
         .map(drop)
     }
 
-    pub async fn remove_container(&self, id: &str) -> Result<(), ClientError> {
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ClientError> {
         let t = self.opts.call_timeout;
-        let req = ContainerRequest {
+        let req = process_req(id, exec_id);
+        self.call("CloseStdin", t, |c, ctx| async move {
+            c.close_stdin(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn tty_resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = TtyWinResizeRequest {
             container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            rows,
+            columns,
             ..Default::default()
         };
+        self.call("TtyWinResize", t, |c, ctx| async move {
+            c.tty_win_resize(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The container's pids, as the guest numbers them.
+    pub async fn list_processes(&self, id: &str) -> Result<Vec<u32>, ClientError> {
+        let t = self.opts.call_timeout;
+        let req = container_req(id);
+        self.call("ListProcesses", t, |c, ctx| async move {
+            c.list_processes(ctx, &req).await
+        })
+        .await
+        .map(|r| r.pids)
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse, ClientError> {
+        let t = self.opts.call_timeout;
+        let req = container_req(id);
+        self.call("StatsContainer", t, |c, ctx| async move {
+            c.stats_container(ctx, &req).await
+        })
+        .await
+    }
+
+    /// New cgroup limits: an OCI `linux.resources` object (JSON).
+    pub async fn update(&self, id: &str, resources: Vec<u8>) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = UpdateContainerRequest {
+            container_id: id.to_string(),
+            resources,
+            ..Default::default()
+        };
+        self.call("UpdateContainer", t, |c, ctx| async move {
+            c.update_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = container_req(id);
+        self.call("PauseContainer", t, |c, ctx| async move {
+            c.pause_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = container_req(id);
+        self.call("ResumeContainer", t, |c, ctx| async move {
+            c.resume_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Waits, without a deadline, for the next OOM kill in any container of
+    /// the sandbox and names the container.
+    pub async fn oom_event(&self) -> Result<String, ClientError> {
+        let t = Duration::from_secs(86_400);
+        let req = OomEventRequest::default();
+        self.call("GetOomEvent", t, |c, ctx| async move {
+            c.get_oom_event(ctx, &req).await
+        })
+        .await
+        .map(|r| r.container_id)
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = container_req(id);
         self.call("RemoveContainer", t, |c, ctx| async move {
             c.remove_container(ctx, &req).await
         })
@@ -336,13 +465,16 @@ impl Client {
         .map(drop)
     }
 
-    /// Opens the host end of one stdio stream (`stdout`, `stderr`) of a
-    /// container's process. Attach before StartContainer to miss nothing.
+    /// Opens the host end of one stdio stream (`stdin`, `stdout`,
+    /// `stderr`) of a process (exec_id "" is the container's own). Attach
+    /// before StartContainer / ExecProcess to miss nothing.
     pub async fn attach(
         &self,
         id: &str,
+        exec_id: &str,
         stream: &str,
     ) -> Result<tokio::net::UnixStream, ClientError> {
+        let exec_id = if exec_id.is_empty() { "-" } else { exec_id };
         use tokio::io::AsyncWriteExt;
         let mut s = vsock::connect(
             &self.opts.vsock_socket,
@@ -350,7 +482,7 @@ impl Client {
             self.opts.call_timeout,
         )
         .await?;
-        s.write_all(format!("{id} - {stream}\n").as_bytes())
+        s.write_all(format!("{id} {exec_id} {stream}\n").as_bytes())
             .await
             .map_err(|source| {
                 ClientError::Handshake(HandshakeError::Io {
@@ -359,5 +491,20 @@ impl Client {
                 })
             })?;
         Ok(s)
+    }
+}
+
+fn container_req(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
+fn process_req(id: &str, exec_id: &str) -> ProcessRequest {
+    ProcessRequest {
+        container_id: id.to_string(),
+        exec_id: exec_id.to_string(),
+        ..Default::default()
     }
 }

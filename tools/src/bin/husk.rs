@@ -121,10 +121,10 @@ async fn run_in(vm: &Vm, a: &RunArgs) -> Result<i32> {
         .await?;
     let id = "main";
     vm.client
-        .create_container(id, serde_json::to_vec(&oci_spec(a, &hostname)?)?)
+        .create_container(id, serde_json::to_vec(&oci_spec(a, &hostname)?)?, false)
         .await?;
-    let mut out = vm.client.attach(id, "stdout").await?;
-    let mut err = vm.client.attach(id, "stderr").await?;
+    let mut out = vm.client.attach(id, "", "stdout").await?;
+    let mut err = vm.client.attach(id, "", "stderr").await?;
     let relay_out =
         tokio::spawn(async move { tokio::io::copy(&mut out, &mut tokio::io::stdout()).await });
     let relay_err =
@@ -145,10 +145,10 @@ async fn run_in(vm: &Vm, a: &RunArgs) -> Result<i32> {
                 _ = int.recv() => libc::SIGINT,
                 _ = term.recv() => libc::SIGTERM,
             };
-            let _ = client.signal_process("main", sig).await;
+            let _ = client.signal_process("main", "", sig).await;
         }
     });
-    let code = vm.client.wait_process(id).await?;
+    let code = vm.client.wait_process(id, "").await?;
     forward.abort();
     // The agent answers Wait only after the output is out; drain our side.
     let _ = relay_out.await;
