@@ -9,15 +9,18 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use husk_agent_api::agent::{
     CheckRequest, CheckResponse, ContainerRequest, CreateContainerRequest, CreateSandboxRequest,
-    DestroySandboxRequest, Empty, GuestDetailsRequest, GuestDetailsResponse, ProcessRequest,
-    ShutdownRequest, SignalProcessRequest, WaitProcessResponse,
+    DestroySandboxRequest, Empty, ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse,
+    ListProcessesResponse, OomEventRequest, OomEventResponse, ProcessRequest, ShutdownRequest,
+    SignalProcessRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
+    WaitProcessResponse,
 };
 use husk_agent_api::agent_ttrpc::Agent;
 use husk_agent_api::ttrpc::{self, r#async::TtrpcContext, Code};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tokio::sync::mpsc;
 
-use crate::container::manager::{Manager, ManagerError, INIT};
+use crate::container::cgroup::CgroupError;
+use crate::container::manager::{Manager, ManagerError};
 use crate::init;
 
 /// Where per-sandbox files (resolv.conf, hostname) live in the guest.
@@ -55,25 +58,15 @@ impl AgentService {
 
 fn container_status(e: ManagerError) -> ttrpc::Error {
     let code = match &e {
-        ManagerError::NotFound(_) => Code::NOT_FOUND,
-        ManagerError::Exists(_) => Code::ALREADY_EXISTS,
+        ManagerError::NotFound(_) | ManagerError::NoProcess { .. } => Code::NOT_FOUND,
+        ManagerError::Exists(_) | ManagerError::ProcessExists { .. } => Code::ALREADY_EXISTS,
         ManagerError::State { .. } | ManagerError::NoShare => Code::FAILED_PRECONDITION,
-        ManagerError::Spec(_) | ManagerError::BadId(_) => Code::INVALID_ARGUMENT,
-        ManagerError::Start(_) | ManagerError::Io(_) => Code::INTERNAL,
+        ManagerError::Spec(_)
+        | ManagerError::BadId { .. }
+        | ManagerError::Cgroup(CgroupError::Invalid { .. }) => Code::INVALID_ARGUMENT,
+        ManagerError::Start(_) | ManagerError::Io(_) | ManagerError::Cgroup(_) => Code::INTERNAL,
     };
     status(code, e.to_string())
-}
-
-/// Only containers' own processes for now; exec comes with its own calls.
-fn check_exec_id(exec_id: &str) -> ttrpc::Result<()> {
-    if exec_id.is_empty() || exec_id == INIT {
-        Ok(())
-    } else {
-        Err(status(
-            Code::NOT_FOUND,
-            format!("no process {exec_id:?}: exec is not supported yet"),
-        ))
-    }
 }
 
 /// A hostname per RFC 1123: 1..=63 bytes, letters, digits, '-', not at the ends.
@@ -311,7 +304,7 @@ impl Agent for AgentService {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<Empty> {
         self.containers
-            .create(&req.container_id, &req.oci_spec)
+            .create(&req.container_id, &req.oci_spec, req.stdin)
             .map_err(container_status)?;
         tracing::info!(container = %req.container_id, "container created");
         Ok(Empty::default())
@@ -334,10 +327,9 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
-        check_exec_id(&req.exec_id)?;
         let status = self
             .containers
-            .wait(&req.container_id)
+            .wait(&req.container_id, &req.exec_id)
             .await
             .map_err(container_status)?;
         Ok(WaitProcessResponse {
@@ -351,10 +343,9 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
-        check_exec_id(&req.exec_id)?;
         let sig = i32::try_from(req.signal).map_err(|_| invalid("signal", "out of range"))?;
         self.containers
-            .signal(&req.container_id, sig)
+            .signal(&req.container_id, &req.exec_id, sig, req.all)
             .map_err(container_status)?;
         Ok(Empty::default())
     }
@@ -367,7 +358,134 @@ impl Agent for AgentService {
         self.containers
             .remove(&req.container_id)
             .map_err(container_status)?;
+        tracing::info!(container = %req.container_id, "container removed");
         Ok(Empty::default())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .exec(&req.container_id, &req.exec_id, &req.process, req.stdin)
+            .map_err(container_status)?;
+        tracing::info!(container = %req.container_id, exec = %req.exec_id, "process started");
+        Ok(Empty::default())
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)
+            .map_err(container_status)?;
+        Ok(Empty::default())
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
+        let rows = u16::try_from(req.rows).map_err(|_| invalid("rows", "above 65535"))?;
+        let cols = u16::try_from(req.columns).map_err(|_| invalid("columns", "above 65535"))?;
+        self.containers
+            .resize(&req.container_id, &req.exec_id, rows, cols)
+            .map_err(container_status)?;
+        Ok(Empty::default())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let pids = self
+            .containers
+            .pids(&req.container_id)
+            .map_err(container_status)?;
+        Ok(ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        let s = self
+            .containers
+            .stats(&req.container_id)
+            .map_err(container_status)?;
+        Ok(StatsContainerResponse {
+            cpu_usage_usec: s.cpu_usage_usec,
+            cpu_user_usec: s.cpu_user_usec,
+            cpu_system_usec: s.cpu_system_usec,
+            cpu_nr_throttled: s.cpu_nr_throttled,
+            cpu_throttled_usec: s.cpu_throttled_usec,
+            memory_current: s.memory_current,
+            memory_limit: s.memory_limit,
+            memory_anon: s.memory_anon,
+            memory_file: s.memory_file,
+            memory_oom_kill: s.memory_oom_kill,
+            pids_current: s.pids_current,
+            pids_limit: s.pids_limit,
+            io_read_bytes: s.io_read_bytes,
+            io_write_bytes: s.io_write_bytes,
+            ..Default::default()
+        })
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .update(&req.container_id, &req.resources)
+            .map_err(container_status)?;
+        Ok(Empty::default())
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .freeze(&req.container_id, true)
+            .await
+            .map_err(container_status)?;
+        Ok(Empty::default())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .freeze(&req.container_id, false)
+            .await
+            .map_err(container_status)?;
+        Ok(Empty::default())
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: OomEventRequest,
+    ) -> ttrpc::Result<OomEventResponse> {
+        let container_id = self
+            .containers
+            .next_oom()
+            .await
+            .ok_or_else(|| status(Code::UNAVAILABLE, "shutting down"))?;
+        Ok(OomEventResponse {
+            container_id,
+            ..Default::default()
+        })
     }
 }
 

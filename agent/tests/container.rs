@@ -52,7 +52,7 @@ fn run(share: &Path, v: &Value) -> Result<(i32, String, String), ContainerError>
         stdout: out_w,
         stderr: err_w,
     };
-    let pid = process::start(&valid(v), share, stdio)?;
+    let pid = process::start(&valid(v), share, stdio, None)?;
     let mut out = String::new();
     let mut err = String::new();
     std::fs::File::from(out_r).read_to_string(&mut out).unwrap();

@@ -356,6 +356,22 @@ impl Client {
         .map(drop)
     }
 
+    /// Signals every process of the container (containerd's Kill all=true).
+    pub async fn signal_all(&self, id: &str, signal: i32) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = SignalProcessRequest {
+            container_id: id.to_string(),
+            signal: signal as u32,
+            all: true,
+            ..Default::default()
+        };
+        self.call("SignalProcess", t, |c, ctx| async move {
+            c.signal_process(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ClientError> {
         let t = self.opts.call_timeout;
         let req = process_req(id, exec_id);

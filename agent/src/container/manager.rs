@@ -1,25 +1,28 @@
-//! The containers of the sandbox: create (check the spec, make the stdio
-//! pipes), start (clone and exec, relay stdout and stderr to the host's
-//! streams), wait (the exit status, only once the output is delivered),
-//! signal, remove.
+//! The containers of the sandbox and their processes: create (check the
+//! spec, make the cgroup and the stdio ends), start and exec (clone, then
+//! relay stdio to the host's streams), wait (the exit status, only once the
+//! output is delivered), signal, stdin, terminal size, pause and resume,
+//! stats, limits, OOM events, remove.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nix::unistd::Pid;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::cgroup::{Cgroup, CgroupError, Stats};
 use super::process::{self, ContainerError, Stdio};
-use super::spec::{self, SpecError, ValidSpec};
+use super::pty;
+use super::spec::{self, SpecError, ValidProcess, ValidSpec};
 use super::stdio::Hub;
 use crate::reaper::{ExitStatus, Reaper};
 
-/// The exec id of a container's own (init) process.
+/// The exec id of a container's own (init) process on stdio streams.
 pub const INIT: &str = "-";
 /// How long output waits for the host to attach before it is discarded.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,41 +33,154 @@ pub enum ManagerError {
     Exists(String),
     #[error("no container {0}")]
     NotFound(String),
+    #[error("container {id} has no process {exec_id}")]
+    NoProcess { id: String, exec_id: String },
+    #[error("process {exec_id} already exists in container {id}")]
+    ProcessExists { id: String, exec_id: String },
     #[error("container {id} is {state}")]
     State { id: String, state: &'static str },
     #[error("no sandbox share is mounted: CreateSandbox with a shared fs first")]
     NoShare,
-    #[error("invalid container id {0:?}")]
-    BadId(String),
+    #[error("invalid {what} {id:?}")]
+    BadId { what: &'static str, id: String },
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(transparent)]
     Start(#[from] ContainerError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     #[error("{0}")]
     Io(String),
 }
 
-enum State {
-    Created {
-        out_r: OwnedFd,
-        err_r: OwnedFd,
-        out_w: OwnedFd,
-        err_w: OwnedFd,
-    },
-    Running {
-        pid: Pid,
-    },
-    Stopped,
-    /// Between states, while a call works on it.
-    Busy,
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
+    move |e| ManagerError::Io(format!("{what}: {e}"))
+}
+
+/// The agent's ends of a process's stdio, made before it starts.
+struct Ends {
+    /// What the child gets.
+    child: Stdio,
+    /// Its output: a pipe's read end, or the pty master.
+    out: OwnedFd,
+    err: Option<OwnedFd>,
+    /// The write end of its stdin pipe (None: /dev/null, or a terminal).
+    stdin: Option<OwnedFd>,
+    tty: bool,
+    want_stdin: bool,
+}
+
+fn make_ends(tty: bool, want_stdin: bool) -> Result<Ends, ManagerError> {
+    if tty {
+        let (master, slave) = pty::open().map_err(io_err("opening a pty"))?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(io_err("dup"));
+        return Ok(Ends {
+            child: Stdio {
+                stdin: dup(&slave)?,
+                stdout: dup(&slave)?,
+                stderr: slave,
+            },
+            out: master,
+            err: None,
+            stdin: None,
+            tty,
+            want_stdin,
+        });
+    }
+    let (out_r, out_w) = process::pipe().map_err(io_err("pipe"))?;
+    let (err_r, err_w) = process::pipe().map_err(io_err("pipe"))?;
+    let (stdin, stdin_w) = if want_stdin {
+        let (r, w) = process::pipe().map_err(io_err("pipe"))?;
+        (r, Some(w))
+    } else {
+        (process::null_stdin().map_err(io_err("/dev/null"))?, None)
+    };
+    Ok(Ends {
+        child: Stdio {
+            stdin,
+            stdout: out_w,
+            stderr: err_w,
+        },
+        out: out_r,
+        err: Some(err_r),
+        stdin: stdin_w,
+        tty,
+        want_stdin,
+    })
+}
+
+/// One process: a container's own or an exec.
+struct Proc {
+    spec: ValidProcess,
+    pid: Option<Pid>,
+    /// Until started.
+    ends: Option<Ends>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    exit_tx: Option<watch::Sender<Option<ExitStatus>>>,
+    /// Output relays: the exit is reported after they finish.
+    relays: Vec<JoinHandle<()>>,
+    stdin_relay: Option<JoinHandle<()>>,
+    pty: Option<pty::Master>,
+}
+
+impl Proc {
+    fn new(spec: ValidProcess, want_stdin: bool) -> Result<Self, ManagerError> {
+        let ends = make_ends(spec.terminal, want_stdin)?;
+        let (exit_tx, exit) = watch::channel(None);
+        Ok(Self {
+            spec,
+            pid: None,
+            ends: Some(ends),
+            exit,
+            exit_tx: Some(exit_tx),
+            relays: Vec::new(),
+            stdin_relay: None,
+            pty: None,
+        })
+    }
+
+    fn running(&self) -> bool {
+        self.pid.is_some() && self.exit.borrow().is_none()
+    }
+
+    fn state(&self) -> &'static str {
+        match (self.pid, *self.exit.borrow()) {
+            (None, _) => "created",
+            (Some(_), None) => "running",
+            (Some(_), Some(_)) => "stopped",
+        }
+    }
+
+    fn abort_relays(&mut self) {
+        for r in self.relays.drain(..) {
+            r.abort();
+        }
+        if let Some(r) = self.stdin_relay.take() {
+            r.abort();
+        }
+    }
 }
 
 struct Container {
     spec: ValidSpec,
-    state: State,
-    exit: watch::Receiver<Option<ExitStatus>>,
-    exit_tx: Option<watch::Sender<Option<ExitStatus>>>,
-    relays: Vec<JoinHandle<()>>,
+    cgroup: Cgroup,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+    oom_watch: Option<JoinHandle<()>>,
+}
+
+impl Container {
+    fn proc_mut(&mut self, id: &str, exec_id: &str) -> Result<&mut Proc, ManagerError> {
+        if exec_id.is_empty() || exec_id == INIT {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| ManagerError::NoProcess {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            })
+    }
 }
 
 #[derive(Clone)]
@@ -73,24 +189,37 @@ pub struct Manager {
     share: Arc<Mutex<Option<PathBuf>>>,
     reaper: Reaper,
     hub: Hub,
+    oom_tx: mpsc::UnboundedSender<String>,
+    oom_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>>,
 }
 
-fn state_name(s: &State) -> &'static str {
-    match s {
-        State::Created { .. } => "created",
-        State::Running { .. } => "running",
-        State::Stopped => "stopped",
-        State::Busy => "busy",
+fn check_id(what: &'static str, id: &str) -> Result<(), ManagerError> {
+    if id.is_empty()
+        || id.len() > 128
+        || id.starts_with('.')
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        || id == INIT
+    {
+        return Err(ManagerError::BadId {
+            what,
+            id: id.to_string(),
+        });
     }
+    Ok(())
 }
 
 impl Manager {
     pub fn new(reaper: Reaper, hub: Hub) -> Self {
+        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
         Self {
             containers: Arc::default(),
             share: Arc::default(),
             reaper,
             hub,
+            oom_tx,
+            oom_rx: Arc::new(tokio::sync::Mutex::new(oom_rx)),
         }
     }
 
@@ -99,28 +228,34 @@ impl Manager {
         *self.share.lock().unwrap_or_else(PoisonError::into_inner) = p;
     }
 
+    fn share(&self) -> Option<PathBuf> {
+        self.share
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
         self.containers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn create(&self, id: &str, spec_json: &[u8]) -> Result<(), ManagerError> {
-        if id.is_empty()
-            || id.len() > 128
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-            || id == INIT
-        {
-            return Err(ManagerError::BadId(id.to_string()));
-        }
-        if self
-            .share
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_none()
-        {
+    fn with<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Container) -> Result<T, ManagerError>,
+    ) -> Result<T, ManagerError> {
+        let mut all = self.lock();
+        let c = all
+            .get_mut(id)
+            .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+        f(c)
+    }
+
+    pub fn create(&self, id: &str, spec_json: &[u8], want_stdin: bool) -> Result<(), ManagerError> {
+        check_id("container id", id)?;
+        if self.share().is_none() {
             return Err(ManagerError::NoShare);
         }
         let spec = spec::validate(spec_json)?;
@@ -128,103 +263,105 @@ impl Manager {
         if all.contains_key(id) {
             return Err(ManagerError::Exists(id.to_string()));
         }
-        let (out_r, out_w) = process::pipe().map_err(|e| ManagerError::Io(e.to_string()))?;
-        let (err_r, err_w) = process::pipe().map_err(|e| ManagerError::Io(e.to_string()))?;
-        let (exit_tx, exit) = watch::channel(None);
+        let init = Proc::new(spec.process.clone(), want_stdin)?;
+        // Last: nothing below can fail and leave the cgroup behind.
+        let cgroup = Cgroup::create(id, spec.resources.as_ref())?;
+        let oom_watch = Some(watch_oom(
+            id.to_string(),
+            cgroup.clone(),
+            self.oom_tx.clone(),
+        ));
         all.insert(
             id.to_string(),
             Container {
                 spec,
-                state: State::Created {
-                    out_r,
-                    err_r,
-                    out_w,
-                    err_w,
-                },
-                exit,
-                exit_tx: Some(exit_tx),
-                relays: Vec::new(),
+                cgroup,
+                init,
+                execs: HashMap::new(),
+                oom_watch,
             },
         );
         Ok(())
     }
 
     pub fn start(&self, id: &str) -> Result<(), ManagerError> {
-        let share = self
-            .share
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or(ManagerError::NoShare)?;
+        let share = self.share().ok_or(ManagerError::NoShare)?;
         let mut all = self.lock();
         let c = all
             .get_mut(id)
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        let State::Created {
-            out_r,
-            err_r,
-            out_w,
-            err_w,
-        } = std::mem::replace(&mut c.state, State::Busy)
-        else {
-            let state = state_name(&c.state);
+        let Some(ends) = c.init.ends.take() else {
             return Err(ManagerError::State {
                 id: id.to_string(),
-                state,
+                state: c.init.state(),
             });
         };
-        let stdio = Stdio {
-            stdin: process::null_stdin().map_err(|e| ManagerError::Io(e.to_string()))?,
-            stdout: out_w,
-            stderr: err_w,
-        };
+        let procs = c.cgroup.procs_file();
+        let spec = &c.spec;
         let started = self
             .reaper
-            .register_with(|| process::start(&c.spec, &share, stdio));
-        let (pid, exited) = match started {
-            Ok(v) => v,
-            Err(e) => {
-                c.state = State::Stopped;
-                return Err(e.into());
-            }
+            .register_with(|| process::start(spec, &share, ends.child, Some(&procs)));
+        let ends = Ends {
+            child: dummy_stdio()?,
+            ..ends
         };
-        c.state = State::Running { pid };
-        c.relays.push(relay(self.hub.clone(), id, "stdout", out_r));
-        c.relays.push(relay(self.hub.clone(), id, "stderr", err_r));
-        let exit_tx = c.exit_tx.take();
-        let containers = self.containers.clone();
-        let id = id.to_string();
-        tokio::spawn(async move {
-            let status = exited.await.unwrap_or(ExitStatus(255));
-            if let Some(c) = containers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_mut(&id)
-            {
-                c.state = State::Stopped;
-            }
-            if let Some(tx) = exit_tx {
-                let _ = tx.send(Some(status));
-            }
-        });
+        launch(&self.hub, id, INIT, &mut c.init, started, ends)
+    }
+
+    /// Starts `exec_id` in the running container `id`.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        want_stdin: bool,
+    ) -> Result<(), ManagerError> {
+        check_id("exec id", exec_id)?;
+        let p = spec::validate_exec(process_json)?;
+        let mut all = self.lock();
+        let c = all
+            .get_mut(id)
+            .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+        let (true, Some(init_pid)) = (c.init.running(), c.init.pid) else {
+            return Err(ManagerError::State {
+                id: id.to_string(),
+                state: c.init.state(),
+            });
+        };
+        if c.execs.contains_key(exec_id) {
+            return Err(ManagerError::ProcessExists {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            });
+        }
+        let mut proc_ = Proc::new(p, want_stdin)?;
+        let mut ends = proc_
+            .ends
+            .take()
+            .ok_or_else(|| ManagerError::Io("no stdio".into()))?;
+        let child = std::mem::replace(&mut ends.child, dummy_stdio()?);
+        let procs = c.cgroup.procs_file();
+        let spec = &proc_.spec;
+        let started = self
+            .reaper
+            .register_with(|| process::exec(spec, init_pid, child, &procs));
+        launch(&self.hub, id, exec_id, &mut proc_, started, ends)?;
+        c.execs.insert(exec_id.to_string(), proc_);
         Ok(())
     }
 
     /// The exit status, once the process has ended and its output is out.
-    pub async fn wait(&self, id: &str) -> Result<i32, ManagerError> {
-        let (mut exit, relays) = {
-            let mut all = self.lock();
-            let c = all
-                .get_mut(id)
-                .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-            if matches!(c.state, State::Created { .. }) {
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32, ManagerError> {
+        let (mut exit, relays) = self.with(id, |c| {
+            let p = c.proc_mut(id, exec_id)?;
+            if p.pid.is_none() {
                 return Err(ManagerError::State {
                     id: id.to_string(),
                     state: "created",
                 });
             }
-            (c.exit.clone(), std::mem::take(&mut c.relays))
-        };
+            Ok((p.exit.clone(), std::mem::take(&mut p.relays)))
+        })?;
         let status = loop {
             if let Some(s) = *exit.borrow_and_update() {
                 break s;
@@ -240,63 +377,306 @@ impl Manager {
         Ok(status.0)
     }
 
-    pub fn signal(&self, id: &str, signal: i32) -> Result<(), ManagerError> {
-        let all = self.lock();
-        let c = all
-            .get(id)
-            .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        let State::Running { pid } = c.state else {
-            return Err(ManagerError::State {
-                id: id.to_string(),
-                state: state_name(&c.state),
-            });
-        };
+    pub fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ManagerError> {
         let sig = nix::sys::signal::Signal::try_from(signal)
             .map_err(|e| ManagerError::Io(format!("signal {signal}: {e}")))?;
-        nix::sys::signal::kill(pid, sig)
-            .map_err(|e| ManagerError::Io(format!("signalling {pid}: {e}")))
+        self.with(id, |c| {
+            if all {
+                if sig == nix::sys::signal::Signal::SIGKILL {
+                    c.cgroup.kill_all();
+                } else {
+                    for pid in c.cgroup.pids() {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), sig);
+                    }
+                }
+                return Ok(());
+            }
+            let p = c.proc_mut(id, exec_id)?;
+            let (true, Some(pid)) = (p.running(), p.pid) else {
+                return Err(ManagerError::State {
+                    id: id.to_string(),
+                    state: p.state(),
+                });
+            };
+            nix::sys::signal::kill(pid, sig)
+                .map_err(|e| ManagerError::Io(format!("signalling {pid}: {e}")))
+        })
     }
 
+    /// Closes a process's stdin now, whatever its stream still carries.
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ManagerError> {
+        self.with(id, |c| {
+            let p = c.proc_mut(id, exec_id)?;
+            if let Some(r) = p.stdin_relay.take() {
+                r.abort();
+            }
+            if let Some(e) = p.ends.as_mut() {
+                e.stdin = None;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), ManagerError> {
+        self.with(id, |c| {
+            let p = c.proc_mut(id, exec_id)?;
+            let fd = match (&p.pty, &p.ends) {
+                (Some(m), _) => m.fd(),
+                (None, Some(e)) if e.tty => &e.out,
+                _ => {
+                    return Err(ManagerError::Io(format!(
+                        "process {exec_id:?} of {id} has no terminal"
+                    )))
+                }
+            };
+            pty::resize(fd, rows, cols).map_err(io_err("TIOCSWINSZ"))
+        })
+    }
+
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>, ManagerError> {
+        self.with(id, |c| Ok(c.cgroup.pids()))
+    }
+
+    pub fn stats(&self, id: &str) -> Result<Stats, ManagerError> {
+        self.with(id, |c| Ok(c.cgroup.stats()))
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ManagerError> {
+        let r: oci_spec::runtime::LinuxResources =
+            serde_json::from_slice(resources_json).map_err(|e| SpecError {
+                field: "linux.resources".into(),
+                problem: e.to_string(),
+            })?;
+        self.with(id, |c| Ok(c.cgroup.update(&r)?))
+    }
+
+    pub async fn freeze(&self, id: &str, frozen: bool) -> Result<(), ManagerError> {
+        let cg = self.with(id, |c| {
+            if !c.init.running() {
+                return Err(ManagerError::State {
+                    id: id.to_string(),
+                    state: c.init.state(),
+                });
+            }
+            Ok(c.cgroup.clone())
+        })?;
+        tokio::task::spawn_blocking(move || cg.freeze(frozen))
+            .await
+            .map_err(|e| ManagerError::Io(e.to_string()))??;
+        Ok(())
+    }
+
+    /// The next container an OOM kill happened in.
+    pub async fn next_oom(&self) -> Option<String> {
+        self.oom_rx.lock().await.recv().await
+    }
+
+    /// Forgets a stopped container: leftover processes (an exec's orphans)
+    /// are killed with the cgroup, relays and streams are dropped.
     pub fn remove(&self, id: &str) -> Result<(), ManagerError> {
-        let mut all = self.lock();
-        let c = all
-            .get(id)
-            .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        if matches!(c.state, State::Running { .. } | State::Busy) {
-            return Err(ManagerError::State {
-                id: id.to_string(),
-                state: state_name(&c.state),
-            });
+        let mut c = {
+            let mut all = self.lock();
+            let c = all
+                .get(id)
+                .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+            if c.init.running() {
+                return Err(ManagerError::State {
+                    id: id.to_string(),
+                    state: "running",
+                });
+            }
+            all.remove(id)
+                .ok_or_else(|| ManagerError::NotFound(id.to_string()))?
+        };
+        if let Some(w) = c.oom_watch.take() {
+            w.abort();
         }
-        all.remove(id);
+        c.init.abort_relays();
+        for p in c.execs.values_mut() {
+            p.abort_relays();
+        }
+        c.cgroup.destroy();
         self.hub.forget(id);
         Ok(())
     }
 }
 
-/// Copies a process's pipe to the host's stream for it, then closes the
+/// A placeholder for fds already handed to the child.
+fn dummy_stdio() -> Result<Stdio, ManagerError> {
+    let null = || process::null_stdin().map_err(io_err("/dev/null"));
+    Ok(Stdio {
+        stdin: null()?,
+        stdout: null()?,
+        stderr: null()?,
+    })
+}
+
+/// After a clone: record the pid, start the relays, and on exit mark the
+/// process stopped.
+fn launch(
+    hub: &Hub,
+    id: &str,
+    exec_id: &str,
+    p: &mut Proc,
+    started: Result<(Pid, tokio::sync::oneshot::Receiver<ExitStatus>), ContainerError>,
+    ends: Ends,
+) -> Result<(), ManagerError> {
+    let (pid, exited) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            // Never started: it can be removed.
+            p.pid = Some(Pid::from_raw(0));
+            if let Some(tx) = p.exit_tx.take() {
+                let _ = tx.send(Some(ExitStatus(127)));
+            }
+            return Err(e.into());
+        }
+    };
+    p.pid = Some(pid);
+    let key = |s: &str| (id.to_string(), exec_id.to_string(), s.to_string());
+    if ends.tty {
+        let master = pty::Master::new(ends.out).map_err(io_err("pty"))?;
+        p.relays.push(relay_out(
+            hub.expect(key("stdout")),
+            master.clone(),
+            "stdout",
+        ));
+        if ends.want_stdin {
+            p.stdin_relay = Some(relay_in(hub.expect(key("stdin")), master.clone(), false));
+        }
+        p.pty = Some(master);
+    } else {
+        let rx = |fd: OwnedFd| {
+            tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(io_err("pipe"))
+        };
+        p.relays.push(relay_out(
+            hub.expect(key("stdout")),
+            rx(ends.out)?,
+            "stdout",
+        ));
+        if let Some(err) = ends.err {
+            p.relays
+                .push(relay_out(hub.expect(key("stderr")), rx(err)?, "stderr"));
+        }
+        if let Some(w) = ends.stdin {
+            let tx = tokio::net::unix::pipe::Sender::from_owned_fd(w).map_err(io_err("pipe"))?;
+            p.stdin_relay = Some(relay_in(hub.expect(key("stdin")), tx, true));
+        }
+    }
+    let exit_tx = p.exit_tx.take();
+    tokio::spawn(async move {
+        let status = exited.await.unwrap_or(ExitStatus(255));
+        if let Some(tx) = exit_tx {
+            let _ = tx.send(Some(status));
+        }
+    });
+    Ok(())
+}
+
+type Attached = tokio::sync::oneshot::Receiver<tokio_vsock::VsockStream>;
+
+/// Copies a process's output to the host's stream for it, then closes the
 /// stream. Without a stream within ATTACH_TIMEOUT the output is drained and
 /// dropped, so the process never blocks on a full pipe.
-fn relay(hub: Hub, id: &str, stream: &'static str, pipe: OwnedFd) -> JoinHandle<()> {
-    let attached = hub.expect((id.to_string(), INIT.to_string(), stream.to_string()));
+fn relay_out<R>(attached: Attached, mut src: R, stream: &'static str) -> JoinHandle<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
-        let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!("{stream} pipe: {e}");
-                return;
-            }
-        };
         match tokio::time::timeout(ATTACH_TIMEOUT, attached).await {
             Ok(Ok(mut s)) => {
-                if let Err(e) = tokio::io::copy(&mut pipe, &mut s).await {
+                if let Err(e) = tokio::io::copy(&mut src, &mut s).await {
                     tracing::debug!("{stream} relay ended: {e}");
                 }
                 let _ = AsyncWriteExt::shutdown(&mut s).await;
             }
             _ => {
                 tracing::warn!("nobody attached {stream} within {ATTACH_TIMEOUT:?}; discarding it");
-                let _ = tokio::io::copy(&mut pipe, &mut tokio::io::sink()).await;
+                let _ = tokio::io::copy(&mut src, &mut tokio::io::sink()).await;
+            }
+        }
+    })
+}
+
+/// Copies the host's stdin stream into the process. At the stream's end a
+/// pipe is closed (the process sees EOF); a terminal stays open, as it does
+/// when a user's terminal goes quiet.
+fn relay_in<W>(attached: Attached, mut dst: W, close_at_eof: bool) -> JoinHandle<()>
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        match tokio::time::timeout(ATTACH_TIMEOUT, attached).await {
+            Ok(Ok(mut s)) => {
+                if let Err(e) = tokio::io::copy(&mut s, &mut dst).await {
+                    tracing::debug!("stdin relay ended: {e}");
+                }
+            }
+            _ => tracing::warn!("nobody attached stdin within {ATTACH_TIMEOUT:?}; closing it"),
+        }
+        if close_at_eof {
+            drop(dst);
+        } else {
+            // Keep the terminal's master open as long as the output relay.
+            std::future::pending::<()>().await;
+        }
+    })
+}
+
+/// Reports each new OOM kill in the container's cgroup. memory.events
+/// raises a "modified" event on every change (cgroup v2), so inotify wakes
+/// this only when something happened.
+fn watch_oom(id: String, cgroup: Cgroup, tx: mpsc::UnboundedSender<String>) -> JoinHandle<()> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    tokio::spawn(async move {
+        let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+            Ok(i) => i,
+            Err(e) => return tracing::warn!("OOM events for {id}: inotify: {e}"),
+        };
+        if let Err(e) = inotify.add_watch(&cgroup.memory_events_file(), AddWatchFlags::IN_MODIFY) {
+            return tracing::warn!("OOM events for {id}: {e}");
+        }
+        let fd = match std::os::fd::AsFd::as_fd(&inotify).try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => return tracing::warn!("OOM events for {id}: {e}"),
+        };
+        drop(inotify);
+        // SAFETY: the OwnedFd moves into the AsyncFd and stays open, the
+        // same descriptor, for as long as the AsyncFd lives.
+        let fd = match unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+            Ok(fd) => fd,
+            Err(e) => return tracing::warn!("OOM events for {id}: {e}"),
+        };
+        let mut seen = cgroup.oom_kills();
+        loop {
+            let Ok(mut guard) = fd.readable().await else {
+                return;
+            };
+            // Drain the events; the counter says what happened.
+            let mut buf = [0u8; 4096];
+            while matches!(nix::unistd::read(guard.get_inner().as_raw_fd(), &mut buf), Ok(n) if n > 0)
+            {
+            }
+            guard.clear_ready();
+            let now = cgroup.oom_kills();
+            if now > seen {
+                tracing::warn!(container = %id, kills = now - seen, "OOM kill");
+                seen = now;
+                if tx.send(id.clone()).is_err() {
+                    return;
+                }
             }
         }
     })

@@ -1,9 +1,11 @@
-//! Containers in the guest. This first part checks an OCI runtime spec,
-//! as the host sends it, before anything is built from it: a bad spec is
-//! refused with the field named, and nothing in the guest changes. Building
-//! and running the container comes with the rest of the containers issue.
+//! Containers in the guest: the spec checked ([`spec`]), the process built
+//! and started in its namespaces ([`process`]), its cgroup ([`cgroup`]),
+//! its terminal ([`pty`]) and stdio streams ([`stdio`]), and the manager
+//! that keeps track of them all ([`manager`]).
 
+pub mod cgroup;
 pub mod manager;
 pub mod process;
+pub mod pty;
 pub mod spec;
 pub mod stdio;

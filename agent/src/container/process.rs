@@ -8,13 +8,19 @@
 //! reports a failure as (stage, errno) on a close-on-exec pipe. An empty
 //! pipe at EOF means exec succeeded.
 //!
-//! Not yet here (the rest of the containers issue): user namespaces, joining
-//! the sandbox's namespaces, cgroups, capabilities, seccomp, rlimits,
-//! masked and read-only paths, terminals.
+//! An exec'd process takes the same path minus the rootfs: it joins the
+//! container's namespaces (setns on fds opened before clone; the pid
+//! namespace through the cloning thread, see [`exec`]) and cgroup.
+//!
+//! The network and IPC namespaces are the sandbox's: a container never gets
+//! new ones, whatever its spec lists, because in Husk the VM is the pod and
+//! its containers share both (what the pause container's namespaces do for
+//! runc). Not here yet: user namespaces, seccomp.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::MsFlags;
@@ -22,7 +28,7 @@ use nix::sched::CloneFlags;
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxNamespaceType;
 
-use super::spec::{Mount, ValidSpec};
+use super::spec::{Mount, ValidProcess, ValidSpec};
 
 /// Where a container start failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +47,19 @@ pub enum Stage {
     Uid,
     Cwd,
     Exec,
+    Cgroup,
+    OomScoreAdj,
+    Sysctl,
+    JoinNamespace,
+    MaskPaths,
+    Terminal,
+    Rlimits,
+    Capabilities,
+    NoNewPrivileges,
 }
 
 impl Stage {
-    fn from_u32(v: u32) -> Option<Self> {
+    const ALL: [Stage; 22] = {
         use Stage::*;
         [
             Private,
@@ -60,9 +75,20 @@ impl Stage {
             Uid,
             Cwd,
             Exec,
+            Cgroup,
+            OomScoreAdj,
+            Sysctl,
+            JoinNamespace,
+            MaskPaths,
+            Terminal,
+            Rlimits,
+            Capabilities,
+            NoNewPrivileges,
         ]
-        .into_iter()
-        .find(|s| *s as u32 == v)
+    };
+
+    fn from_u32(v: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| *s as u32 == v)
     }
 }
 
@@ -167,6 +193,8 @@ struct PreparedMount {
     data: Option<CString>,
     /// A read-only bind needs a second, remounting call.
     remount_ro: bool,
+    /// The child makes the mount point: it may lie in the fresh /dev.
+    is_file: bool,
 }
 
 fn prepare_mount(root: &Path, share: &Path, m: &Mount) -> Result<PreparedMount, ContainerError> {
@@ -202,6 +230,7 @@ fn prepare_mount(root: &Path, share: &Path, m: &Mount) -> Result<PreparedMount, 
             Some(cstr(data.join(",").as_bytes())?)
         },
         remount_ro,
+        is_file,
     })
 }
 
@@ -215,8 +244,8 @@ const DEVICES: &[(&str, u32, u32, u32)] = &[
     ("tty", 0o666, 5, 0),
 ];
 
-/// Everything the child needs, prepared before `clone`.
-struct Plan {
+/// What a fresh container's child sets up before it becomes the process.
+struct RootfsPlan {
     root: CString,
     dev: CString,
     devices: Vec<(CString, libc::mode_t, libc::dev_t)>,
@@ -227,6 +256,24 @@ struct Plan {
     mounts: Vec<PreparedMount>,
     readonly: bool,
     hostname: Option<CString>,
+    sysctls: Vec<(CString, CString)>,
+    /// (path, is a directory) to hide; paths to make read-only.
+    masked: Vec<CString>,
+    readonly_paths: Vec<CString>,
+}
+
+/// Everything the child needs, prepared before `clone`.
+struct Plan {
+    rootfs: Option<RootfsPlan>,
+    /// Namespaces to join (exec): (fd, CLONE_NEW* type).
+    join: Vec<(RawFd, libc::c_int)>,
+    /// The container cgroup's `cgroup.procs`, or -1 (tests on a v1 host).
+    cgroup_procs: RawFd,
+    oom_score_adj: Option<CString>,
+    terminal: bool,
+    rlimits: Vec<(u32, libc::rlimit)>,
+    caps: Option<super::spec::CapSets>,
+    no_new_privileges: bool,
     uid: libc::uid_t,
     gid: libc::gid_t,
     groups: Vec<libc::gid_t>,
@@ -238,7 +285,7 @@ struct Plan {
     err_w: RawFd,
 }
 
-fn exec_candidates(spec: &ValidSpec) -> Result<Vec<CString>, ContainerError> {
+fn exec_candidates(spec: &ValidProcess) -> Result<Vec<CString>, ContainerError> {
     let prog = &spec.args[0];
     if prog.contains('/') {
         return Ok(vec![cstr(prog.as_bytes())?]);
@@ -262,8 +309,8 @@ fn clone_flags(spec: &ValidSpec) -> Result<CloneFlags, ContainerError> {
             LinuxNamespaceType::Mount => CloneFlags::CLONE_NEWNS,
             LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
             LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
-            LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
-            LinuxNamespaceType::Network => CloneFlags::CLONE_NEWNET,
+            // The sandbox's (see the module doc).
+            LinuxNamespaceType::Ipc | LinuxNamespaceType::Network => CloneFlags::empty(),
             LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
             other => {
                 return Err(ContainerError::Prepare(format!(
@@ -275,10 +322,81 @@ fn clone_flags(spec: &ValidSpec) -> Result<CloneFlags, ContainerError> {
     Ok(f)
 }
 
+/// The process half of a plan, from a checked `process` object.
+fn process_plan(
+    p: &ValidProcess,
+    stdio: &Stdio,
+    cgroup_procs: RawFd,
+    err_w: RawFd,
+) -> Result<Plan, ContainerError> {
+    Ok(Plan {
+        rootfs: None,
+        join: Vec::new(),
+        cgroup_procs,
+        oom_score_adj: p
+            .oom_score_adj
+            .map(|v| cstr(v.to_string().as_bytes()))
+            .transpose()?,
+        terminal: p.terminal,
+        rlimits: p
+            .rlimits
+            .iter()
+            .map(|(r, soft, hard)| {
+                (
+                    *r,
+                    libc::rlimit {
+                        rlim_cur: *soft,
+                        rlim_max: *hard,
+                    },
+                )
+            })
+            .collect(),
+        caps: p.capabilities,
+        no_new_privileges: p.no_new_privileges,
+        uid: p.uid,
+        gid: p.gid,
+        groups: p.additional_gids.clone(),
+        cwd: cpath(&p.cwd)?,
+        argv: p
+            .args
+            .iter()
+            .map(|a| cstr(a.as_bytes()))
+            .collect::<Result<_, _>>()?,
+        envp: p
+            .env
+            .iter()
+            .map(|e| cstr(e.as_bytes()))
+            .collect::<Result<_, _>>()?,
+        exec_candidates: exec_candidates(p)?,
+        stdio: [
+            stdio.stdin.as_raw_fd(),
+            stdio.stdout.as_raw_fd(),
+            stdio.stderr.as_raw_fd(),
+        ],
+        err_w,
+    })
+}
+
+fn open_cgroup_procs(cgroup_procs: &Path) -> Result<OwnedFd, ContainerError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(cgroup_procs)
+        .map(OwnedFd::from)
+        .map_err(|e| ContainerError::Prepare(format!("{}: {e}", cgroup_procs.display())))
+}
+
 /// Starts the container's process. `share` is the sandbox's shared
 /// directory in the guest; the rootfs and bind sources are relative to it.
-/// Returns the pid (in the agent's namespace) once `exec` has succeeded.
-pub fn start(spec: &ValidSpec, share: &Path, stdio: Stdio) -> Result<Pid, ContainerError> {
+/// The child moves itself into the cgroup whose `cgroup.procs` is given
+/// before it does anything else. Returns the pid (in the agent's namespace)
+/// once `exec` has succeeded.
+pub fn start(
+    spec: &ValidSpec,
+    share: &Path,
+    stdio: Stdio,
+    cgroup_procs: Option<&Path>,
+) -> Result<Pid, ContainerError> {
     let root = share.join(&spec.root);
     if !root.is_dir() {
         return Err(ContainerError::Prepare(format!(
@@ -293,9 +411,14 @@ pub fn start(spec: &ValidSpec, share: &Path, stdio: Stdio) -> Result<Pid, Contai
         .map(|m| prepare_mount(&root, share, m))
         .collect::<Result<Vec<_>, _>>()?;
     let dev = mount_point(&root, Path::new("/dev"), false)?;
+    let cg = cgroup_procs.map(open_cgroup_procs).transpose()?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
-    let plan = Plan {
+    let cg_fd = cg.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let mut plan = process_plan(&spec.process, &stdio, cg_fd, err_w.as_raw_fd())?;
+    // Paths inside the container, used after pivot_root.
+    let inside = |p: &Path| cpath(&Path::new("/").join(p));
+    plan.rootfs = Some(RootfsPlan {
         root: cpath(&root)?,
         devices: DEVICES
             .iter()
@@ -319,48 +442,130 @@ pub fn start(spec: &ValidSpec, share: &Path, stdio: Stdio) -> Result<Pid, Contai
             .as_ref()
             .map(|h| cstr(h.as_bytes()))
             .transpose()?,
-        uid: spec.uid,
-        gid: spec.gid,
-        groups: spec.additional_gids.clone(),
-        cwd: cpath(&spec.cwd)?,
-        argv: spec
-            .args
+        sysctls: spec
+            .sysctls
             .iter()
-            .map(|a| cstr(a.as_bytes()))
-            .collect::<Result<_, _>>()?,
-        envp: spec
-            .env
+            .map(|(k, v)| {
+                Ok((
+                    cstr(format!("/proc/sys/{}", k.replace('.', "/")).as_bytes())?,
+                    cstr(v.as_bytes())?,
+                ))
+            })
+            .collect::<Result<_, ContainerError>>()?,
+        masked: spec
+            .masked_paths
             .iter()
-            .map(|e| cstr(e.as_bytes()))
+            .map(|p| inside(p))
             .collect::<Result<_, _>>()?,
-        exec_candidates: exec_candidates(spec)?,
-        stdio: [
-            stdio.stdin.as_raw_fd(),
-            stdio.stdout.as_raw_fd(),
-            stdio.stderr.as_raw_fd(),
-        ],
-        err_w: err_w.as_raw_fd(),
-    };
-    let argv: Vec<*const libc::c_char> = plan
-        .argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
-    let envp: Vec<*const libc::c_char> = plan
-        .envp
-        .iter()
-        .map(|e| e.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
+        readonly_paths: spec
+            .readonly_paths
+            .iter()
+            .map(|p| inside(p))
+            .collect::<Result<_, _>>()?,
+    });
+    let pid = spawn(&plan, flags, None, err_r, err_w, stdio)?;
+    drop(cg);
+    Ok(pid)
+}
 
-    let mut stack = vec![0u8; 256 * 1024];
-    let child = Box::new(|| -> isize { child_main(&plan, &argv, &envp) });
-    // SAFETY: the child runs `child_main`, which makes only raw syscalls on
-    // data prepared above (no allocation, no locks) and ends in exec or
-    // _exit; the stack is ours and large enough for that.
-    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
-        .map_err(ContainerError::Clone)?;
+/// Starts another process in the running container whose init is
+/// `init_pid`: the same namespaces and cgroup.
+pub fn exec(
+    p: &ValidProcess,
+    init_pid: Pid,
+    stdio: Stdio,
+    cgroup_procs: &Path,
+) -> Result<Pid, ContainerError> {
+    let ns_file = |name: &str| -> Result<OwnedFd, ContainerError> {
+        let path = format!("/proc/{init_pid}/ns/{name}");
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map(OwnedFd::from)
+            .map_err(|e| {
+                ContainerError::Prepare(format!("{path}: {e} (has the container exited?)"))
+            })
+    };
+    let pid_ns = ns_file("pid")?;
+    // The mount namespace last: after it, /proc is the container's.
+    let mut joined = Vec::new();
+    for (name, kind) in [
+        ("uts", libc::CLONE_NEWUTS),
+        ("cgroup", libc::CLONE_NEWCGROUP),
+        ("mnt", libc::CLONE_NEWNS),
+    ] {
+        joined.push((ns_file(name)?, kind));
+    }
+    let cg = open_cgroup_procs(cgroup_procs)?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
+    let mut plan = process_plan(p, &stdio, cg.as_raw_fd(), err_w.as_raw_fd())?;
+    plan.join = joined.iter().map(|(fd, k)| (fd.as_raw_fd(), *k)).collect();
+    let pid = spawn(
+        &plan,
+        CloneFlags::empty(),
+        Some(pid_ns),
+        err_r,
+        err_w,
+        stdio,
+    )?;
+    drop(joined);
+    drop(cg);
+    Ok(pid)
+}
+
+/// Clones the child that carries out `plan` and waits until it has exec'd
+/// (or reports where it failed). With `pid_ns`, the clone happens on a
+/// thread of its own that first joins that pid namespace: setns(CLONE_NEWPID)
+/// changes only the calling thread's children, and a throwaway thread keeps
+/// the agent's worker threads out of the container's namespace.
+fn spawn(
+    plan: &Plan,
+    flags: CloneFlags,
+    pid_ns: Option<OwnedFd>,
+    err_r: OwnedFd,
+    err_w: OwnedFd,
+    stdio: Stdio,
+) -> Result<Pid, ContainerError> {
+    let do_clone = || -> Result<Pid, ContainerError> {
+        let argv: Vec<*const libc::c_char> = plan
+            .argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+        let envp: Vec<*const libc::c_char> = plan
+            .envp
+            .iter()
+            .map(|e| e.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+        let mut stack = vec![0u8; 256 * 1024];
+        let child = Box::new(|| -> isize { child_main(plan, &argv, &envp) });
+        // SAFETY: the child runs `child_main`, which makes only raw syscalls
+        // on data prepared above (no allocation, no locks) and ends in exec
+        // or _exit; the stack is ours and large enough for that.
+        unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
+            .map_err(ContainerError::Clone)
+    };
+    let pid = match pid_ns {
+        None => do_clone()?,
+        Some(ns) => std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&ns, CloneFlags::CLONE_NEWPID).map_err(|e| {
+                    ContainerError::Start {
+                        stage: Stage::JoinNamespace,
+                        errno: e,
+                        detail: Some("pid".into()),
+                    }
+                })?;
+                do_clone()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(ContainerError::Prepare("the clone thread panicked".into())))
+        })?,
+    };
     drop(err_w);
     drop(stdio);
     let mut buf = [0u8; 8];
@@ -377,12 +582,28 @@ pub fn start(spec: &ValidSpec, share: &Path, stdio: Stdio) -> Result<Pid, Contai
     if got == 0 {
         return Ok(pid);
     }
-    // The child failed before exec; collect it.
-    let _ = nix::sys::wait::waitpid(pid, None);
-    let stage = Stage::from_u32(u32::from_le_bytes(buf[..4].try_into().unwrap_or_default()))
-        .unwrap_or(Stage::Exec);
+    // The child failed before exec; the reaper collects it (its exit is
+    // registered under this pid by the caller, which drops the receiver).
+    let code = u32::from_le_bytes(buf[..4].try_into().unwrap_or_default());
+    let (stage, item) = (
+        Stage::from_u32(code & 0xff).unwrap_or(Stage::Exec),
+        (code >> 8) as usize,
+    );
     let errno = nix::Error::from_raw(i32::from_le_bytes(buf[4..8].try_into().unwrap_or_default()));
-    let detail = (stage == Stage::Exec).then(|| format!("{:?}", spec.args[0]));
+    let detail = match stage {
+        Stage::Exec => Some(format!("{:?}", plan.argv[0])),
+        Stage::Mount => plan
+            .rootfs
+            .as_ref()
+            .and_then(|r| r.mounts.get(item))
+            .map(|m| format!("mounts[{item}] on {:?}", m.target)),
+        Stage::Sysctl => plan
+            .rootfs
+            .as_ref()
+            .and_then(|r| r.sysctls.get(item))
+            .map(|(k, _)| format!("{k:?}")),
+        _ => None,
+    };
     Err(ContainerError::Start {
         stage,
         errno,
@@ -392,9 +613,16 @@ pub fn start(spec: &ValidSpec, share: &Path, stdio: Stdio) -> Result<Pid, Contai
 
 /// Reports `stage` and the current errno on the pipe and leaves.
 fn fail(plan: &Plan, stage: Stage) -> isize {
+    fail_at(plan, stage, 0)
+}
+
+/// Reports `stage`, which of its items (a mount's index) failed, and the
+/// current errno on the pipe, and leaves.
+fn fail_at(plan: &Plan, stage: Stage, item: usize) -> isize {
     let errno = nix::errno::Errno::last_raw();
     let mut msg = [0u8; 8];
-    msg[..4].copy_from_slice(&(stage as u32).to_le_bytes());
+    let code = (stage as u32) | ((item.min(0xff_ffff) as u32) << 8);
+    msg[..4].copy_from_slice(&code.to_le_bytes());
     msg[4..].copy_from_slice(&errno.to_le_bytes());
     // SAFETY: write(2) and _exit(2) on our own fd and buffer.
     unsafe {
@@ -403,153 +631,59 @@ fn fail(plan: &Plan, stage: Stage) -> isize {
     }
 }
 
+/// Writes a whole small value to `path` (procfs files). Raw syscalls.
+///
+/// # Safety
+/// `path` and `value` are valid C strings.
+unsafe fn write_file(path: &CString, value: &CString) -> bool {
+    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+    if fd < 0 {
+        return false;
+    }
+    let n = value.as_bytes().len();
+    let ok = libc::write(fd, value.as_ptr().cast(), n) == n as isize;
+    libc::close(fd);
+    ok
+}
+
 /// The cloned child. Raw syscalls only (see the module doc).
 fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> isize {
     // SAFETY (whole function): every pointer passed is a valid NUL-terminated
     // C string or a null-terminated array of them, owned by `plan`, `argv`
     // and `envp`, which outlive this call (the parent waits on the pipe).
     unsafe {
-        let null = std::ptr::null::<libc::c_char>();
-        // Nothing we mount may propagate back to the agent's namespace.
-        if libc::mount(
-            null,
-            c"/".as_ptr(),
-            null,
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return fail(plan, Stage::Private);
+        // Into the container's cgroup first, so that everything it does is
+        // accounted and limited ("0" means the writer).
+        if plan.cgroup_procs >= 0 && libc::write(plan.cgroup_procs, c"0".as_ptr().cast(), 1) != 1 {
+            return fail(plan, Stage::Cgroup);
         }
-        // pivot_root needs the new root to be a mount point.
-        if libc::mount(
-            plan.root.as_ptr(),
-            plan.root.as_ptr(),
-            null,
-            libc::MS_BIND | libc::MS_REC,
-            std::ptr::null(),
-        ) != 0
-        {
-            return fail(plan, Stage::BindRoot);
-        }
-        // A fresh /dev: tmpfs, the default devices, devpts, shm.
-        if libc::mount(
-            c"tmpfs".as_ptr(),
-            plan.dev.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_STRICTATIME,
-            c"mode=755,size=65536k".as_ptr().cast(),
-        ) != 0
-        {
-            return fail(plan, Stage::Dev);
-        }
-        for (path, mode, dev) in &plan.devices {
-            if libc::mknod(path.as_ptr(), *mode, *dev) != 0 {
-                return fail(plan, Stage::Dev);
-            }
-            libc::chmod(path.as_ptr(), *mode & 0o777);
-        }
-        libc::mkdir(plan.dev_pts.as_ptr(), 0o755);
-        libc::mkdir(plan.dev_shm.as_ptr(), 0o1777);
-        if libc::mount(
-            c"devpts".as_ptr(),
-            plan.dev_pts.as_ptr(),
-            c"devpts".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            c"newinstance,ptmxmode=0666,mode=0620".as_ptr().cast(),
-        ) != 0
-        {
-            return fail(plan, Stage::Dev);
-        }
-        libc::symlink(plan.ptmx_target.as_ptr(), plan.ptmx.as_ptr());
-        if libc::mount(
-            c"shm".as_ptr(),
-            plan.dev_shm.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            c"mode=1777,size=65536k".as_ptr().cast(),
-        ) != 0
-        {
-            return fail(plan, Stage::Dev);
-        }
-        for m in &plan.mounts {
-            let data = m
-                .data
-                .as_ref()
-                .map_or(std::ptr::null(), |d| d.as_ptr().cast());
-            if libc::mount(
-                m.source.as_ptr(),
-                m.target.as_ptr(),
-                m.fstype.as_ptr(),
-                m.flags,
-                data,
-            ) != 0
-            {
-                return fail(plan, Stage::Mount);
-            }
-            if m.remount_ro
-                && libc::mount(
-                    null,
-                    m.target.as_ptr(),
-                    null,
-                    m.flags | libc::MS_REMOUNT | libc::MS_RDONLY,
-                    std::ptr::null(),
-                ) != 0
-            {
-                return fail(plan, Stage::Mount);
+        // Still in the agent's mount namespace: /proc/self is this child.
+        if let Some(v) = &plan.oom_score_adj {
+            if !write_file(&CString::from(c"/proc/self/oom_score_adj"), v) {
+                return fail(plan, Stage::OomScoreAdj);
             }
         }
-        // pivot_root(".", "."): the old root ends up stacked on the new one
-        // and is detached at once; no directory in the rootfs is needed.
-        if libc::chdir(plan.root.as_ptr()) != 0 {
-            return fail(plan, Stage::PivotRoot);
-        }
-        if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0 {
-            if libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0 {
-                return fail(plan, Stage::PivotRoot);
+        for (fd, kind) in &plan.join {
+            if libc::setns(*fd, *kind) != 0 {
+                return fail(plan, Stage::JoinNamespace);
             }
-        } else if nix::errno::Errno::last_raw() == libc::EINVAL {
-            // The agent's own root is still the initramfs (rootfs), which
-            // pivot_root refuses: its switch to a tmpfs at boot failed. Move
-            // the container's root over "/" in this mount namespace and
-            // chroot into it (runc's --no-pivot); weaker, since a process
-            // that keeps CAP_SYS_CHROOT could climb back to the initramfs.
-            if libc::mount(
-                c".".as_ptr(),
-                c"/".as_ptr(),
-                null,
-                libc::MS_MOVE,
-                std::ptr::null(),
-            ) != 0
-                || libc::chroot(c".".as_ptr()) != 0
-            {
-                return fail(plan, Stage::PivotRoot);
-            }
-        } else {
-            return fail(plan, Stage::PivotRoot);
         }
-        if libc::chdir(c"/".as_ptr()) != 0 {
-            return fail(plan, Stage::PivotRoot);
-        }
-        if plan.readonly
-            && libc::mount(
-                null,
-                c"/".as_ptr(),
-                null,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
-                std::ptr::null(),
-            ) != 0
-        {
-            return fail(plan, Stage::ReadonlyRoot);
-        }
-        if let Some(h) = &plan.hostname {
-            if libc::sethostname(h.as_ptr(), h.as_bytes().len()) != 0 {
-                return fail(plan, Stage::Hostname);
+        if let Some(r) = &plan.rootfs {
+            if let Err((stage, item)) = setup_rootfs(r) {
+                return fail_at(plan, stage, item);
             }
         }
         for (i, fd) in plan.stdio.iter().enumerate() {
             if libc::dup2(*fd, i as RawFd) < 0 {
                 return fail(plan, Stage::Stdio);
+            }
+        }
+        if plan.terminal && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0) {
+            return fail(plan, Stage::Terminal);
+        }
+        for (resource, limit) in &plan.rlimits {
+            if libc::setrlimit(*resource as _, limit) != 0 {
+                return fail(plan, Stage::Rlimits);
             }
         }
         if libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) != 0 {
@@ -558,11 +692,34 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
         if libc::setresgid(plan.gid, plan.gid, plan.gid) != 0 {
             return fail(plan, Stage::Gid);
         }
+        if let Some(caps) = &plan.caps {
+            // The bounding set first (it needs CAP_SETPCAP, still held);
+            // keep the permitted set across the uid change.
+            for cap in 0..64u32 {
+                if caps.bounding & (1u64 << cap) == 0
+                    && libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong) == 1
+                    && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) != 0
+                {
+                    return fail(plan, Stage::Capabilities);
+                }
+            }
+            if libc::prctl(libc::PR_SET_KEEPCAPS, 1) != 0 {
+                return fail(plan, Stage::Capabilities);
+            }
+        }
         if libc::setresuid(plan.uid, plan.uid, plan.uid) != 0 {
             return fail(plan, Stage::Uid);
         }
+        if let Some(caps) = &plan.caps {
+            if !set_capabilities(caps) {
+                return fail(plan, Stage::Capabilities);
+            }
+        }
         if libc::chdir(plan.cwd.as_ptr()) != 0 {
             return fail(plan, Stage::Cwd);
+        }
+        if plan.no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return fail(plan, Stage::NoNewPrivileges);
         }
         let mut errno = libc::ENOENT;
         for c in &plan.exec_candidates {
@@ -576,6 +733,272 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
         nix::errno::Errno::set_raw(errno);
         fail(plan, Stage::Exec)
     }
+}
+
+/// capset(2) with the effective, permitted and inheritable sets, then the
+/// ambient ones raised. Raw syscalls; libc has no capset wrapper.
+///
+/// # Safety
+/// Called in the cloned child only.
+unsafe fn set_capabilities(c: &super::spec::CapSets) -> bool {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let half = |m: u64, hi: bool| if hi { (m >> 32) as u32 } else { m as u32 };
+    let data = [false, true].map(|hi| Data {
+        effective: half(c.effective, hi),
+        permitted: half(c.permitted, hi),
+        inheritable: half(c.inheritable, hi),
+    });
+    if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+        return false;
+    }
+    for cap in 0..64u32 {
+        if c.ambient & (1u64 << cap) != 0
+            && libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                cap as libc::c_ulong,
+                0,
+                0,
+            ) != 0
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// The new container's filesystem view: private mounts, the rootfs bound
+/// and pivoted to, /dev, the spec's mounts, sysctls, masked and read-only
+/// paths, hostname. Raw syscalls only.
+///
+/// # Safety
+/// Called in the cloned child only; `r`'s C strings are valid.
+unsafe fn setup_rootfs(r: &RootfsPlan) -> Result<(), (Stage, usize)> {
+    let null = std::ptr::null::<libc::c_char>();
+    // Sysctls while /proc is still the agent's (it shows this child's
+    // namespaces through /proc/self, and /proc/sys follows the writer's).
+    for (i, (path, value)) in r.sysctls.iter().enumerate() {
+        if !write_file(path, value) {
+            return Err((Stage::Sysctl, i));
+        }
+    }
+    // Nothing we mount may propagate back to the agent's namespace.
+    if libc::mount(
+        null,
+        c"/".as_ptr(),
+        null,
+        libc::MS_REC | libc::MS_PRIVATE,
+        std::ptr::null(),
+    ) != 0
+    {
+        return Err((Stage::Private, 0));
+    }
+    // pivot_root needs the new root to be a mount point.
+    if libc::mount(
+        r.root.as_ptr(),
+        r.root.as_ptr(),
+        null,
+        libc::MS_BIND | libc::MS_REC,
+        std::ptr::null(),
+    ) != 0
+    {
+        return Err((Stage::BindRoot, 0));
+    }
+    // A fresh /dev: tmpfs, the default devices, devpts, shm.
+    if libc::mount(
+        c"tmpfs".as_ptr(),
+        r.dev.as_ptr(),
+        c"tmpfs".as_ptr(),
+        libc::MS_NOSUID | libc::MS_STRICTATIME,
+        c"mode=755,size=65536k".as_ptr().cast(),
+    ) != 0
+    {
+        return Err((Stage::Dev, 0));
+    }
+    for (path, mode, dev) in &r.devices {
+        if libc::mknod(path.as_ptr(), *mode, *dev) != 0 {
+            return Err((Stage::Dev, 0));
+        }
+        libc::chmod(path.as_ptr(), *mode & 0o777);
+    }
+    libc::mkdir(r.dev_pts.as_ptr(), 0o755);
+    libc::mkdir(r.dev_shm.as_ptr(), 0o1777);
+    if libc::mount(
+        c"devpts".as_ptr(),
+        r.dev_pts.as_ptr(),
+        c"devpts".as_ptr(),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        c"newinstance,ptmxmode=0666,mode=0620".as_ptr().cast(),
+    ) != 0
+    {
+        return Err((Stage::Dev, 0));
+    }
+    libc::symlink(r.ptmx_target.as_ptr(), r.ptmx.as_ptr());
+    if libc::mount(
+        c"shm".as_ptr(),
+        r.dev_shm.as_ptr(),
+        c"tmpfs".as_ptr(),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        c"mode=1777,size=65536k".as_ptr().cast(),
+    ) != 0
+    {
+        return Err((Stage::Dev, 0));
+    }
+    for (i, m) in r.mounts.iter().enumerate() {
+        // Mount points below /dev exist only now, in the fresh tmpfs.
+        if m.is_file {
+            let fd = libc::open(
+                m.target.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o644,
+            );
+            if fd >= 0 {
+                libc::close(fd);
+            }
+        } else {
+            libc::mkdir(m.target.as_ptr(), 0o755);
+        }
+        let data = m
+            .data
+            .as_ref()
+            .map_or(std::ptr::null(), |d| d.as_ptr().cast());
+        if libc::mount(
+            m.source.as_ptr(),
+            m.target.as_ptr(),
+            m.fstype.as_ptr(),
+            m.flags,
+            data,
+        ) != 0
+        {
+            return Err((Stage::Mount, i));
+        }
+        if m.remount_ro
+            && libc::mount(
+                null,
+                m.target.as_ptr(),
+                null,
+                m.flags | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err((Stage::Mount, i));
+        }
+    }
+    // pivot_root(".", "."): the old root ends up stacked on the new one
+    // and is detached at once; no directory in the rootfs is needed.
+    if libc::chdir(r.root.as_ptr()) != 0 {
+        return Err((Stage::PivotRoot, 0));
+    }
+    if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0 {
+        if libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0 {
+            return Err((Stage::PivotRoot, 0));
+        }
+    } else if nix::errno::Errno::last_raw() == libc::EINVAL {
+        // The agent's own root is still the initramfs (rootfs), which
+        // pivot_root refuses: its switch to a tmpfs at boot failed. Move
+        // the container's root over "/" in this mount namespace and
+        // chroot into it (runc's --no-pivot); weaker, since a process
+        // that keeps CAP_SYS_CHROOT could climb back to the initramfs.
+        if libc::mount(
+            c".".as_ptr(),
+            c"/".as_ptr(),
+            null,
+            libc::MS_MOVE,
+            std::ptr::null(),
+        ) != 0
+            || libc::chroot(c".".as_ptr()) != 0
+        {
+            return Err((Stage::PivotRoot, 0));
+        }
+    } else {
+        return Err((Stage::PivotRoot, 0));
+    }
+    if libc::chdir(c"/".as_ptr()) != 0 {
+        return Err((Stage::PivotRoot, 0));
+    }
+    // Masked paths: /dev/null over files, an empty read-only tmpfs over
+    // directories; a path the image lacks is skipped.
+    for p in &r.masked {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::stat(p.as_ptr(), &mut st) != 0 {
+            continue;
+        }
+        let ok = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                p.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_RDONLY,
+                c"size=0".as_ptr().cast(),
+            ) == 0
+        } else {
+            libc::mount(
+                c"/dev/null".as_ptr(),
+                p.as_ptr(),
+                null,
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) == 0
+        };
+        if !ok {
+            return Err((Stage::MaskPaths, 0));
+        }
+    }
+    for p in &r.readonly_paths {
+        if libc::access(p.as_ptr(), libc::F_OK) != 0 {
+            continue;
+        }
+        if libc::mount(
+            p.as_ptr(),
+            p.as_ptr(),
+            null,
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+            || libc::mount(
+                null,
+                p.as_ptr(),
+                null,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err((Stage::MaskPaths, 0));
+        }
+    }
+    if r.readonly
+        && libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+    {
+        return Err((Stage::ReadonlyRoot, 0));
+    }
+    if let Some(h) = &r.hostname {
+        if libc::sethostname(h.as_ptr(), h.as_bytes().len()) != 0 {
+            return Err((Stage::Hostname, 0));
+        }
+    }
+    Ok(())
 }
 
 /// An fd pair for tests and callers that want a pipe as stdio.

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Process, Spec};
 
 /// What is wrong with a spec, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,9 +40,19 @@ pub struct Mount {
     pub options: Vec<String>,
 }
 
-/// The parts of a spec the agent acts on, checked.
+/// Capability sets as bit masks (bit n = capability n).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapSets {
+    pub bounding: u64,
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    pub ambient: u64,
+}
+
+/// A process to run (a container's own, or an exec), checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidSpec {
+pub struct ValidProcess {
     pub args: Vec<String>,
     pub env: Vec<String>,
     pub cwd: PathBuf,
@@ -50,12 +60,160 @@ pub struct ValidSpec {
     pub gid: u32,
     pub additional_gids: Vec<u32>,
     pub terminal: bool,
+    /// `None`: the spec names none, so the process keeps the full set root
+    /// has (OCI leaves this to the runtime; runc does the same).
+    pub capabilities: Option<CapSets>,
+    /// (resource, soft, hard)
+    pub rlimits: Vec<(u32, u64, u64)>,
+    pub no_new_privileges: bool,
+    pub oom_score_adj: Option<i32>,
+}
+
+/// The parts of a spec the agent acts on, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidSpec {
+    pub process: ValidProcess,
     /// The rootfs, relative to the sandbox's shared directory.
     pub root: PathBuf,
     pub root_readonly: bool,
     pub hostname: Option<String>,
     pub mounts: Vec<Mount>,
     pub namespaces: Vec<LinuxNamespaceType>,
+    pub masked_paths: Vec<PathBuf>,
+    pub readonly_paths: Vec<PathBuf>,
+    /// (key, value), keys checked against the namespaced ones.
+    pub sysctls: Vec<(String, String)>,
+    pub resources: Option<LinuxResources>,
+    pub seccomp: Option<LinuxSeccomp>,
+}
+
+/// Sysctls a container may set: the ones its own namespaces scope (the
+/// same rule runc applies). Others would change the whole VM under the
+/// sandbox's other containers.
+fn sysctl_allowed(key: &str, own_ipc: bool, own_uts: bool) -> bool {
+    const IPC: &[&str] = &[
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    (own_ipc && (IPC.contains(&key) || key.starts_with("fs.mqueue.")))
+        || (own_uts && (key == "kernel.domainname" || key == "kernel.hostname"))
+        || key.starts_with("net.")
+}
+
+fn rlimit_resource(t: oci_spec::runtime::PosixRlimitType) -> u32 {
+    use oci_spec::runtime::PosixRlimitType as R;
+    (match t {
+        R::RlimitCpu => libc::RLIMIT_CPU,
+        R::RlimitFsize => libc::RLIMIT_FSIZE,
+        R::RlimitData => libc::RLIMIT_DATA,
+        R::RlimitStack => libc::RLIMIT_STACK,
+        R::RlimitCore => libc::RLIMIT_CORE,
+        R::RlimitRss => libc::RLIMIT_RSS,
+        R::RlimitNproc => libc::RLIMIT_NPROC,
+        R::RlimitNofile => libc::RLIMIT_NOFILE,
+        R::RlimitMemlock => libc::RLIMIT_MEMLOCK,
+        R::RlimitAs => libc::RLIMIT_AS,
+        R::RlimitLocks => libc::RLIMIT_LOCKS,
+        R::RlimitSigpending => libc::RLIMIT_SIGPENDING,
+        R::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
+        R::RlimitNice => libc::RLIMIT_NICE,
+        R::RlimitRtprio => libc::RLIMIT_RTPRIO,
+        R::RlimitRttime => libc::RLIMIT_RTTIME,
+    }) as u32
+}
+
+fn cap_mask(field: &str, set: &Option<oci_spec::runtime::Capabilities>) -> Result<u64, SpecError> {
+    let mut mask = 0u64;
+    for c in set.iter().flatten() {
+        // The OCI names ("CAP_CHOWN") through serde, the numbers from caps.
+        let name = serde_json::to_value(c)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let cap: caps::Capability = name.parse().map_err(|_| {
+            err(
+                field,
+                format!("{name:?} is not a capability this agent knows"),
+            )
+        })?;
+        mask |= 1u64 << cap.index();
+    }
+    Ok(mask)
+}
+
+/// Checks a `process` object: the container's own, or one to exec.
+pub fn validate_process(process: &Process, prefix: &str) -> Result<ValidProcess, SpecError> {
+    let f = |name: &str| format!("{prefix}.{name}");
+    let args = process.args().clone().unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        return Err(err(f("args"), "must name a program to run"));
+    }
+    let env = process.env().clone().unwrap_or_default();
+    for (i, e) in env.iter().enumerate() {
+        if !e.contains('=') || e.starts_with('=') {
+            return Err(err(
+                f(&format!("env[{i}]")),
+                format!("{e:?} is not NAME=value"),
+            ));
+        }
+    }
+    let cwd = process.cwd().clone();
+    absolute_clean(&f("cwd"), &cwd)?;
+    let user = process.user();
+    let capabilities = match process.capabilities() {
+        None => None,
+        Some(c) => Some(CapSets {
+            bounding: cap_mask(&f("capabilities.bounding"), c.bounding())?,
+            effective: cap_mask(&f("capabilities.effective"), c.effective())?,
+            permitted: cap_mask(&f("capabilities.permitted"), c.permitted())?,
+            inheritable: cap_mask(&f("capabilities.inheritable"), c.inheritable())?,
+            ambient: cap_mask(&f("capabilities.ambient"), c.ambient())?,
+        }),
+    };
+    let mut rlimits = Vec::new();
+    for (i, r) in process.rlimits().iter().flatten().enumerate() {
+        if r.soft() > r.hard() {
+            return Err(err(
+                f(&format!("rlimits[{i}]")),
+                format!("soft {} is above hard {}", r.soft(), r.hard()),
+            ));
+        }
+        rlimits.push((rlimit_resource(r.typ()), r.soft(), r.hard()));
+    }
+    let oom_score_adj = process.oom_score_adj();
+    if let Some(o) = oom_score_adj {
+        if !(-1000..=1000).contains(&o) {
+            return Err(err(
+                f("oomScoreAdj"),
+                format!("{o} is outside -1000..=1000"),
+            ));
+        }
+    }
+    Ok(ValidProcess {
+        args,
+        env,
+        cwd,
+        uid: user.uid(),
+        gid: user.gid(),
+        additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        terminal: process.terminal().unwrap_or(false),
+        capabilities,
+        rlimits,
+        no_new_privileges: process.no_new_privileges().unwrap_or(false),
+        oom_score_adj,
+    })
+}
+
+/// Parses and checks the JSON of a `process` object (ExecProcess).
+pub fn validate_exec(json: &[u8]) -> Result<ValidProcess, SpecError> {
+    let p: Process = serde_json::from_slice(json).map_err(|e| err("process", e.to_string()))?;
+    validate_process(&p, "process")
 }
 
 /// An absolute path with no `..` (destinations inside the container).
@@ -80,22 +238,7 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
         .process()
         .as_ref()
         .ok_or_else(|| err("process", "missing: nothing to run"))?;
-    let args = process.args().clone().unwrap_or_default();
-    if args.is_empty() || args[0].is_empty() {
-        return Err(err("process.args", "must name a program to run"));
-    }
-    let env = process.env().clone().unwrap_or_default();
-    for (i, e) in env.iter().enumerate() {
-        if !e.contains('=') || e.starts_with('=') {
-            return Err(err(
-                format!("process.env[{i}]"),
-                format!("{e:?} is not NAME=value"),
-            ));
-        }
-    }
-    let cwd = process.cwd().clone();
-    absolute_clean("process.cwd", &cwd)?;
-    let user = process.user();
+    let process = validate_process(process, "process")?;
 
     let root = spec
         .root()
@@ -161,6 +304,8 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
     }
 
     let mut namespaces = Vec::new();
+    let (mut masked_paths, mut readonly_paths, mut sysctls) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut resources, mut seccomp) = (None, None);
     if let Some(linux) = spec.linux() {
         let mut seen = HashSet::new();
         for (i, ns) in linux
@@ -181,6 +326,41 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
             }
             namespaces.push(ns.typ());
         }
+        for (name, list, out) in [
+            ("maskedPaths", linux.masked_paths(), &mut masked_paths),
+            ("readonlyPaths", linux.readonly_paths(), &mut readonly_paths),
+        ] {
+            for (i, p) in list.iter().flatten().enumerate() {
+                let p = PathBuf::from(p);
+                absolute_clean(&format!("linux.{name}[{i}]"), &p)?;
+                out.push(p);
+            }
+        }
+        let own = |t| namespaces.contains(&t);
+        let (own_ipc, own_uts) = (own(LinuxNamespaceType::Ipc), own(LinuxNamespaceType::Uts));
+        let mut keys: Vec<_> = linux.sysctl().iter().flatten().collect();
+        keys.sort();
+        for (k, v) in keys {
+            let field = format!("linux.sysctl.{k}");
+            if k.is_empty()
+                || k.contains(['/', '\0'])
+                || k.split('.').any(|p| p.is_empty() || p == "..")
+            {
+                return Err(err(field, "is not a sysctl name"));
+            }
+            if !sysctl_allowed(k, own_ipc, own_uts) {
+                return Err(err(
+                    field,
+                    "is not scoped to the container's namespaces (it would change the whole sandbox)",
+                ));
+            }
+            if v.contains('\0') {
+                return Err(err(field, "holds a NUL byte"));
+            }
+            sysctls.push((k.clone(), v.clone()));
+        }
+        resources = linux.resources().clone();
+        seccomp = linux.seccomp().clone();
     }
 
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
@@ -191,18 +371,17 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
     }
 
     Ok(ValidSpec {
-        args,
-        env,
-        cwd,
-        uid: user.uid(),
-        gid: user.gid(),
-        additional_gids: user.additional_gids().clone().unwrap_or_default(),
-        terminal: process.terminal().unwrap_or(false),
+        process,
         root: root_path,
         root_readonly: root.readonly().unwrap_or(false),
         hostname,
         mounts,
         namespaces,
+        masked_paths,
+        readonly_paths,
+        sysctls,
+        resources,
+        seccomp,
     })
 }
 
@@ -244,9 +423,13 @@ mod tests {
     #[test]
     fn a_good_spec_is_taken_apart() {
         let s = check(&good()).unwrap();
-        assert_eq!(s.args, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(s.process.args, ["/bin/sh", "-c", "echo hi"]);
         assert_eq!(
-            (s.uid, s.gid, s.additional_gids.clone()),
+            (
+                s.process.uid,
+                s.process.gid,
+                s.process.additional_gids.clone()
+            ),
             (1000, 1000, vec![10, 20])
         );
         assert_eq!(s.root, Path::new("rootfs"));
