@@ -121,7 +121,9 @@ fn serve(pid1: bool) -> Result<()> {
         };
         tracing::info!(?grace, "shutting down");
         // Lets in-flight answers (the Shutdown reply among them) go out.
-        let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown()).await;
+        // Bounded tightly: shutdown() also waits for idle clients (a shim
+        // keeps its connection) to hang up, which they never do first.
+        let _ = tokio::time::timeout(Duration::from_millis(300), server.shutdown()).await;
         if pid1 {
             let r = reaper.clone();
             tokio::task::spawn_blocking(move || shutdown::stop_all_processes(&r, grace)).await?;

@@ -151,8 +151,33 @@ pub fn guest_details() -> GuestDetailsResponse {
             .next()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0.0),
+        zombies: count_zombies(),
         ..Default::default()
     }
+}
+
+/// Processes in state Z, from /proc/<pid>/stat ("pid (comm) S ...").
+fn count_zombies() -> u32 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(false)
+        })
+        .count() as u32
 }
 
 /// Counts the CPUs in a kernel CPU list such as "0-3,6,8-9".

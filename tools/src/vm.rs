@@ -62,6 +62,8 @@ pub struct VmSpec {
     /// Share `shared/` with the guest even without a rootfs or binds: the
     /// caller (the shim) mounts into it from the host's namespace later.
     pub share: bool,
+    /// The husk-vmm binary; `None`: [`vmm_binary`].
+    pub vmm: Option<PathBuf>,
 }
 
 /// A host path bound into the sandbox share.
@@ -88,6 +90,7 @@ impl Default for VmSpec {
             rootfs: None,
             binds: Vec::new(),
             share: false,
+            vmm: None,
         }
     }
 }
@@ -156,7 +159,8 @@ impl Vm {
         // Listen for the guest's log before it boots, so no line is lost.
         let logs = LogForwarder::start(&vsock, &id).context("listening for the guest log")?;
 
-        let mut cmd = tokio::process::Command::new(vmm_binary());
+        let vmm = spec.vmm.clone().unwrap_or_else(vmm_binary);
+        let mut cmd = tokio::process::Command::new(&vmm);
         cmd.arg("--kernel")
             .arg(&spec.kernel)
             .arg("--initramfs")
@@ -272,7 +276,7 @@ impl Vm {
         }
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {}", vmm_binary().display()))?;
+            .with_context(|| format!("starting {}", vmm.display()))?;
         let vmm_pid = Pid::from_raw(child.id().context("husk-vmm exited at once")? as i32);
         std::fs::write(
             dir.join("pid"),
@@ -405,6 +409,12 @@ pub fn reap_stale(root: &Path) -> usize {
             let _ = kill(Pid::from_raw(vmm), Signal::SIGKILL);
         }
         tracing::info!(dir = %p.display(), "removing a VM left behind");
+        // A shim's VM has rootfs and volume mounts below its directory:
+        // deleting through them would delete the container's files.
+        if !unmount_below(&p) {
+            tracing::warn!(dir = %p.display(), "mounts below it remain; left in place");
+            continue;
+        }
         if std::fs::remove_dir_all(&p).is_ok() {
             n += 1;
         }
@@ -412,9 +422,62 @@ pub fn reap_stale(root: &Path) -> usize {
     n
 }
 
+/// Mount points at or below `dir`, deepest first, from /proc/self/mountinfo
+/// (field 5 is the mount point, with spaces and the like octal-escaped).
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v.dedup();
+    v
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let oct = |c: u8| u32::from(c - b'0');
+            // Octal escapes are at most \\377; anything above is cut to a byte.
+            out.push((oct(b[i + 1]) * 64 + oct(b[i + 2]) * 8 + oct(b[i + 3])) as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Lazily unmounts everything at or below `dir`; true when nothing is left.
+pub fn unmount_below(dir: &Path) -> bool {
+    for m in mounts_below(dir) {
+        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!("unmounting {}: {e}", m.display());
+        }
+    }
+    mounts_below(dir).is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/run/a\\040b"), "/run/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
 
     #[test]
     fn stale_directories_are_removed_and_live_ones_kept() {

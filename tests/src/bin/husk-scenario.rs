@@ -39,6 +39,12 @@ enum Scenario {
     /// info and garbage are answered, shutdown stops the VM with 0 and the
     /// sockets are removed.
     VmmControl,
+    /// Containers through the agent API in one VM: two containers share the
+    /// sandbox's network and IPC namespaces; 200 children all reaped; an
+    /// OOM kill arrives as an event and exit 137; stats, update, pause and
+    /// resume; malformed specs name the field and leave nothing behind;
+    /// `..` and symlinks inside a container reach nothing outside it.
+    Containers,
 }
 
 #[derive(Parser)]
@@ -567,6 +573,269 @@ async fn vmm_vsock(
     Ok(())
 }
 
+/// A container spec over the busybox rootfs in the share.
+fn busybox_spec(args: &[&str], extra: serde_json::Value) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {"user": {"uid": 0, "gid": 0}, "args": args,
+                    "env": ["PATH=/bin:/sbin:/usr/bin"], "cwd": "/"},
+        "root": {"path": "rootfs"},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
+                                 {"type": "ipc"}, {"type": "network"}]}
+    });
+    if let (Some(obj), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, e) in extra {
+            obj.insert(k.clone(), e.clone());
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// Runs container `id` to its end: (exit status, stdout). Its stderr is
+/// printed.
+async fn run_container(c: &Client, id: &str, spec: Vec<u8>) -> Result<(i32, String)> {
+    c.create_container(id, spec, false).await?;
+    let read = |mut s: UnixStream| {
+        tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = s.read_to_string(&mut text).await;
+            text
+        })
+    };
+    let out = read(c.attach(id, "", "stdout").await?);
+    let err = read(c.attach(id, "", "stderr").await?);
+    c.start_container(id).await?;
+    let code = c.wait_process(id, "").await?;
+    let (out, err) = (out.await?, err.await?);
+    if !err.is_empty() {
+        println!("{id} stderr: {err}");
+    }
+    c.remove_container(id).await?;
+    Ok((code, out))
+}
+
+async fn containers(guest: &Option<PathBuf>) -> Result<()> {
+    use husk_agent_client::agent::CreateSandboxRequest;
+    let rootfs = Path::new("target/husk/busybox-rootfs").canonicalize()?;
+    let mut s = spec(guest, 1, 256);
+    s.rootfs = Some(rootfs);
+    let vm = Vm::boot(&s).await?;
+    let c = vm.client.clone();
+    c.create_sandbox(CreateSandboxRequest {
+        sandbox_id: "pod".into(),
+        hostname: "pod".into(),
+        shared_fs_tag: "husk-share".into(),
+        shared_mount_point: "/run/husk/share".into(),
+        ..Default::default()
+    })
+    .await?;
+
+    // Two containers at once share the sandbox's network and IPC
+    // namespaces; each has its own pid and uts namespace.
+    let ns = "for n in net ipc pid; do readlink /proc/self/ns/$n; done; sleep 2";
+    let (a, b) = tokio::join!(
+        run_container(
+            &c,
+            "ns-a",
+            busybox_spec(&["sh", "-c", ns], serde_json::json!({}))
+        ),
+        run_container(
+            &c,
+            "ns-b",
+            busybox_spec(&["sh", "-c", ns], serde_json::json!({}))
+        ),
+    );
+    let (a, b) = (a?, b?);
+    let lines = |s: &str| s.lines().map(str::to_string).collect::<Vec<_>>();
+    let (la, lb) = (lines(&a.1), lines(&b.1));
+    ensure!(la.len() == 3 && lb.len() == 3, "namespaces: {a:?} {b:?}");
+    ensure!(
+        la[0] == lb[0] && la[1] == lb[1],
+        "net/ipc differ: {la:?} vs {lb:?}"
+    );
+    ensure!(
+        la[2] != lb[2],
+        "the pid namespace is shared: {la:?} vs {lb:?}"
+    );
+    println!(
+        "containers: two at once share net and ipc ({}, {}), not pid",
+        la[0], la[1]
+    );
+
+    // 200 children, each leaving an orphan behind, all reaped.
+    let forks = "i=0; while [ $i -lt 200 ]; do (sleep 0.2 &); i=$((i+1)); done; sleep 1; exit 3";
+    let (code, _) = run_container(
+        &c,
+        "forks",
+        busybox_spec(&["sh", "-c", forks], serde_json::json!({})),
+    )
+    .await?;
+    ensure!(code == 3, "forks: exit {code}");
+    let mut zombies = u32::MAX;
+    for _ in 0..50 {
+        zombies = c.guest_details().await?.zombies;
+        if zombies == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        zombies == 0,
+        "{zombies} zombies left in the guest after 200 orphans"
+    );
+    println!("containers: 200 orphans reaped, exit 3, no zombie left");
+
+    // An OOM kill: the event names the container; the exit is 137.
+    let oom = busybox_spec(
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
+        serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}],
+                                     "resources": {"memory": {"limit": 33554432, "swap": 33554432}}}}),
+    );
+    let events = c.clone();
+    let event = tokio::spawn(async move { events.oom_event().await });
+    let (code, out) = run_container(&c, "oom", oom).await?;
+    ensure!(
+        code == 137 && !out.contains("survived"),
+        "oom: exit {code}, {out:?}"
+    );
+    let who = tokio::time::timeout(Duration::from_secs(20), event).await???;
+    ensure!(who == "oom", "the OOM event names {who:?}");
+    println!("containers: memory limit hit -> OOM event for {who:?}, exit 137");
+
+    // Stats, update, pause and resume on a running container.
+    c.create_container(
+        "busy",
+        busybox_spec(&["sh", "-c", "while :; do :; done"], serde_json::json!({})),
+        false,
+    )
+    .await?;
+    c.start_container("busy").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.update(
+        "busy",
+        br#"{"pids": {"limit": 16}, "memory": {"limit": 67108864}}"#.to_vec(),
+    )
+    .await?;
+    let st = c.stats("busy").await?;
+    ensure!(
+        st.pids_limit == 16 && st.memory_limit == 67_108_864,
+        "update not applied: {st:?}"
+    );
+    ensure!(
+        st.cpu_usage_usec > 0 && st.pids_current >= 1,
+        "stats: {st:?}"
+    );
+    c.pause("busy").await?;
+    let before = c.stats("busy").await?.cpu_usage_usec;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = c.stats("busy").await?.cpu_usage_usec;
+    ensure!(
+        after - before < 50_000,
+        "paused, yet it used {} us of CPU",
+        after - before
+    );
+    c.resume("busy").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        c.stats("busy").await?.cpu_usage_usec > after,
+        "resumed, yet no CPU used"
+    );
+    let pids = c.list_processes("busy").await?;
+    ensure!(!pids.is_empty(), "no pids listed");
+    c.signal_all("busy", 9).await?;
+    let code = c.wait_process("busy", "").await?;
+    ensure!(code == 137, "busy: exit {code} after SIGKILL");
+    c.remove_container("busy").await?;
+    println!(
+        "containers: stats, update, pause (CPU {} us in 0.5 s), resume, kill all -> 137",
+        after - before
+    );
+
+    // Malformed specs: refused, naming the field; nothing left behind.
+    for (spec, field) in [
+        (
+            br#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#.to_vec(),
+            "process",
+        ),
+        (
+            busybox_spec(
+                &["true"],
+                serde_json::json!({"process": {"user": {"uid": 0, "gid": 0}, "args": ["true"], "cwd": "relative"}}),
+            ),
+            "process.cwd",
+        ),
+        (
+            busybox_spec(&["true"], serde_json::json!({"root": {"path": "/abs"}})),
+            "root.path",
+        ),
+        (
+            busybox_spec(
+                &["true"],
+                serde_json::json!({"mounts": [{"destination": "/x", "type": "nfs", "source": "s"}]}),
+            ),
+            "mounts[0].type",
+        ),
+    ] {
+        let e = c
+            .create_container("bad", spec, false)
+            .await
+            .expect_err("a malformed spec was taken");
+        ensure!(
+            e.to_string().contains(field),
+            "error {e} does not name {field}"
+        );
+    }
+    let missing = c
+        .create_container(
+            "nope",
+            busybox_spec(&["/no/such/program"], serde_json::json!({})),
+            false,
+        )
+        .await;
+    missing?;
+    let e = c
+        .start_container("nope")
+        .await
+        .expect_err("a missing program started");
+    ensure!(
+        e.to_string().contains("no/such/program"),
+        "missing program: {e}"
+    );
+    c.remove_container("nope").await?;
+    let (code, _) =
+        run_container(&c, "bad", busybox_spec(&["true"], serde_json::json!({}))).await?;
+    ensure!(code == 0, "the id of refused specs is not free again");
+    println!("containers: malformed specs refused with the field named; ids free again");
+
+    // From inside: `..` and symlinks stay in the container's root.
+    let escape = "ln -s /../../../.. /dev/shm/up; ls /../../.. | tr '\\n' ' '; echo; ls /dev/shm/up/ | tr '\\n' ' '; echo; ls / | tr '\\n' ' '";
+    let (code, out) = run_container(
+        &c,
+        "escape",
+        busybox_spec(&["sh", "-c", escape], serde_json::json!({})),
+    )
+    .await?;
+    let l = lines(&out);
+    ensure!(code == 0 && l.len() == 3, "escape: {code} {out:?}");
+    ensure!(
+        l[0] == l[2] && l[1] == l[2],
+        "`..` or a symlink left the root: {l:?}"
+    );
+    ensure!(
+        !l[2].contains("husk") || !l[2].contains("share"),
+        "the share's parent is visible: {l:?}"
+    );
+    println!("containers: `..` and symlinks stay in the container's root");
+
+    vm.shutdown(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
 async fn vmm_fs(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
     let share = tempfile::tempdir()?;
     std::fs::write(share.path().join("hello.txt"), "hello from the host\n")?;
@@ -727,6 +996,7 @@ fn main() -> Result<()> {
             Scenario::VmmBoot => vmm_boot(&args.guest, &args.test_initramfs).await,
             Scenario::VmmPanic => vmm_panic(&args.guest, &args.test_initramfs).await,
             Scenario::VmmControl => vmm_control(&args.guest, &args.test_initramfs).await,
+            Scenario::Containers => containers(&args.guest).await,
             Scenario::VmmFs => vmm_fs(&args.guest, &args.test_initramfs).await,
             Scenario::VmmVsock => {
                 vmm_vsock(&args.guest, &args.test_initramfs, args.streams, args.bytes).await

@@ -466,11 +466,20 @@ async fn start_detached(vm: &Vm, oci: serde_json::Value) -> Result<()> {
 
 async fn run_in(vm: &Vm, a: &RunArgs, oci: serde_json::Value) -> Result<i32> {
     create_sandbox(vm, oci, a.process.interactive).await?;
+    let events = vm.client.clone();
+    let mut oom = tokio::spawn(async move { events.oom_event().await });
     let code = attach_and_wait(&vm.client, "", &a.process, || async {
         vm.client.start_container(CONTAINER).await?;
         Ok(())
     })
     .await?;
+    // A SIGKILL may be the OOM killer's: the event says so.
+    if code == 137 {
+        if let Ok(Ok(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), &mut oom).await {
+            eprintln!("husk: the container hit its memory limit and was killed (OOM)");
+        }
+    }
+    oom.abort();
     vm.client.remove_container(CONTAINER).await?;
     Ok(code)
 }
