@@ -1,0 +1,230 @@
+//! containerd-shim-husk-v2 under a real containerd 1.6 (Debian's), started
+//! by each test on its own root, state and socket inside the test host. The
+//! image is the busybox test rootfs packed as an OCI archive
+//! (tools/shim-oci-image) and imported with `ctr images import`.
+
+use std::time::Duration;
+
+use husk_tests::scenario;
+
+/// Shell prelude: containerd on /tmp/ctrd, the test image imported, `C` =
+/// ctr on that socket, `R` = the runtime flag. `dump` prints containerd's
+/// log (which holds the shim's) for a failing test.
+const PRELUDE: &str = r#"set -u
+leaks() {
+  echo "vmm-left=$(pgrep -c husk-vmm)"
+  echo "run-husk-left=$(ls /run/husk 2>/dev/null | wc -l)"
+  echo "mounts-left=$(grep -c /run/husk /proc/mounts)"
+  echo "shim-sockets-left=$(ls /run/containerd/s 2>/dev/null | wc -l)"
+  echo "shims-left=$(pgrep -c -x containerd-shim)"
+}
+export PATH="$PWD/target/debug:$PATH"
+export RUST_LOG=${RUST_LOG:-info}
+assert_built() { for f in "$@"; do [ -e "$f" ] || { echo "missing $f"; exit 1; }; done; }
+assert_built target/debug/containerd-shim-husk-v2 target/husk/busybox-rootfs
+D=/tmp/ctrd
+mkdir -p $D
+cat > $D/config.toml <<CFG
+version = 2
+root = "$D/root"
+state = "$D/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "$D/c.sock"
+[ttrpc]
+  address = "$D/c.sock.ttrpc"
+CFG
+start_containerd() {
+  containerd --config $D/config.toml >>$D/log 2>&1 &
+  CPID=$!
+  for i in $(seq 100); do [ -S $D/c.sock ] && ctr -a $D/c.sock version >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "containerd did not start"; cat $D/log; exit 1
+}
+dump() { echo "--- containerd log"; tail -n ${1:-80} $D/log; }
+C="ctr -a $D/c.sock"
+R="--runtime io.containerd.husk.v2"
+IMG=husk.local/busybox:latest
+start_containerd
+tools/shim-oci-image target/husk/busybox-rootfs /tmp/img.tar $IMG
+$C images import /tmp/img.tar >/dev/null || { echo "import failed"; dump; exit 1; }
+$C events > $D/events 2>&1 &
+"#;
+
+fn run(body: &str, timeout: Duration) -> String {
+    scenario::run_script(&format!("{PRELUDE}\n{body}"), timeout)
+}
+
+/// The first milestone: `ctr run --rm ... echo hello`, exit codes, stdout
+/// and stderr apart, and the task events containerd receives.
+#[test]
+fn ctr_run_echo_exit_codes_and_events() {
+    let out = run(
+        r#"
+t0=$(date +%s%N)
+$C run --rm $R $IMG t1 echo hello; echo "code hello=$?"
+t1=$(date +%s%N)
+echo "run-ms=$(( (t1 - t0) / 1000000 ))"
+$C run --rm $R $IMG t2 sh -c 'echo out; echo err >&2; exit 7' 2>/tmp/err; echo "code seven=$?"; echo "stderr=$(cat /tmp/err)"
+$C run --rm $R $IMG t3 sh -c 'sleep 30 & kill -9 $!; wait $!'; echo "code killed=$?"
+sleep 1
+grep -o '/tasks/[a-z-]*' $D/events | sort | uniq -c | sed 's/^ */event /'
+$C task ls; $C containers ls -q | sed 's/^/container-left=/'
+leaks
+dump 60
+"#,
+        Duration::from_secs(400),
+    );
+    for want in [
+        "hello\ncode hello=0",
+        "out\ncode seven=7",
+        "stderr=err",
+        "code killed=137",
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+        "vmm-left=0",
+        "run-husk-left=0",
+        "mounts-left=0",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(!out.contains("container-left="), "containers left:\n{out}");
+}
+
+const NO_LEAKS: &[&str] = &[
+    "vmm-left=0",
+    "run-husk-left=0",
+    "mounts-left=0",
+    "shim-sockets-left=0",
+    "shims-left=0",
+];
+
+fn assert_all(out: &str, wants: &[&str]) {
+    for want in wants {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+}
+
+/// A detached container: task ls, exec (its own exit code), ps, pause and
+/// resume, metrics, kill, delete.
+#[test]
+fn ctr_detached_exec_ps_pause_metrics_kill_delete() {
+    let out = run(
+        r#"
+$C run -d $R $IMG d1 sh -c 'echo started; sleep 300'; echo "code detach=$?"
+$C task ls | awk '$1=="d1"{print "state-run="$3}'
+$C task exec --exec-id e1 d1 sh -c 'echo exec-out; exit 3'; echo "code exec=$?"
+$C task ps d1 | tail -n +2 | wc -l | sed 's/^/ps-count=/'
+$C task pause d1; echo "code pause=$?"
+$C task ls | awk '$1=="d1"{print "state-paused="$3}'
+$C task resume d1; echo "code resume=$?"
+$C task ls | awk '$1=="d1"{print "state-resumed="$3}'
+$C task metrics d1 | grep -i -E 'memory|pids' | head -3 | sed 's/^/metrics: /'
+$C task kill -s KILL d1; echo "code kill=$?"
+for i in $(seq 50); do $C task ls | grep -q 'd1.*STOPPED' && break; sleep 0.2; done
+$C task ls | awk '$1=="d1"{print "state-killed="$3}'
+$C task delete d1; echo "code delete=$?"
+$C container rm d1
+sleep 1
+leaks
+dump 80
+"#,
+        Duration::from_secs(400),
+    );
+    assert_all(
+        &out,
+        &[
+            "code detach=0",
+            "state-run=RUNNING",
+            "exec-out\ncode exec=3",
+            "code pause=0",
+            "state-paused=PAUSED",
+            "state-resumed=RUNNING",
+            "metrics: ",
+            "code kill=0",
+            "state-killed=STOPPED",
+            "code delete=0",
+        ],
+    );
+    assert_all(&out, NO_LEAKS);
+}
+
+/// `ctr run -t` through a pty (script(1)): the process has a terminal.
+#[test]
+fn ctr_run_tty() {
+    let out = run(
+        r#"
+script -qec "ctr -a $D/c.sock run -t --rm $R $IMG tty1 sh -c 'tty; [ -t 1 ] && echo stdout-is-tty; echo tty-ok'" /dev/null < /dev/null | tr -d '\r'; echo "code tty=$?"
+sleep 1
+leaks
+dump 40
+"#,
+        Duration::from_secs(300),
+    );
+    assert_all(&out, &["/dev/pts/", "tty-ok"]);
+    assert_all(&out, NO_LEAKS);
+}
+
+/// containerd restarted under a running container: the task is still there
+/// and running. Then the shim is SIGKILLed: its VM goes with it, and
+/// `ctr task delete` cleans up what is left.
+#[test]
+fn containerd_restart_and_shim_sigkill() {
+    let out = run(
+        r#"
+$C run -d $R $IMG r1 sleep 300; echo "code detach=$?"
+kill $CPID; wait $CPID 2>/dev/null
+start_containerd
+$C task ls | awk '$1=="r1"{print "after-restart="$3}'
+SHIM=$(pgrep -f 'containerd-shim-husk-v2 -namespace default -id r1')
+echo "shim=$SHIM"
+kill -9 $SHIM
+for i in $(seq 50); do [ "$(pgrep -c husk-vmm)" = 0 ] && break; sleep 0.2; done
+echo "vmm-after-sigkill=$(pgrep -c husk-vmm)"
+# containerd notices the dead shim itself and runs `delete`; the task may
+# be gone before we ask.
+$C task delete r1 2>&1 | sed 's/^/task-delete: /'
+$C task ls | awk '$1=="r1"{print "task-still-listed"}'
+$C container rm r1
+sleep 1
+leaks
+dump 60
+"#,
+        Duration::from_secs(400),
+    );
+    assert_all(
+        &out,
+        &[
+            "code detach=0",
+            "after-restart=RUNNING",
+            "vmm-after-sigkill=0",
+        ],
+    );
+    assert!(!out.contains("task-still-listed"), "{out}");
+    assert_all(&out, NO_LEAKS);
+}
+
+/// 20 create/start/delete cycles leave no husk-vmm, mount, socket or
+/// /run/husk entry.
+#[test]
+fn twenty_cycles_leave_nothing() {
+    let out = run(
+        r#"
+ok=0
+t0=$(date +%s%N)
+for i in $(seq 20); do
+  $C run --rm $R $IMG cyc$i true && ok=$((ok+1))
+done
+t1=$(date +%s%N)
+echo "cycles-ok=$ok"
+echo "cycle-ms=$(( (t1 - t0) / 20000000 ))"
+sleep 1
+leaks
+dump 20
+"#,
+        Duration::from_secs(590),
+    );
+    assert_all(&out, &["cycles-ok=20"]);
+    assert_all(&out, NO_LEAKS);
+}
