@@ -52,3 +52,21 @@ fn husk_vm_boot_and_keep() {
     assert!(out.contains("stop with: husk vm stop"), "{out}");
     assert!(out.contains("cleaned"), "{out}");
 }
+
+/// Containers through the agent API: shared network and IPC namespaces,
+/// 200 orphans reaped, an OOM event, stats/update/pause/resume, malformed
+/// specs, and no way out of the root from inside.
+#[test]
+fn containers_in_one_sandbox() {
+    let out = scenario::run("containers", Duration::from_secs(500));
+    for want in [
+        "share net and ipc",
+        "200 orphans reaped",
+        "OOM event for \"oom\"",
+        "kill all -> 137",
+        "malformed specs refused",
+        "stay in the container's root",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+}

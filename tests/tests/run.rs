@@ -41,3 +41,66 @@ ls /run/husk | wc -l | sed 's/^/left=/'
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
 }
+
+/// The rest of the CLI: a volume seen on both sides, stdin piped through,
+/// a memory limit (OOM -> 137 and a notice), a pids limit, `run -d` +
+/// `exec` + `ps` + `rm`, a terminal session with a resize (driven through
+/// a pty), and the state of a `husk` killed with SIGKILL cleaned by the
+/// next call.
+#[test]
+fn husk_cli_volumes_stdin_limits_exec_tty_cleanup() {
+    let out = scenario::run_script(
+        r#"set -u
+export RUST_LOG=warn
+cp -a target/husk/busybox-rootfs /tmp/rootfs
+mkdir -p /tmp/vol && echo from-host > /tmp/vol/in
+H=./target/debug/husk
+$H run --rootfs /tmp/rootfs -v /tmp/vol:/data -v /tmp/vol:/ro:ro -- sh -c 'cat /data/in; echo from-guest > /data/out; touch /ro/x 2>/dev/null || echo ro-refused'
+echo "host sees: $(cat /tmp/vol/out)"
+echo piped-input | $H run -i --rootfs /tmp/rootfs -- sh -c 'read x; echo "stdin=$x"'
+$H run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /dev/zero | tr "\0" a); echo survived' 2>/tmp/oom.err; echo "code oom=$?"; grep -o 'OOM' /tmp/oom.err | head -1 | sed 's/^/notice=/'
+$H run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do sleep 3 & done 2>/dev/null; ps | grep -c "[s]leep 3" | sed "s/^/started=/"' 
+$H run -d --name bg --rootfs /tmp/rootfs -- sleep 1000
+$H ps | grep '^bg ' | awk '{print "ps=" $1 "," $3}'
+$H exec bg -- sh -c 'echo exec-ran; exit 5'; echo "code exec=$?"
+echo via-exec-stdin | $H exec -i bg -- cat
+$H rm bg 2>&1 | grep -o 'is running' | sed 's/^/rm=/'
+$H rm -f bg >/dev/null; echo "code rm=$?"
+python3 tests/scripts/tty-session.py $H run -t -i --rootfs /tmp/rootfs -- sh | tail -1
+$H run --name killed --rootfs /tmp/rootfs -- sleep 100 & sleep 12; kill -9 $!; sleep 1
+$H ps >/dev/null
+ls /run/husk | wc -l | sed 's/^/left=/'
+pgrep -c husk-vmm | sed 's/^/vmms=/'
+"#,
+        Duration::from_secs(580),
+    );
+    for want in [
+        "from-host\n",
+        "ro-refused",
+        "host sees: from-guest",
+        "stdin=piped-input",
+        "code oom=137",
+        "notice=OOM",
+        "ps=bg,running",
+        "exec-ran",
+        "code exec=5",
+        "via-exec-stdin",
+        "rm=is running",
+        "code rm=0",
+        "tty-session: exit 7",
+        "left=0",
+        "vmms=0",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    // The pids limit (8) stopped some of the 10 background jobs.
+    let started: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("started="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no started= line in:\n{out}"));
+    assert!(
+        started < 10,
+        "pids limit 8, yet {started} jobs started:\n{out}"
+    );
+}

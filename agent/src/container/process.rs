@@ -15,7 +15,7 @@
 //! The network and IPC namespaces are the sandbox's: a container never gets
 //! new ones, whatever its spec lists, because in Husk the VM is the pod and
 //! its containers share both (what the pause container's namespaces do for
-//! runc). Not here yet: user namespaces, seccomp.
+//! runc). Not here yet: user namespaces, seccomp (see docs/agent.md).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

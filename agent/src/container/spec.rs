@@ -106,6 +106,8 @@ fn sysctl_allowed(key: &str, own_ipc: bool, own_uts: bool) -> bool {
         || key.starts_with("net.")
 }
 
+// The constants are u32 with glibc and c_int with musl (the agent's libc).
+#[allow(clippy::unnecessary_cast)]
 fn rlimit_resource(t: oci_spec::runtime::PosixRlimitType) -> u32 {
     use oci_spec::runtime::PosixRlimitType as R;
     (match t {
