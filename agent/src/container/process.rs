@@ -1001,9 +1001,13 @@ unsafe fn setup_rootfs(r: &RootfsPlan) -> Result<(), (Stage, usize)> {
     Ok(())
 }
 
-/// An fd pair for tests and callers that want a pipe as stdio.
+/// A pipe for a process's stdio. Close-on-exec: the child gets its ends
+/// by dup2 (which clears the flag), and no other process, the container's
+/// own included, may inherit them (a stdin pipe's write end held by its
+/// reader would never give it EOF; another container's pipes must never
+/// leak into this one).
 pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe().map_err(std::io::Error::from)
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
 }
 
 /// `/dev/null` opened for reading, for a process without stdin.

@@ -26,10 +26,14 @@ pub fn open() -> io::Result<(OwnedFd, OwnedFd)> {
         | nix::fcntl::OFlag::O_NONBLOCK
         | nix::fcntl::OFlag::O_CLOEXEC;
     nix::fcntl::fcntl(p.master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
-    nix::fcntl::fcntl(
-        p.master.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )?;
+    // Both ends close-on-exec: the child gets the slave by dup2, no other
+    // process may inherit either end.
+    for fd in [&p.master, &p.slave] {
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )?;
+    }
     Ok((p.master, p.slave))
 }
 
