@@ -54,7 +54,7 @@ set_size(40, 100)
 if not read_until(b"# "):
     fail("no shell prompt")
 time.sleep(1)
-os.write(fd, b"tty -s && echo is-a-$((6*6))-tty; stty size\n")
+os.write(fd, b"[ -t 0 ] && [ -t 1 ] && echo is-a-$((6*6))-tty; stty size\n")
 if not read_until(b"is-a-36-tty"):
     fail("the container has no terminal")
 if not read_until(b"40 100"):
