@@ -62,11 +62,6 @@ impl Sandbox {
         hostname: &str,
         events: Events,
     ) -> Result<Sandbox> {
-        if let Some(vmm) = &cfg.vmm {
-            // husk_tools::vm finds husk-vmm through $HUSK_VMM; std's env lock
-            // orders this with every Rust reader of the environment.
-            std::env::set_var("HUSK_VMM", vmm);
-        }
         let (vcpus, memory_mib) = vm_size(cfg, annotations);
         let spec = VmSpec {
             kernel: cfg.kernel.clone(),
@@ -77,6 +72,7 @@ impl Sandbox {
             detach: false,
             id: Some(id.to_string()),
             share: true,
+            vmm: cfg.vmm.clone(),
             ..VmSpec::default()
         };
         let started = std::time::Instant::now();

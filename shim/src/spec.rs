@@ -91,6 +91,9 @@ fn host_only(source: &Path) -> bool {
         .any(|p| source == Path::new(p) || source.starts_with(p))
 }
 
+/// Mount points the guest agent makes in every container.
+const AGENT_MADE: &[&str] = &["/dev", "/dev/pts", "/dev/shm"];
+
 /// Rewrites `spec` for container `id`.
 pub fn for_guest(mut spec: Value, id: &str) -> Result<GuestSpec, SpecError> {
     if id.is_empty() || Path::new(id).components().count() != 1 || id.starts_with('.') {
@@ -131,11 +134,11 @@ pub fn for_guest(mut spec: Value, id: &str) -> Result<GuestSpec, SpecError> {
                 .map(|o| o.iter().filter_map(Value::as_str).collect())
                 .unwrap_or_default();
             let is_bind = typ == "bind" || opts.iter().any(|o| *o == "bind" || *o == "rbind");
-            // The agent builds /dev itself (tmpfs, device nodes, pts, shm)
-            // and prepares mount points before that tmpfs covers them, so
-            // anything at or below /dev would fail with ENOENT.
-            if Path::new(dest).starts_with("/dev") {
-                tracing::debug!(destination = dest, "the guest agent makes /dev itself");
+            // The agent builds /dev, /dev/pts and /dev/shm itself (a pty it
+            // allocates must stay in the container's devpts); mounts further
+            // below /dev (mqueue, termination-log) it makes after those.
+            if AGENT_MADE.iter().any(|d| Path::new(dest) == Path::new(d)) {
+                tracing::debug!(destination = dest, "the guest agent makes this itself");
                 continue;
             }
             if typ == "cgroup" {
@@ -216,6 +219,9 @@ mod tests {
                 {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "ro"]},
                 {"destination": "/etc/hosts", "source": "/var/lib/x/hosts", "options": ["bind"]},
                 {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts"},
+                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue"},
+                {"destination": "/dev/termination-log", "type": "bind", "source": "/var/lib/x/log", "options": ["bind"]},
                 {"destination": "/x", "type": "fuse", "source": "f"},
                 {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]}
             ],
@@ -242,11 +248,22 @@ mod tests {
             .iter()
             .map(|m| m["destination"].as_str().unwrap())
             .collect();
-        assert_eq!(dests, ["/proc", "/data", "/etc/hosts", "/sys/fs/cgroup"]);
+        assert_eq!(
+            dests,
+            [
+                "/proc",
+                "/data",
+                "/etc/hosts",
+                "/dev/mqueue",
+                "/dev/termination-log",
+                "/sys/fs/cgroup"
+            ]
+        );
         assert_eq!(mounts[1]["source"], "c1/volumes/0");
         assert_eq!(mounts[2]["source"], "c1/volumes/1");
         assert_eq!(mounts[2]["type"], "bind");
-        assert_eq!(mounts[3]["type"], "cgroup2");
+        assert_eq!(mounts[4]["source"], "c1/volumes/2");
+        assert_eq!(mounts[5]["type"], "cgroup2");
         assert_eq!(
             g.volumes,
             vec![
@@ -258,6 +275,11 @@ mod tests {
                 Volume {
                     source: "/var/lib/x/hosts".into(),
                     target: "c1/volumes/1".into(),
+                    readonly: false
+                },
+                Volume {
+                    source: "/var/lib/x/log".into(),
+                    target: "c1/volumes/2".into(),
                     readonly: false
                 },
             ]
