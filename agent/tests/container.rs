@@ -20,7 +20,7 @@ fn busybox_share() -> tempfile::TempDir {
     std::fs::copy("/bin/busybox", root.join("bin/busybox"))
         .expect("busybox-static: run tools/setup");
     for a in [
-        "sh", "echo", "cat", "id", "pwd", "hostname", "touch", "ls", "sleep",
+        "sh", "echo", "cat", "id", "pwd", "hostname", "touch", "ls", "sleep", "tty", "mkdir",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
     }
@@ -51,8 +51,9 @@ fn run(share: &Path, v: &Value) -> Result<(i32, String, String), ContainerError>
         stdin: process::null_stdin().unwrap(),
         stdout: out_w,
         stderr: err_w,
+        console: None,
     };
-    let pid = process::start(&valid(v), share, stdio, None)?;
+    let pid = process::start(&valid(v), share, stdio, None, &[])?;
     let mut out = String::new();
     let mut err = String::new();
     std::fs::File::from(out_r).read_to_string(&mut out).unwrap();
@@ -132,4 +133,79 @@ fn a_missing_program_is_a_clear_error() {
             ..
         })
     ));
+}
+
+/// A terminal made in the container's own devpts: the master comes back
+/// over the console socket, and inside, `tty` names a device that exists
+/// there (ttyname works), stdin and stdout are that terminal.
+#[test]
+fn a_terminal_lives_in_the_containers_devpts() {
+    let share = busybox_share();
+    let mut v = spec_json(&["sh", "-c", "tty; [ -t 0 ] && [ -t 1 ] && echo both-tty"]);
+    v["process"]["terminal"] = json!(true);
+    let (ours, theirs) = process::console_pair().unwrap();
+    let null = || process::null_stdin().unwrap();
+    let stdio = Stdio {
+        stdin: null(),
+        stdout: null(),
+        stderr: null(),
+        console: Some(theirs),
+    };
+    let pid = process::start(&valid(&v), share.path(), stdio, None, &[]).unwrap();
+    let master = process::receive_console(&ours).unwrap();
+    let code = match waitpid(pid, None).unwrap() {
+        WaitStatus::Exited(_, c) => c,
+        other => panic!("{other:?}"),
+    };
+    // The slave is closed: read what is buffered until EIO.
+    let mut out = Vec::new();
+    let mut f = std::fs::File::from(master);
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = f.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("/dev/pts/0"), "tty inside: {out:?}");
+    assert!(out.contains("both-tty"), "{out:?}");
+}
+
+/// The spec's seccomp profile applies: an errno rule answers with its errno,
+/// the default allows the rest.
+#[test]
+fn a_seccomp_profile_applies() {
+    use husk_agent::container::seccomp;
+    let share = busybox_share();
+    let mut v = spec_json(&[
+        "sh",
+        "-c",
+        "echo before; touch /tmp/f && echo touched; mkdir /tmp/d || echo mkdir-refused",
+    ]);
+    v["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]
+    });
+    let spec = valid(&v);
+    let filters = seccomp::compile(spec.seccomp.as_ref().unwrap()).unwrap();
+    let (out_r, out_w) = process::pipe().unwrap();
+    let (err_r, err_w) = process::pipe().unwrap();
+    let stdio = Stdio {
+        stdin: process::null_stdin().unwrap(),
+        stdout: out_w,
+        stderr: err_w,
+        console: None,
+    };
+    let pid = process::start(&spec, share.path(), stdio, None, &filters).unwrap();
+    let (mut out, mut err) = (String::new(), String::new());
+    std::fs::File::from(out_r).read_to_string(&mut out).unwrap();
+    std::fs::File::from(err_r).read_to_string(&mut err).unwrap();
+    let _ = waitpid(pid, None).unwrap();
+    assert_eq!(out, "before\ntouched\nmkdir-refused\n", "{err}");
+    assert!(
+        err.contains("Permission denied"),
+        "mkdir failed with EACCES: {err}"
+    );
 }

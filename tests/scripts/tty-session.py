@@ -54,7 +54,7 @@ set_size(40, 100)
 if not read_until(b"# "):
     fail("no shell prompt")
 time.sleep(1)
-os.write(fd, b"[ -t 0 ] && [ -t 1 ] && echo is-a-$((6*6))-tty; stty size\n")
+os.write(fd, b"tty | grep -q /dev/pts/ && [ -t 0 ] && [ -t 1 ] && echo is-a-$((6*6))-tty; stty size\n")
 if not read_until(b"is-a-36-tty"):
     fail("the container has no terminal")
 if not read_until(b"40 100"):
@@ -64,6 +64,8 @@ time.sleep(2)
 os.write(fd, b"stty size\n")
 if not read_until(b"50 120"):
     fail("the resize did not arrive")
+if b"^@" in transcript:
+    fail("a NUL byte reached the terminal's input (echoed as ^@)")
 os.write(fd, b"exit 7\n")
 _, status = os.waitpid(pid, 0)
 code = os.waitstatus_to_exitcode(status)

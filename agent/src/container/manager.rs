@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use super::cgroup::{Cgroup, CgroupError, Stats};
 use super::process::{self, ContainerError, Stdio};
 use super::pty;
+use super::seccomp::{self, Program};
 use super::spec::{self, SpecError, ValidProcess, ValidSpec};
 use super::stdio::Hub;
 use crate::reaper::{ExitStatus, Reaper};
@@ -72,15 +73,18 @@ struct Ends {
 
 fn make_ends(tty: bool, want_stdin: bool) -> Result<Ends, ManagerError> {
     if tty {
-        let (master, slave) = pty::open().map_err(io_err("opening a pty"))?;
-        let dup = |fd: &OwnedFd| fd.try_clone().map_err(io_err("dup"));
+        // The pty is made in the container (see Stdio::console); `out` is
+        // our end of the socket its master comes back on.
+        let (ours, theirs) = process::console_pair().map_err(io_err("socketpair"))?;
+        let null = || process::null_stdin().map_err(io_err("/dev/null"));
         return Ok(Ends {
             child: Stdio {
-                stdin: dup(&slave)?,
-                stdout: dup(&slave)?,
-                stderr: slave,
+                stdin: null()?,
+                stdout: null()?,
+                stderr: null()?,
+                console: Some(theirs),
             },
-            out: master,
+            out: ours,
             err: None,
             stdin: None,
             tty,
@@ -100,6 +104,7 @@ fn make_ends(tty: bool, want_stdin: bool) -> Result<Ends, ManagerError> {
             stdin,
             stdout: out_w,
             stderr: err_w,
+            console: None,
         },
         out: out_r,
         err: Some(err_r),
@@ -163,6 +168,8 @@ impl Proc {
 
 struct Container {
     spec: ValidSpec,
+    /// The compiled profile, for the container's processes and its execs.
+    seccomp: Vec<Program>,
     cgroup: Cgroup,
     init: Proc,
     execs: HashMap<String, Proc>,
@@ -259,11 +266,10 @@ impl Manager {
             return Err(ManagerError::NoShare);
         }
         let spec = spec::validate(spec_json)?;
-        if spec.seccomp.is_some() {
-            // As Kata's default (disable_guest_seccomp): the VM is the
-            // boundary. Said, not hidden; see docs/agent.md.
-            tracing::warn!(container = %id, "linux.seccomp is not applied in the guest yet");
-        }
+        let seccomp = match &spec.seccomp {
+            Some(profile) => seccomp::compile(profile)?,
+            None => Vec::new(),
+        };
         let mut all = self.lock();
         if all.contains_key(id) {
             return Err(ManagerError::Exists(id.to_string()));
@@ -280,6 +286,7 @@ impl Manager {
             id.to_string(),
             Container {
                 spec,
+                seccomp,
                 cgroup,
                 init,
                 execs: HashMap::new(),
@@ -302,10 +309,10 @@ impl Manager {
             });
         };
         let procs = c.cgroup.procs_file();
-        let spec = &c.spec;
+        let (spec, filters) = (&c.spec, &c.seccomp);
         let started = self
             .reaper
-            .register_with(|| process::start(spec, &share, ends.child, Some(&procs)));
+            .register_with(|| process::start(spec, &share, ends.child, Some(&procs), filters));
         let ends = Ends {
             child: dummy_stdio()?,
             ..ends
@@ -346,10 +353,10 @@ impl Manager {
             .ok_or_else(|| ManagerError::Io("no stdio".into()))?;
         let child = std::mem::replace(&mut ends.child, dummy_stdio()?);
         let procs = c.cgroup.procs_file();
-        let spec = &proc_.spec;
+        let (spec, filters) = (&proc_.spec, &c.seccomp);
         let started = self
             .reaper
-            .register_with(|| process::exec(spec, init_pid, child, &procs));
+            .register_with(|| process::exec(spec, init_pid, child, &procs, filters));
         launch(&self.hub, id, exec_id, &mut proc_, started, ends)?;
         c.execs.insert(exec_id.to_string(), proc_);
         Ok(())
@@ -437,15 +444,12 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         self.with(id, |c| {
             let p = c.proc_mut(id, exec_id)?;
-            let fd = match (&p.pty, &p.ends) {
-                (Some(m), _) => m.fd(),
-                (None, Some(e)) if e.tty => &e.out,
-                _ => {
-                    return Err(ManagerError::Io(format!(
-                        "process {exec_id:?} of {id} has no terminal"
-                    )))
-                }
+            let Some(m) = &p.pty else {
+                return Err(ManagerError::Io(format!(
+                    "process {exec_id:?} of {id} has no terminal (or has not started)"
+                )));
             };
+            let fd = m.fd();
             pty::resize(fd, rows, cols).map_err(io_err("TIOCSWINSZ"))
         })
     }
@@ -525,6 +529,7 @@ fn dummy_stdio() -> Result<Stdio, ManagerError> {
         stdin: null()?,
         stdout: null()?,
         stderr: null()?,
+        console: None,
     })
 }
 
@@ -552,7 +557,8 @@ fn launch(
     p.pid = Some(pid);
     let key = |s: &str| (id.to_string(), exec_id.to_string(), s.to_string());
     if ends.tty {
-        let master = pty::Master::new(ends.out).map_err(io_err("pty"))?;
+        let master = process::receive_console(&ends.out).map_err(io_err("the terminal"))?;
+        let master = pty::Master::new(master).map_err(io_err("pty"))?;
         p.relays.push(relay_out(
             hub.expect(key("stdout")),
             master.clone(),

@@ -1,11 +1,12 @@
 //! Containers in the guest: the spec checked ([`spec`]), the process built
 //! and started in its namespaces ([`process`]), its cgroup ([`cgroup`]),
-//! its terminal ([`pty`]) and stdio streams ([`stdio`]), and the manager
+//! its seccomp filters ([`seccomp`]), its terminal ([`pty`]) and stdio streams ([`stdio`]), and the manager
 //! that keeps track of them all ([`manager`]).
 
 pub mod cgroup;
 pub mod manager;
 pub mod process;
 pub mod pty;
+pub mod seccomp;
 pub mod spec;
 pub mod stdio;

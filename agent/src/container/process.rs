@@ -56,10 +56,11 @@ pub enum Stage {
     Rlimits,
     Capabilities,
     NoNewPrivileges,
+    Seccomp,
 }
 
 impl Stage {
-    const ALL: [Stage; 22] = {
+    const ALL: [Stage; 23] = {
         use Stage::*;
         [
             Private,
@@ -84,6 +85,7 @@ impl Stage {
             Rlimits,
             Capabilities,
             NoNewPrivileges,
+            Seccomp,
         ]
     };
 
@@ -111,6 +113,12 @@ pub struct Stdio {
     pub stdin: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// For a terminal: the child's end of a socketpair. The child opens a
+    /// pty in the container's own devpts (so `tty` and ttyname work there),
+    /// takes the slave as stdio and controlling terminal, and sends the
+    /// master back on it ([`receive_console`]); the three fds above are
+    /// then unused.
+    pub console: Option<OwnedFd>,
 }
 
 fn cstr(b: &[u8]) -> Result<CString, ContainerError> {
@@ -274,6 +282,8 @@ struct Plan {
     rlimits: Vec<(u32, libc::rlimit)>,
     caps: Option<super::spec::CapSets>,
     no_new_privileges: bool,
+    /// BPF programs to install (the container's profile, see seccomp.rs).
+    seccomp: Vec<super::seccomp::Program>,
     uid: libc::uid_t,
     gid: libc::gid_t,
     groups: Vec<libc::gid_t>,
@@ -282,6 +292,8 @@ struct Plan {
     envp: Vec<CString>,
     exec_candidates: Vec<CString>,
     stdio: [RawFd; 3],
+    /// The console socket's child end, or -1.
+    console: RawFd,
     err_w: RawFd,
 }
 
@@ -353,6 +365,7 @@ fn process_plan(
             .collect(),
         caps: p.capabilities,
         no_new_privileges: p.no_new_privileges,
+        seccomp: Vec::new(),
         uid: p.uid,
         gid: p.gid,
         groups: p.additional_gids.clone(),
@@ -373,6 +386,7 @@ fn process_plan(
             stdio.stdout.as_raw_fd(),
             stdio.stderr.as_raw_fd(),
         ],
+        console: stdio.console.as_ref().map_or(-1, |c| c.as_raw_fd()),
         err_w,
     })
 }
@@ -396,6 +410,7 @@ pub fn start(
     share: &Path,
     stdio: Stdio,
     cgroup_procs: Option<&Path>,
+    seccomp: &[super::seccomp::Program],
 ) -> Result<Pid, ContainerError> {
     let root = share.join(&spec.root);
     if !root.is_dir() {
@@ -416,6 +431,7 @@ pub fn start(
         .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
     let cg_fd = cg.as_ref().map_or(-1, |f| f.as_raw_fd());
     let mut plan = process_plan(&spec.process, &stdio, cg_fd, err_w.as_raw_fd())?;
+    plan.seccomp = seccomp.to_vec();
     // Paths inside the container, used after pivot_root.
     let inside = |p: &Path| cpath(&Path::new("/").join(p));
     plan.rootfs = Some(RootfsPlan {
@@ -475,6 +491,7 @@ pub fn exec(
     init_pid: Pid,
     stdio: Stdio,
     cgroup_procs: &Path,
+    seccomp: &[super::seccomp::Program],
 ) -> Result<Pid, ContainerError> {
     let ns_file = |name: &str| -> Result<OwnedFd, ContainerError> {
         let path = format!("/proc/{init_pid}/ns/{name}");
@@ -501,6 +518,7 @@ pub fn exec(
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
     let mut plan = process_plan(p, &stdio, cg.as_raw_fd(), err_w.as_raw_fd())?;
+    plan.seccomp = seccomp.to_vec();
     plan.join = joined.iter().map(|(fd, k)| (fd.as_raw_fd(), *k)).collect();
     let pid = spawn(
         &plan,
@@ -673,9 +691,15 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
                 return fail_at(plan, stage, item);
             }
         }
-        for (i, fd) in plan.stdio.iter().enumerate() {
-            if libc::dup2(*fd, i as RawFd) < 0 {
-                return fail(plan, Stage::Stdio);
+        if plan.console >= 0 {
+            if !open_console(plan.console) {
+                return fail(plan, Stage::Terminal);
+            }
+        } else {
+            for (i, fd) in plan.stdio.iter().enumerate() {
+                if libc::dup2(*fd, i as RawFd) < 0 {
+                    return fail(plan, Stage::Stdio);
+                }
             }
         }
         if plan.terminal && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0) {
@@ -685,6 +709,12 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
             if libc::setrlimit(*resource as _, limit) != 0 {
                 return fail(plan, Stage::Rlimits);
             }
+        }
+        // Without no_new_privileges installing a filter needs CAP_SYS_ADMIN:
+        // do it while root still has it (runc's order); the profile must
+        // then allow what follows (setuid, capset, execve), as real ones do.
+        if !plan.no_new_privileges && !install_seccomp(&plan.seccomp) {
+            return fail(plan, Stage::Seccomp);
         }
         if libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) != 0 {
             return fail(plan, Stage::Groups);
@@ -721,6 +751,10 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
         if plan.no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return fail(plan, Stage::NoNewPrivileges);
         }
+        // With it, as late as possible: only execve runs under the filter.
+        if plan.no_new_privileges && !install_seccomp(&plan.seccomp) {
+            return fail(plan, Stage::Seccomp);
+        }
         let mut errno = libc::ENOENT;
         for c in &plan.exec_candidates {
             libc::execve(c.as_ptr(), argv.as_ptr(), envp.as_ptr());
@@ -733,6 +767,124 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
         nix::errno::Errno::set_raw(errno);
         fail(plan, Stage::Exec)
     }
+}
+
+/// Installs the programs (seccomp(2) without flags). Raw syscalls.
+///
+/// # Safety
+/// Called in the cloned child only.
+unsafe fn install_seccomp(programs: &[super::seccomp::Program]) -> bool {
+    for p in programs {
+        let prog = libc::sock_fprog {
+            len: p.len() as u16,
+            // seccompiler's sock_filter has libc's layout (repr(C)).
+            filter: p.as_ptr() as *mut libc::sock_filter,
+        };
+        if libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &prog as *const libc::sock_fprog,
+        ) != 0
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// Opens a pty in the container's devpts (its /dev/ptmx), makes the slave
+/// fds 0-2, and sends the master over `sock` (SCM_RIGHTS). Raw syscalls,
+/// stack buffers only.
+///
+/// # Safety
+/// Called in the cloned child only.
+unsafe fn open_console(sock: RawFd) -> bool {
+    let master = libc::open(
+        c"/dev/ptmx".as_ptr(),
+        libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+    );
+    if master < 0 {
+        return false;
+    }
+    let unlock: libc::c_int = 0;
+    if libc::ioctl(master, libc::TIOCSPTLCK, &unlock) != 0 {
+        return false;
+    }
+    // The slave straight from the master (Linux 4.13+): no path to build.
+    let slave = libc::ioctl(master, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY);
+    if slave < 0 {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // 32 bytes, 8-aligned: more than CMSG_SPACE(one int) on 64-bit.
+    let mut control = [0u64; 4];
+    let mut msg: libc::msghdr = std::mem::zeroed();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as _;
+    let cmsg = libc::CMSG_FIRSTHDR(&msg);
+    if cmsg.is_null() {
+        return false;
+    }
+    (*cmsg).cmsg_level = libc::SOL_SOCKET;
+    (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), master);
+    if libc::sendmsg(sock, &msg, 0) != 1 {
+        return false;
+    }
+    libc::close(master);
+    for i in 0..3 {
+        if libc::dup2(slave, i) < 0 {
+            return false;
+        }
+    }
+    if slave > 2 {
+        libc::close(slave);
+    }
+    true
+}
+
+/// The pty master a terminal process's child sent (see [`Stdio::console`]).
+/// Call once the child has exec'd: the message is already queued.
+pub fn receive_console(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!(RawFd);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&fd) = fds.first() {
+                // SAFETY: the kernel just installed this fd for us; we own it.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Err(std::io::Error::other("the child sent no terminal"))
+}
+
+/// A socketpair for [`Stdio::console`]: (ours, the child's).
+pub fn console_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
 }
 
 /// capset(2) with the effective, permitted and inheritable sets, then the

@@ -1,13 +1,8 @@
-//! Terminals for processes that ask for one: a pty pair from the agent's
-//! devpts, the slave as the process's stdio and controlling terminal, the
-//! master relayed to the host's streams (output on "stdout", input from
-//! "stdin") and resized on TtyWinResize.
-//!
-//! The pair comes from the agent's /dev/pts, not the container's own devpts
-//! instance, so `tty` inside prints a name the container's /dev/pts lacks;
-//! everything that only needs a terminal (isatty, job control, resizes)
-//! works. runc avoids that with a console socket; not worth it in a VM
-//! whose only tenant is the pod.
+//! Terminals for processes that ask for one: the child opens the pty in the
+//! container's own devpts and sends the master back (process.rs,
+//! `Stdio::console`, runc's console socket in spirit); here the master is
+//! relayed to the host's streams (output on "stdout", input from "stdin")
+//! and resized on TtyWinResize.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -17,25 +12,6 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// Opens a pty pair: (master, slave). The master is non-blocking.
-pub fn open() -> io::Result<(OwnedFd, OwnedFd)> {
-    let p = nix::pty::openpty(None, None).map_err(io::Error::from)?;
-    let flags = nix::fcntl::fcntl(p.master.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
-    let flags = nix::fcntl::OFlag::from_bits_truncate(flags)
-        | nix::fcntl::OFlag::O_NONBLOCK
-        | nix::fcntl::OFlag::O_CLOEXEC;
-    nix::fcntl::fcntl(p.master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
-    // Both ends close-on-exec: the child gets the slave by dup2, no other
-    // process may inherit either end.
-    for fd in [&p.master, &p.slave] {
-        nix::fcntl::fcntl(
-            fd.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )?;
-    }
-    Ok((p.master, p.slave))
-}
 
 /// Sets the terminal's size; the kernel sends SIGWINCH to its foreground
 /// process group.
@@ -62,7 +38,15 @@ pub struct Master {
 }
 
 impl Master {
+    /// Takes the master over, non-blocking.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(
+                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK,
+            ),
+        )?;
         // SAFETY: the OwnedFd moves into the AsyncFd and stays open, the
         // same descriptor, for as long as the AsyncFd lives.
         let fd = unsafe { AsyncFd::register(fd) }?;

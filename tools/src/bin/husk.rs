@@ -640,7 +640,7 @@ async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,guest=info".into()),
+                .unwrap_or_else(|_| "warn,ttrpc=error,guest=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
