@@ -329,7 +329,12 @@ impl Agent for AgentService {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<Empty> {
         self.containers
-            .create(&req.container_id, &req.oci_spec, req.stdin)
+            .create(
+                &req.container_id,
+                &req.oci_spec,
+                req.stdin,
+                req.rootfs_overlay,
+            )
             .map_err(container_status)?;
         tracing::info!(container = %req.container_id, "container created");
         Ok(Empty::default())

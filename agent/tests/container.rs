@@ -53,7 +53,7 @@ fn run(share: &Path, v: &Value) -> Result<(i32, String, String), ContainerError>
         stderr: err_w,
         console: None,
     };
-    let pid = process::start(&valid(v), share, stdio, None, &[])?;
+    let pid = process::start(&valid(v), &share.join("rootfs"), share, stdio, None, &[])?;
     let mut out = String::new();
     let mut err = String::new();
     std::fs::File::from(out_r).read_to_string(&mut out).unwrap();
@@ -151,7 +151,15 @@ fn a_terminal_lives_in_the_containers_devpts() {
         stderr: null(),
         console: Some(theirs),
     };
-    let pid = process::start(&valid(&v), share.path(), stdio, None, &[]).unwrap();
+    let pid = process::start(
+        &valid(&v),
+        &share.path().join("rootfs"),
+        share.path(),
+        stdio,
+        None,
+        &[],
+    )
+    .unwrap();
     let master = process::receive_console(&ours).unwrap();
     let code = match waitpid(pid, None).unwrap() {
         WaitStatus::Exited(_, c) => c,
@@ -198,7 +206,15 @@ fn a_seccomp_profile_applies() {
         stderr: err_w,
         console: None,
     };
-    let pid = process::start(&spec, share.path(), stdio, None, &filters).unwrap();
+    let pid = process::start(
+        &spec,
+        &share.path().join("rootfs"),
+        share.path(),
+        stdio,
+        None,
+        &filters,
+    )
+    .unwrap();
     let (mut out, mut err) = (String::new(), String::new());
     std::fs::File::from(out_r).read_to_string(&mut out).unwrap();
     std::fs::File::from(err_r).read_to_string(&mut err).unwrap();

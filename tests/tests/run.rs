@@ -42,7 +42,8 @@ ls /run/husk | wc -l | sed 's/^/left=/'
     }
 }
 
-/// The rest of the CLI: a volume seen on both sides, stdin piped through,
+/// The rest of the CLI: a volume seen on both sides, writes to the rootfs
+/// kept in the VM's own layer (the host directory untouched), stdin piped through,
 /// a memory limit (OOM -> 137 and a notice), a pids limit, `run -d` +
 /// `exec` + `ps` + `rm`, a terminal session with a resize (driven through
 /// a pty), and the state of a `husk` killed with SIGKILL cleaned by the
@@ -57,6 +58,8 @@ mkdir -p /tmp/vol && echo from-host > /tmp/vol/in
 H=./target/debug/husk
 $H run --rootfs /tmp/rootfs -v /tmp/vol:/data -v /tmp/vol:/ro:ro -- sh -c 'cat /data/in; echo from-guest > /data/out; touch /ro/x 2>/dev/null || echo ro-refused'
 echo "host sees: $(cat /tmp/vol/out)"
+$H run --rootfs /tmp/rootfs -- sh -c 'echo layered > /etc/new && cat /etc/new'
+test -e /tmp/rootfs/etc/new && echo rootfs=changed || echo rootfs=untouched
 echo piped-input | $H run -i --rootfs /tmp/rootfs -- sh -c 'read x; echo "stdin=$x"'
 $H run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /dev/zero | tr "\0" a); echo survived' 2>/tmp/oom.err; echo "code oom=$?"; grep -o 'OOM' /tmp/oom.err | head -1 | sed 's/^/notice=/'
 $H run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done 2>/tmp/forks; wait; echo "refused=$(grep -c "can.t fork" /tmp/forks)"' 
@@ -78,6 +81,8 @@ pgrep -c husk-vmm | sed 's/^/vmms=/'
         "from-host\n",
         "ro-refused",
         "host sees: from-guest",
+        "layered\n",
+        "rootfs=untouched",
         "stdin=piped-input",
         "code oom=137",
         "notice=OOM",

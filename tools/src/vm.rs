@@ -52,8 +52,8 @@ pub struct VmSpec {
     pub detach: bool,
     /// The VM's id (its runtime directory's name); random when `None`.
     pub id: Option<String>,
-    /// A host directory to show the guest as `rootfs` in the sandbox share
-    /// (virtio-fs, tag `husk-share`). The bind mount that puts it there is
+    /// A host directory to show the guest, read-only, as `rootfs` in the
+    /// sandbox share (virtio-fs, tag `husk-share`). The bind mount that puts it there is
     /// made in husk-vmm's own mount namespace, so it can never outlive the
     /// VM or be seen (or deleted through) from the host's namespace.
     pub rootfs: Option<PathBuf>,
@@ -191,10 +191,12 @@ impl Vm {
         let c = |p: &Path| {
             std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).context("a path holds NUL")
         };
+        // Read-only: the guest writes to a layer of its own (the agent's
+        // rootfs overlay), never to the host's directory.
         let rootfs_bind = spec.rootfs.as_ref().map(|r| Bind {
             source: r.clone(),
             target: PathBuf::from("rootfs"),
-            readonly: false,
+            readonly: true,
         });
         for b in rootfs_bind.iter().chain(&spec.binds) {
             if b.target.is_absolute()

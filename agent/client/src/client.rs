@@ -274,13 +274,21 @@ impl Client {
         oci_spec: Vec<u8>,
         stdin: bool,
     ) -> Result<(), ClientError> {
-        let t = self.opts.call_timeout;
-        let req = CreateContainerRequest {
+        self.create_container_with(CreateContainerRequest {
             container_id: id.to_string(),
             oci_spec,
             stdin,
             ..Default::default()
-        };
+        })
+        .await
+    }
+
+    /// CreateContainer with every field of the request (e.g. rootfs_overlay).
+    pub async fn create_container_with(
+        &self,
+        req: CreateContainerRequest,
+    ) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
         self.call("CreateContainer", t, |c, ctx| async move {
             c.create_container(ctx, &req).await
         })

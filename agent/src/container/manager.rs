@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ use crate::reaper::{ExitStatus, Reaper};
 
 /// The exec id of a container's own (init) process on stdio streams.
 pub const INIT: &str = "-";
+/// Where containers' overlay layers live: the agent's root, a tmpfs.
+const OVERLAY_DIR: &str = "/run/husk/overlay";
 /// How long output waits for the host to attach before it is discarded.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -170,6 +172,8 @@ struct Container {
     spec: ValidSpec,
     /// The compiled profile, for the container's processes and its execs.
     seccomp: Vec<Program>,
+    /// `<OVERLAY_DIR>/<id>` when the rootfs has a writable layer.
+    overlay: Option<PathBuf>,
     cgroup: Cgroup,
     init: Proc,
     execs: HashMap<String, Proc>,
@@ -260,7 +264,13 @@ impl Manager {
         f(c)
     }
 
-    pub fn create(&self, id: &str, spec_json: &[u8], want_stdin: bool) -> Result<(), ManagerError> {
+    pub fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        want_stdin: bool,
+        overlay: bool,
+    ) -> Result<(), ManagerError> {
         check_id("container id", id)?;
         if self.share().is_none() {
             return Err(ManagerError::NoShare);
@@ -287,6 +297,7 @@ impl Manager {
             Container {
                 spec,
                 seccomp,
+                overlay: overlay.then(|| Path::new(OVERLAY_DIR).join(id)),
                 cgroup,
                 init,
                 execs: HashMap::new(),
@@ -309,10 +320,21 @@ impl Manager {
             });
         };
         let procs = c.cgroup.procs_file();
+        let lower = share.join(&c.spec.root);
+        let root = match &c.overlay {
+            None => lower,
+            Some(dir) => match mount_overlay(dir, &lower) {
+                Ok(merged) => merged,
+                Err(e) => {
+                    c.init.ends = Some(ends);
+                    return Err(e);
+                }
+            },
+        };
         let (spec, filters) = (&c.spec, &c.seccomp);
-        let started = self
-            .reaper
-            .register_with(|| process::start(spec, &share, ends.child, Some(&procs), filters));
+        let started = self.reaper.register_with(|| {
+            process::start(spec, &root, &share, ends.child, Some(&procs), filters)
+        });
         let ends = Ends {
             child: dummy_stdio()?,
             ..ends
@@ -517,8 +539,61 @@ impl Manager {
             p.abort_relays();
         }
         c.cgroup.destroy();
+        if let Some(dir) = &c.overlay {
+            drop_overlay(dir);
+        }
         self.hub.forget(id);
         Ok(())
+    }
+}
+
+/// Mounts `<dir>/rootfs`: overlayfs with `lower` (in the share) read-only
+/// below and `<dir>/upper` (the agent's tmpfs) taking the writes.
+fn mount_overlay(dir: &Path, lower: &Path) -> Result<PathBuf, ManagerError> {
+    let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir_all(d).map_err(io_err("overlay directory"))?;
+    }
+    // Commas and colons would split the option string: refuse them.
+    let paths = [lower, &upper, &work];
+    if paths.iter().any(|p| {
+        let s = p.to_string_lossy();
+        s.contains(',') || s.contains(':')
+    }) {
+        return Err(ManagerError::Io(format!(
+            "overlay paths may not hold ',' or ':' ({})",
+            lower.display()
+        )));
+    }
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| ManagerError::Io(format!("mounting the rootfs overlay: {e}")))?;
+    Ok(merged)
+}
+
+/// Unmounts and deletes a container's overlay layer.
+fn drop_overlay(dir: &Path) {
+    let merged = dir.join("rootfs");
+    if let Err(e) = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH) {
+        if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
+            tracing::warn!("unmounting {}: {e}", merged.display());
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
     }
 }
 

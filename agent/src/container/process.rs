@@ -400,19 +400,21 @@ fn open_cgroup_procs(cgroup_procs: &Path) -> Result<OwnedFd, ContainerError> {
         .map_err(|e| ContainerError::Prepare(format!("{}: {e}", cgroup_procs.display())))
 }
 
-/// Starts the container's process. `share` is the sandbox's shared
-/// directory in the guest; the rootfs and bind sources are relative to it.
+/// Starts the container's process. `root` is its rootfs in the guest (in
+/// the share, or an overlay over it); `share` is the sandbox's shared
+/// directory, which bind sources are relative to.
 /// The child moves itself into the cgroup whose `cgroup.procs` is given
 /// before it does anything else. Returns the pid (in the agent's namespace)
 /// once `exec` has succeeded.
 pub fn start(
     spec: &ValidSpec,
+    root: &Path,
     share: &Path,
     stdio: Stdio,
     cgroup_procs: Option<&Path>,
     seccomp: &[super::seccomp::Program],
 ) -> Result<Pid, ContainerError> {
-    let root = share.join(&spec.root);
+    let root = root.to_path_buf();
     if !root.is_dir() {
         return Err(ContainerError::Prepare(format!(
             "rootfs {} is not a directory",

@@ -452,8 +452,16 @@ async fn create_sandbox(vm: &Vm, oci: serde_json::Value, stdin: bool) -> Result<
         .await?;
     let mut oci = oci;
     oci["hostname"] = serde_json::Value::String(hostname);
+    // The rootfs is shared read-only; the container writes to a layer in
+    // the guest's memory, gone with it (volumes are for what must stay).
     vm.client
-        .create_container(CONTAINER, serde_json::to_vec(&oci)?, stdin)
+        .create_container_with(husk_agent_client::agent::CreateContainerRequest {
+            container_id: CONTAINER.into(),
+            oci_spec: serde_json::to_vec(&oci)?,
+            stdin,
+            rootfs_overlay: true,
+            ..Default::default()
+        })
         .await?;
     Ok(())
 }
