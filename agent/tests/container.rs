@@ -10,8 +10,20 @@ use husk_agent::container::spec::{self, ValidSpec};
 use nix::sys::wait::{waitpid, WaitStatus};
 use serde_json::{json, Value};
 
+/// Held while a test copies an executable and while one clones: a child
+/// cloned while a copy's write fd is open holds it until it execs, and the
+/// copy's exec then fails with ETXTBSY (tests run on parallel threads).
+static CLONES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn clone_lock() -> std::sync::MutexGuard<'static, ()> {
+    CLONES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A busybox rootfs under `share/rootfs`, from Debian's busybox-static.
 fn busybox_share() -> tempfile::TempDir {
+    let _clones = clone_lock();
     let share = tempfile::tempdir().unwrap();
     let root = share.path().join("rootfs");
     for d in ["bin", "proc", "dev", "tmp", "etc", "work"] {
@@ -53,7 +65,10 @@ fn run(share: &Path, v: &Value) -> Result<(i32, String, String), ContainerError>
         stderr: err_w,
         console: None,
     };
-    let pid = process::start(&valid(v), &share.join("rootfs"), share, stdio, None, &[])?;
+    let pid = {
+        let _clones = clone_lock();
+        process::start(&valid(v), &share.join("rootfs"), share, stdio, None, &[])?
+    };
     let mut out = String::new();
     let mut err = String::new();
     std::fs::File::from(out_r).read_to_string(&mut out).unwrap();
@@ -151,15 +166,18 @@ fn a_terminal_lives_in_the_containers_devpts() {
         stderr: null(),
         console: Some(theirs),
     };
-    let pid = process::start(
-        &valid(&v),
-        &share.path().join("rootfs"),
-        share.path(),
-        stdio,
-        None,
-        &[],
-    )
-    .unwrap();
+    let pid = {
+        let _clones = clone_lock();
+        process::start(
+            &valid(&v),
+            &share.path().join("rootfs"),
+            share.path(),
+            stdio,
+            None,
+            &[],
+        )
+        .unwrap()
+    };
     let master = process::receive_console(&ours).unwrap();
     let code = match waitpid(pid, None).unwrap() {
         WaitStatus::Exited(_, c) => c,
@@ -206,15 +224,18 @@ fn a_seccomp_profile_applies() {
         stderr: err_w,
         console: None,
     };
-    let pid = process::start(
-        &spec,
-        &share.path().join("rootfs"),
-        share.path(),
-        stdio,
-        None,
-        &filters,
-    )
-    .unwrap();
+    let pid = {
+        let _clones = clone_lock();
+        process::start(
+            &spec,
+            &share.path().join("rootfs"),
+            share.path(),
+            stdio,
+            None,
+            &filters,
+        )
+        .unwrap()
+    };
     let (mut out, mut err) = (String::new(), String::new());
     std::fs::File::from(out_r).read_to_string(&mut out).unwrap();
     std::fs::File::from(err_r).read_to_string(&mut err).unwrap();
@@ -224,4 +245,36 @@ fn a_seccomp_profile_applies() {
         err.contains("Permission denied"),
         "mkdir failed with EACCES: {err}"
     );
+}
+
+/// A user namespace: the spec's maps written by the parent before the
+/// child goes on; root inside is an unprivileged id outside, and what the
+/// host's root owns shows as the overflow id.
+#[test]
+fn a_user_namespace_maps_ids() {
+    let share = busybox_share();
+    let mut v = spec_json(&[
+        "sh",
+        "-c",
+        "id -u; cat /proc/self/uid_map; ls -ln /bin/busybox; echo hi > /dev/null && echo dev-ok",
+    ]);
+    v["linux"]["namespaces"] =
+        json!([{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "user"}]);
+    v["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    v["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    let (code, out, err) = run(share.path(), &v).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0", "{out}");
+    let map: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(map, ["0", "100000", "65536"], "{out}");
+    assert!(
+        lines[2].contains(" 65534 "),
+        "host root shows as overflow: {out}"
+    );
+    assert_eq!(lines[3], "dev-ok", "{out}{err}");
+    // Without maps a user namespace is refused, naming the field.
+    v["linux"]["uidMappings"] = json!([]);
+    let e = spec::validate(serde_json::to_string(&v).unwrap().as_bytes()).unwrap_err();
+    assert_eq!(e.field, "linux.uidMappings");
 }

@@ -57,10 +57,11 @@ pub enum Stage {
     Capabilities,
     NoNewPrivileges,
     Seccomp,
+    Sync,
 }
 
 impl Stage {
-    const ALL: [Stage; 23] = {
+    const ALL: [Stage; 24] = {
         use Stage::*;
         [
             Private,
@@ -86,6 +87,7 @@ impl Stage {
             Capabilities,
             NoNewPrivileges,
             Seccomp,
+            Sync,
         ]
     };
 
@@ -205,17 +207,61 @@ struct PreparedMount {
     is_file: bool,
 }
 
-fn prepare_mount(root: &Path, share: &Path, m: &Mount) -> Result<PreparedMount, ContainerError> {
-    let (mut flags, data) = parse_options(&m.options);
-    let bind = m.kind == "bind";
-    let source = if bind {
+/// A user namespace that does not own the sandbox's network and IPC
+/// namespaces may not mount sysfs, mqueue or cgroup: sysfs becomes a
+/// read-only bind of the guest's (runc does the same), the others are left
+/// out (logged).
+fn prepare_mount(
+    root: &Path,
+    share: &Path,
+    m: &Mount,
+    userns: bool,
+) -> Result<Option<PreparedMount>, ContainerError> {
+    let mut m = m.clone();
+    if userns {
+        match m.kind.as_str() {
+            "sysfs" => {
+                m.kind = "bind".into();
+                m.source = Some(PathBuf::from("/sys"));
+                m.options.extend(["rbind".to_string(), "ro".to_string()]);
+                return prepare_bind(root, Path::new("/sys"), &m).map(Some);
+            }
+            "mqueue" | "cgroup" | "cgroup2" => {
+                tracing::warn!(
+                    "{} on {}: not possible in a user namespace here; left out",
+                    m.kind,
+                    m.destination.display()
+                );
+                return Ok(None);
+            }
+            _ => {}
+        }
+    }
+    if m.kind == "bind" {
         // Bind sources live in the sandbox share, like the rootfs.
         let src = m.source.clone().unwrap_or_default();
         let rel = src.strip_prefix("/").unwrap_or(&src);
-        share.join(rel)
-    } else {
-        m.source.clone().unwrap_or_else(|| PathBuf::from(&m.kind))
-    };
+        return prepare_bind(root, &share.join(rel), &m).map(Some);
+    }
+    prepare_other(root, &m).map(Some)
+}
+
+fn prepare_bind(root: &Path, source: &Path, m: &Mount) -> Result<PreparedMount, ContainerError> {
+    prepare_one(root, source.to_path_buf(), m, true)
+}
+
+fn prepare_other(root: &Path, m: &Mount) -> Result<PreparedMount, ContainerError> {
+    let source = m.source.clone().unwrap_or_else(|| PathBuf::from(&m.kind));
+    prepare_one(root, source, m, false)
+}
+
+fn prepare_one(
+    root: &Path,
+    source: PathBuf,
+    m: &Mount,
+    bind: bool,
+) -> Result<PreparedMount, ContainerError> {
+    let (mut flags, data) = parse_options(&m.options);
     if bind {
         flags |= MsFlags::MS_BIND;
     }
@@ -256,7 +302,11 @@ const DEVICES: &[(&str, u32, u32, u32)] = &[
 struct RootfsPlan {
     root: CString,
     dev: CString,
-    devices: Vec<(CString, libc::mode_t, libc::dev_t)>,
+    /// (path, mode, device, the guest's node to bind in a user namespace)
+    devices: Vec<(CString, libc::mode_t, libc::dev_t, CString)>,
+    /// In a user namespace: device nodes are bound, not made (mknod is
+    /// refused there).
+    userns: bool,
     dev_pts: CString,
     dev_shm: CString,
     ptmx: CString,
@@ -294,6 +344,12 @@ struct Plan {
     stdio: [RawFd; 3],
     /// The console socket's child end, or -1.
     console: RawFd,
+    /// The child waits for one byte here before anything else: the parent
+    /// first writes its id maps and oom_score_adj (see [`spawn`]).
+    sync_r: RawFd,
+    /// In a new user namespace: become its root (our host ids are not
+    /// mapped there) before touching any filesystem.
+    userns_root: bool,
     err_w: RawFd,
 }
 
@@ -324,6 +380,8 @@ fn clone_flags(spec: &ValidSpec) -> Result<CloneFlags, ContainerError> {
             // The sandbox's (see the module doc).
             LinuxNamespaceType::Ipc | LinuxNamespaceType::Network => CloneFlags::empty(),
             LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
+            // It owns the others made with it; the maps come from us.
+            LinuxNamespaceType::User => CloneFlags::CLONE_NEWUSER,
             other => {
                 return Err(ContainerError::Prepare(format!(
                     "{other:?} namespaces are not supported yet"
@@ -387,6 +445,8 @@ fn process_plan(
             stdio.stderr.as_raw_fd(),
         ],
         console: stdio.console.as_ref().map_or(-1, |c| c.as_raw_fd()),
+        sync_r: -1,
+        userns_root: false,
         err_w,
     })
 }
@@ -422,11 +482,15 @@ pub fn start(
         )));
     }
     let flags = clone_flags(spec)?;
-    let mounts = spec
+    let userns = flags.contains(CloneFlags::CLONE_NEWUSER);
+    let mounts: Vec<PreparedMount> = spec
         .mounts
         .iter()
-        .map(|m| prepare_mount(&root, share, m))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|m| prepare_mount(&root, share, m, userns))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
     let dev = mount_point(&root, Path::new("/dev"), false)?;
     let cg = cgroup_procs.map(open_cgroup_procs).transpose()?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -445,9 +509,11 @@ pub fn start(
                     cpath(&dev.join(n))?,
                     libc::S_IFCHR | *mode,
                     libc::makedev(*maj, *min),
+                    cpath(&Path::new("/dev").join(n))?,
                 ))
             })
             .collect::<Result<_, ContainerError>>()?,
+        userns,
         dev_pts: cpath(&dev.join("pts"))?,
         dev_shm: cpath(&dev.join("shm"))?,
         ptmx: cpath(&dev.join("ptmx"))?,
@@ -481,7 +547,16 @@ pub fn start(
             .map(|p| inside(p))
             .collect::<Result<_, _>>()?,
     });
-    let pid = spawn(&plan, flags, None, err_r, err_w, stdio)?;
+    let id_maps = flags.contains(CloneFlags::CLONE_NEWUSER).then(|| {
+        let lines = |m: &[(u32, u32, u32)]| {
+            m.iter()
+                .map(|(c, h, n)| format!("{c} {h} {n}\n"))
+                .collect::<String>()
+        };
+        (lines(&spec.uid_mappings), lines(&spec.gid_mappings))
+    });
+    plan.userns_root = id_maps.is_some();
+    let pid = spawn(&mut plan, flags, None, err_r, err_w, stdio, id_maps)?;
     drop(cg);
     Ok(pid)
 }
@@ -509,6 +584,19 @@ pub fn exec(
     let pid_ns = ns_file("pid")?;
     // The mount namespace last: after it, /proc is the container's.
     let mut joined = Vec::new();
+    // A user namespace first, when the container has its own: the others
+    // belong to it.
+    let same = |a: &str, b: &str| {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.ino() == y.ino() && x.dev() == y.dev(),
+            _ => true,
+        }
+    };
+    let own_userns = !same("/proc/self/ns/user", &format!("/proc/{init_pid}/ns/user"));
+    if own_userns {
+        joined.push((ns_file("user")?, libc::CLONE_NEWUSER));
+    }
     for (name, kind) in [
         ("uts", libc::CLONE_NEWUTS),
         ("cgroup", libc::CLONE_NEWCGROUP),
@@ -522,13 +610,15 @@ pub fn exec(
     let mut plan = process_plan(p, &stdio, cg.as_raw_fd(), err_w.as_raw_fd())?;
     plan.seccomp = seccomp.to_vec();
     plan.join = joined.iter().map(|(fd, k)| (fd.as_raw_fd(), *k)).collect();
+    plan.userns_root = own_userns;
     let pid = spawn(
-        &plan,
+        &mut plan,
         CloneFlags::empty(),
         Some(pid_ns),
         err_r,
         err_w,
         stdio,
+        None,
     )?;
     drop(joined);
     drop(cg);
@@ -540,14 +630,20 @@ pub fn exec(
 /// thread of its own that first joins that pid namespace: setns(CLONE_NEWPID)
 /// changes only the calling thread's children, and a throwaway thread keeps
 /// the agent's worker threads out of the container's namespace.
+#[allow(clippy::too_many_arguments)]
 fn spawn(
-    plan: &Plan,
+    plan: &mut Plan,
     flags: CloneFlags,
     pid_ns: Option<OwnedFd>,
     err_r: OwnedFd,
     err_w: OwnedFd,
     stdio: Stdio,
+    id_maps: Option<(String, String)>,
 ) -> Result<Pid, ContainerError> {
+    let (sync_r, sync_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
+    plan.sync_r = sync_r.as_raw_fd();
+    let plan = &*plan;
     let do_clone = || -> Result<Pid, ContainerError> {
         let argv: Vec<*const libc::c_char> = plan
             .argv
@@ -586,6 +682,11 @@ fn spawn(
             .unwrap_or_else(|_| Err(ContainerError::Prepare("the clone thread panicked".into())))
         })?,
     };
+    drop(sync_r);
+    if let Err(e) = release(pid, plan, id_maps, sync_w) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        return Err(e);
+    }
     drop(err_w);
     drop(stdio);
     let mut buf = [0u8; 8];
@@ -631,6 +732,36 @@ fn spawn(
     })
 }
 
+/// What the parent does for a fresh child before letting it go: its uid
+/// and gid maps (one write each, as the kernel wants), its oom_score_adj.
+fn release(
+    pid: Pid,
+    plan: &Plan,
+    id_maps: Option<(String, String)>,
+    go: OwnedFd,
+) -> Result<(), ContainerError> {
+    let write = |file: &str, what: &[u8], stage: Stage| {
+        std::fs::write(format!("/proc/{pid}/{file}"), what).map_err(|e| ContainerError::Start {
+            stage,
+            errno: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            detail: Some(file.to_string()),
+        })
+    };
+    if let Some((uid_map, gid_map)) = id_maps {
+        write("uid_map", uid_map.as_bytes(), Stage::Sync)?;
+        write("gid_map", gid_map.as_bytes(), Stage::Sync)?;
+    }
+    if let Some(v) = &plan.oom_score_adj {
+        write("oom_score_adj", v.as_bytes(), Stage::OomScoreAdj)?;
+    }
+    nix::unistd::write(&go, &[1]).map_err(|e| ContainerError::Start {
+        stage: Stage::Sync,
+        errno: e,
+        detail: None,
+    })?;
+    Ok(())
+}
+
 /// Reports `stage` and the current errno on the pipe and leaves.
 fn fail(plan: &Plan, stage: Stage) -> isize {
     fail_at(plan, stage, 0)
@@ -672,22 +803,29 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
     // C string or a null-terminated array of them, owned by `plan`, `argv`
     // and `envp`, which outlive this call (the parent waits on the pipe).
     unsafe {
+        // Until the parent has mapped our ids (a user namespace) and set
+        // oom_score_adj (lowering it needs the agent's privilege).
+        let mut go = 0u8;
+        if libc::read(plan.sync_r, (&mut go as *mut u8).cast(), 1) != 1 {
+            return fail(plan, Stage::Sync);
+        }
         // Into the container's cgroup first, so that everything it does is
         // accounted and limited ("0" means the writer).
         if plan.cgroup_procs >= 0 && libc::write(plan.cgroup_procs, c"0".as_ptr().cast(), 1) != 1 {
             return fail(plan, Stage::Cgroup);
         }
-        // Still in the agent's mount namespace: /proc/self is this child.
-        if let Some(v) = &plan.oom_score_adj {
-            if !write_file(&CString::from(c"/proc/self/oom_score_adj"), v) {
-                return fail(plan, Stage::OomScoreAdj);
-            }
-        }
+
         for (fd, kind) in &plan.join {
             if libc::setns(*fd, *kind) != 0 {
                 return fail(plan, Stage::JoinNamespace);
             }
         }
+        // In a user namespace (made by clone, or joined): become its root,
+        // since our host ids are not mapped there.
+        if plan.userns_root && (sys_setresgid(0) != 0 || sys_setresuid(0) != 0) {
+            return fail(plan, Stage::Sync);
+        }
+
         if let Some(r) = &plan.rootfs {
             if let Err((stage, item)) = setup_rootfs(r) {
                 return fail_at(plan, stage, item);
@@ -718,10 +856,10 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
         if !plan.no_new_privileges && !install_seccomp(&plan.seccomp) {
             return fail(plan, Stage::Seccomp);
         }
-        if libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) != 0 {
+        if libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) != 0 {
             return fail(plan, Stage::Groups);
         }
-        if libc::setresgid(plan.gid, plan.gid, plan.gid) != 0 {
+        if sys_setresgid(plan.gid) != 0 {
             return fail(plan, Stage::Gid);
         }
         if let Some(caps) = &plan.caps {
@@ -739,7 +877,7 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
                 return fail(plan, Stage::Capabilities);
             }
         }
-        if libc::setresuid(plan.uid, plan.uid, plan.uid) != 0 {
+        if sys_setresuid(plan.uid) != 0 {
             return fail(plan, Stage::Uid);
         }
         if let Some(caps) = &plan.caps {
@@ -769,6 +907,26 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
         nix::errno::Errno::set_raw(errno);
         fail(plan, Stage::Exec)
     }
+}
+
+/// setresuid(2) as the raw syscall. The libc wrappers (glibc's setxid,
+/// musl's __synccall) apply ids to every thread they know of: in a child
+/// cloned from the multi-threaded agent they signal threads that are not
+/// ours and wait for them forever (seen as a hang in the tests). The child
+/// has one thread; the syscall is all it needs.
+///
+/// # Safety
+/// Called in the cloned child only.
+unsafe fn sys_setresuid(uid: libc::uid_t) -> libc::c_long {
+    libc::syscall(libc::SYS_setresuid, uid, uid, uid)
+}
+
+/// setresgid(2) as the raw syscall; see [`sys_setresuid`].
+///
+/// # Safety
+/// Called in the cloned child only.
+unsafe fn sys_setresgid(gid: libc::gid_t) -> libc::c_long {
+    libc::syscall(libc::SYS_setresgid, gid, gid, gid)
 }
 
 /// Installs the programs (seccomp(2) without flags). Raw syscalls.
@@ -985,9 +1143,31 @@ unsafe fn setup_rootfs(r: &RootfsPlan) -> Result<(), (Stage, usize)> {
     {
         return Err((Stage::Dev, 0));
     }
-    for (path, mode, dev) in &r.devices {
+    for (i, (path, mode, dev, guest_node)) in r.devices.iter().enumerate() {
+        if r.userns {
+            let fd = libc::open(
+                path.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o644,
+            );
+            if fd < 0 {
+                return Err((Stage::Dev, i));
+            }
+            libc::close(fd);
+            if libc::mount(
+                guest_node.as_ptr(),
+                path.as_ptr(),
+                null,
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err((Stage::Dev, i));
+            }
+            continue;
+        }
         if libc::mknod(path.as_ptr(), *mode, *dev) != 0 {
-            return Err((Stage::Dev, 0));
+            return Err((Stage::Dev, i));
         }
         libc::chmod(path.as_ptr(), *mode & 0o777);
     }

@@ -85,6 +85,9 @@ pub struct ValidSpec {
     pub sysctls: Vec<(String, String)>,
     pub resources: Option<LinuxResources>,
     pub seccomp: Option<LinuxSeccomp>,
+    /// (container id, host id, size) for a user namespace; empty without.
+    pub uid_mappings: Vec<(u32, u32, u32)>,
+    pub gid_mappings: Vec<(u32, u32, u32)>,
 }
 
 /// Sysctls a container may set: the ones its own namespaces scope (the
@@ -308,6 +311,8 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
     let mut namespaces = Vec::new();
     let (mut masked_paths, mut readonly_paths, mut sysctls) = (Vec::new(), Vec::new(), Vec::new());
     let (mut resources, mut seccomp) = (None, None);
+    let mut uid_mappings: Vec<(u32, u32, u32)> = Vec::new();
+    let mut gid_mappings: Vec<(u32, u32, u32)> = Vec::new();
     if let Some(linux) = spec.linux() {
         let mut seen = HashSet::new();
         for (i, ns) in linux
@@ -363,6 +368,32 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
         }
         resources = linux.resources().clone();
         seccomp = linux.seccomp().clone();
+        if namespaces.contains(&LinuxNamespaceType::User) {
+            for (name, list, out) in [
+                ("uidMappings", linux.uid_mappings(), &mut uid_mappings),
+                ("gidMappings", linux.gid_mappings(), &mut gid_mappings),
+            ] {
+                let list = list.clone().unwrap_or_default();
+                if list.is_empty() || list.len() > 340 {
+                    return Err(err(
+                        format!("linux.{name}"),
+                        "a user namespace needs 1 to 340 mappings",
+                    ));
+                }
+                for (i, m) in list.iter().enumerate() {
+                    if m.size() == 0
+                        || m.container_id().checked_add(m.size()).is_none()
+                        || m.host_id().checked_add(m.size()).is_none()
+                    {
+                        return Err(err(
+                            format!("linux.{name}[{i}]"),
+                            "is empty or runs past 2^32",
+                        ));
+                    }
+                    out.push((m.container_id(), m.host_id(), m.size()));
+                }
+            }
+        }
     }
 
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
@@ -384,6 +415,8 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
         sysctls,
         resources,
         seccomp,
+        uid_mappings,
+        gid_mappings,
     })
 }
 
