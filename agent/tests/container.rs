@@ -99,13 +99,26 @@ fn exit_codes_output_and_namespaces() {
 #[test]
 fn user_groups_cwd_and_env() {
     let share = busybox_share();
-    let mut v = spec_json(&["sh", "-c", "id -u; id -g; id -G; pwd; echo $FOO"]);
+    // The image's own /etc/passwd and /etc/group add groups 30 and 40 and
+    // a HOME, as runc does.
+    let etc = share.path().join("rootfs/etc");
+    std::fs::write(
+        etc.join("passwd"),
+        "root:x:0:0::/:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        etc.join("group"),
+        "root:x:0:\nstaff:x:30:app\ndev:x:40:root,app\nother:x:50:root\n",
+    )
+    .unwrap();
+    let mut v = spec_json(&["sh", "-c", "id -u; id -g; id -G; pwd; echo $FOO; echo $HOME"]);
     v["process"]["user"] = json!({"uid": 1000, "gid": 1001, "additionalGids": [10, 20]});
     v["process"]["cwd"] = json!("/work");
     v["process"]["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
     let (code, out, err) = run(share.path(), &v).unwrap();
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out, "1000\n1001\n1001 10 20\n/work\nbar baz\n");
+    assert_eq!(out, "1000\n1001\n1001 10 20 30 40\n/work\nbar baz\n/home/app\n");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Containers in the guest: the spec checked ([`spec`]), the process built
 //! and started in its namespaces ([`process`]), its cgroup ([`cgroup`]),
-//! its seccomp filters ([`seccomp`]), its terminal ([`pty`]) and stdio streams ([`stdio`]), and the manager
+//! its seccomp filters ([`seccomp`]), its terminal ([`pty`]) and stdio streams ([`stdio`]), the image's view of its user ([`user`]), and the manager
 //! that keeps track of them all ([`manager`]).
 
 pub mod cgroup;
@@ -10,3 +10,4 @@ pub mod pty;
 pub mod seccomp;
 pub mod spec;
 pub mod stdio;
+pub mod user;

@@ -392,13 +392,26 @@ fn clone_flags(spec: &ValidSpec) -> Result<CloneFlags, ContainerError> {
     Ok(f)
 }
 
-/// The process half of a plan, from a checked `process` object.
+/// The process half of a plan, from a checked `process` object and what the
+/// image at `image_root` says about its user (groups, HOME; see user.rs).
 fn process_plan(
     p: &ValidProcess,
+    image_root: &Path,
     stdio: &Stdio,
     cgroup_procs: RawFd,
     err_w: RawFd,
 ) -> Result<Plan, ContainerError> {
+    let image = super::user::lookup(image_root, p.uid, p.gid);
+    let mut groups = p.additional_gids.clone();
+    groups.extend(image.groups);
+    groups.sort_unstable();
+    groups.dedup();
+    let mut env = p.env.clone();
+    if let Some(home) = image.home {
+        if !env.iter().any(|e| e.starts_with("HOME=")) {
+            env.push(format!("HOME={home}"));
+        }
+    }
     Ok(Plan {
         rootfs: None,
         join: Vec::new(),
@@ -426,15 +439,14 @@ fn process_plan(
         seccomp: Vec::new(),
         uid: p.uid,
         gid: p.gid,
-        groups: p.additional_gids.clone(),
+        groups,
         cwd: cpath(&p.cwd)?,
         argv: p
             .args
             .iter()
             .map(|a| cstr(a.as_bytes()))
             .collect::<Result<_, _>>()?,
-        envp: p
-            .env
+        envp: env
             .iter()
             .map(|e| cstr(e.as_bytes()))
             .collect::<Result<_, _>>()?,
@@ -496,7 +508,7 @@ pub fn start(
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
     let cg_fd = cg.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let mut plan = process_plan(&spec.process, &stdio, cg_fd, err_w.as_raw_fd())?;
+    let mut plan = process_plan(&spec.process, &root, &stdio, cg_fd, err_w.as_raw_fd())?;
     plan.seccomp = seccomp.to_vec();
     // Paths inside the container, used after pivot_root.
     let inside = |p: &Path| cpath(&Path::new("/").join(p));
@@ -607,7 +619,9 @@ pub fn exec(
     let cg = open_cgroup_procs(cgroup_procs)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
-    let mut plan = process_plan(p, &stdio, cg.as_raw_fd(), err_w.as_raw_fd())?;
+    // The container's own root, through procfs.
+    let image_root = PathBuf::from(format!("/proc/{init_pid}/root"));
+    let mut plan = process_plan(p, &image_root, &stdio, cg.as_raw_fd(), err_w.as_raw_fd())?;
     plan.seccomp = seccomp.to_vec();
     plan.join = joined.iter().map(|(fd, k)| (fd.as_raw_fd(), *k)).collect();
     plan.userns_root = own_userns;
