@@ -112,13 +112,20 @@ fn user_groups_cwd_and_env() {
         "root:x:0:\nstaff:x:30:app\ndev:x:40:root,app\nother:x:50:root\n",
     )
     .unwrap();
-    let mut v = spec_json(&["sh", "-c", "id -u; id -g; id -G; pwd; echo $FOO; echo $HOME"]);
+    let mut v = spec_json(&[
+        "sh",
+        "-c",
+        "id -u; id -g; id -G; pwd; echo $FOO; echo $HOME",
+    ]);
     v["process"]["user"] = json!({"uid": 1000, "gid": 1001, "additionalGids": [10, 20]});
     v["process"]["cwd"] = json!("/work");
     v["process"]["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
     let (code, out, err) = run(share.path(), &v).unwrap();
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out, "1000\n1001\n1001 10 20 30 40\n/work\nbar baz\n/home/app\n");
+    assert_eq!(
+        out,
+        "1000\n1001\n1001 10 20 30 40\n/work\nbar baz\n/home/app\n"
+    );
 }
 
 #[test]

@@ -60,6 +60,7 @@ $H run --rootfs /tmp/rootfs -v /tmp/vol:/data -v /tmp/vol:/ro:ro -- sh -c 'cat /
 echo "host sees: $(cat /tmp/vol/out)"
 $H run --rootfs /tmp/rootfs -- sh -c 'echo layered > /etc/new && cat /etc/new'
 test -e /tmp/rootfs/etc/new && echo rootfs=changed || echo rootfs=untouched
+$H run --rootfs /tmp/rootfs -- sh -c 'grep CapEff /proc/self/status' | sed 's/\t/ /g' 
 echo piped-input | $H run -i --rootfs /tmp/rootfs -- sh -c 'read x; echo "stdin=$x"'
 $H run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /dev/zero | tr "\0" a); echo survived' 2>/tmp/oom.err; echo "code oom=$?"; grep -o 'OOM' /tmp/oom.err | head -1 | sed 's/^/notice=/'
 $H run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c '(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done) 2>/tmp/forks; sleep 3; echo "refused=$(grep -c "can.t fork" /tmp/forks)"' 
@@ -83,6 +84,8 @@ pgrep -c husk-vmm | sed 's/^/vmms=/'
         "host sees: from-guest",
         "layered\n",
         "rootfs=untouched",
+        // Docker's default capability set, nothing more.
+        "CapEff: 00000000a80425fb",
         "stdin=piped-input",
         "code oom=137",
         "notice=OOM",

@@ -123,6 +123,24 @@ const GUEST_SHARE: &str = "/run/husk/share";
 /// The container's name inside its VM.
 const CONTAINER: &str = "main";
 
+/// The capabilities a container gets: Docker's and containerd's default set.
+const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
 /// Bytes from "512", "512m", "1g", "65536k" (no suffix: `default_unit`).
 fn parse_size(s: &str, default_unit: u64) -> Result<u64> {
     let s = s.trim();
@@ -167,12 +185,18 @@ fn process_json(p: &ProcessArgs, args: &[String]) -> Result<serde_json::Value> {
         }
         env.push(e.clone());
     }
+    // Docker's default set: root in the container is not root in the VM
+    // (no CAP_SYS_ADMIN, no CAP_DAC_READ_SEARCH for file-handle tricks...).
+    let caps = DEFAULT_CAPS;
     Ok(serde_json::json!({
         "terminal": p.tty,
         "user": {"uid": uid, "gid": gid},
         "args": args,
         "env": env,
         "cwd": p.workdir,
+        "capabilities": {
+            "bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": []
+        },
     }))
 }
 
