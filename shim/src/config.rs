@@ -49,16 +49,17 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// The VM's defaults are `husk`'s own (one place: `VmSpec::default`).
     fn default() -> Self {
-        let guest = husk_guest_image::install_dir();
+        let vm = husk_tools::vm::VmSpec::default();
         Self {
-            kernel: guest.join("vmlinux"),
-            initramfs: guest.join("initramfs.cpio"),
-            vcpus: 1,
-            memory_mib: 256,
+            kernel: vm.kernel,
+            initramfs: vm.initramfs,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
             vmm: None,
             log_level: "info".into(),
-            boot_timeout_secs: 60,
+            boot_timeout_secs: vm.boot_timeout.as_secs(),
         }
     }
 }

@@ -60,11 +60,17 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
     move |e| ManagerError::Io(format!("{what}: {e}"))
 }
 
-/// The agent's ends of a process's stdio, made before it starts.
+/// A process's stdio, made before it starts: what the child gets, and the
+/// agent's ends, which the relays take once it runs.
 struct Ends {
-    /// What the child gets.
     child: Stdio,
-    /// Its output: a pipe's read end, or the pty master.
+    host: HostEnds,
+}
+
+/// The agent's ends of a process's stdio.
+struct HostEnds {
+    /// Its output: a pipe's read end, or (a terminal) the socket its pty
+    /// master comes back on.
     out: OwnedFd,
     err: Option<OwnedFd>,
     /// The write end of its stdin pipe (None: /dev/null, or a terminal).
@@ -86,11 +92,13 @@ fn make_ends(tty: bool, want_stdin: bool) -> Result<Ends, ManagerError> {
                 stderr: null()?,
                 console: Some(theirs),
             },
-            out: ours,
-            err: None,
-            stdin: None,
-            tty,
-            want_stdin,
+            host: HostEnds {
+                out: ours,
+                err: None,
+                stdin: None,
+                tty,
+                want_stdin,
+            },
         });
     }
     let (out_r, out_w) = process::pipe().map_err(io_err("pipe"))?;
@@ -108,11 +116,13 @@ fn make_ends(tty: bool, want_stdin: bool) -> Result<Ends, ManagerError> {
             stderr: err_w,
             console: None,
         },
-        out: out_r,
-        err: Some(err_r),
-        stdin: stdin_w,
-        tty,
-        want_stdin,
+        host: HostEnds {
+            out: out_r,
+            err: Some(err_r),
+            stdin: stdin_w,
+            tty,
+            want_stdin,
+        },
     })
 }
 
@@ -313,33 +323,26 @@ impl Manager {
         let c = all
             .get_mut(id)
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        let Some(ends) = c.init.ends.take() else {
+        if c.init.ends.is_none() {
             return Err(ManagerError::State {
                 id: id.to_string(),
                 state: c.init.state(),
             });
-        };
+        }
         let procs = c.cgroup.procs_file();
         let lower = share.join(&c.spec.root);
         let root = match &c.overlay {
             None => lower,
-            Some(dir) => match mount_overlay(dir, &lower) {
-                Ok(merged) => merged,
-                Err(e) => {
-                    c.init.ends = Some(ends);
-                    return Err(e);
-                }
-            },
+            Some(dir) => mount_overlay(dir, &lower)?,
+        };
+        let Some(Ends { child, host }) = c.init.ends.take() else {
+            return Err(ManagerError::Io("no stdio".into()));
         };
         let (spec, filters) = (&c.spec, &c.seccomp);
-        let started = self.reaper.register_with(|| {
-            process::start(spec, &root, &share, ends.child, Some(&procs), filters)
-        });
-        let ends = Ends {
-            child: dummy_stdio()?,
-            ..ends
-        };
-        launch(&self.hub, id, INIT, &mut c.init, started, ends)
+        let started = self
+            .reaper
+            .register_with(|| process::start(spec, &root, &share, child, Some(&procs), filters));
+        launch(&self.hub, id, INIT, &mut c.init, started, host)
     }
 
     /// Starts `exec_id` in the running container `id`.
@@ -369,17 +372,16 @@ impl Manager {
             });
         }
         let mut proc_ = Proc::new(p, want_stdin)?;
-        let mut ends = proc_
+        let Ends { child, host } = proc_
             .ends
             .take()
             .ok_or_else(|| ManagerError::Io("no stdio".into()))?;
-        let child = std::mem::replace(&mut ends.child, dummy_stdio()?);
         let procs = c.cgroup.procs_file();
         let (spec, filters) = (&proc_.spec, &c.seccomp);
         let started = self
             .reaper
             .register_with(|| process::exec(spec, init_pid, child, &procs, filters));
-        launch(&self.hub, id, exec_id, &mut proc_, started, ends)?;
+        launch(&self.hub, id, exec_id, &mut proc_, started, host)?;
         c.execs.insert(exec_id.to_string(), proc_);
         Ok(())
     }
@@ -451,7 +453,7 @@ impl Manager {
                 r.abort();
             }
             if let Some(e) = p.ends.as_mut() {
-                e.stdin = None;
+                e.host.stdin = None;
             }
             Ok(())
         })
@@ -597,17 +599,6 @@ fn drop_overlay(dir: &Path) {
     }
 }
 
-/// A placeholder for fds already handed to the child.
-fn dummy_stdio() -> Result<Stdio, ManagerError> {
-    let null = || process::null_stdin().map_err(io_err("/dev/null"));
-    Ok(Stdio {
-        stdin: null()?,
-        stdout: null()?,
-        stderr: null()?,
-        console: None,
-    })
-}
-
 /// After a clone: record the pid, start the relays, and on exit mark the
 /// process stopped.
 fn launch(
@@ -616,7 +607,7 @@ fn launch(
     exec_id: &str,
     p: &mut Proc,
     started: Result<(Pid, tokio::sync::oneshot::Receiver<ExitStatus>), ContainerError>,
-    ends: Ends,
+    ends: HostEnds,
 ) -> Result<(), ManagerError> {
     let (pid, exited) = match started {
         Ok(v) => v,

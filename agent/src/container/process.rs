@@ -30,11 +30,30 @@ use oci_spec::runtime::LinuxNamespaceType;
 
 use super::spec::{Mount, ValidProcess, ValidSpec};
 
-/// Where a container start failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Stage {
-    Private = 1,
+/// Declares the stages once: the enum, and the decoding of the number the
+/// child writes on its error pipe (which must list the same variants).
+macro_rules! stages {
+    ($first:ident $(, $rest:ident)* $(,)?) => {
+        /// Where a container start failed.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Stage {
+            $first = 1,
+            $($rest,)*
+        }
+
+        impl Stage {
+            fn from_u32(v: u32) -> Option<Self> {
+                [Stage::$first $(, Stage::$rest)*]
+                    .into_iter()
+                    .find(|s| *s as u32 == v)
+            }
+        }
+    };
+}
+
+stages!(
+    Private,
     BindRoot,
     Mount,
     Dev,
@@ -58,43 +77,7 @@ pub enum Stage {
     NoNewPrivileges,
     Seccomp,
     Sync,
-}
-
-impl Stage {
-    const ALL: [Stage; 24] = {
-        use Stage::*;
-        [
-            Private,
-            BindRoot,
-            Mount,
-            Dev,
-            PivotRoot,
-            ReadonlyRoot,
-            Hostname,
-            Stdio,
-            Groups,
-            Gid,
-            Uid,
-            Cwd,
-            Exec,
-            Cgroup,
-            OomScoreAdj,
-            Sysctl,
-            JoinNamespace,
-            MaskPaths,
-            Terminal,
-            Rlimits,
-            Capabilities,
-            NoNewPrivileges,
-            Seccomp,
-            Sync,
-        ]
-    };
-
-    fn from_u32(v: u32) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| *s as u32 == v)
-    }
-}
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
