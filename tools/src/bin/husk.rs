@@ -303,19 +303,15 @@ impl Drop for RawMode {
 
 /// This terminal's size, if stdin is one.
 fn terminal_size() -> Option<(u32, u32)> {
-    let mut ws: libc::winsize = unsafe_zeroed_winsize();
-    // SAFETY: TIOCGWINSZ writes one winsize into the valid pointer.
-    let r = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
-    (r == 0 && ws.ws_row > 0).then(|| (u32::from(ws.ws_row), u32::from(ws.ws_col)))
-}
-
-fn unsafe_zeroed_winsize() -> libc::winsize {
-    libc::winsize {
+    let mut ws = libc::winsize {
         ws_row: 0,
         ws_col: 0,
         ws_xpixel: 0,
         ws_ypixel: 0,
-    }
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into the valid pointer.
+    let r = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0).then(|| (u32::from(ws.ws_row), u32::from(ws.ws_col)))
 }
 
 /// Attaches a process's streams, runs `start`, relays stdio, signals and
