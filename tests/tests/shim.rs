@@ -239,7 +239,9 @@ sleep 1
 leaks
 dump 20
 "#,
-        Duration::from_secs(590),
+        // ~19 s a cycle in the test host when it has the machine to itself;
+        // room for a loaded one.
+        Duration::from_secs(1200),
     );
     assert_all(&out, &["cycles-ok=20"]);
     assert_all(&out, NO_LEAKS);

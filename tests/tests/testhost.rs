@@ -83,6 +83,35 @@ fn a_hung_command_is_killed_at_its_deadline() {
     assert_no_vm_children();
 }
 
+/// An L2 whose heartbeat stops (as when QEMU's emulated SVM wedges it) is
+/// found well before the script's deadline, started again, and reported
+/// once the tries are spent; a script that merely hangs is not (above).
+#[test]
+fn a_silent_test_host_is_started_again_then_reported() {
+    if testhost::detect::mode() == Mode::Direct {
+        // No L2 here, so nothing can wedge: the hung-script test covers it.
+        println!("direct mode: scripts run on this host, no L2 heartbeat to lose");
+        return;
+    }
+    let started = Instant::now();
+    let mut spec = Spec::new("touch /run/husk-testhost-nobeat; echo started; sleep 600")
+        .timeout(Duration::from_secs(300));
+    spec.wedge_after = Duration::from_secs(15);
+    let err = testhost::run(&spec).unwrap_err();
+    let took = started.elapsed();
+    match err {
+        RunError::L2Wedged { output, silent, .. } => {
+            assert!(output.contains("started"), "{output}");
+            assert!(silent >= spec.wedge_after, "{silent:?}");
+        }
+        other => panic!("expected a wedged L2, got {other}"),
+    }
+    // Each try: the L2's start plus the silence, far below the deadline.
+    let bound = (Duration::from_secs(60) + spec.wedge_after) * testhost::TRIES as u32;
+    assert!(took < bound, "took {took:?}");
+    assert_no_vm_children();
+}
+
 /// SIGKILL the harness mid-run: its VM must die with it (PR_SET_PDEATHSIG).
 #[test]
 fn a_killed_harness_leaves_no_vm() {

@@ -11,6 +11,14 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 stty -F $OUT raw -echo 2>/dev/null
 echo "@@HUSK-TESTHOST-UP@@" > $OUT
+R=/newroot
+# A heartbeat on the console: the harness tells an L2 that has wedged
+# whole (no beat) from a script that is merely slow or stuck (beats go on).
+# The harness's own test stops it by creating /run/husk-testhost-nobeat.
+(while [ ! -e $R/run/husk-testhost-nobeat ]; do
+    echo "@@HUSK-TESTHOST-BEAT@@" > /dev/ttyS0
+    sleep 5
+done) &
 
 finish() {
     echo "@@HUSK-TESTHOST-EXIT=$1@@" > $OUT
@@ -39,7 +47,6 @@ done < /modules/load
 mkdir -p /host /rw /newroot
 mount -t virtiofs -o ro hostroot /host || fail "mounting the host root over virtio-fs"
 mount -t tmpfs -o mode=0755 tmpfs /rw
-R=/newroot
 mount -t tmpfs -o mode=0755 tmpfs $R
 
 # The host's top-level symlinks (merged /usr) as they are.

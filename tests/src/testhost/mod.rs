@@ -12,4 +12,4 @@ pub mod initrd;
 pub mod run;
 
 pub use detect::Mode;
-pub use run::{expect_success, run, Outcome, RunError, Spec};
+pub use run::{expect_success, run, Outcome, RunError, Spec, TRIES, WEDGE_AFTER};
