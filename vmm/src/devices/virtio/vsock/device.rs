@@ -412,13 +412,19 @@ impl Vsock {
     fn connect_to_host(&mut self, h: Header) {
         let mut path = self.socket_path.clone().into_os_string();
         path.push(format!("_{}", h.dst_port));
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+        match connect_nonblocking(Path::new(&path)) {
             Ok(stream) => {
                 let mut conn = Connection::new(stream, State::Established, h.dst_port, h.src_port);
                 conn.update_peer_credit(&h);
                 let resp = conn.header(self.guest_cid, OP_RESPONSE, 0);
                 self.add_conn(conn);
                 self.rx_ctrl.push_back(resp);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                // The listener is not accepting: refusing now keeps the event
+                // loop (and every other device on it) running.
+                tracing::warn!(port = h.dst_port, "vsock: host listener's backlog is full; RST");
+                self.rx_ctrl.push_back(h.rst_reply());
             }
             Err(e) => {
                 tracing::debug!(port = h.dst_port, error = %e, "vsock: no host listener; RST");
@@ -750,6 +756,21 @@ impl VirtioDevice for Vsock {
     }
 }
 
+/// Connects to a Unix socket without waiting: a listener whose backlog is
+/// full answers EAGAIN at once instead of parking the event loop, which
+/// `UnixStream::connect` (always blocking) would do.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1032,6 +1053,31 @@ mod tests {
         // RW for a connection that does not exist: RST too.
         rig.guest_send(guest_hdr(OP_RW, 5000, 4321), b"x");
         assert_eq!(rig.guest_recv()[0].0.op, OP_RST);
+        assert!(!rig.irq.needs_reset());
+    }
+
+    #[test]
+    fn a_host_listener_with_a_full_backlog_gets_rst_without_blocking() {
+        use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag};
+        use nix::sys::socket::{SockType, UnixAddr};
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        let mut p = rig.path.clone().into_os_string();
+        p.push("_1234");
+        // A listener that never accepts, with room for one pending connection
+        // (Linux lets backlog + 1 wait), taken by a first client.
+        let l = socket(AddressFamily::Unix, SockType::Stream, SockFlag::empty(), None).unwrap();
+        bind(l.as_raw_fd(), &UnixAddr::new(Path::new(&p)).unwrap()).unwrap();
+        listen(&l, Backlog::new(0).unwrap()).unwrap();
+        let _first = connect_nonblocking(Path::new(&p)).unwrap();
+        // A blocking connect would park the event loop here for good.
+        let started = Instant::now();
+        rig.post_rx();
+        rig.guest_send(guest_hdr(OP_REQUEST, 7000, 1234), &[]);
+        let r = rig.guest_recv();
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].0.op, r[0].0.dst_port), (OP_RST, 7000));
+        assert!(started.elapsed() < Duration::from_secs(5));
         assert!(!rig.irq.needs_reset());
     }
 
