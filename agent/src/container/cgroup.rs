@@ -18,6 +18,8 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const PARENT: &str = "husk";
 /// Controllers delegated to containers, as far as the kernel has them.
 const CONTROLLERS: &[&str] = &["cpu", "cpuset", "io", "memory", "pids"];
+/// How long a freeze or thaw may take before PauseContainer gives up.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -164,6 +166,19 @@ pub struct Cgroup {
     path: PathBuf,
 }
 
+/// Enables the controllers for the children of `husk/`, once per agent:
+/// every container after the first finds the parent ready.
+fn prepared_parent(root: &Path) -> Result<PathBuf, CgroupError> {
+    static READY: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = ready.as_ref().filter(|p| p.starts_with(root) && p.is_dir()) {
+        return Ok(p.clone());
+    }
+    let p = prepare_parent(root)?;
+    *ready = Some(p.clone());
+    Ok(p)
+}
+
 /// Enables the controllers for the children of `husk/` (idempotent).
 fn prepare_parent(root: &Path) -> Result<PathBuf, CgroupError> {
     let parent = root.join(PARENT);
@@ -185,7 +200,7 @@ impl Cgroup {
     /// Creates the cgroup for container `id` and applies `resources`.
     pub fn create(id: &str, resources: Option<&LinuxResources>) -> Result<Self, CgroupError> {
         let settings = resources.map(settings).transpose()?.unwrap_or_default();
-        let parent = prepare_parent(Path::new(CGROUP_ROOT))?;
+        let parent = prepared_parent(Path::new(CGROUP_ROOT))?;
         let path = parent.join(id);
         std::fs::create_dir(&path).map_err(io_err(&path))?;
         let cg = Self { path };
@@ -233,24 +248,50 @@ impl Cgroup {
     }
 
     /// Freezes or thaws every process in the cgroup and waits until the
-    /// kernel says it is done.
+    /// kernel says it is done: `cgroup.events` raises a "modified" event on
+    /// each change, so the wait wakes when the state flips, not on a tick.
     pub fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let events = self.path.join("cgroup.events");
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|e| io_err(&events)(e.into()))?;
+        // Watching before the write: no change can slip between the two.
+        inotify
+            .add_watch(&events, AddWatchFlags::IN_MODIFY)
+            .map_err(|e| io_err(&events)(e.into()))?;
         let f = self.path.join("cgroup.freeze");
         std::fs::write(&f, if frozen { "1" } else { "0" }).map_err(io_err(&f))?;
         let want = if frozen { "frozen 1" } else { "frozen 0" };
-        for _ in 0..500 {
+        let deadline = std::time::Instant::now() + FREEZE_TIMEOUT;
+        loop {
             if self.read("cgroup.events").lines().any(|l| l == want) {
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(10));
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(CgroupError::Io {
+                    path: events,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("not {want} within {FREEZE_TIMEOUT:?}"),
+                    ),
+                });
+            }
+            let mut fds = [PollFd::new(
+                std::os::fd::AsFd::as_fd(&inotify),
+                PollFlags::POLLIN,
+            )];
+            let ms = PollTimeout::try_from(left.as_millis().min(1000) as i32)
+                .unwrap_or(PollTimeout::NONE);
+            match poll(&mut fds, ms) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {
+                    // Drain the events; the file itself says what changed.
+                    while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
+                }
+                Err(e) => return Err(io_err(&events)(e.into())),
+            }
         }
-        Err(CgroupError::Io {
-            path: self.path.join("cgroup.events"),
-            source: std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("not {want} within 5 s"),
-            ),
-        })
     }
 
     pub fn is_frozen(&self) -> bool {

@@ -126,10 +126,19 @@ fn make_ends(tty: bool, want_stdin: bool) -> Result<Ends, ManagerError> {
     })
 }
 
+/// Where a process is in its life, as far as starting it goes.
+#[derive(Debug, Clone, Copy)]
+enum Launch {
+    NotYet,
+    Started(Pid),
+    /// Its start failed: it never ran, and it reads as stopped (exit 127).
+    Failed,
+}
+
 /// One process: a container's own or an exec.
 struct Proc {
     spec: ValidProcess,
-    pid: Option<Pid>,
+    launch: Launch,
     /// Until started.
     ends: Option<Ends>,
     exit: watch::Receiver<Option<ExitStatus>>,
@@ -146,7 +155,7 @@ impl Proc {
         let (exit_tx, exit) = watch::channel(None);
         Ok(Self {
             spec,
-            pid: None,
+            launch: Launch::NotYet,
             ends: Some(ends),
             exit,
             exit_tx: Some(exit_tx),
@@ -156,15 +165,23 @@ impl Proc {
         })
     }
 
+    /// The pid, while it is one of a process that ran.
+    fn pid(&self) -> Option<Pid> {
+        match self.launch {
+            Launch::Started(pid) => Some(pid),
+            Launch::NotYet | Launch::Failed => None,
+        }
+    }
+
     fn running(&self) -> bool {
-        self.pid.is_some() && self.exit.borrow().is_none()
+        self.pid().is_some() && self.exit.borrow().is_none()
     }
 
     fn state(&self) -> &'static str {
-        match (self.pid, *self.exit.borrow()) {
-            (None, _) => "created",
-            (Some(_), None) => "running",
-            (Some(_), Some(_)) => "stopped",
+        match (self.launch, *self.exit.borrow()) {
+            (Launch::NotYet, _) => "created",
+            (Launch::Started(_), None) => "running",
+            (Launch::Started(_), Some(_)) | (Launch::Failed, _) => "stopped",
         }
     }
 
@@ -359,7 +376,7 @@ impl Manager {
         let c = all
             .get_mut(id)
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        let (true, Some(init_pid)) = (c.init.running(), c.init.pid) else {
+        let (true, Some(init_pid)) = (c.init.running(), c.init.pid()) else {
             return Err(ManagerError::State {
                 id: id.to_string(),
                 state: c.init.state(),
@@ -390,7 +407,7 @@ impl Manager {
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32, ManagerError> {
         let (mut exit, relays) = self.with(id, |c| {
             let p = c.proc_mut(id, exec_id)?;
-            if p.pid.is_none() {
+            if matches!(p.launch, Launch::NotYet) {
                 return Err(ManagerError::State {
                     id: id.to_string(),
                     state: "created",
@@ -434,7 +451,7 @@ impl Manager {
                 return Ok(());
             }
             let p = c.proc_mut(id, exec_id)?;
-            let (true, Some(pid)) = (p.running(), p.pid) else {
+            let (true, Some(pid)) = (p.running(), p.pid()) else {
                 return Err(ManagerError::State {
                     id: id.to_string(),
                     state: p.state(),
@@ -613,14 +630,14 @@ fn launch(
         Ok(v) => v,
         Err(e) => {
             // Never started: it can be removed.
-            p.pid = Some(Pid::from_raw(0));
+            p.launch = Launch::Failed;
             if let Some(tx) = p.exit_tx.take() {
                 let _ = tx.send(Some(ExitStatus(127)));
             }
             return Err(e.into());
         }
     };
-    p.pid = Some(pid);
+    p.launch = Launch::Started(pid);
     let key = |s: &str| (id.to_string(), exec_id.to_string(), s.to_string());
     if ends.tty {
         let master = process::receive_console(&ends.out).map_err(io_err("the terminal"))?;

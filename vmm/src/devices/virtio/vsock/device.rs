@@ -423,7 +423,10 @@ impl Vsock {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 // The listener is not accepting: refusing now keeps the event
                 // loop (and every other device on it) running.
-                tracing::warn!(port = h.dst_port, "vsock: host listener's backlog is full; RST");
+                tracing::warn!(
+                    port = h.dst_port,
+                    "vsock: host listener's backlog is full; RST"
+                );
                 self.rx_ctrl.push_back(h.rst_reply());
             }
             Err(e) => {
@@ -1066,7 +1069,13 @@ mod tests {
         p.push("_1234");
         // A listener that never accepts, with room for one pending connection
         // (Linux lets backlog + 1 wait), taken by a first client.
-        let l = socket(AddressFamily::Unix, SockType::Stream, SockFlag::empty(), None).unwrap();
+        let l = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
         bind(l.as_raw_fd(), &UnixAddr::new(Path::new(&p)).unwrap()).unwrap();
         listen(&l, Backlog::new(0).unwrap()).unwrap();
         let _first = connect_nonblocking(Path::new(&p)).unwrap();
