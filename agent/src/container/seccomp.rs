@@ -18,7 +18,7 @@
 //! SCMP_ACT_NOTIFY (needs a listener) and filter flags other than
 //! SPEC_ALLOW and LOG.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, OnceLock};
 
 use oci_spec::runtime::{Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator};
@@ -72,22 +72,72 @@ fn operator(op: LinuxSeccompOperator, value_two: Option<u64>) -> Value {
     }
 }
 
-/// Whether seccompiler knows `name` on x86_64 (memoized: a profile names
-/// some 350 syscalls and every container of a pod brings the same).
-fn known(name: &str) -> bool {
+/// The names out of `names` that seccompiler knows on x86_64. A profile
+/// names some 350 syscalls, some of them unknown here (other arches, newer
+/// kernels), which runc skips; seccompiler's table is private, so it is
+/// asked: one compile of them all, and each name its error reports is
+/// dropped and the rest compiled again (a handful of compiles for Docker's
+/// profile). An error that names none of them (a change of wording
+/// upstream) halves the set instead. Memoized: a pod's containers bring the
+/// same profile.
+fn known_names<'a>(names: impl IntoIterator<Item = &'a str>) -> HashSet<String> {
     static KNOWN: OnceLock<Mutex<HashMap<String, bool>>> = OnceLock::new();
-    let cache = KNOWN.get_or_init(Mutex::default);
-    if let Some(k) = cache.lock().ok().and_then(|c| c.get(name).copied()) {
-        return k;
-    }
+    let mut cache = KNOWN
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let names: BTreeSet<&str> = names.into_iter().collect();
+    let new: Vec<String> = names
+        .iter()
+        .filter(|n| !cache.contains_key(**n))
+        .map(|n| n.to_string())
+        .collect();
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    sort_out(new, &probe, &mut known, &mut unknown);
+    cache.extend(known.into_iter().map(|n| (n, true)));
+    cache.extend(unknown.into_iter().map(|n| (n, false)));
+    names
+        .into_iter()
+        .filter(|n| cache.get(*n).copied().unwrap_or(false))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Asks seccompiler to compile a filter of `names`; its error, as text.
+fn probe(names: &[String]) -> Result<(), String> {
+    let filter: Vec<Value> = names.iter().map(|n| json!({"syscall": n})).collect();
     let probe = json!({"p": {"default_action": "allow", "filter_action": "trap",
-                             "filter": [{"syscall": name}]}});
-    let k =
-        seccompiler::compile_from_json(probe.to_string().as_bytes(), TargetArch::x86_64).is_ok();
-    if let Ok(mut c) = cache.lock() {
-        c.insert(name.to_string(), k);
+                             "filter": filter}});
+    seccompiler::compile_from_json(probe.to_string().as_bytes(), TargetArch::x86_64)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn sort_out(
+    mut rest: Vec<String>,
+    probe: &dyn Fn(&[String]) -> Result<(), String>,
+    known: &mut Vec<String>,
+    unknown: &mut Vec<String>,
+) {
+    while !rest.is_empty() {
+        let msg = match probe(&rest) {
+            Ok(()) => return known.append(&mut rest),
+            Err(msg) => msg,
+        };
+        if rest.len() == 1 {
+            return unknown.append(&mut rest);
+        }
+        match rest
+            .iter()
+            .position(|n| msg.contains(&format!("name: {n} for")))
+        {
+            Some(i) => unknown.push(rest.swap_remove(i)),
+            None => {
+                let half = rest.split_off(rest.len() / 2);
+                sort_out(half, probe, known, unknown);
+            }
+        }
     }
-    k
 }
 
 /// Compiles the profile into the programs to install, in order.
@@ -115,6 +165,12 @@ pub fn compile(s: &LinuxSeccomp) -> Result<Vec<Program>, SpecError> {
             ));
         }
     }
+    let known = known_names(
+        s.syscalls()
+            .iter()
+            .flatten()
+            .flat_map(|sc| sc.names().iter().map(String::as_str)),
+    );
     let default = action(
         s.default_action(),
         s.default_errno_ret(),
@@ -146,7 +202,7 @@ pub fn compile(s: &LinuxSeccomp) -> Result<Vec<Program>, SpecError> {
             continue;
         }
         for name in sc.names() {
-            if !known(name) {
+            if !known.contains(name) {
                 continue;
             }
             let rule = if args.is_empty() {
@@ -245,6 +301,42 @@ mod tests {
         })))
         .unwrap_err();
         assert_eq!(e.field, "linux.seccomp.syscalls[0].args[0].index");
+    }
+
+    #[test]
+    fn unknown_names_are_sorted_out_in_few_compiles() {
+        let names = [
+            "read",
+            "no_such_call_a",
+            "openat",
+            "arm_fadvise64_64",
+            "getpid",
+            "no_such_call_b",
+            "io_uring_setup",
+        ];
+        let known = known_names(names);
+        let mut k: Vec<_> = known.iter().map(String::as_str).collect();
+        k.sort_unstable();
+        assert_eq!(k, ["getpid", "io_uring_setup", "openat", "read"]);
+        // Asked again (memoized), the answer is the same.
+        assert_eq!(known_names(names), known);
+        // An error that names nothing (other wording): halving finds them.
+        let vague = |n: &[String]| match n.iter().any(|n| n.starts_with("nope")) {
+            true => Err("no".to_string()),
+            false => Ok(()),
+        };
+        let (mut yes, mut no) = (Vec::new(), Vec::new());
+        let all = ["read", "nope_1", "write", "stat", "nope_2"];
+        sort_out(all.map(String::from).to_vec(), &vague, &mut yes, &mut no);
+        yes.sort();
+        no.sort();
+        assert_eq!(
+            (yes, no),
+            (
+                vec!["read".into(), "stat".into(), "write".into()],
+                vec!["nope_1".to_string(), "nope_2".into()]
+            )
+        );
     }
 
     #[test]
