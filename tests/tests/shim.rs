@@ -221,6 +221,63 @@ dump 60
     assert_all(&out, NO_LEAKS);
 }
 
+/// A pod as CRI makes one, through the same annotations: a sandbox
+/// container and a member naming it share one shim and one VM (one kernel,
+/// one network and IPC namespace, pid namespaces of their own); the member
+/// goes and the pod stays; the sandbox's delete takes the VM.
+#[test]
+fn a_pod_of_two_containers_shares_one_shim_and_vm() {
+    let out = run(
+        r#"
+A="--annotation io.kubernetes.cri.sandbox-id=pod1 --annotation io.kubernetes.cri.container-type"
+$C run -d $R $A=sandbox $IMG pod1 sleep 300; echo "code sandbox=$?"
+$C run -d $R $A=container $IMG app1 sleep 300; echo "code member=$?"
+echo "pod-vmms=$(pgrep -c husk-vmm)"
+echo "pod-shims=$(pgrep -c -x containerd-shim)"
+n=0
+x() { n=$((n+1)); $C task exec --exec-id "e$n" "$@"; }
+[ "$(x pod1 cat /proc/sys/kernel/random/boot_id)" = "$(x app1 cat /proc/sys/kernel/random/boot_id)" ] && echo same-kernel
+[ "$(x pod1 readlink /proc/self/ns/net)" = "$(x app1 readlink /proc/self/ns/net)" ] && echo same-net
+[ "$(x pod1 readlink /proc/self/ns/ipc)" = "$(x app1 readlink /proc/self/ns/ipc)" ] && echo same-ipc
+[ "$(x pod1 readlink /proc/self/ns/pid)" != "$(x app1 readlink /proc/self/ns/pid)" ] && echo own-pid
+$C task ls | awk '$1=="pod1"||$1=="app1"{print "listed-"$1"="$3}'
+stopped() { for i in $(seq 50); do $C task ls | grep -q "^$1 .*STOPPED" && return; sleep 0.2; done; }
+$C task kill -s KILL app1; stopped app1
+$C task delete app1; echo "code member-delete=$?"
+$C container rm app1
+echo "vmms-after-member=$(pgrep -c husk-vmm)"
+x pod1 echo pod-still-serves
+$C task kill -s KILL pod1; stopped pod1
+$C task delete pod1; echo "code sandbox-delete=$?"
+$C container rm pod1
+sleep 1
+leaks
+dump 60
+"#,
+        Duration::from_secs(400),
+    );
+    assert_all(
+        &out,
+        &[
+            "code sandbox=0",
+            "code member=0",
+            "pod-vmms=1",
+            "pod-shims=1",
+            "same-kernel",
+            "same-net",
+            "same-ipc",
+            "own-pid",
+            "listed-pod1=RUNNING",
+            "listed-app1=RUNNING",
+            "code member-delete=0",
+            "vmms-after-member=1",
+            "pod-still-serves",
+            "code sandbox-delete=0",
+        ],
+    );
+    assert_all(&out, NO_LEAKS);
+}
+
 /// 20 create/start/delete cycles leave no husk-vmm, mount, socket or
 /// /run/husk entry.
 #[test]
