@@ -60,7 +60,9 @@ fn container_status(e: ManagerError) -> ttrpc::Error {
     let code = match &e {
         ManagerError::NotFound(_) | ManagerError::NoProcess { .. } => Code::NOT_FOUND,
         ManagerError::Exists(_) | ManagerError::ProcessExists { .. } => Code::ALREADY_EXISTS,
-        ManagerError::State { .. } | ManagerError::NoShare => Code::FAILED_PRECONDITION,
+        ManagerError::State { .. }
+        | ManagerError::ProcessRunning { .. }
+        | ManagerError::NoShare => Code::FAILED_PRECONDITION,
         ManagerError::Spec(_)
         | ManagerError::BadId { .. }
         | ManagerError::Cgroup(CgroupError::Invalid { .. }) => Code::INVALID_ARGUMENT,
@@ -401,6 +403,17 @@ impl Agent for AgentService {
             .exec(&req.container_id, &req.exec_id, &req.process, req.stdin)
             .map_err(container_status)?;
         tracing::info!(container = %req.container_id, exec = %req.exec_id, "process started");
+        Ok(Empty::default())
+    }
+
+    async fn remove_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .remove_exec(&req.container_id, &req.exec_id)
+            .map_err(container_status)?;
         Ok(Empty::default())
     }
 

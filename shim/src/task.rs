@@ -629,7 +629,16 @@ impl Task for Service {
             ));
         }
         let exit = p.exited();
+        let started = !matches!(p.status, Status::CREATED);
         c.processes.remove(exec_id);
+        let sandbox = c.sandbox.clone();
+        drop(state);
+        if started {
+            // The agent keeps an ended exec until told: free its id there.
+            if let Err(e) = sandbox.client.remove_process(id, exec_id).await {
+                tracing::info!(container = id, exec = exec_id, error = %e, "RemoveProcess");
+            }
+        }
         let (exit_status, at) = exit.map_or((0, SystemTime::now()), |e| (e.status, e.at));
         Ok(api::DeleteResponse {
             pid,

@@ -151,10 +151,9 @@ dump 80
 }
 
 /// `ctr run -t` and `ctr task exec -t` through a pty (script(1)): the
-/// process has a terminal and its exit code comes back. The pty is not in
-/// the container's /dev/pts (the agent's limitation: `tty` may print "not a
-/// tty"), so only `[ -t 0|1 ]` are checked. A NUL reaching the pty's input
-/// is echoed as `^@` (not traced yet: see docs/shim.md); it is filtered out.
+/// process has a terminal from the container's own /dev/pts (`tty` names
+/// it) and its exit code comes back. A NUL reaching the pty's input is
+/// echoed as `^@` (not traced yet: see docs/shim.md); it is filtered out.
 #[test]
 fn ctr_run_tty() {
     let out = run(
@@ -174,7 +173,7 @@ dump 40
     assert_all(
         &out,
         &[
-            "run: stdout-is-tty\nrun: tty-ok\nrun: code tty=5",
+            "run: /dev/pts/0\nrun: stdout-is-tty\nrun: tty-ok\nrun: code tty=5",
             "code detach=0",
             "exec: exec-stdin-is-tty\nexec: exec-tty-ok\nexec: code exec-tty=4",
         ],
@@ -223,8 +222,9 @@ dump 60
 
 /// A pod as CRI makes one, through the same annotations: a sandbox
 /// container and a member naming it share one shim and one VM (one kernel,
-/// one network and IPC namespace, pid namespaces of their own); the member
-/// goes and the pod stays; the sandbox's delete takes the VM.
+/// one network and IPC namespace, pid namespaces of their own); an exec's
+/// id is free again after ctr deletes it; the member goes and the pod
+/// stays; the sandbox's delete takes the VM.
 #[test]
 fn a_pod_of_two_containers_shares_one_shim_and_vm() {
     let out = run(
@@ -234,19 +234,24 @@ $C run -d $R $A=sandbox $IMG pod1 sleep 300; echo "code sandbox=$?"
 $C run -d $R $A=container $IMG app1 sleep 300; echo "code member=$?"
 echo "pod-vmms=$(pgrep -c husk-vmm)"
 echo "pod-shims=$(pgrep -c -x containerd-shim)"
-n=0
-x() { n=$((n+1)); $C task exec --exec-id "e$n" "$@"; }
-[ "$(x pod1 cat /proc/sys/kernel/random/boot_id)" = "$(x app1 cat /proc/sys/kernel/random/boot_id)" ] && echo same-kernel
-[ "$(x pod1 readlink /proc/self/ns/net)" = "$(x app1 readlink /proc/self/ns/net)" ] && echo same-net
-[ "$(x pod1 readlink /proc/self/ns/ipc)" = "$(x app1 readlink /proc/self/ns/ipc)" ] && echo same-ipc
-[ "$(x pod1 readlink /proc/self/ns/pid)" != "$(x app1 readlink /proc/self/ns/pid)" ] && echo own-pid
+ex() { e=$1; shift; $C task exec --exec-id "$e" "$@"; }
+k1=$(ex k1 pod1 cat /proc/sys/kernel/random/boot_id); k2=$(ex k2 app1 cat /proc/sys/kernel/random/boot_id)
+[ -n "$k1" ] && [ "$k1" = "$k2" ] && echo same-kernel
+n1=$(ex n1 pod1 readlink /proc/self/ns/net); n2=$(ex n2 app1 readlink /proc/self/ns/net)
+[ -n "$n1" ] && [ "$n1" = "$n2" ] && echo same-net
+i1=$(ex i1 pod1 readlink /proc/self/ns/ipc); i2=$(ex i2 app1 readlink /proc/self/ns/ipc)
+[ -n "$i1" ] && [ "$i1" = "$i2" ] && echo same-ipc
+p1=$(ex p1 pod1 readlink /proc/self/ns/pid); p2=$(ex p2 app1 readlink /proc/self/ns/pid)
+[ -n "$p1" ] && [ -n "$p2" ] && [ "$p1" != "$p2" ] && echo own-pid
+# ctr deletes an exec once it ends: its id is free again (probes live on this).
+ex again pod1 true && ex again pod1 true && echo exec-id-free-again
 $C task ls | awk '$1=="pod1"||$1=="app1"{print "listed-"$1"="$3}'
 stopped() { for i in $(seq 50); do $C task ls | grep -q "^$1 .*STOPPED" && return; sleep 0.2; done; }
 $C task kill -s KILL app1; stopped app1
 $C task delete app1; echo "code member-delete=$?"
 $C container rm app1
 echo "vmms-after-member=$(pgrep -c husk-vmm)"
-x pod1 echo pod-still-serves
+ex alive pod1 echo pod-still-serves
 $C task kill -s KILL pod1; stopped pod1
 $C task delete pod1; echo "code sandbox-delete=$?"
 $C container rm pod1
@@ -267,6 +272,7 @@ dump 60
             "same-net",
             "same-ipc",
             "own-pid",
+            "exec-id-free-again",
             "listed-pod1=RUNNING",
             "listed-app1=RUNNING",
             "code member-delete=0",

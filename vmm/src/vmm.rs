@@ -285,10 +285,19 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         vsock_socket = Some(path.clone());
         placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 1, vsock)?);
     }
+    // virtio-fs gets an event loop and a thread of its own: a slow disk
+    // operation on the host then stalls only the share, not vsock (the
+    // agent's API and every stdio stream) or the other devices.
+    let mut fs_em = None;
     if let Some(dir) = &cfg.shared_dir {
         // Before seccomp: the passthrough opens /proc/self/fd and mountinfo.
         let fs = Fs::new(&cfg.fs_tag, dir, FsConfig::default()).map_err(DeviceError::from)?;
-        placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 2, fs)?);
+        let mut own: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()
+            .map_err(|e| {
+                io_err("virtio-fs event manager")(std::io::Error::other(format!("{e:?}")))
+            })?;
+        placed.push(add_virtio(&vm, &mem, &mut mmio, &mut own, 2, fs)?);
+        fs_em = Some(own);
     }
     let (ready, vcpu_started) = ReadySignal::new(usize::from(config.vcpus), ready_out)?;
     em.add_subscriber(Arc::new(Mutex::new(ready)));
@@ -347,6 +356,30 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
                 vcpu.run();
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
+    }
+    if let Some(mut fs_em) = fs_em {
+        // The same filter as the main event loop, which holds the file
+        // system calls the passthrough makes.
+        let filter = filters.as_ref().map(|f| f.vmm.clone());
+        let exit = exit.clone();
+        std::thread::Builder::new()
+            .name("virtio-fs".into())
+            .spawn(move || {
+                if let Some(f) = filter {
+                    if let Err(e) = seccomp::apply("virtio-fs", &f) {
+                        exit.exit(ExitReason::Internal(e.to_string()));
+                        return;
+                    }
+                }
+                // Runs until the process ends with the main loop.
+                loop {
+                    if let Err(e) = fs_em.run() {
+                        exit.exit(ExitReason::Internal(format!("virtio-fs event loop: {e:?}")));
+                        return;
+                    }
+                }
+            })
+            .map_err(io_err("spawning the virtio-fs thread"))?;
     }
     if let Some(f) = &filters {
         seccomp::apply("VMM", &f.vmm)?;

@@ -380,6 +380,17 @@ impl Client {
         .map(drop)
     }
 
+    /// Forgets an exec'd process that has ended, freeing its id.
+    pub async fn remove_process(&self, id: &str, exec_id: &str) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = process_req(id, exec_id);
+        self.call("RemoveProcess", t, |c, ctx| async move {
+            c.remove_process(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ClientError> {
         let t = self.opts.call_timeout;
         let req = process_req(id, exec_id);

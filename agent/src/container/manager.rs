@@ -42,6 +42,8 @@ pub enum ManagerError {
     ProcessExists { id: String, exec_id: String },
     #[error("container {id} is {state}")]
     State { id: String, state: &'static str },
+    #[error("process {exec_id} of container {id} is running")]
+    ProcessRunning { id: String, exec_id: String },
     #[error("no sandbox share is mounted: CreateSandbox with a shared fs first")]
     NoShare,
     #[error("invalid {what} {id:?}")]
@@ -463,6 +465,31 @@ impl Manager {
     }
 
     /// Closes a process's stdin now, whatever its stream still carries.
+    /// Forgets an exec'd process that has ended; its id is free again.
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ManagerError> {
+        if exec_id.is_empty() || exec_id == INIT {
+            return Err(ManagerError::BadId {
+                what: "exec id (the container's own process goes with RemoveContainer)",
+                id: exec_id.to_string(),
+            });
+        }
+        self.with(id, |c| {
+            let p = c.proc_mut(id, exec_id)?;
+            if p.running() {
+                return Err(ManagerError::ProcessRunning {
+                    id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                });
+            }
+            if let Some(mut p) = c.execs.remove(exec_id) {
+                p.abort_relays();
+            }
+            Ok(())
+        })?;
+        self.hub.forget_process(id, exec_id);
+        Ok(())
+    }
+
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ManagerError> {
         self.with(id, |c| {
             let p = c.proc_mut(id, exec_id)?;

@@ -53,6 +53,14 @@ impl Hub {
         st.arrived.retain(|k, _| k.0 != container_id);
     }
 
+    /// Forgets the streams of one process of a container.
+    pub fn forget_process(&self, container_id: &str, exec_id: &str) {
+        let mut st = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let other = |k: &Key| k.0 != container_id || k.1 != exec_id;
+        st.waiting.retain(|k, _| other(k));
+        st.arrived.retain(|k, _| other(k));
+    }
+
     fn deliver(&self, key: Key, s: VsockStream) {
         let mut st = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         match st.waiting.remove(&key) {

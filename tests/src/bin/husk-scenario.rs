@@ -747,6 +747,45 @@ async fn containers(guest: &Option<PathBuf>) -> Result<()> {
     );
     let pids = c.list_processes("busy").await?;
     ensure!(!pids.is_empty(), "no pids listed");
+    // An exec's id is taken until its process has ended and is removed;
+    // a running one cannot be removed.
+    let exec = |e: &'static str, script: &'static str| {
+        let c = c.clone();
+        async move {
+            let process = serde_json::json!({"user": {"uid": 0, "gid": 0},
+                "args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/"});
+            c.exec_process("busy", e, serde_json::to_vec(&process)?, false)
+                .await?;
+            for stream in ["stdout", "stderr"] {
+                let mut s = c.attach("busy", e, stream).await?;
+                tokio::spawn(async move { tokio::io::copy(&mut s, &mut tokio::io::sink()).await });
+            }
+            anyhow::Ok(())
+        }
+    };
+    exec("e1", "exit 4").await?;
+    ensure!(c.wait_process("busy", "e1").await? == 4, "exec e1");
+    ensure!(
+        exec("e1", "true").await.is_err(),
+        "an ended exec's id was taken again before its removal"
+    );
+    c.remove_process("busy", "e1").await?;
+    exec("e1", "sleep 100").await?;
+    match c.remove_process("busy", "e1").await {
+        Err(husk_agent_client::ClientError::Rpc {
+            code: husk_agent_client::agent_api_code::FAILED_PRECONDITION,
+            ..
+        }) => {}
+        other => bail!("removing a running exec gave {other:?}"),
+    }
+    c.signal_process("busy", "e1", 9).await?;
+    ensure!(c.wait_process("busy", "e1").await? == 137, "exec e1 again");
+    c.remove_process("busy", "e1").await?;
+    ensure!(
+        c.remove_process("busy", "e1").await.is_err(),
+        "a removed exec removed twice"
+    );
+    println!("containers: an exec's id is free again once it has ended and is removed");
     c.signal_all("busy", 9).await?;
     let code = c.wait_process("busy", "").await?;
     ensure!(code == 137, "busy: exit {code} after SIGKILL");

@@ -541,13 +541,19 @@ async fn exec(a: ExecArgs) -> Result<i32> {
             .subsec_nanos()
     });
     let process = serde_json::to_vec(&process_json(&a.process, &a.command)?)?;
-    attach_and_wait(&client, &exec_id, &a.process, || async {
+    let code = attach_and_wait(&client, &exec_id, &a.process, || async {
         client
             .exec_process(CONTAINER, &exec_id, process, a.process.interactive)
             .await?;
         Ok(())
     })
-    .await
+    .await;
+    // The agent keeps an ended exec until told; a long-lived container
+    // would otherwise collect one entry per `husk exec`.
+    if let Err(e) = client.remove_process(CONTAINER, &exec_id).await {
+        tracing::debug!(error = %e, "RemoveProcess");
+    }
+    code
 }
 
 fn vmm_pid(dir: &Path) -> Option<i32> {
