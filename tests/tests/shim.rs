@@ -41,6 +41,9 @@ start_containerd() {
   echo "containerd did not start"; cat $D/log; exit 1
 }
 dump() { echo "--- containerd log"; tail -n ${1:-80} $D/log; }
+# What every test ends with: the leak counts, then containerd's log.
+finish() { sleep 1; leaks; dump "$@"; }
+# Waits (up to 10 s) until task $1 is listed as stopped.
 C="ctr -a $D/c.sock"
 R="--runtime io.containerd.husk.v2"
 IMG=husk.local/busybox:latest
@@ -122,13 +125,11 @@ $C task resume d1; echo "code resume=$?"
 $C task ls | awk '$1=="d1"{print "state-resumed="$3}'
 $C task metrics d1 | grep -i -E 'memory|pids' | head -3 | sed 's/^/metrics: /'
 $C task kill -s KILL d1; echo "code kill=$?"
-for i in $(seq 50); do $C task ls | grep -q 'd1.*STOPPED' && break; sleep 0.2; done
+stopped d1
 $C task ls | awk '$1=="d1"{print "state-killed="$3}'
 $C task delete d1; echo "code delete=$?"
 $C container rm d1
-sleep 1
-leaks
-dump 80
+finish 80
 "#,
         Duration::from_secs(400),
     );
@@ -162,11 +163,9 @@ fn ctr_run_tty() {
 $C run -d $R $IMG tty2 sleep 300; echo "code detach=$?"
 { script -qec "ctr -a $D/c.sock task exec -t --exec-id x1 tty2 sh -c 'tty; [ -t 0 ] && echo exec-stdin-is-tty; echo exec-tty-ok; exit 4'" /dev/null < /dev/null; echo "code exec-tty=$?"; } | tr -d '\r' | cat -v | sed 's/\^@//g; s/^/exec: /'
 $C task kill -s KILL tty2
-for i in $(seq 50); do $C task ls | grep -q 'tty2.*STOPPED' && break; sleep 0.2; done
+stopped tty2
 $C task delete tty2; $C container rm tty2
-sleep 1
-leaks
-dump 40
+finish 40
 "#,
         Duration::from_secs(300),
     );
@@ -202,9 +201,7 @@ echo "vmm-after-sigkill=$(pgrep -c husk-vmm)"
 $C task delete r1 2>&1 | sed 's/^/task-delete: /'
 $C task ls | awk '$1=="r1"{print "task-still-listed"}'
 $C container rm r1
-sleep 1
-leaks
-dump 60
+finish 60
 "#,
         Duration::from_secs(400),
     );
@@ -246,7 +243,6 @@ p1=$(ex p1 pod1 readlink /proc/self/ns/pid); p2=$(ex p2 app1 readlink /proc/self
 # ctr deletes an exec once it ends: its id is free again (probes live on this).
 ex again pod1 true && ex again pod1 true && echo exec-id-free-again
 $C task ls | awk '$1=="pod1"||$1=="app1"{print "listed-"$1"="$3}'
-stopped() { for i in $(seq 50); do $C task ls | grep -q "^$1 .*STOPPED" && return; sleep 0.2; done; }
 $C task kill -s KILL app1; stopped app1
 $C task delete app1; echo "code member-delete=$?"
 $C container rm app1
@@ -255,9 +251,7 @@ ex alive pod1 echo pod-still-serves
 $C task kill -s KILL pod1; stopped pod1
 $C task delete pod1; echo "code sandbox-delete=$?"
 $C container rm pod1
-sleep 1
-leaks
-dump 60
+finish 60
 "#,
         Duration::from_secs(400),
     );
@@ -298,9 +292,7 @@ done
 t1=$(date +%s%N)
 echo "cycles-ok=$ok"
 echo "cycle-ms=$(( (t1 - t0) / 20000000 ))"
-sleep 1
-leaks
-dump 20
+finish 20
 "#,
         // ~19 s a cycle in the test host when it has the machine to itself;
         // room for a loaded one.
