@@ -412,14 +412,29 @@ async fn vmm_boot(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
         ("bzImage", 2, 256),
     ] {
         let started = Instant::now();
-        let mut vm = TestVm::start(
-            &kernel(guest, image),
-            initramfs,
-            vcpus,
-            mem,
-            "test_init.exit=poweroff",
-        )?;
-        let status = vm.wait(Duration::from_secs(120)).await?;
+        let boot = || {
+            TestVm::start(
+                &kernel(guest, image),
+                initramfs,
+                vcpus,
+                mem,
+                "test_init.exit=poweroff",
+            )
+        };
+        let mut vm = boot()?;
+        // Boots take 4-12 s in the nested test host.
+        let status = match vm.wait(Duration::from_secs(60)).await {
+            // Seen in the nested test host only, about one SMP boot in 35:
+            // the guest stops mid-boot with no lockup report (the L2's
+            // emulated SVM, see docs/testhost.md). There, one more boot;
+            // on hardware KVM a hang fails at once.
+            Err(e) if std::env::var_os("HUSK_IN_TESTHOST").is_some() => {
+                println!("vmm-boot: {image} {vcpus}/{mem} hung in the nested test host; booting again: {e:#}");
+                vm = boot()?;
+                vm.wait(Duration::from_secs(60)).await?
+            }
+            other => other?,
+        };
         let console = vm.console();
         ensure!(
             status.success(),

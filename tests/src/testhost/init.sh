@@ -90,5 +90,7 @@ done
 IFS=$OLDIFS
 
 cp "/host$SCRIPT" $R/run/husk-testhost.sh || fail "copying $SCRIPT"
+# Tests that must tell the nested test host from hardware KVM look here.
+export HUSK_IN_TESTHOST=1
 chroot $R /bin/sh /run/husk-testhost.sh < /dev/null > $OUT 2>&1
 finish $?
