@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::testhost::{self, Spec};
+use crate::testhost::{self, Mode, Spec};
 use crate::workspace_root;
 
 /// Runs one scenario and panics with its output unless it succeeds.
@@ -30,7 +30,21 @@ pub fn run_script(script: &str, timeout: Duration) -> String {
         );
     }
     let script = format!("cd '{}' || exit 1\n{script}", root.display());
-    let o = testhost::run(&Spec::new(script).timeout(timeout)).unwrap_or_else(|e| panic!("{e}"));
+    let spec = Spec::new(script).timeout(timeout);
+    let mut o = testhost::run(&spec).unwrap_or_else(|e| panic!("{e}"));
+    // In the nested test host about one guest boot in 35 stops mid-boot
+    // (docs/testhost.md): a script that failed on a guest that never came
+    // up runs once more there, loudly. On hardware KVM it fails at once.
+    if !o.success() && o.mode != Mode::Direct && o.output.contains(BOOT_HANG) {
+        eprintln!(
+            "[testhost] a guest did not boot in the nested test host; running the script once more. First output:\n{}",
+            o.output
+        );
+        o = testhost::run(&spec).unwrap_or_else(|e| panic!("{e}"));
+    }
     assert!(o.success(), "exited {}:\n{}", o.status, o.output);
     o.output
 }
+
+/// What `husk_agent_client` says when a guest's agent never answers.
+const BOOT_HANG: &str = "did not answer within the boot timeout";
