@@ -161,6 +161,13 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
+/// The event loops' type: subscribers shared with the buses, on any thread.
+type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+fn event_loop(what: &'static str) -> Result<EventLoop> {
+    EventManager::new().map_err(|e| io_err(what)(std::io::Error::other(format!("{e:?}"))))
+}
+
 /// A virtio device placed on the MMIO bus.
 struct Placed {
     addr: u64,
@@ -173,7 +180,7 @@ fn add_virtio<D: VirtioDevice + 'static>(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
-    em: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    em: &mut EventLoop,
     index: u32,
     device: D,
 ) -> Result<Placed> {
@@ -236,8 +243,7 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     let mem = ram.memory.clone();
     register_memory(&vm, &mem)?;
 
-    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()
-        .map_err(|e| io_err("event manager")(std::io::Error::other(format!("{e:?}"))))?;
+    let mut em = event_loop("event manager")?;
     em.add_subscriber(Arc::new(Mutex::new(ExitSubscriber {
         exit: exit.clone(),
         signalfd,
@@ -292,10 +298,7 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     if let Some(dir) = &cfg.shared_dir {
         // Before seccomp: the passthrough opens /proc/self/fd and mountinfo.
         let fs = Fs::new(&cfg.fs_tag, dir, FsConfig::default()).map_err(DeviceError::from)?;
-        let mut own: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()
-            .map_err(|e| {
-                io_err("virtio-fs event manager")(std::io::Error::other(format!("{e:?}")))
-            })?;
+        let mut own = event_loop("virtio-fs event manager")?;
         placed.push(add_virtio(&vm, &mem, &mut mmio, &mut own, 2, fs)?);
         fs_em = Some(own);
     }

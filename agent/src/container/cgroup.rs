@@ -282,7 +282,8 @@ impl Cgroup {
                 std::os::fd::AsFd::as_fd(&inotify),
                 PollFlags::POLLIN,
             )];
-            let ms = PollTimeout::try_from(left.as_millis().min(1000) as i32)
+            // inotify wakes the wait; the timeout only bounds it.
+            let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
                 .unwrap_or(PollTimeout::NONE);
             match poll(&mut fds, ms) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {
