@@ -1,5 +1,11 @@
-//! The guest kernel command line: the defaults, in one place.
+//! The guest kernel command line for the QEMU boot check ([`crate::qemu`]) and
+//! `husk-guest-image cmdline`.
 //!
+//! husk-vmm owns the defaults it boots with (`husk_vmm::cmdline`, which decides
+//! them from the machine it builds; callers add theirs with
+//! `VmConfig::extra_cmdline`). This table mirrors them for a guest booted by
+//! QEMU's `microvm`, which is the same machine as far as these parameters go,
+//! and stays for callers that still build a whole command line themselves.
 //! Each part is here for a reason that a later reader must be able to see;
 //! VMMs add their own parts (devices, `virtio_mmio.device=`) after these.
 

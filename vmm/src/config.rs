@@ -77,6 +77,12 @@ pub struct VmConfig {
     /// announcements are always appended.
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// Parameters appended after the base command line (`cmdline` or the
+    /// defaults of [`crate::cmdline`]), before the device announcements: what a
+    /// caller adds (the agent's options, a test's switches) without restating
+    /// the machine's defaults.
+    #[serde(default)]
+    pub extra_cmdline: Option<String>,
     #[serde(default = "default_vcpus")]
     pub vcpus: u64,
     #[serde(default = "default_memory")]
@@ -118,6 +124,7 @@ impl Default for VmConfig {
             kernel: None,
             initramfs: None,
             cmdline: None,
+            extra_cmdline: None,
             vcpus: default_vcpus(),
             memory_mib: default_memory(),
             serial_out: None,
@@ -148,11 +155,14 @@ impl VmConfig {
         Self::from_json_str(&s, &path.display().to_string())
     }
 
-    /// The command line to boot with (before device announcements).
+    /// The command line to boot with (before device announcements): `cmdline`
+    /// or the defaults, then `extra_cmdline`.
     pub fn base_cmdline(&self) -> String {
-        self.cmdline
+        let base = self
+            .cmdline
             .clone()
-            .unwrap_or_else(husk_guest_image::cmdline::default_cmdline)
+            .unwrap_or_else(crate::cmdline::default_cmdline);
+        crate::cmdline::with_extra(&base, self.extra_cmdline.as_deref())
     }
 
     /// Checks everything that can be checked without touching the host.
@@ -222,6 +232,7 @@ mod tests {
             kernel: Some("/k".into()),
             initramfs: Some("/i".into()),
             cmdline: Some("console=ttyS0".into()),
+            extra_cmdline: Some("husk.debug=1".into()),
             vcpus: 4,
             memory_mib: 2048,
             serial_out: Some("/tmp/console".into()),
@@ -235,6 +246,24 @@ mod tests {
         };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(VmConfig::from_json_str(&s, "t").unwrap(), c);
+        assert_eq!(c.base_cmdline(), "console=ttyS0 husk.debug=1");
+    }
+
+    #[test]
+    fn extra_cmdline_follows_the_defaults() {
+        let c =
+            VmConfig::from_json_str(r#"{"kernel": "/k", "extra_cmdline": "a=1 b"}"#, "t").unwrap();
+        assert_eq!(c.extra_cmdline.as_deref(), Some("a=1 b"));
+        let line = c.base_cmdline();
+        assert!(
+            line.starts_with(&crate::cmdline::default_cmdline()),
+            "{line}"
+        );
+        assert!(line.ends_with(" a=1 b"), "{line}");
+        // Absent, it is None (older configs keep working).
+        let c = VmConfig::from_json_str(r#"{"kernel": "/k"}"#, "t").unwrap();
+        assert_eq!(c.extra_cmdline, None);
+        assert_eq!(c.base_cmdline(), crate::cmdline::default_cmdline());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod cmdline;
 pub mod config;
 pub mod devices;
 pub mod exit;

@@ -23,6 +23,9 @@ struct Args {
     /// The whole guest command line (the Husk defaults otherwise).
     #[arg(long)]
     cmdline: Option<String>,
+    /// Parameters appended after the command line (`--cmdline` or the defaults).
+    #[arg(long = "extra-cmdline")]
+    extra_cmdline: Option<String>,
     #[arg(long)]
     vcpus: Option<u64>,
     #[arg(long = "memory-mib")]
@@ -69,6 +72,9 @@ fn build_config(args: Args) -> anyhow::Result<VmConfig> {
     }
     if args.cmdline.is_some() {
         c.cmdline = args.cmdline;
+    }
+    if args.extra_cmdline.is_some() {
+        c.extra_cmdline = args.extra_cmdline;
     }
     if let Some(v) = args.vcpus {
         c.vcpus = v;
