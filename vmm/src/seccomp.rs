@@ -1,8 +1,10 @@
 //! Seccomp filters for the VMM's threads (seccompiler), on by default.
 //!
-//! Two filters: the event-loop thread (epoll, sockets for vsock, eventfds, memory
-//! allocation) and the vCPU threads (KVM_RUN and the device work a vCPU exit does:
-//! console writes, eventfd writes). Each is installed by the thread itself once its
+//! Three filters: the main event-loop thread (epoll, sockets for vsock and the
+//! control socket, eventfds, memory allocation), the virtio-fs thread (its own
+//! event loop and the file system calls of the passthrough, no sockets) and the
+//! vCPU threads (KVM_RUN and the device work a vCPU exit does: console writes,
+//! eventfd writes). Each is installed by the thread itself once its
 //! setup is done, so setup (opening /dev/kvm, mapping memory) is not constrained.
 //!
 //! A denied syscall raises SIGSYS (SECCOMP_RET_TRAP); the handler writes the
@@ -71,13 +73,25 @@ fn common() -> Vec<i64> {
     ]
 }
 
-/// The event-loop thread.
-fn vmm_syscalls() -> Vec<i64> {
-    let mut v = common();
-    v.extend([
+/// Both event-loop threads (the main one and virtio-fs's): epoll from
+/// event-manager; eventfds (queue kicks, irqfds) are read and written with
+/// `read`/`write` from [`common`].
+fn event_loop() -> Vec<i64> {
+    vec![
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
         libc::SYS_epoll_ctl,
+    ]
+}
+
+/// The main event-loop thread: vsock's host sockets, the control socket, the
+/// rng and legacy device work. It touches no file by name except to remove its
+/// own sockets on the way out; the file system calls live on the virtio-fs
+/// thread ([`fs_syscalls`]).
+fn vmm_syscalls() -> Vec<i64> {
+    let mut v = common();
+    v.extend(event_loop());
+    v.extend([
         // vsock: accept host connections, connect to <socket>_<port>.
         libc::SYS_accept4,
         libc::SYS_socket,
@@ -90,14 +104,24 @@ fn vmm_syscalls() -> Vec<i64> {
         libc::SYS_getsockopt,
         // vsock deadlines (connect and drain timeouts) re-arm a timerfd.
         libc::SYS_timerfd_settime,
-        // Removing the vsock socket on the way out.
+        // Removing the vsock and control sockets on the way out.
         libc::SYS_unlink,
         libc::SYS_unlinkat,
+        // std's set_nonblocking on accepted sockets is ioctl(FIONBIO).
         libc::SYS_ioctl,
-        // virtio-fs (the passthrough behind the jail, devices/virtio/fs):
-        // creating, reading and changing files inside the share. No
-        // name_to_handle_at/open_by_handle_at and no xattr calls: the jail
-        // refuses what would need them.
+    ]);
+    v
+}
+
+/// The virtio-fs thread: the passthrough behind the jail (devices/virtio/fs)
+/// creating, reading and changing files inside the share. No sockets, no
+/// ioctl (the jail turns FUSE ioctl off), no name_to_handle_at/open_by_handle_at
+/// and no xattr calls: the jail refuses what would need them.
+fn fs_syscalls() -> Vec<i64> {
+    let mut v = common();
+    v.extend(event_loop());
+    v.extend([
+        // Opening by name under the share's fds (and `/proc/self/fd/N` reopens).
         libc::SYS_openat,
         libc::SYS_getdents64,
         libc::SYS_readlinkat,
@@ -105,6 +129,7 @@ fn vmm_syscalls() -> Vec<i64> {
         libc::SYS_mknodat,
         libc::SYS_symlinkat,
         libc::SYS_linkat,
+        libc::SYS_unlinkat,
         libc::SYS_renameat2,
         libc::SYS_fchmod,
         libc::SYS_fchmodat,
@@ -121,6 +146,9 @@ fn vmm_syscalls() -> Vec<i64> {
         libc::SYS_pwrite64,
         libc::SYS_pwritev,
         libc::SYS_umask,
+        // Creating files as the guest's user: fuse-backend-rs switches this
+        // thread's credentials with the raw syscalls (per thread, unlike
+        // glibc's wrappers, which would signal every thread).
         libc::SYS_setresuid,
         libc::SYS_setresgid,
     ]);
@@ -160,6 +188,7 @@ fn build(which: &'static str, syscalls: Vec<i64>) -> Result<BpfProgram, SeccompE
 /// The compiled filters, built before any thread starts.
 pub struct Filters {
     pub vmm: BpfProgram,
+    pub fs: BpfProgram,
     pub vcpu: BpfProgram,
 }
 
@@ -167,6 +196,7 @@ impl Filters {
     pub fn new() -> Result<Self, SeccompError> {
         Ok(Filters {
             vmm: build("VMM", vmm_syscalls())?,
+            fs: build("virtio-fs", fs_syscalls())?,
             vcpu: build("vCPU", vcpu_syscalls())?,
         })
     }
@@ -230,6 +260,7 @@ mod tests {
     fn filters_compile() {
         let f = Filters::new().unwrap();
         assert!(!f.vmm.is_empty());
+        assert!(!f.fs.is_empty());
         assert!(!f.vcpu.is_empty());
     }
 
@@ -241,6 +272,73 @@ mod tests {
         }
         assert!(!vcpu_syscalls().contains(&libc::SYS_connect));
         assert!(!vmm.contains(&libc::SYS_execve));
+    }
+
+    #[test]
+    fn file_system_calls_are_on_the_fs_thread_only() {
+        let vmm = vmm_syscalls();
+        let fs = fs_syscalls();
+        for s in [
+            libc::SYS_openat,
+            libc::SYS_mknodat,
+            libc::SYS_linkat,
+            libc::SYS_symlinkat,
+            libc::SYS_renameat2,
+            libc::SYS_fchownat,
+            libc::SYS_setresuid,
+            libc::SYS_setresgid,
+            libc::SYS_pwrite64,
+        ] {
+            assert!(!vmm.contains(&s), "main loop allows fs-only call {s}");
+            assert!(fs.contains(&s), "fs thread lacks {s}");
+        }
+        // And the fs thread has no network.
+        for s in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_accept4,
+            libc::SYS_ioctl,
+        ] {
+            assert!(!fs.contains(&s), "fs thread allows {s}");
+        }
+        assert!(!fs.contains(&libc::SYS_execve));
+    }
+
+    #[test]
+    fn main_filter_denies_a_file_system_call() {
+        // In a child process, as below: the main filter installed, mknodat traps.
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "seccomp::tests::child_main_filter_mknodat",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("HUSK_SECCOMP_CHILD", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(DENIED_EXIT_STATUS), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("seccomp denied syscall {}\n", libc::SYS_mknodat)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    #[ignore = "run by main_filter_denies_a_file_system_call in a child process"]
+    fn child_main_filter_mknodat() {
+        if std::env::var_os("HUSK_SECCOMP_CHILD").is_none() {
+            return;
+        }
+        install_sigsys_handler().unwrap();
+        let f = build("test", vmm_syscalls()).unwrap();
+        apply("test", &f).unwrap();
+        // SAFETY: mknodat with a NUL-terminated path; it never reaches the
+        // kernel's file system code (the filter traps it).
+        unsafe { libc::mknodat(libc::AT_FDCWD, c"/nonexistent/x".as_ptr(), libc::S_IFIFO, 0) };
+        unreachable!("mknodat was allowed");
     }
 
     #[test]

@@ -361,9 +361,9 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
             .map_err(|source| VcpuError::Spawn { index, source })?;
     }
     if let Some(mut fs_em) = fs_em {
-        // The same filter as the main event loop, which holds the file
-        // system calls the passthrough makes.
-        let filter = filters.as_ref().map(|f| f.vmm.clone());
+        // Its own filter: the file system calls the passthrough makes,
+        // which the main loop's filter no longer has.
+        let filter = filters.as_ref().map(|f| f.fs.clone());
         let exit = exit.clone();
         std::thread::Builder::new()
             .name("virtio-fs".into())
