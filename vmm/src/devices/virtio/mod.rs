@@ -4,7 +4,8 @@
 //!   device status and interrupt status (virtio 1.2, section 4.2).
 //! - [`chain`]: the one place where descriptor chains from the guest are
 //!   validated; devices only see checked [`chain::Desc`] lists.
-//! - [`rng`], [`vsock`]: the devices.
+//! - [`state`]: the life cycle every device shares (inactive, active, broken).
+//! - [`rng`], [`vsock`], [`fs`]: the devices.
 //!
 //! A device that finds a malformed ring calls [`Interrupt::set_needs_reset`]: the
 //! transport then reports `DEVICE_NEEDS_RESET` in the status register and the
@@ -14,6 +15,7 @@ pub mod chain;
 pub mod fs;
 pub mod mmio;
 pub mod rng;
+pub mod state;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -9,15 +9,14 @@ use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::DescriptorChain;
 
 use super::defs::*;
 use super::jail::{FsConfig, Jail};
 use crate::devices::virtio::chain::{self, ChainError};
 use crate::devices::virtio::defs::F_VERSION_1;
-use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
-};
+use crate::devices::virtio::state::DeviceState;
+use crate::devices::virtio::{read_config_bytes, ActivateError, Activation, VirtioDevice};
 use crate::memory::GuestMemoryMmap;
 
 /// Why a share could not be set up.
@@ -59,12 +58,6 @@ enum RequestError {
     },
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-}
-
 /// virtio-fs sharing one host directory.
 pub struct Fs {
     tag: String,
@@ -73,8 +66,7 @@ pub struct Fs {
     /// The same file system the server holds, for `destroy` after a device reset.
     fs: Arc<Jail>,
     server: Server<Arc<Jail>>,
-    active: Option<Active>,
-    broken: bool,
+    state: DeviceState,
     /// A device reset happened: inodes and handles from the previous driver are
     /// dropped before the next request. Not done in `reset` itself, which runs on
     /// the vCPU thread whose seccomp filter has no file system calls.
@@ -128,8 +120,7 @@ impl Fs {
             config,
             server: Server::new(fs.clone()),
             fs,
-            active: None,
-            broken: false,
+            state: DeviceState::new(),
             stale: false,
             sizes: [HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE],
         })
@@ -231,27 +222,22 @@ impl Fs {
         Ok(written.min(writable) as u32)
     }
 
-    fn process_requests(&mut self, index: usize) -> Result<bool, RequestError> {
-        let Some(mut active) = self.active.take() else {
-            return Ok(false);
-        };
-        let result = (|| {
-            let mut used_any = false;
-            let Active { mem, queues, .. } = &mut active;
-            let queue = &mut queues[index];
-            while let Some(c) = chain::pop(queue, mem)? {
-                let head = c.head_index();
-                let len = self.handle(c, mem)?;
-                chain::add_used(queue, mem, head, len)?;
-                used_any = true;
-            }
-            Ok(used_any)
-        })();
-        if let Ok(true) = result {
-            active.interrupt.signal_used_queue();
-        }
-        self.active = Some(active);
-        result
+    fn process_requests(&mut self, index: usize) -> Result<(), RequestError> {
+        DeviceState::process(
+            self,
+            |d| &mut d.state,
+            |dev, active| {
+                let mut used_any = false;
+                let (mem, queue) = (&active.mem, &mut active.queues[index]);
+                while let Some(c) = chain::pop(queue, mem)? {
+                    let head = c.head_index();
+                    let len = dev.handle(c, mem)?;
+                    chain::add_used(queue, mem, head, len)?;
+                    used_any = true;
+                }
+                Ok(used_any)
+            },
+        )
     }
 }
 
@@ -277,26 +263,16 @@ impl VirtioDevice for Fs {
         if a.queues.len() != self.sizes.len() {
             return Err(ActivateError::BadQueue(a.queues.len()));
         }
-        if let Some(i) = a.queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::BadQueue(i));
-        }
-        self.active = Some(Active {
-            mem: a.mem,
-            queues: a.queues,
-            interrupt: a.interrupt,
-        });
-        self.broken = false;
-        Ok(())
+        self.state.activate(a, &[0, 1])
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        self.broken = false;
+        self.state.reset();
         self.stale = true;
     }
 
     fn process_queue(&mut self, index: usize) {
-        if index >= self.sizes.len() || self.broken || self.active.is_none() {
+        if index >= self.sizes.len() || self.state.is_broken() || !self.state.is_active() {
             return;
         }
         if self.stale {
@@ -307,10 +283,6 @@ impl VirtioDevice for Fs {
         }
         if let Err(e) = self.process_requests(index) {
             tracing::warn!(error = %e, queue = index, "virtio-fs: malformed queue; device needs reset");
-            self.broken = true;
-            if let Some(a) = &self.active {
-                a.interrupt.set_needs_reset();
-            }
         }
     }
 }

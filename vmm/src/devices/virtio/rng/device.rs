@@ -3,12 +3,12 @@
 use std::fs::File;
 use std::io::Read;
 
-use virtio_queue::Queue;
 use vm_memory::{Address, Bytes};
 
 use crate::devices::virtio::chain::{self, ChainError};
 use crate::devices::virtio::defs::{F_VERSION_1, TYPE_RNG};
-use crate::devices::virtio::{ActivateError, Activation, Interrupt, VirtioDevice};
+use crate::devices::virtio::state::DeviceState;
+use crate::devices::virtio::{ActivateError, Activation, VirtioDevice};
 use crate::memory::GuestMemoryMmap;
 
 /// The request queue's size.
@@ -19,17 +19,10 @@ const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 /// Chains longer than this (in bytes, summed) are malformed for this device.
 const MAX_CHAIN_BYTES: u64 = 1 << 32;
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: std::sync::Arc<Interrupt>,
-}
-
 /// virtio-rng.
 pub struct Rng {
     source: Box<dyn Read + Send>,
-    active: Option<Active>,
-    broken: bool,
+    state: DeviceState,
     sizes: [u16; 1],
 }
 
@@ -43,8 +36,7 @@ impl Rng {
     pub fn with_source(source: Box<dyn Read + Send>) -> Self {
         Rng {
             source,
-            active: None,
-            broken: false,
+            state: DeviceState::new(),
             sizes: [QUEUE_SIZE],
         }
     }
@@ -88,29 +80,26 @@ impl Rng {
         Ok(written)
     }
 
-    fn process_requests(&mut self) -> Result<bool, ChainError> {
-        let Some(mut active) = self.active.take() else {
-            return Ok(false);
-        };
-        let result = (|| {
-            let mut used_any = false;
-            while let Some(c) = chain::pop(&mut active.queue, &active.mem)? {
-                let head = c.head_index();
-                let descs = chain::collect(c, &active.mem, MAX_CHAIN_BYTES)?;
-                let len = self.fill(&descs, &active.mem).map_err(|e| match e {
-                    ChainError::WrongDirection { .. } => ChainError::WrongDirection { head },
-                    other => other,
-                })?;
-                chain::add_used(&mut active.queue, &active.mem, head, len)?;
-                used_any = true;
-            }
-            Ok(used_any)
-        })();
-        if let Ok(true) = result {
-            active.interrupt.signal_used_queue();
-        }
-        self.active = Some(active);
-        result
+    fn process_requests(&mut self) -> Result<(), ChainError> {
+        DeviceState::process(
+            self,
+            |d| &mut d.state,
+            |dev, active| {
+                let mut used_any = false;
+                let (mem, queue) = (&active.mem, &mut active.queues[0]);
+                while let Some(c) = chain::pop(queue, mem)? {
+                    let head = c.head_index();
+                    let descs = chain::collect(c, mem, MAX_CHAIN_BYTES)?;
+                    let len = dev.fill(&descs, mem).map_err(|e| match e {
+                        ChainError::WrongDirection { .. } => ChainError::WrongDirection { head },
+                        other => other,
+                    })?;
+                    chain::add_used(queue, mem, head, len)?;
+                    used_any = true;
+                }
+                Ok(used_any)
+            },
+        )
     }
 }
 
@@ -133,38 +122,19 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let queue = a
-            .queues
-            .into_iter()
-            .next()
-            .ok_or(ActivateError::BadQueue(0))?;
-        if !virtio_queue::QueueT::ready(&queue) {
-            return Err(ActivateError::BadQueue(0));
-        }
-        self.active = Some(Active {
-            mem: a.mem,
-            queue,
-            interrupt: a.interrupt,
-        });
-        self.broken = false;
-        Ok(())
+        self.state.activate(a, &[0])
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        self.broken = false;
+        self.state.reset();
     }
 
     fn process_queue(&mut self, index: usize) {
-        if index != 0 || self.broken {
+        if index != 0 {
             return;
         }
         if let Err(e) = self.process_requests() {
             tracing::warn!(error = %e, "virtio-rng: malformed request queue; device needs reset");
-            self.broken = true;
-            if let Some(a) = &self.active {
-                a.interrupt.set_needs_reset();
-            }
         }
     }
 }
@@ -173,7 +143,9 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::devices::virtio::chain::test_utils::*;
+    use crate::devices::virtio::Interrupt;
     use std::sync::Arc;
+    use virtio_queue::Queue;
     use virtio_queue::QueueT;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -201,7 +173,7 @@ mod tests {
     }
 
     fn used_len(rng: &Rng, mem: &GuestMemoryMmap, slot: u64) -> u32 {
-        let used = rng.active.as_ref().unwrap().queue.used_ring();
+        let used = rng.state.active().unwrap().queues[0].used_ring();
         mem.read_obj(GuestAddress(used + 4 + slot * 8 + 4)).unwrap()
     }
 
@@ -244,11 +216,11 @@ mod tests {
         let (mut rng, irq) = activated(&mem, q);
         rng.process_queue(0);
         assert!(irq.needs_reset(), "{descs:?}");
-        assert!(rng.broken);
+        assert!(rng.state.is_broken());
         // A broken device ignores further notifications until reset.
         rng.process_queue(0);
         rng.reset();
-        assert!(!rng.broken);
+        assert!(!rng.state.is_broken());
     }
 
     #[test]
@@ -293,6 +265,6 @@ mod tests {
         let (mut rng, irq) = activated(&mem, q);
         rng.process_queue(3);
         assert_eq!(irq.status(), 0);
-        assert_eq!(rng.active.as_ref().unwrap().queue.next_used(), 0);
+        assert_eq!(rng.state.active().unwrap().queues[0].next_used(), 0);
     }
 }

@@ -17,11 +17,10 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::QueueOwnedT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -30,10 +29,8 @@ use super::defs::*;
 use super::packet::{self, Header, TxPacket};
 use crate::devices::virtio::chain::{self, ChainError};
 use crate::devices::virtio::defs::{F_VERSION_1, TYPE_VSOCK};
-use crate::devices::virtio::{
-    ActivateError, Activation, Interrupt, VirtioDevice, EXTRA_EVENT_BASE,
-};
-use crate::memory::GuestMemoryMmap;
+use crate::devices::virtio::state::{ActiveQueues, DeviceState};
+use crate::devices::virtio::{ActivateError, Activation, VirtioDevice, EXTRA_EVENT_BASE};
 
 /// (host port, guest port).
 type Key = (u32, u32);
@@ -49,13 +46,6 @@ struct Pending {
 struct Draining {
     conn: Connection,
     deadline: Instant,
-}
-
-struct Active {
-    mem: GuestMemoryMmap,
-    rxq: Queue,
-    txq: Queue,
-    interrupt: Arc<Interrupt>,
 }
 
 /// Why processing stopped with the device broken.
@@ -85,8 +75,7 @@ pub struct Vsock {
     /// Control packets waiting for RX buffers.
     rx_ctrl: VecDeque<Header>,
     next_port: u32,
-    active: Option<Active>,
-    broken: bool,
+    state: DeviceState,
     sizes: [u16; 3],
     config: [u8; 8],
 }
@@ -130,8 +119,7 @@ impl Vsock {
             drain_timeout: DRAIN_TIMEOUT,
             rx_ctrl: VecDeque::new(),
             next_port: FIRST_HOST_PORT,
-            active: None,
-            broken: false,
+            state: DeviceState::new(),
             sizes: [QUEUE_SIZE; 3],
             config: guest_cid.to_le_bytes(),
         })
@@ -597,13 +585,13 @@ impl Vsock {
     }
 
     /// Fills guest RX buffers with control packets first, then stream data.
-    fn fill_rx(&mut self, a: &mut Active) -> Result<bool, Fault> {
+    fn fill_rx(&mut self, a: &mut ActiveQueues) -> Result<bool, Fault> {
         let mut used = false;
         loop {
             if self.rx_ctrl.is_empty() && !self.conns.values().any(|c| c.host_readable) {
                 return Ok(used);
             }
-            let Some(mut c) = chain::pop(&mut a.rxq, &a.mem)? else {
+            let Some(mut c) = chain::pop(&mut a.queues[RXQ], &a.mem)? else {
                 return Ok(used);
             };
             let head = c.head_index();
@@ -615,68 +603,55 @@ impl Vsock {
             };
             let Some((hdr, data)) = next else {
                 // Nothing could be sent after all (no credit): give the buffer back.
-                a.rxq.go_to_previous_position();
+                a.queues[RXQ].go_to_previous_position();
                 return Ok(used);
             };
             let len = packet::write_rx(&a.mem, &mut c, &hdr, &data)?;
-            chain::add_used(&mut a.rxq, &a.mem, head, len)?;
+            chain::add_used(&mut a.queues[RXQ], &a.mem, head, len)?;
             used = true;
         }
     }
 
     /// Handles guest TX packets; returns (any used, held back by a full control queue).
-    fn process_tx(&mut self, a: &mut Active) -> Result<(bool, bool), Fault> {
+    fn process_tx(&mut self, a: &mut ActiveQueues) -> Result<(bool, bool), Fault> {
         let mut used = false;
         loop {
             if self.rx_ctrl.len() >= MAX_PENDING_CTRL {
                 return Ok((used, true));
             }
-            let Some(mut c) = chain::pop(&mut a.txq, &a.mem)? else {
+            let Some(mut c) = chain::pop(&mut a.queues[TXQ], &a.mem)? else {
                 return Ok((used, false));
             };
             let head = c.head_index();
             chain::collect(c.clone(), &a.mem, u64::from(MAX_PKT_DATA) + 4096)?;
             let pkt = packet::parse_tx(&a.mem, &mut c)?;
-            chain::add_used(&mut a.txq, &a.mem, head, 0)?;
+            chain::add_used(&mut a.queues[TXQ], &a.mem, head, 0)?;
             used = true;
             self.on_tx(pkt);
         }
     }
 
-    /// Runs `f` against the active queues; a fault breaks the device.
-    fn with_active(&mut self, f: impl FnOnce(&mut Self, &mut Active) -> Result<bool, Fault>) {
-        if self.broken {
-            return;
-        }
-        let Some(mut a) = self.active.take() else {
-            return;
-        };
-        match f(self, &mut a) {
-            Ok(true) => a.interrupt.signal_used_queue(),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "virtio-vsock: malformed ring; device needs reset");
-                self.broken = true;
-                a.interrupt.set_needs_reset();
-            }
-        }
-        self.active = Some(a);
-    }
-
     fn pump(&mut self) {
-        self.with_active(|s, a| {
-            let mut any = false;
-            for _ in 0..MAX_PUMP_ROUNDS {
-                let (tx, held_back) = s.process_tx(a)?;
-                let rx = s.fill_rx(a)?;
-                any |= tx || rx;
-                // Only RX progress can release held-back TX work.
-                if !(held_back && rx) {
-                    break;
+        let r = DeviceState::process(
+            self,
+            |d| &mut d.state,
+            |s, a| {
+                let mut any = false;
+                for _ in 0..MAX_PUMP_ROUNDS {
+                    let (tx, held_back) = s.process_tx(a)?;
+                    let rx = s.fill_rx(a)?;
+                    any |= tx || rx;
+                    // Only RX progress can release held-back TX work.
+                    if !(held_back && rx) {
+                        break;
+                    }
                 }
-            }
-            Ok(any)
-        });
+                Ok::<_, Fault>(any)
+            },
+        );
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "virtio-vsock: malformed ring; device needs reset");
+        }
     }
 }
 
@@ -698,20 +673,9 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let mut queues = a.queues.into_iter();
-        let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::BadQueue(0));
-        };
-        if !rxq.ready() || !txq.ready() {
-            return Err(ActivateError::BadQueue(if rxq.ready() { TXQ } else { RXQ }));
-        }
-        self.active = Some(Active {
-            mem: a.mem,
-            rxq,
-            txq,
-            interrupt: a.interrupt,
-        });
-        self.broken = false;
+        // The event queue carries only transport-reset events, which we never
+        // send; it need not be ready.
+        self.state.activate(a, &[RXQ, TXQ])?;
         // No pump here: activation runs on the vCPU thread that wrote
         // DRIVER_OK, whose seccomp filter has no socket or epoll calls. The
         // driver kicks its RX queue as soon as it has posted buffers, and
@@ -729,8 +693,7 @@ impl VirtioDevice for Vsock {
         // device reset is no reason to drop the data they still hold for the
         // host, so they keep draining (under their deadline).
         self.rx_ctrl.clear();
-        self.active = None;
-        self.broken = false;
+        self.state.reset();
     }
 
     fn process_queue(&mut self, index: usize) {
@@ -778,7 +741,11 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
 mod tests {
     use super::*;
     use crate::devices::virtio::chain::test_utils::{desc, memory};
+    use crate::devices::virtio::Interrupt;
+    use crate::memory::GuestMemoryMmap;
+    use std::sync::Arc;
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -1266,7 +1233,7 @@ mod tests {
             // Broken: further work is refused until reset.
             rig.dev.process_queue(TXQ);
             rig.dev.reset();
-            assert!(!rig.dev.broken);
+            assert!(!rig.dev.state.is_broken());
         }
     }
 
