@@ -1,6 +1,6 @@
 //! Guest vsock traffic: arbitrary guest memory parsed as TX and RX descriptor
 //! chains and packets, first through the public parsing API
-//! (`chain::pop`/`collect`, `packet::parse_tx`/`rx_capacity`/`write_rx`), then
+//! (`chain::pop`/`validate`, `packet::parse_tx`/`rx_capacity`/`write_rx`), then
 //! through a whole activated vsock device processing its queues.
 //!
 //! Input: [tx queue size, rx queue size, rounds, rx payload length / 64,
@@ -33,17 +33,19 @@ fn parse_directly(mem: &GuestMemoryMmap, size: u16, addrs: (u64, u64, u64), payl
         let Ok(Some(c)) = chain::pop(&mut q, mem) else {
             return;
         };
-        // The device validates first; the parsers must also hold up on their own.
-        let _ = chain::collect(c.clone(), mem, u64::from(MAX_PKT_DATA) + 4096);
-        let _ = packet::parse_tx(mem, &mut c.clone());
-        let _ = packet::rx_capacity(mem, &c);
-        let hdr = Header {
-            src_cid: 2,
-            dst_cid: 3,
-            ..Default::default()
-        };
-        let _ = packet::write_rx(mem, &mut c.clone(), &hdr, payload);
-        let _ = chain::add_used(&mut q, mem, c.head_index(), 0);
+        // Validated once, as the device does; the parsers work on that alone.
+        let head = c.head_index();
+        if let Ok(v) = chain::validate(c, mem, u64::from(MAX_PKT_DATA) + 4096) {
+            let _ = packet::parse_tx(mem, &v);
+            let _ = packet::rx_capacity(&v);
+            let hdr = Header {
+                src_cid: 2,
+                dst_cid: 3,
+                ..Default::default()
+            };
+            let _ = packet::write_rx(mem, &v, &hdr, payload);
+        }
+        let _ = chain::add_used(&mut q, mem, head, 0);
     }
 }
 

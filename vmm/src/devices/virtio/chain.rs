@@ -6,12 +6,18 @@
 //! checks what the library does not: every buffer lies inside guest memory, no
 //! buffer is empty, readable buffers precede writable ones (virtio 2.7.4.2), and
 //! the total length stays within the device's limit.
+//!
+//! [`validate`] does that once and returns a [`ValidChain`]: the checked
+//! buffers copied out of the descriptor table, readable and writable parts
+//! apart. Devices read and write guest data through it ([`ChainReader`],
+//! [`ChainWriter`]) and never walk the descriptor table again, so a guest that
+//! rewrites a descriptor after validation changes nothing the device uses.
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::memory::GuestMemoryMmap;
 
@@ -47,6 +53,10 @@ pub enum ChainError {
     TooLong { head: u16, total: u64, max: u64 },
     #[error("writing the used ring failed")]
     UsedRing,
+    #[error("descriptor chain {head} holds fewer than the {need} bytes needed")]
+    TooShort { head: u16, need: u64 },
+    #[error("guest memory access in chain {head} at {addr:#x} failed")]
+    Access { head: u16, addr: u64 },
 }
 
 /// Pops the next chain, first checking that the driver did not claim more new
@@ -118,6 +128,191 @@ pub fn collect(
         return Err(ChainError::Unterminated { head });
     }
     Ok(out)
+}
+
+/// A descriptor chain validated once by [`validate`]: its buffers, copied out
+/// of the descriptor table, all inside guest memory and non-empty, readable
+/// ones first. What the guest writes to its descriptor table afterwards does
+/// not reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidChain {
+    head: u16,
+    /// Every buffer in chain order; `descs[..split]` are readable.
+    descs: Vec<Desc>,
+    split: usize,
+}
+
+impl ValidChain {
+    /// The head index (what goes back in the used ring).
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Every buffer, in chain order.
+    pub fn descs(&self) -> &[Desc] {
+        &self.descs
+    }
+
+    /// The device-readable buffers (the request).
+    pub fn readable(&self) -> &[Desc] {
+        &self.descs[..self.split]
+    }
+
+    /// The device-writable buffers (room for the reply).
+    pub fn writable(&self) -> &[Desc] {
+        &self.descs[self.split..]
+    }
+
+    pub fn readable_len(&self) -> u64 {
+        self.readable().iter().map(|d| u64::from(d.len)).sum()
+    }
+
+    pub fn writable_len(&self) -> u64 {
+        self.writable().iter().map(|d| u64::from(d.len)).sum()
+    }
+
+    /// Reads the readable part from its start.
+    pub fn reader<'a>(&'a self, mem: &'a GuestMemoryMmap) -> ChainReader<'a> {
+        ChainReader {
+            mem,
+            head: self.head,
+            bufs: self.readable(),
+            at: 0,
+            off: 0,
+        }
+    }
+
+    /// Writes the writable part from its start.
+    pub fn writer<'a>(&'a self, mem: &'a GuestMemoryMmap) -> ChainWriter<'a> {
+        ChainWriter {
+            mem,
+            head: self.head,
+            bufs: self.writable(),
+            at: 0,
+            off: 0,
+            written: 0,
+        }
+    }
+}
+
+/// Checks `chain` once (see [`collect`]) and keeps the result.
+pub fn validate(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    max_total: u64,
+) -> Result<ValidChain, ChainError> {
+    let head = chain.head_index();
+    let descs = collect(chain, mem, max_total)?;
+    let split = descs
+        .iter()
+        .position(|d| d.write_only)
+        .unwrap_or(descs.len());
+    Ok(ValidChain { head, descs, split })
+}
+
+/// Copies guest bytes out of a [`ValidChain`]'s readable buffers, in order.
+pub struct ChainReader<'a> {
+    mem: &'a GuestMemoryMmap,
+    head: u16,
+    bufs: &'a [Desc],
+    /// The current buffer and the offset in it.
+    at: usize,
+    off: u32,
+}
+
+impl ChainReader<'_> {
+    /// Bytes left to read.
+    pub fn remaining(&self) -> u64 {
+        self.bufs
+            .iter()
+            .skip(self.at)
+            .map(|d| u64::from(d.len))
+            .sum::<u64>()
+            - u64::from(self.off)
+    }
+
+    /// Fills `buf`, or fails (having consumed what was there) if the chain
+    /// holds fewer bytes.
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ChainError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let Some(d) = self.bufs.get(self.at) else {
+                return Err(ChainError::TooShort {
+                    head: self.head,
+                    need: buf.len() as u64,
+                });
+            };
+            let n = ((d.len - self.off) as usize).min(buf.len() - done);
+            let addr = d.addr.unchecked_add(u64::from(self.off));
+            self.mem
+                .read_slice(&mut buf[done..done + n], addr)
+                .map_err(|_| ChainError::Access {
+                    head: self.head,
+                    addr: addr.0,
+                })?;
+            done += n;
+            self.off += n as u32;
+            if self.off == d.len {
+                self.at += 1;
+                self.off = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies bytes into a [`ValidChain`]'s writable buffers, in order.
+pub struct ChainWriter<'a> {
+    mem: &'a GuestMemoryMmap,
+    head: u16,
+    bufs: &'a [Desc],
+    at: usize,
+    off: u32,
+    written: u32,
+}
+
+impl ChainWriter<'_> {
+    /// Room left.
+    pub fn available(&self) -> u64 {
+        self.bufs
+            .iter()
+            .skip(self.at)
+            .map(|d| u64::from(d.len))
+            .sum::<u64>()
+            - u64::from(self.off)
+    }
+
+    /// Bytes written so far (the used length).
+    pub fn written(&self) -> u32 {
+        self.written
+    }
+
+    /// Writes as much of `data` as fits; returns how much that was.
+    pub fn write(&mut self, data: &[u8]) -> Result<usize, ChainError> {
+        let mut done = 0;
+        while done < data.len() {
+            let Some(d) = self.bufs.get(self.at) else {
+                break;
+            };
+            let n = ((d.len - self.off) as usize).min(data.len() - done);
+            let addr = d.addr.unchecked_add(u64::from(self.off));
+            self.mem
+                .write_slice(&data[done..done + n], addr)
+                .map_err(|_| ChainError::Access {
+                    head: self.head,
+                    addr: addr.0,
+                })?;
+            done += n;
+            self.off += n as u32;
+            // A chain is bounded by its device's limit, far below u32::MAX.
+            self.written = self.written.saturating_add(n as u32);
+            if self.off == d.len {
+                self.at += 1;
+                self.off = 0;
+            }
+        }
+        Ok(done)
+    }
 }
 
 /// Returns a chain to the driver with `len` bytes written.
@@ -303,6 +498,51 @@ mod tests {
         let (vq, mut q) = queue(&mem);
         vq.avail().idx().store(u16::to_le(17));
         assert_eq!(pop(&mut q, &mem).unwrap_err(), ChainError::AvailIndex);
+    }
+
+    #[test]
+    fn a_valid_chain_is_split_and_owns_its_buffers() {
+        let mem = memory();
+        let (vq, mut q) = queue(&mem);
+        publish(
+            &vq,
+            &[
+                desc(0x8000, 3, false, Some(1)),
+                desc(0x9000, 5, false, Some(2)),
+                desc(0xa000, 4, true, Some(3)),
+                desc(0xb000, 4, true, None),
+            ],
+            &[0],
+        );
+        mem.write_slice(b"abc", GuestAddress(0x8000)).unwrap();
+        mem.write_slice(b"defgh", GuestAddress(0x9000)).unwrap();
+        let c = pop(&mut q, &mem).unwrap().unwrap();
+        let v = validate(c, &mem, 1 << 20).unwrap();
+        assert_eq!((v.readable().len(), v.writable().len()), (2, 2));
+        assert_eq!((v.readable_len(), v.writable_len()), (8, 8));
+        // The guest rewrites its table after validation: nothing changes.
+        vq.desc_table()
+            .store(2, desc(0x100, 0x8000, true, None))
+            .unwrap();
+        let mut r = v.reader(&mem);
+        let mut buf = [0u8; 6];
+        r.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"abcdef");
+        assert_eq!(r.remaining(), 2);
+        assert!(matches!(
+            r.read_exact(&mut buf),
+            Err(ChainError::TooShort { .. })
+        ));
+        let mut w = v.writer(&mem);
+        assert_eq!(w.write(b"0123456789").unwrap(), 8);
+        assert_eq!((w.written(), w.available()), (8, 0));
+        let mut got = [0u8; 4];
+        mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
+        assert_eq!(&got, b"0123");
+        mem.read_slice(&mut got, GuestAddress(0xb000)).unwrap();
+        assert_eq!(&got, b"4567");
+        mem.read_slice(&mut got, GuestAddress(0x100)).unwrap();
+        assert_eq!(got, [0; 4], "the rewritten descriptor is never used");
     }
 
     #[test]

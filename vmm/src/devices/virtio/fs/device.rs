@@ -10,6 +10,7 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue::DescriptorChain;
+use vm_memory::ByteValued;
 
 use super::defs::*;
 use super::jail::{FsConfig, Jail};
@@ -50,6 +51,8 @@ enum RequestError {
     Chain(#[from] ChainError),
     #[error("request {head} has {len} readable bytes, less than a FUSE header")]
     ShortHeader { head: u16, len: u64 },
+    #[error("request {head}: the descriptor table changed after validation")]
+    Changed { head: u16 },
     #[error("request {head}: {source}")]
     Transport {
         head: u16,
@@ -141,17 +144,11 @@ impl Fs {
         c: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> Result<u32, RequestError> {
-        let head = c.head_index();
-        // Every buffer inside guest memory, readable before writable, bounded total.
-        let descs = chain::collect(c.clone(), mem, MAX_CHAIN_BYTES)?;
-        let sum = |w: bool| -> u64 {
-            descs
-                .iter()
-                .filter(|d| d.write_only == w)
-                .map(|d| u64::from(d.len))
-                .sum()
-        };
-        let (readable, writable) = (sum(false), sum(true));
+        // Every buffer inside guest memory, readable before writable, bounded
+        // total, copied out of the descriptor table once.
+        let req = chain::validate(c.clone(), mem, MAX_CHAIN_BYTES)?;
+        let head = req.head();
+        let (readable, writable) = (req.readable_len(), req.writable_len());
         if readable < IN_HEADER_LEN as u64 {
             return Err(RequestError::ShortHeader {
                 head,
@@ -163,14 +160,25 @@ impl Fs {
             source: io::Error::other(e),
         };
 
-        // Our own look at the header: to know which requests want no reply, and
-        // the `unique` to answer with when the server gives up on a request.
-        let mut peek = Reader::from_descriptor_chain(mem, c.clone()).map_err(transport)?;
-        let in_header: InHeader = peek
-            .read_obj()
-            .map_err(|source| RequestError::Transport { head, source })?;
+        // Our own look at the header, from the validated chain: to know which
+        // requests want no reply, and the `unique` to answer with when the
+        // server gives up on a request.
+        let mut in_header = InHeader::default();
+        req.reader(mem).read_exact(in_header.as_mut_slice())?;
+
+        // fuse-backend-rs's Reader and Writer can only be built from a
+        // DescriptorChain, so this is the one place the table is walked again
+        // (once each). Both copy their buffer list at construction and never
+        // walk it after, and map each buffer inside guest memory themselves;
+        // a guest that rewrote its table since `validate` is caught by the
+        // lengths, which must be the validated ones.
         let reader = Reader::from_descriptor_chain(mem, c.clone()).map_err(transport)?;
-        let writer = VirtioFsWriter::new(mem, c.clone()).map_err(transport)?;
+        let writer = VirtioFsWriter::new(mem, c).map_err(transport)?;
+        if reader.available_bytes() as u64 != readable
+            || writer.available_bytes() as u64 != writable
+        {
+            return Err(RequestError::Changed { head });
+        }
 
         let written = match self
             .server
@@ -211,9 +219,7 @@ impl Fs {
                     error: -errno,
                     unique: in_header.unique,
                 };
-                let mut w = VirtioFsWriter::new(mem, c).map_err(transport)?;
-                w.write_obj(out)
-                    .map_err(|source| RequestError::Transport { head, source })?;
+                req.writer(mem).write(out.as_slice())?;
                 OUT_HEADER_LEN as u64
             }
         };

@@ -3,9 +3,7 @@
 use std::fs::File;
 use std::io::Read;
 
-use vm_memory::{Address, Bytes};
-
-use crate::devices::virtio::chain::{self, ChainError};
+use crate::devices::virtio::chain::{self, ChainError, ValidChain};
 use crate::devices::virtio::defs::{F_VERSION_1, TYPE_RNG};
 use crate::devices::virtio::state::DeviceState;
 use crate::devices::virtio::{ActivateError, Activation, VirtioDevice};
@@ -42,42 +40,24 @@ impl Rng {
     }
 
     /// Fills one validated request; returns the bytes written.
-    fn fill(&mut self, descs: &[chain::Desc], mem: &GuestMemoryMmap) -> Result<u32, ChainError> {
-        let mut budget = MAX_BYTES_PER_REQUEST;
-        let mut written = 0u32;
-        let mut buf = vec![0u8; 4096];
-        for d in descs {
-            if !d.write_only {
-                return Err(ChainError::WrongDirection { head: 0 });
-            }
-            let mut off = 0u32;
-            while off < d.len && budget > 0 {
-                let n = (d.len - off).min(budget).min(buf.len() as u32) as usize;
-                if let Err(e) = self.source.read_exact(&mut buf[..n]) {
-                    // Host entropy is gone: return what we have rather than fake bytes.
-                    tracing::error!(error = %e, "reading host entropy failed");
-                    return Ok(written);
-                }
-                let addr = d
-                    .addr
-                    .checked_add(u64::from(off))
-                    .ok_or(ChainError::OutOfRange {
-                        head: 0,
-                        addr: d.addr.0,
-                        len: d.len,
-                    })?;
-                mem.write_slice(&buf[..n], addr)
-                    .map_err(|_| ChainError::OutOfRange {
-                        head: 0,
-                        addr: d.addr.0,
-                        len: d.len,
-                    })?;
-                off += n as u32;
-                budget -= n as u32;
-                written += n as u32;
-            }
+    fn fill(&mut self, req: &ValidChain, mem: &GuestMemoryMmap) -> Result<u32, ChainError> {
+        if !req.readable().is_empty() {
+            return Err(ChainError::WrongDirection { head: req.head() });
         }
-        Ok(written)
+        let mut w = req.writer(mem);
+        let mut budget = MAX_BYTES_PER_REQUEST as usize;
+        let mut buf = vec![0u8; 4096];
+        while budget > 0 && w.available() > 0 {
+            let n = (w.available().min(budget as u64) as usize).min(buf.len());
+            if let Err(e) = self.source.read_exact(&mut buf[..n]) {
+                // Host entropy is gone: return what we have rather than fake bytes.
+                tracing::error!(error = %e, "reading host entropy failed");
+                break;
+            }
+            w.write(&buf[..n])?;
+            budget -= n;
+        }
+        Ok(w.written())
     }
 
     fn process_requests(&mut self) -> Result<(), ChainError> {
@@ -88,13 +68,9 @@ impl Rng {
                 let mut used_any = false;
                 let (mem, queue) = (&active.mem, &mut active.queues[0]);
                 while let Some(c) = chain::pop(queue, mem)? {
-                    let head = c.head_index();
-                    let descs = chain::collect(c, mem, MAX_CHAIN_BYTES)?;
-                    let len = dev.fill(&descs, mem).map_err(|e| match e {
-                        ChainError::WrongDirection { .. } => ChainError::WrongDirection { head },
-                        other => other,
-                    })?;
-                    chain::add_used(queue, mem, head, len)?;
+                    let req = chain::validate(c, mem, MAX_CHAIN_BYTES)?;
+                    let len = dev.fill(&req, mem)?;
+                    chain::add_used(queue, mem, req.head(), len)?;
                     used_any = true;
                 }
                 Ok(used_any)
@@ -147,6 +123,7 @@ mod tests {
     use std::sync::Arc;
     use virtio_queue::Queue;
     use virtio_queue::QueueT;
+    use vm_memory::Bytes;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -591,12 +591,12 @@ impl Vsock {
             if self.rx_ctrl.is_empty() && !self.conns.values().any(|c| c.host_readable) {
                 return Ok(used);
             }
-            let Some(mut c) = chain::pop(&mut a.queues[RXQ], &a.mem)? else {
+            let Some(c) = chain::pop(&mut a.queues[RXQ], &a.mem)? else {
                 return Ok(used);
             };
-            let head = c.head_index();
-            chain::collect(c.clone(), &a.mem, u64::from(MAX_PKT_DATA) + 4096)?;
-            let room = packet::rx_capacity(&a.mem, &c)?;
+            let c = chain::validate(c, &a.mem, u64::from(MAX_PKT_DATA) + 4096)?;
+            let buf = packet::RxBuffer::new(&c)?;
+            let room = buf.capacity();
             let next = match self.rx_ctrl.pop_front() {
                 Some(h) => Some((h, Vec::new())),
                 None => self.next_data(room),
@@ -606,8 +606,8 @@ impl Vsock {
                 a.queues[RXQ].go_to_previous_position();
                 return Ok(used);
             };
-            let len = packet::write_rx(&a.mem, &mut c, &hdr, &data)?;
-            chain::add_used(&mut a.queues[RXQ], &a.mem, head, len)?;
+            let len = buf.write(&a.mem, &hdr, &data)?;
+            chain::add_used(&mut a.queues[RXQ], &a.mem, c.head(), len)?;
             used = true;
         }
     }
@@ -619,13 +619,12 @@ impl Vsock {
             if self.rx_ctrl.len() >= MAX_PENDING_CTRL {
                 return Ok((used, true));
             }
-            let Some(mut c) = chain::pop(&mut a.queues[TXQ], &a.mem)? else {
+            let Some(c) = chain::pop(&mut a.queues[TXQ], &a.mem)? else {
                 return Ok((used, false));
             };
-            let head = c.head_index();
-            chain::collect(c.clone(), &a.mem, u64::from(MAX_PKT_DATA) + 4096)?;
-            let pkt = packet::parse_tx(&a.mem, &mut c)?;
-            chain::add_used(&mut a.queues[TXQ], &a.mem, head, 0)?;
+            let c = chain::validate(c, &a.mem, u64::from(MAX_PKT_DATA) + 4096)?;
+            let pkt = packet::parse_tx(&a.mem, &c)?;
+            chain::add_used(&mut a.queues[TXQ], &a.mem, c.head(), 0)?;
             used = true;
             self.on_tx(pkt);
         }

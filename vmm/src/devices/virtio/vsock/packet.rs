@@ -1,11 +1,14 @@
-//! Packets: guest TX chains parsed (with virtio-vsock) into a typed, owned
-//! [`TxPacket`] once; RX headers built from a typed [`Header`].
+//! Packets: guest TX chains, validated once (`chain::validate`), parsed into a
+//! typed, owned [`TxPacket`]; RX packets written into a validated chain from a
+//! typed [`Header`]. Only the validated buffers are used: the descriptor table
+//! is never read again. The buffer layout rules are virtio-vsock's (0.11),
+//! which parsed these chains before and which the Linux driver follows.
 
-use virtio_queue::DescriptorChain;
-use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::Bytes;
+use virtio_vsock::packet::PKT_HEADER_SIZE;
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::defs::*;
+use crate::devices::virtio::chain::ValidChain;
 use crate::memory::GuestMemoryMmap;
 
 /// A packet header (struct virtio_vsock_hdr), host byte order.
@@ -66,77 +69,175 @@ pub struct TxPacket {
 #[error("malformed vsock TX packet: {0}")]
 pub struct ParseError(pub String);
 
-/// Parses a TX chain (already validated by `chain::collect`).
-pub fn parse_tx(
-    mem: &GuestMemoryMmap,
-    chain: &mut DescriptorChain<&GuestMemoryMmap>,
-) -> Result<TxPacket, ParseError> {
-    let pkt = VsockPacket::from_tx_virtq_chain(mem, chain, MAX_PKT_DATA)
-        .map_err(|e| ParseError(format!("{e:?}")))?;
-    let hdr = Header {
-        src_cid: pkt.src_cid(),
-        dst_cid: pkt.dst_cid(),
-        src_port: pkt.src_port(),
-        dst_port: pkt.dst_port(),
-        len: pkt.len(),
-        type_: pkt.type_(),
-        op: pkt.op(),
-        flags: pkt.flags(),
-        buf_alloc: pkt.buf_alloc(),
-        fwd_cnt: pkt.fwd_cnt(),
+/// The header size on the wire (struct virtio_vsock_hdr).
+pub const HEADER_SIZE: usize = PKT_HEADER_SIZE;
+
+impl Header {
+    /// Reads the 44-byte little-endian wire form.
+    pub fn from_bytes(b: &[u8; PKT_HEADER_SIZE]) -> Header {
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
+        Header {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+}
+
+fn read(mem: &GuestMemoryMmap, addr: GuestAddress, buf: &mut [u8]) -> Result<(), ParseError> {
+    mem.read_slice(buf, addr)
+        .map_err(|e| ParseError(format!("reading guest memory: {e}")))
+}
+
+/// Parses a TX chain validated by `chain::validate`, with the buffer layout
+/// the Linux driver (and virtio-vsock's `from_tx_virtq_chain`) uses: the
+/// header at the start of the first, readable, buffer; the data after it when
+/// that is the only buffer, else at the start of the second.
+pub fn parse_tx(mem: &GuestMemoryMmap, chain: &ValidChain) -> Result<TxPacket, ParseError> {
+    let descs = chain.descs();
+    let first = descs
+        .first()
+        .ok_or_else(|| ParseError("empty chain".into()))?;
+    if first.write_only {
+        return Err(ParseError("TX header in a write-only buffer".into()));
+    }
+    if (first.len as usize) < PKT_HEADER_SIZE {
+        return Err(ParseError("TX header buffer too small".into()));
+    }
+    let mut raw = [0u8; PKT_HEADER_SIZE];
+    read(mem, first.addr, &mut raw)?;
+    let hdr = Header::from_bytes(&raw);
+    if hdr.len == 0 {
+        return Ok(TxPacket {
+            hdr,
+            data: Vec::new(),
+        });
+    }
+    if hdr.len > MAX_PKT_DATA {
+        return Err(ParseError(format!("header len {} too large", hdr.len)));
+    }
+    // Where the data lies (checked for every packet with a length, as before;
+    // copied only for RW, the one op that carries data).
+    let at = if descs.len() == 1 && first.len - PKT_HEADER_SIZE as u32 >= hdr.len {
+        // `validate` checked the whole buffer is inside guest memory.
+        first.addr.unchecked_add(PKT_HEADER_SIZE as u64)
+    } else {
+        let data = descs
+            .get(1)
+            .ok_or_else(|| ParseError("TX chain too short for its data".into()))?;
+        if data.write_only {
+            return Err(ParseError("TX data in a write-only buffer".into()));
+        }
+        if data.len < hdr.len {
+            return Err(ParseError("TX data buffer too small".into()));
+        }
+        data.addr
     };
     let mut data = Vec::new();
-    if hdr.op == OP_RW && hdr.len > 0 {
-        let slice = pkt
-            .data_slice()
-            .ok_or_else(|| ParseError("RW packet without data".into()))?;
-        // virtio-vsock bounded the slice by the header's len, itself at most MAX_PKT_DATA.
+    if hdr.op == OP_RW {
         data = vec![0u8; hdr.len as usize];
-        slice
-            .read_slice(&mut data, 0)
-            .map_err(|e| ParseError(format!("reading packet data: {e}")))?;
+        read(mem, at, &mut data)?;
     }
     Ok(TxPacket { hdr, data })
 }
 
-/// Writes `hdr` and `data` into an RX chain; returns the used length.
-/// `data` must fit the chain's data buffer (the caller sized it with [`rx_capacity`]).
-pub fn write_rx(
-    mem: &GuestMemoryMmap,
-    chain: &mut DescriptorChain<&GuestMemoryMmap>,
-    hdr: &Header,
-    data: &[u8],
-) -> Result<u32, ParseError> {
-    let pkt = VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA)
-        .map_err(|e| ParseError(format!("{e:?}")))?;
-    let mut hdr = *hdr;
-    hdr.len = data.len() as u32;
-    pkt.header_slice()
-        .write_slice(&hdr.to_bytes(), 0)
-        .map_err(|e| ParseError(format!("writing header: {e}")))?;
-    if !data.is_empty() {
-        let slice = pkt
-            .data_slice()
-            .ok_or_else(|| ParseError("RX chain without data buffer".into()))?;
-        if slice.len() < data.len() {
+/// Where a guest RX chain takes a packet (the layout of virtio-vsock's
+/// `from_rx_virtq_chain`): the header at the start of the first, writable,
+/// buffer; the data after it when that is the only buffer, else the whole
+/// second buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct RxBuffer {
+    header: GuestAddress,
+    data: GuestAddress,
+    capacity: u32,
+}
+
+impl RxBuffer {
+    pub fn new(chain: &ValidChain) -> Result<RxBuffer, ParseError> {
+        let descs = chain.descs();
+        let first = descs
+            .first()
+            .ok_or_else(|| ParseError("empty chain".into()))?;
+        if !first.write_only {
+            return Err(ParseError("RX header in a read-only buffer".into()));
+        }
+        if (first.len as usize) < PKT_HEADER_SIZE {
+            return Err(ParseError("RX header buffer too small".into()));
+        }
+        let (data, capacity) = if descs.len() == 1 && first.len as usize > PKT_HEADER_SIZE {
+            (
+                first.addr.unchecked_add(PKT_HEADER_SIZE as u64),
+                first.len - PKT_HEADER_SIZE as u32,
+            )
+        } else {
+            let d = descs
+                .get(1)
+                .ok_or_else(|| ParseError("RX chain without data buffer".into()))?;
+            if !d.write_only {
+                return Err(ParseError("RX data in a read-only buffer".into()));
+            }
+            if d.len > MAX_PKT_DATA {
+                return Err(ParseError("RX data buffer too long".into()));
+            }
+            (d.addr, d.len)
+        };
+        Ok(RxBuffer {
+            header: first.addr,
+            data,
+            capacity,
+        })
+    }
+
+    /// How many payload bytes it takes.
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+
+    /// Writes `hdr` (with `len` set to the data's) and `data`; returns the used
+    /// length. `data` must fit [`RxBuffer::capacity`].
+    pub fn write(
+        &self,
+        mem: &GuestMemoryMmap,
+        hdr: &Header,
+        data: &[u8],
+    ) -> Result<u32, ParseError> {
+        if data.len() > self.capacity() {
             return Err(ParseError("RX data buffer too small".into()));
         }
-        slice
-            .write_slice(data, 0)
-            .map_err(|e| ParseError(format!("writing data: {e}")))?;
+        let mut hdr = *hdr;
+        hdr.len = data.len() as u32;
+        mem.write_slice(&hdr.to_bytes(), self.header)
+            .map_err(|e| ParseError(format!("writing header: {e}")))?;
+        if !data.is_empty() {
+            mem.write_slice(data, self.data)
+                .map_err(|e| ParseError(format!("writing data: {e}")))?;
+        }
+        Ok(PKT_HEADER_SIZE as u32 + data.len() as u32)
     }
-    Ok(PKT_HEADER_SIZE as u32 + data.len() as u32)
 }
 
 /// How many payload bytes an RX chain can take.
-pub fn rx_capacity(
+pub fn rx_capacity(chain: &ValidChain) -> Result<usize, ParseError> {
+    Ok(RxBuffer::new(chain)?.capacity())
+}
+
+/// Writes `hdr` and `data` into an RX chain; returns the used length.
+pub fn write_rx(
     mem: &GuestMemoryMmap,
-    chain: &DescriptorChain<&GuestMemoryMmap>,
-) -> Result<usize, ParseError> {
-    let mut c = chain.clone();
-    let pkt = VsockPacket::from_rx_virtq_chain(mem, &mut c, MAX_PKT_DATA)
-        .map_err(|e| ParseError(format!("{e:?}")))?;
-    Ok(pkt.data_slice().map_or(0, |s| s.len()))
+    chain: &ValidChain,
+    hdr: &Header,
+    data: &[u8],
+) -> Result<u32, ParseError> {
+    RxBuffer::new(chain)?.write(mem, hdr, data)
 }
 
 #[cfg(test)]
@@ -159,6 +260,7 @@ mod tests {
         };
         let b = h.to_bytes();
         assert_eq!(b.len(), 44);
+        assert_eq!(Header::from_bytes(&b), h);
         assert_eq!(&b[16..20], &[0x44, 0x33, 0x22, 0x11]);
         assert_eq!(u16::from_le_bytes([b[30], b[31]]), OP_RW);
         assert_eq!(u32::from_le_bytes(b[40..44].try_into().unwrap()), 7);
