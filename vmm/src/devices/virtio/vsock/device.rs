@@ -1,52 +1,23 @@
-//! The vsock device: its three queues, the host listener and the connection mux.
-//!
-//! Host sockets live in the device's own epoll set (edge-triggered for
-//! connections), whose fd is one event source of the VMM loop. That lets TX
-//! processing open connections (guest REQUESTs) without reaching back into the
-//! event loop. A timerfd in the same set wakes the device for its deadlines:
-//! host clients that never finish `CONNECT`, guests that never answer a
-//! host-initiated REQUEST, and closed streams still draining to a slow host.
-//!
-//! Closing: when the guest shuts a stream down completely, the guest side ends
-//! at once (RST), but guest data still buffered for the host is written out
-//! first (the stream moves to `draining`), so output the guest sent before it
-//! closed is never silently lost.
+//! The vsock device: its three queues and guest memory, generic over the host
+//! side ([`VsockBackend`]; [`UnixMuxer`] in a VM). The device validates each
+//! chain once, parses TX packets into owned values for the backend, and fills
+//! RX buffers with what the backend has for the guest.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use event_manager::{EventOps, Events};
 use virtio_queue::QueueOwnedT;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::timerfd::TimerFd;
+use vmm_sys_util::epoll::EventSet;
 
-use super::connection::{Connection, State};
+use super::backend::VsockBackend;
 use super::defs::*;
-use super::packet::{self, Header, TxPacket};
+use super::muxer::UnixMuxer;
+use super::packet;
 use crate::devices::virtio::chain::{self, ChainError};
 use crate::devices::virtio::defs::{F_VERSION_1, TYPE_VSOCK};
 use crate::devices::virtio::state::{ActiveQueues, DeviceState};
 use crate::devices::virtio::{ActivateError, Activation, VirtioDevice, EXTRA_EVENT_BASE};
-
-/// (host port, guest port).
-type Key = (u32, u32);
-
-/// A host connection that has not finished its `CONNECT <port>\n` line.
-struct Pending {
-    stream: UnixStream,
-    line: Vec<u8>,
-    deadline: Instant,
-}
-
-/// A stream the guest has closed whose host socket still has guest data to write.
-struct Draining {
-    conn: Connection,
-    deadline: Instant,
-}
 
 /// Why processing stopped with the device broken.
 #[derive(Debug, thiserror::Error)]
@@ -57,538 +28,53 @@ enum Fault {
     Packet(#[from] packet::ParseError),
 }
 
-/// virtio-vsock with a Unix-socket host side.
-pub struct Vsock {
-    guest_cid: u64,
-    socket_path: PathBuf,
-    listener: UnixListener,
-    epoll: Epoll,
-    conns: HashMap<Key, Connection>,
-    by_fd: HashMap<RawFd, Key>,
-    pending: HashMap<RawFd, Pending>,
-    draining: HashMap<RawFd, Draining>,
-    /// Wakes the device at the earliest deadline (see [`Vsock::rearm_timer`]).
-    timer: TimerFd,
-    timer_deadline: Option<Instant>,
-    connect_timeout: Duration,
-    drain_timeout: Duration,
-    /// Control packets waiting for RX buffers.
-    rx_ctrl: VecDeque<Header>,
-    next_port: u32,
+/// virtio-vsock over a host-side backend.
+pub struct Vsock<B: VsockBackend = UnixMuxer> {
+    pub(super) backend: B,
     state: DeviceState,
     sizes: [u16; 3],
     config: [u8; 8],
 }
 
-const LISTENER_TOKEN: u64 = u64::MAX;
-const TIMER_TOKEN: u64 = u64::MAX - 1;
-
-impl Vsock {
+impl Vsock<UnixMuxer> {
     /// Listens on `socket_path` (replacing a stale socket file) for the guest `guest_cid`.
     pub fn new(guest_cid: u64, socket_path: &Path) -> std::io::Result<Self> {
-        match std::fs::remove_file(socket_path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = UnixListener::bind(socket_path)?;
-        listener.set_nonblocking(true)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-        )?;
-        let timer = TimerFd::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            timer.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TIMER_TOKEN),
-        )?;
-        Ok(Vsock {
+        Ok(Self::with_backend(
             guest_cid,
-            socket_path: socket_path.to_path_buf(),
-            listener,
-            epoll,
-            conns: HashMap::new(),
-            by_fd: HashMap::new(),
-            pending: HashMap::new(),
-            draining: HashMap::new(),
-            timer,
-            timer_deadline: None,
-            connect_timeout: CONNECT_TIMEOUT,
-            drain_timeout: DRAIN_TIMEOUT,
-            rx_ctrl: VecDeque::new(),
-            next_port: FIRST_HOST_PORT,
-            state: DeviceState::new(),
-            sizes: [QUEUE_SIZE; 3],
-            config: guest_cid.to_le_bytes(),
-        })
+            UnixMuxer::new(guest_cid, socket_path)?,
+        ))
     }
 
     pub fn socket_path(&self) -> &Path {
-        &self.socket_path
+        self.backend.socket_path()
     }
 
     /// Overrides [`CONNECT_TIMEOUT`] and [`DRAIN_TIMEOUT`] (tests use short ones).
     pub fn set_timeouts(&mut self, connect: Duration, drain: Duration) {
-        self.connect_timeout = connect;
-        self.drain_timeout = drain;
+        self.backend.set_timeouts(connect, drain);
     }
+}
 
-    fn watch(&self, fd: RawFd, events: EventSet) {
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(events, fd as u64),
-        ) {
-            tracing::warn!(error = %e, "vsock: watching a host socket failed");
-        }
-    }
-
-    fn unwatch(&self, fd: RawFd) {
-        let _ = self
-            .epoll
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-    }
-
-    fn add_conn(&mut self, conn: Connection) {
-        let fd = conn.stream.as_raw_fd();
-        let key = (conn.local_port, conn.peer_port);
-        self.watch(
-            fd,
-            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
-        );
-        self.by_fd.insert(fd, key);
-        self.conns.insert(key, conn);
-    }
-
-    fn remove_conn(&mut self, key: Key) -> Option<Connection> {
-        let conn = self.conns.remove(&key)?;
-        let fd = conn.stream.as_raw_fd();
-        self.unwatch(fd);
-        self.by_fd.remove(&fd);
-        Some(conn)
-    }
-
-    /// Resets `key` towards the guest and forgets it.
-    fn reset_conn(&mut self, key: Key) {
-        if let Some(mut c) = self.remove_conn(key) {
-            let h = c.header(self.guest_cid, OP_RST, 0);
-            self.rx_ctrl.push_back(h);
+impl<B: VsockBackend> Vsock<B> {
+    /// The device for the guest `guest_cid` with `backend` as its host side.
+    pub fn with_backend(guest_cid: u64, backend: B) -> Self {
+        Vsock {
+            backend,
+            state: DeviceState::new(),
+            sizes: [QUEUE_SIZE; 3],
+            config: guest_cid.to_le_bytes(),
         }
     }
 
-    /// Ends `key` towards the guest with a RST (the answer to its full
-    /// SHUTDOWN), and keeps the host socket only until the guest data buffered
-    /// for it is written, then closes it after a write-side shutdown.
-    fn close_conn(&mut self, key: Key) {
-        let Some(mut c) = self.conns.remove(&key) else {
-            return;
-        };
-        let fd = c.stream.as_raw_fd();
-        self.by_fd.remove(&fd);
-        let h = c.header(self.guest_cid, OP_RST, 0);
-        self.rx_ctrl.push_back(h);
-        c.peer_shut_send = true;
-        if c.flush_tx() && c.tx_pending() > 0 {
-            // Stays in the epoll set; EPOLLOUT continues the flush.
-            tracing::debug!(
-                ?key,
-                pending = c.tx_pending(),
-                "vsock: draining a closed stream"
-            );
-            let deadline = Instant::now() + self.drain_timeout;
-            self.draining.insert(fd, Draining { conn: c, deadline });
-            return;
-        }
-        c.shut_host_write_if_done();
-        self.unwatch(fd);
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
-    /// The host socket of a closed stream can take more.
-    fn drain(&mut self, fd: RawFd) {
-        let Some(d) = self.draining.get_mut(&fd) else {
-            return;
-        };
-        let ok = d.conn.flush_tx();
-        if ok && d.conn.tx_pending() > 0 {
-            return;
-        }
-        if let Some(mut d) = self.draining.remove(&fd) {
-            if !ok {
-                tracing::debug!(
-                    lost = d.conn.tx_pending(),
-                    "vsock: host went away while a closed stream drained"
-                );
-            }
-            d.conn.shut_host_write_if_done();
-            self.unwatch(fd);
-        }
-    }
-
-    /// The earliest deadline of anything waiting.
-    fn next_deadline(&self) -> Option<Instant> {
-        let pending = self.pending.values().map(|p| p.deadline);
-        let connects = self.conns.values().filter_map(|c| c.connect_deadline);
-        let drains = self.draining.values().map(|d| d.deadline);
-        pending.chain(connects).chain(drains).min()
-    }
-
-    /// Points the timerfd at the earliest deadline (or disarms it). Setting a
-    /// timerfd also resets its expiration count (timerfd_create(2)), so the
-    /// level-triggered epoll entry goes quiet without a read that could block.
-    fn rearm_timer(&mut self) {
-        let next = self.next_deadline();
-        if next == self.timer_deadline {
-            return;
-        }
-        let r = match next {
-            // A zero duration would disarm; a deadline already past fires in 1 ms.
-            Some(at) => {
-                let d = at.saturating_duration_since(Instant::now());
-                self.timer.reset(d.max(Duration::from_millis(1)), None)
-            }
-            None => self.timer.clear(),
-        };
-        match r {
-            Ok(()) => self.timer_deadline = next,
-            Err(e) => tracing::error!(error = %e, "vsock: setting the deadline timer failed"),
-        }
-    }
-
-    /// Ends everything whose deadline is at or before `now`.
-    fn expire(&mut self, now: Instant) {
-        self.timer_deadline = None; // the timer fired (or is about to be re-set)
-        let stale: Vec<RawFd> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(fd, _)| *fd)
-            .collect();
-        for fd in stale {
-            tracing::debug!("vsock: host client did not finish CONNECT in time");
-            self.unwatch(fd);
-            self.pending.remove(&fd);
-        }
-        let stale: Vec<Key> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.state == State::LocalInit)
-            .filter(|(_, c)| c.connect_deadline.is_some_and(|d| d <= now))
-            .map(|(k, _)| *k)
-            .collect();
-        for key in stale {
-            tracing::warn!(
-                guest_port = key.1,
-                "vsock: the guest did not answer a host connection in time; closing it"
-            );
-            // If the REQUEST never left (no RX buffers), it is withdrawn; else
-            // the RST tells the guest to forget a late half-open connection.
-            let before = self.rx_ctrl.len();
-            self.rx_ctrl
-                .retain(|h| (h.src_port, h.dst_port) != (key.0, key.1));
-            if self.rx_ctrl.len() == before {
-                self.reset_conn(key);
-            } else {
-                self.remove_conn(key);
-            }
-        }
-        let stale: Vec<RawFd> = self
-            .draining
-            .iter()
-            .filter(|(_, d)| d.deadline <= now)
-            .map(|(fd, _)| *fd)
-            .collect();
-        for fd in stale {
-            if let Some(d) = self.draining.remove(&fd) {
-                tracing::warn!(
-                    lost = d.conn.tx_pending(),
-                    "vsock: host did not read a closed stream's data in time; dropped"
-                );
-                self.unwatch(fd);
-            }
-        }
-    }
-
-    fn alloc_port(&mut self) -> u32 {
-        loop {
-            let p = self.next_port;
-            self.next_port = self.next_port.checked_add(1).unwrap_or(FIRST_HOST_PORT);
-            if !self.conns.keys().any(|(local, _)| *local == p) {
-                return p;
-            }
-        }
-    }
-
-    /// Handles one packet from the guest.
-    fn on_tx(&mut self, pkt: TxPacket) {
-        let h = pkt.hdr;
-        // Anything not addressed from our guest to the host is dropped: the guest
-        // cannot speak for other CIDs.
-        if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
-            tracing::debug!(?h, "vsock: packet with foreign CIDs dropped");
-            return;
-        }
-        if h.type_ != TYPE_STREAM {
-            if h.op != OP_RST {
-                self.rx_ctrl.push_back(h.rst_reply());
-            }
-            return;
-        }
-        let key = (h.dst_port, h.src_port);
-        if h.op == OP_REQUEST {
-            if self.conns.contains_key(&key) {
-                self.reset_conn(key);
-                return;
-            }
-            self.connect_to_host(h);
-            return;
-        }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            if h.op != OP_RST {
-                self.rx_ctrl.push_back(h.rst_reply());
-            }
-            return;
-        };
-        conn.update_peer_credit(&h);
-        match h.op {
-            OP_RESPONSE if conn.state == State::LocalInit => {
-                conn.state = State::Established;
-                conn.connect_deadline = None;
-                let line = format!("OK {}\n", conn.local_port);
-                // The host client waits for this line; a short write on a fresh
-                // stream means it is gone.
-                if conn.stream.write_all(line.as_bytes()).is_err() {
-                    self.reset_conn(key);
-                }
-            }
-            OP_RW if conn.state == State::Established => {
-                if conn.peer_shut_send || conn.push_tx(&pkt.data).is_err() {
-                    tracing::debug!(?key, "vsock: guest overran its credit");
-                    self.reset_conn(key);
-                    return;
-                }
-                if conn.credit_update_due {
-                    let h = conn.header(self.guest_cid, OP_CREDIT_UPDATE, 0);
-                    self.rx_ctrl.push_back(h);
-                }
-            }
-            OP_CREDIT_UPDATE => {}
-            OP_CREDIT_REQUEST => {
-                let h = conn.header(self.guest_cid, OP_CREDIT_UPDATE, 0);
-                self.rx_ctrl.push_back(h);
-            }
-            OP_SHUTDOWN => {
-                conn.peer_shut_send |= h.flags & SHUTDOWN_SEND != 0;
-                conn.peer_shut_rcv |= h.flags & SHUTDOWN_RCV != 0;
-                if conn.peer_shut_send && conn.peer_shut_rcv {
-                    // The guest is closing: it is done at once (RST), while
-                    // what it sent before still goes to the host.
-                    self.close_conn(key);
-                } else {
-                    conn.shut_host_write_if_done();
-                }
-            }
-            OP_RST => {
-                self.remove_conn(key);
-            }
-            _ => self.reset_conn(key),
-        }
-    }
-
-    /// A guest connection to port P goes to `<socket>_P`.
-    fn connect_to_host(&mut self, h: Header) {
-        let mut path = self.socket_path.clone().into_os_string();
-        path.push(format!("_{}", h.dst_port));
-        match connect_nonblocking(Path::new(&path)) {
-            Ok(stream) => {
-                let mut conn = Connection::new(stream, State::Established, h.dst_port, h.src_port);
-                conn.update_peer_credit(&h);
-                let resp = conn.header(self.guest_cid, OP_RESPONSE, 0);
-                self.add_conn(conn);
-                self.rx_ctrl.push_back(resp);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                // The listener is not accepting: refusing now keeps the event
-                // loop (and every other device on it) running.
-                tracing::warn!(
-                    port = h.dst_port,
-                    "vsock: host listener's backlog is full; RST"
-                );
-                self.rx_ctrl.push_back(h.rst_reply());
-            }
-            Err(e) => {
-                tracing::debug!(port = h.dst_port, error = %e, "vsock: no host listener; RST");
-                self.rx_ctrl.push_back(h.rst_reply());
-            }
-        }
-    }
-
-    fn accept_host(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_err() {
-                        continue;
-                    }
-                    let fd = stream.as_raw_fd();
-                    self.watch(fd, EventSet::IN | EventSet::READ_HANG_UP);
-                    self.pending.insert(
-                        fd,
-                        Pending {
-                            stream,
-                            line: Vec::new(),
-                            deadline: Instant::now() + self.connect_timeout,
-                        },
-                    );
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            }
-        }
-    }
-
-    /// Reads the `CONNECT <port>\n` line byte by byte, so that no stream data
-    /// after it is consumed before the guest accepts.
-    fn read_connect_line(&mut self, fd: RawFd) {
-        let Some(p) = self.pending.get_mut(&fd) else {
-            return;
-        };
-        let mut byte = [0u8; 1];
-        let port = loop {
-            match p.stream.read(&mut byte) {
-                Ok(1) if byte[0] == b'\n' => {
-                    break std::str::from_utf8(&p.line)
-                        .ok()
-                        .and_then(|l| l.strip_prefix("CONNECT "))
-                        .and_then(|n| n.trim().parse::<u32>().ok());
-                }
-                Ok(1) if p.line.len() < MAX_CONNECT_LINE => p.line.push(byte[0]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                // EOF, error, or a line too long: drop the client.
-                _ => break None,
-            }
-        };
-        self.unwatch(fd);
-        let Some(pending) = self.pending.remove(&fd) else {
-            return;
-        };
-        let Some(port) = port else {
-            tracing::debug!("vsock: bad CONNECT line from a host client");
-            return;
-        };
-        let local = self.alloc_port();
-        let mut conn = Connection::new(pending.stream, State::LocalInit, local, port);
-        conn.connect_deadline = Some(Instant::now() + self.connect_timeout);
-        let req = conn.header(self.guest_cid, OP_REQUEST, 0);
-        self.add_conn(conn);
-        self.rx_ctrl.push_back(req);
-    }
-
-    /// Host sockets that are ready.
-    fn poll_host(&mut self) {
-        let mut events = vec![EpollEvent::default(); 64];
-        loop {
-            let n = match self.epoll.wait(0, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            for ev in &events[..n] {
-                let token = ev.data();
-                if token == LISTENER_TOKEN {
-                    self.accept_host();
-                    continue;
-                }
-                if token == TIMER_TOKEN {
-                    self.expire(Instant::now());
-                    continue;
-                }
-                let fd = token as RawFd;
-                if self.pending.contains_key(&fd) {
-                    self.read_connect_line(fd);
-                    continue;
-                }
-                if self.draining.contains_key(&fd) {
-                    self.drain(fd);
-                    continue;
-                }
-                let Some(key) = self.by_fd.get(&fd).copied() else {
-                    continue;
-                };
-                let set = ev.event_set();
-                if let Some(c) = self.conns.get_mut(&key) {
-                    if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
-                        c.host_readable = true;
-                    }
-                    if set.contains(EventSet::OUT) && c.tx_pending() > 0 {
-                        if !c.flush_tx() {
-                            self.reset_conn(key);
-                            continue;
-                        }
-                        c.shut_host_write_if_done();
-                        if c.credit_update_due {
-                            let h = c.header(self.guest_cid, OP_CREDIT_UPDATE, 0);
-                            self.rx_ctrl.push_back(h);
-                        }
-                    }
-                }
-            }
-            if n < events.len() {
-                return;
-            }
-        }
-    }
-
-    /// The next host->guest data packet that fits `room` bytes, if any.
-    fn next_data(&mut self, room: usize) -> Option<(Header, Vec<u8>)> {
-        let keys: Vec<Key> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.host_readable && c.state == State::Established && !c.peer_shut_rcv)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in keys {
-            let guest_cid = self.guest_cid;
-            let c = self.conns.get_mut(&key)?;
-            let n = (c.peer_free() as usize)
-                .min(room)
-                .min(MAX_PKT_DATA as usize);
-            if n == 0 {
-                continue; // waits for a credit update
-            }
-            let mut buf = vec![0u8; n];
-            match c.stream.read(&mut buf) {
-                Ok(0) => {
-                    // Host closed: tell the guest; it answers with RST.
-                    c.host_readable = false;
-                    c.state = State::Closing;
-                    let h = c.header(guest_cid, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
-                    return Some((h, Vec::new()));
-                }
-                Ok(n) => {
-                    buf.truncate(n);
-                    c.rx_cnt = c.rx_cnt.wrapping_add(n as u32);
-                    let h = c.header(guest_cid, OP_RW, 0);
-                    return Some((h, buf));
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => c.host_readable = false,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.reset_conn(key);
-                    return self.rx_ctrl.pop_front().map(|h| (h, Vec::new()));
-                }
-            }
-        }
-        None
-    }
-
-    /// Fills guest RX buffers with control packets first, then stream data.
+    /// Fills guest RX buffers with what the backend has (control packets first).
     fn fill_rx(&mut self, a: &mut ActiveQueues) -> Result<bool, Fault> {
         let mut used = false;
         loop {
-            if self.rx_ctrl.is_empty() && !self.conns.values().any(|c| c.host_readable) {
+            if !self.backend.has_pending_rx() {
                 return Ok(used);
             }
             let Some(c) = chain::pop(&mut a.queues[RXQ], &a.mem)? else {
@@ -596,12 +82,7 @@ impl Vsock {
             };
             let c = chain::validate(c, &a.mem, u64::from(MAX_PKT_DATA) + 4096)?;
             let buf = packet::RxBuffer::new(&c)?;
-            let room = buf.capacity();
-            let next = match self.rx_ctrl.pop_front() {
-                Some(h) => Some((h, Vec::new())),
-                None => self.next_data(room),
-            };
-            let Some((hdr, data)) = next else {
+            let Some((hdr, data)) = self.backend.recv_pkt(buf.capacity()) else {
                 // Nothing could be sent after all (no credit): give the buffer back.
                 a.queues[RXQ].go_to_previous_position();
                 return Ok(used);
@@ -616,7 +97,7 @@ impl Vsock {
     fn process_tx(&mut self, a: &mut ActiveQueues) -> Result<(bool, bool), Fault> {
         let mut used = false;
         loop {
-            if self.rx_ctrl.len() >= MAX_PENDING_CTRL {
+            if self.backend.tx_blocked() {
                 return Ok((used, true));
             }
             let Some(c) = chain::pop(&mut a.queues[TXQ], &a.mem)? else {
@@ -626,7 +107,7 @@ impl Vsock {
             let pkt = packet::parse_tx(&a.mem, &c)?;
             chain::add_used(&mut a.queues[TXQ], &a.mem, c.head(), 0)?;
             used = true;
-            self.on_tx(pkt);
+            self.backend.send_pkt(pkt);
         }
     }
 
@@ -652,9 +133,16 @@ impl Vsock {
             tracing::warn!(error = %e, "virtio-vsock: malformed ring; device needs reset");
         }
     }
+
+    /// The backend's event source fired.
+    fn on_backend_event(&mut self) {
+        self.backend.notify();
+        self.pump();
+        self.backend.after_work();
+    }
 }
 
-impl VirtioDevice for Vsock {
+impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }
@@ -683,15 +171,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        // The guest forgot every connection; so do we (closing the host streams).
-        let keys: Vec<Key> = self.conns.keys().copied().collect();
-        for k in keys {
-            self.remove_conn(k);
-        }
-        // Draining streams belong to connections the guest already closed: a
-        // device reset is no reason to drop the data they still hold for the
-        // host, so they keep draining (under their deadline).
-        self.rx_ctrl.clear();
+        self.backend.reset();
         self.state.reset();
     }
 
@@ -700,49 +180,37 @@ impl VirtioDevice for Vsock {
         // we never send; its buffers stay with us.
         if index == RXQ || index == TXQ {
             self.pump();
-            self.rearm_timer();
+            self.backend.after_work();
         }
     }
 
     fn init_events(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.epoll,
-            EXTRA_EVENT_BASE,
-            EventSet::IN,
-        )) {
+        let fd = self.backend.as_raw_fd();
+        if let Err(e) = ops.add(Events::with_data_raw(fd, EXTRA_EVENT_BASE, EventSet::IN)) {
             tracing::error!(error = ?e, "vsock: registering the host socket set failed");
         }
     }
 
     fn process_event(&mut self, _events: Events, _ops: &mut EventOps) {
-        self.poll_host();
-        self.pump();
-        self.rearm_timer();
+        self.on_backend_event();
     }
-}
-
-/// Connects to a Unix socket without waiting: a listener whose backlog is
-/// full answers EAGAIN at once instead of parking the event loop, which
-/// `UnixStream::connect` (always blocking) would do.
-fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    Ok(UnixStream::from(fd))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::chain::test_utils::{desc, memory};
+    use crate::devices::virtio::vsock::muxer::connect_nonblocking;
+    use crate::devices::virtio::vsock::packet::{Header, TxPacket};
     use crate::devices::virtio::Interrupt;
     use crate::memory::GuestMemoryMmap;
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::PathBuf;
     use std::sync::Arc;
+    use std::time::Instant;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress};
@@ -770,11 +238,11 @@ mod tests {
         (id, len)
     }
 
-    struct Rig<'a> {
+    struct Rig<'a, B: VsockBackend = UnixMuxer> {
         mem: &'a GuestMemoryMmap,
         rx: MockSplitQueue<'a, GuestMemoryMmap>,
         tx: MockSplitQueue<'a, GuestMemoryMmap>,
-        dev: Vsock,
+        dev: Vsock<B>,
         irq: Arc<Interrupt>,
         rx_seen: u16,
         _dir: tempfile::TempDir,
@@ -785,9 +253,20 @@ mod tests {
         fn new(mem: &'a GuestMemoryMmap) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("v.sock");
+            let dev = Vsock::new(CID, &path).unwrap();
+            Rig::with_device(mem, dev, dir, path)
+        }
+    }
+
+    impl<'a, B: VsockBackend> Rig<'a, B> {
+        fn with_device(
+            mem: &'a GuestMemoryMmap,
+            mut dev: Vsock<B>,
+            dir: tempfile::TempDir,
+            path: PathBuf,
+        ) -> Self {
             let rx = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
             let tx = MockSplitQueue::create(mem, GuestAddress(0x8000), 16);
-            let mut dev = Vsock::new(CID, &path).unwrap();
             let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
             let ev = Queue::new(16).unwrap();
             let mut rxq: Queue = rx.create_queue().unwrap();
@@ -905,9 +384,7 @@ mod tests {
 
         /// What the event loop does when the device's epoll set fires.
         fn host_events(&mut self) {
-            self.dev.poll_host();
-            self.dev.pump();
-            self.dev.rearm_timer();
+            self.dev.on_backend_event();
         }
 
         /// A guest connection to `<socket>_<port>`, accepted on the host.
@@ -1090,7 +567,7 @@ mod tests {
             (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
         );
         rig.guest_send(guest_hdr(OP_RST, 7000, 1234), &[]);
-        assert!(rig.dev.conns.is_empty());
+        assert!(rig.dev.backend.conns.is_empty());
     }
 
     #[test]
@@ -1147,7 +624,7 @@ mod tests {
             assert_eq!(host.read(&mut b).unwrap_or(0), 0, "{line:?}");
         }
         assert!(rig.guest_recv().is_empty());
-        assert!(rig.dev.pending.is_empty());
+        assert!(rig.dev.backend.pending.is_empty());
     }
 
     #[test]
@@ -1183,7 +660,7 @@ mod tests {
             h.read_exact(&mut b).unwrap();
             assert_eq!(u32::from_le_bytes(b), port as u32);
         }
-        assert_eq!(rig.dev.conns.len(), 20);
+        assert_eq!(rig.dev.backend.conns.len(), 20);
     }
 
     #[test]
@@ -1287,7 +764,7 @@ mod tests {
         // The guest stays silent; the timer (through the device's epoll set) fires.
         std::thread::sleep(SHORT * 2);
         rig.host_events();
-        assert!(rig.dev.conns.is_empty());
+        assert!(rig.dev.backend.conns.is_empty());
         let mut b = [0u8; 8];
         assert_eq!(host.read(&mut b).unwrap(), 0, "host client closed, no OK");
         // The guest is told to forget the half-open connection.
@@ -1299,7 +776,7 @@ mod tests {
         // A late RESPONSE is answered with RST, not an OK to a closed client.
         rig.guest_send(guest_hdr(OP_RESPONSE, 1024, req.src_port), &[]);
         assert_eq!(rig.guest_recv()[0].0.op, OP_RST);
-        assert!(rig.dev.timer_deadline.is_none());
+        assert!(rig.dev.backend.timer_deadline.is_none());
     }
 
     #[test]
@@ -1310,9 +787,14 @@ mod tests {
         rig.post_rx();
         let (_host, req) = rig.host_connect(1024);
         rig.guest_send(guest_hdr(OP_RESPONSE, 1024, req.src_port), &[]);
-        assert!(rig.dev.timer_deadline.is_none(), "nothing left to wait for");
-        rig.dev.expire(Instant::now() + Duration::from_secs(3600));
-        assert_eq!(rig.dev.conns.len(), 1);
+        assert!(
+            rig.dev.backend.timer_deadline.is_none(),
+            "nothing left to wait for"
+        );
+        rig.dev
+            .backend
+            .expire(Instant::now() + Duration::from_secs(3600));
+        assert_eq!(rig.dev.backend.conns.len(), 1);
     }
 
     #[test]
@@ -1325,10 +807,13 @@ mod tests {
         host.write_all(b"CONNECT 1024\n").unwrap();
         rig.host_events();
         rig.host_events();
-        assert_eq!(rig.dev.rx_ctrl.len(), 1);
-        rig.dev.expire(Instant::now() + SHORT);
-        assert!(rig.dev.conns.is_empty());
-        assert!(rig.dev.rx_ctrl.is_empty(), "neither REQUEST nor RST");
+        assert_eq!(rig.dev.backend.rx_ctrl.len(), 1);
+        rig.dev.backend.expire(Instant::now() + SHORT);
+        assert!(rig.dev.backend.conns.is_empty());
+        assert!(
+            rig.dev.backend.rx_ctrl.is_empty(),
+            "neither REQUEST nor RST"
+        );
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(host.read(&mut [0u8; 8]).unwrap(), 0);
     }
@@ -1341,10 +826,10 @@ mod tests {
         let mut host = UnixStream::connect(&rig.path).unwrap();
         host.write_all(b"CONN").unwrap();
         rig.host_events();
-        assert_eq!(rig.dev.pending.len(), 1);
+        assert_eq!(rig.dev.backend.pending.len(), 1);
         std::thread::sleep(SHORT * 2);
         rig.host_events();
-        assert!(rig.dev.pending.is_empty());
+        assert!(rig.dev.backend.pending.is_empty());
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(host.read(&mut [0u8; 8]).unwrap(), 0);
     }
@@ -1366,7 +851,7 @@ mod tests {
         guest_send_all(&mut rig, 7000, 77, &data);
         let key = (77, 7000);
         assert!(
-            rig.dev.conns[&key].tx_pending() > 0,
+            rig.dev.backend.conns[&key].tx_pending() > 0,
             "test needs buffered data"
         );
         rig.guest_recv();
@@ -1376,10 +861,10 @@ mod tests {
         rig.guest_send(h, &[]);
         let r = rig.guest_recv();
         assert_eq!(r.last().unwrap().0.op, OP_RST);
-        assert!(rig.dev.conns.is_empty());
-        assert_eq!(rig.dev.draining.len(), 1);
+        assert!(rig.dev.backend.conns.is_empty());
+        assert_eq!(rig.dev.backend.draining.len(), 1);
         let reader = read_to_eof(host);
-        rig.host_events_until(|r| r.dev.draining.is_empty());
+        rig.host_events_until(|r| r.dev.backend.draining.is_empty());
         assert!(reader.join().unwrap() == data, "byte-exact, then EOF");
         // The port pair is free again at once.
         rig.guest_connect(7000, 78);
@@ -1394,7 +879,7 @@ mod tests {
         let mut h = guest_hdr(OP_SHUTDOWN, 7000, 77);
         h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
         rig.guest_send(h, &[]);
-        assert!(rig.dev.draining.is_empty() && rig.dev.conns.is_empty());
+        assert!(rig.dev.backend.draining.is_empty() && rig.dev.backend.conns.is_empty());
         assert_eq!(read_to_eof(host).join().unwrap(), b"bye");
     }
 
@@ -1408,10 +893,10 @@ mod tests {
         let mut h = guest_hdr(OP_SHUTDOWN, 7000, 77);
         h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
         rig.guest_send(h, &[]);
-        assert_eq!(rig.dev.draining.len(), 1);
+        assert_eq!(rig.dev.backend.draining.len(), 1);
         // The host never reads.
-        rig.host_events_until(|r| r.dev.draining.is_empty());
-        assert!(rig.dev.timer_deadline.is_none());
+        rig.host_events_until(|r| r.dev.backend.draining.is_empty());
+        assert!(rig.dev.backend.timer_deadline.is_none());
     }
 
     #[test]
@@ -1425,10 +910,13 @@ mod tests {
         h.flags = SHUTDOWN_SEND;
         rig.guest_send(h, &[]);
         let key = (77, 7000);
-        assert!(!rig.dev.conns[&key].host_write_shut, "data still buffered");
+        assert!(
+            !rig.dev.backend.conns[&key].host_write_shut(),
+            "data still buffered"
+        );
         let mut writer = host.try_clone().unwrap();
         let reader = read_to_eof(host);
-        rig.host_events_until(|r| r.dev.conns[&key].host_write_shut);
+        rig.host_events_until(|r| r.dev.backend.conns[&key].host_write_shut());
         assert!(reader.join().unwrap() == data, "byte-exact, then EOF");
         // The other direction still works: the guest only stopped sending.
         writer.write_all(b"reply").unwrap();
@@ -1441,7 +929,7 @@ mod tests {
         // More data after SHUTDOWN_SEND breaks the contract: RST.
         rig.guest_send(guest_hdr(OP_RW, 7000, 77), b"x");
         assert_eq!(rig.guest_recv().last().unwrap().0.op, OP_RST);
-        assert!(rig.dev.conns.is_empty());
+        assert!(rig.dev.backend.conns.is_empty());
     }
 
     #[test]
@@ -1452,14 +940,14 @@ mod tests {
         for i in 0..MAX_PENDING_CTRL as u32 + 5 {
             rig.guest_send(guest_hdr(OP_REQUEST, 5000 + i, 4321), &[]);
         }
-        assert_eq!(rig.dev.rx_ctrl.len(), MAX_PENDING_CTRL);
+        assert_eq!(rig.dev.backend.rx_ctrl.len(), MAX_PENDING_CTRL);
         assert!(!rig.irq.needs_reset());
         // Posting RX buffers lets replies out and the held-back TX in.
         rig.post_rx();
         let r = rig.guest_recv();
         assert_eq!(r.len(), 8);
         assert!(r.iter().all(|p| p.0.op == OP_RST));
-        assert_eq!(rig.dev.rx_ctrl.len(), MAX_PENDING_CTRL - 8 + 5);
+        assert_eq!(rig.dev.backend.rx_ctrl.len(), MAX_PENDING_CTRL - 8 + 5);
         assert_eq!(used_idx(&mem, TX_USED), MAX_PENDING_CTRL as u16 + 5);
         assert!(!rig.irq.needs_reset());
     }
@@ -1545,7 +1033,7 @@ mod tests {
                 "stream {i} corrupted"
             );
         }
-        assert!(rig.dev.conns.is_empty());
+        assert!(rig.dev.backend.conns.is_empty());
         assert!(!rig.irq.needs_reset());
     }
 
@@ -1596,13 +1084,76 @@ mod tests {
             h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
             rig.guest_send(h, &[]);
         }
-        rig.host_events_until(|r| r.dev.draining.is_empty());
+        rig.host_events_until(|r| r.dev.backend.draining.is_empty());
         for (i, r) in readers.into_iter().enumerate() {
             let got = r.join().unwrap();
             assert_eq!(got.len(), STREAM_BYTES, "stream {i}");
             assert!(got == data[i], "stream {i} corrupted");
         }
-        assert!(rig.dev.conns.is_empty());
+        assert!(rig.dev.backend.conns.is_empty());
         assert!(!rig.irq.needs_reset());
+    }
+
+    /// A backend that records what the guest sent and hands out canned packets.
+    struct Fake {
+        evt: EventFd,
+        sent: Vec<TxPacket>,
+        to_guest: std::collections::VecDeque<(Header, Vec<u8>)>,
+        resets: u32,
+    }
+
+    impl AsRawFd for Fake {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.evt.as_raw_fd()
+        }
+    }
+
+    impl VsockBackend for Fake {
+        fn notify(&mut self) {}
+        fn send_pkt(&mut self, pkt: TxPacket) {
+            self.sent.push(pkt);
+        }
+        fn recv_pkt(&mut self, room: usize) -> Option<(Header, Vec<u8>)> {
+            let (h, mut d) = self.to_guest.pop_front()?;
+            d.truncate(room);
+            Some((h, d))
+        }
+        fn has_pending_rx(&self) -> bool {
+            !self.to_guest.is_empty()
+        }
+        fn tx_blocked(&self) -> bool {
+            false
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    #[test]
+    fn the_device_moves_packets_between_the_queues_and_any_backend() {
+        let mem = memory();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("unused");
+        let fake = Fake {
+            evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+            sent: Vec::new(),
+            to_guest: [(guest_hdr(OP_RW, 1, 2), b"to the guest".to_vec())].into(),
+            resets: 0,
+        };
+        let mut rig = Rig::with_device(&mem, Vsock::with_backend(CID, fake), dir, path);
+        rig.guest_send(guest_hdr(OP_RW, 5, 6), b"from the guest");
+        let sent = &rig.dev.backend().sent;
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            (sent[0].hdr.src_port, sent[0].data.as_slice()),
+            (5, &b"from the guest"[..])
+        );
+        rig.post_rx();
+        let r = rig.guest_recv();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].1, b"to the guest");
+        assert_eq!(r[0].0.len, 12);
+        rig.dev.reset();
+        assert_eq!(rig.dev.backend().resets, 1);
     }
 }

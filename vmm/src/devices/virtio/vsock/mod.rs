@@ -9,13 +9,20 @@
 //! - a guest connection to port P is connected to the Unix socket `<socket>_P`;
 //!   if nothing listens there the guest gets a RST.
 //!
-//! Rooms: [`defs`] (constants from the spec), [`packet`] (guest TX parsing via
-//! virtio-vsock, and RX header building), [`connection`] (one stream's state and
-//! credit accounting), [`device`] (queues, the host socket and the mux).
+//! Rooms (Firecracker's shape): [`defs`] (constants from the spec),
+//! [`packet`] (TX packets parsed from a validated chain, RX packets written into
+//! one), [`device`] (the queues, generic over a [`VsockBackend`]),
+//! [`backend`] (that trait), [`muxer`] (the Unix-socket host side: listener,
+//! handshakes, deadlines, the RX queue of connections with data) and
+//! [`connection`] (one stream's state machine and credit accounting).
 
+pub mod backend;
 pub mod connection;
 pub mod defs;
 mod device;
+pub mod muxer;
 pub mod packet;
 
+pub use backend::VsockBackend;
 pub use device::Vsock;
+pub use muxer::UnixMuxer;
