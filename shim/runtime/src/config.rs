@@ -1,0 +1,204 @@
+//! Husk's configuration: `/etc/husk/config.toml` (the shim may be pointed at
+//! another file by containerd's runtime options), one file for the shim and
+//! the CLI. Every key is optional; a missing file
+//! means all defaults (a fresh install works without one), a file that does
+//! not parse is an error (a typo must not silently boot a different VM).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::hypervisor::VmSpec;
+
+/// Where the configuration lives unless the runtime options say otherwise.
+pub const DEFAULT_PATH: &str = "/etc/husk/config.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+/// The keys of `config.toml`. Defaults are documented in `docs/shim.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct Config {
+    /// The guest kernel (vmlinux).
+    pub kernel: PathBuf,
+    /// The guest initramfs (husk-agent as /init).
+    pub initramfs: PathBuf,
+    /// vCPUs of a sandbox's VM unless the pod's `io.husk.cpus` says otherwise.
+    pub vcpus: u32,
+    /// Guest memory (MiB) unless the pod's `io.husk.memory` says otherwise.
+    pub memory_mib: u32,
+    /// husk-vmm; empty: `$HUSK_VMM`, beside the shim binary, then PATH.
+    pub vmm: Option<PathBuf>,
+    /// A tracing filter (`info`, `debug`, `husk=debug,guest=info`).
+    pub log_level: String,
+    /// Seconds to wait for the agent after starting husk-vmm.
+    pub boot_timeout_secs: u64,
+}
+
+impl Default for Config {
+    /// The VM's defaults are [`VmSpec::default`]'s (one place).
+    fn default() -> Self {
+        let vm = VmSpec::default();
+        Self {
+            kernel: vm.kernel,
+            initramfs: vm.initramfs,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            vmm: None,
+            log_level: "info".into(),
+            boot_timeout_secs: vm.boot_timeout.as_secs(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`; a missing file at the default path gives the defaults,
+    /// a missing file that was asked for by name is an error.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, named) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => {
+                return Ok(Config::default())
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path, source },
+            ConfigError::Invalid { problem, .. } => ConfigError::Invalid { path, problem },
+            other => other,
+        })
+    }
+
+    /// Parses the text of a config file.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        let bad = |problem: &str| ConfigError::Invalid {
+            path: PathBuf::new(),
+            problem: problem.into(),
+        };
+        if c.vcpus == 0 || c.vcpus > 64 {
+            return Err(bad("vcpus must be 1..=64"));
+        }
+        if c.memory_mib < 64 {
+            return Err(bad("memory_mib must be at least 64"));
+        }
+        if c.boot_timeout_secs == 0 {
+            return Err(bad("boot_timeout_secs must be positive"));
+        }
+        Ok(c)
+    }
+}
+
+/// Pod annotations that size the sandbox's VM.
+pub const ANNOTATION_CPUS: &str = "io.husk.cpus";
+pub const ANNOTATION_MEMORY: &str = "io.husk.memory";
+
+/// Parses `io.husk.cpus`: a whole number of vCPUs, 1..=64.
+pub fn parse_cpus(v: &str) -> Option<u32> {
+    v.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=64).contains(n))
+}
+
+/// Parses `io.husk.memory` into MiB: a bare number is MiB; `Mi`/`M`, `Gi`/`G`
+/// suffixes as Kubernetes writes quantities. At least 64 MiB.
+pub fn parse_memory_mib(v: &str) -> Option<u32> {
+    let v = v.trim();
+    let (num, mult) = if let Some(n) = v.strip_suffix("Gi").or_else(|| v.strip_suffix('G')) {
+        (n, 1024)
+    } else if let Some(n) = v.strip_suffix("Mi").or_else(|| v.strip_suffix('M')) {
+        (n, 1)
+    } else {
+        (v, 1)
+    };
+    num.trim()
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&m| m >= 64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = Config::parse(
+            r#"
+kernel = "/k"
+initramfs = "/i"
+vcpus = 2
+memory_mib = 512
+vmm = "/usr/bin/husk-vmm"
+log_level = "debug"
+boot_timeout_secs = 5
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.initramfs, PathBuf::from("/i"));
+        assert_eq!((c.vcpus, c.memory_mib, c.boot_timeout_secs), (2, 512, 5));
+        assert_eq!(c.vmm, Some(PathBuf::from("/usr/bin/husk-vmm")));
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(Config::parse("vcpu = 2").is_err());
+        assert!(Config::parse("vcpus = 0").is_err());
+        assert!(Config::parse("memory_mib = 10").is_err());
+        assert!(Config::parse("vcpus = \"two\"").is_err());
+    }
+
+    #[test]
+    fn missing_default_file_is_fine_but_a_named_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        assert!(Config::load(Some(&missing)).is_err());
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "vcpus = 3\n").unwrap();
+        assert_eq!(Config::load(Some(&p)).unwrap().vcpus, 3);
+    }
+
+    #[test]
+    fn annotations_size_the_vm() {
+        assert_eq!(parse_cpus("2"), Some(2));
+        assert_eq!(parse_cpus("0"), None);
+        assert_eq!(parse_cpus("x"), None);
+        assert_eq!(parse_memory_mib("512"), Some(512));
+        assert_eq!(parse_memory_mib("1Gi"), Some(1024));
+        assert_eq!(parse_memory_mib("256Mi"), Some(256));
+        assert_eq!(parse_memory_mib("2G"), Some(2048));
+        assert_eq!(parse_memory_mib("16"), None);
+    }
+}

@@ -1,0 +1,223 @@
+//! A process's stdio: the agent's per-process vsock streams relayed to and
+//! from the host side: containerd's FIFOs (the shim) or this process's own
+//! stdin/stdout/stderr (the CLI).
+//!
+//! Output FIFOs are opened read-write, as runc's shim does: a FIFO with no
+//! reader would fail our writes while containerd restarts, and holding a
+//! read end of our own keeps them valid; containerd sees EOF when the relay
+//! closes. The stdin FIFO is opened read-only and blocking (on a helper
+//! thread), so that its end comes only when containerd's writer closes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::net::UnixStream;
+use tokio::task::JoinHandle;
+
+use crate::agent::{Agent, Stream};
+use crate::error::{Error, Result};
+
+/// Where one stream goes (or comes from) on the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Nowhere (output is read and dropped; no stdin).
+    #[default]
+    None,
+    /// A FIFO containerd made.
+    Fifo(PathBuf),
+    /// This process's own stream.
+    Inherit,
+}
+
+impl Endpoint {
+    /// containerd's convention: an empty path is no stream.
+    pub fn fifo(path: &str) -> Self {
+        if path.is_empty() {
+            Endpoint::None
+        } else {
+            Endpoint::Fifo(PathBuf::from(path))
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == Endpoint::None
+    }
+
+    /// The FIFO's path as containerd gave it ("" for none).
+    pub fn path_string(&self) -> String {
+        match self {
+            Endpoint::Fifo(p) => p.display().to_string(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// A process's three streams and whether it has a terminal (then stdout
+/// carries the pty and there is no stderr).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StdioConfig {
+    pub stdin: Endpoint,
+    pub stdout: Endpoint,
+    pub stderr: Endpoint,
+    pub terminal: bool,
+}
+
+impl StdioConfig {
+    /// containerd's FIFO paths ("" for none).
+    pub fn fifos(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Self {
+        Self {
+            stdin: Endpoint::fifo(stdin),
+            stdout: Endpoint::fifo(stdout),
+            stderr: Endpoint::fifo(stderr),
+            terminal,
+        }
+    }
+}
+
+/// The relays of one process.
+#[derive(Default)]
+pub struct Relays {
+    outputs: Vec<JoinHandle<()>>,
+    stdin: Option<(JoinHandle<()>, Option<PathBuf>)>,
+}
+
+impl Relays {
+    /// Attaches to the process's streams and starts relaying. Call before
+    /// the process starts so that no output is missed.
+    pub async fn attach(
+        agent: &dyn Agent,
+        id: &str,
+        exec_id: &str,
+        io: &StdioConfig,
+    ) -> Result<Relays> {
+        let mut relays = Relays::default();
+        let mut outs = vec![(Stream::Stdout, &io.stdout)];
+        // A terminal process has one stream: the pty.
+        if !io.terminal {
+            outs.push((Stream::Stderr, &io.stderr));
+        }
+        for (name, endpoint) in outs {
+            let stream = agent
+                .attach(id, exec_id, name)
+                .await
+                .map_err(Error::agent("attaching an output"))?;
+            let sink: Box<dyn AsyncWrite + Send + Unpin> = match endpoint {
+                Endpoint::None => Box::new(tokio::io::sink()),
+                Endpoint::Fifo(fifo) => Box::new(
+                    pipe::OpenOptions::new()
+                        .read_write(true)
+                        .open_sender(fifo)
+                        .map_err(Error::io("opening", fifo))?,
+                ),
+                Endpoint::Inherit if name == Stream::Stdout => Box::new(tokio::io::stdout()),
+                Endpoint::Inherit => Box::new(tokio::io::stderr()),
+            };
+            relays.outputs.push(tokio::spawn(relay_out(stream, sink, name)));
+        }
+        match &io.stdin {
+            Endpoint::None => {}
+            Endpoint::Fifo(path) => {
+                let stream = agent
+                    .attach(id, exec_id, Stream::Stdin)
+                    .await
+                    .map_err(Error::agent("attaching stdin"))?;
+                let task = tokio::spawn(relay_fifo_in(path.clone(), stream));
+                relays.stdin = Some((task, Some(path.clone())));
+            }
+            Endpoint::Inherit => {
+                let stream = agent
+                    .attach(id, exec_id, Stream::Stdin)
+                    .await
+                    .map_err(Error::agent("attaching stdin"))?;
+                let task = tokio::spawn(relay_in(tokio::io::stdin(), stream));
+                relays.stdin = Some((task, None));
+            }
+        }
+        Ok(relays)
+    }
+
+    /// The output relays, to wait for with [`drain`] outside any lock.
+    pub fn take_outputs(&mut self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// Stops relaying stdin: the stream closes, and so does the process's
+    /// stdin.
+    pub fn close_stdin(&mut self) {
+        if let Some((task, path)) = self.stdin.take() {
+            task.abort();
+            if let Some(path) = path {
+                unblock_open(&path);
+            }
+        }
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        self.close_stdin();
+        for t in &self.outputs {
+            t.abort();
+        }
+    }
+}
+
+/// Waits (at most `limit`) for output relays to deliver the rest. The agent
+/// reports an exit only after the output left the guest, so this is short;
+/// the limit guards against a stream that never ends.
+pub async fn drain(handles: Vec<JoinHandle<()>>, limit: Duration) {
+    let all = async {
+        for h in handles {
+            let _ = h.await;
+        }
+    };
+    if tokio::time::timeout(limit, all).await.is_err() {
+        tracing::warn!("output relay did not finish within {limit:?}");
+    }
+}
+
+async fn relay_out(mut stream: UnixStream, mut sink: Box<dyn AsyncWrite + Send + Unpin>, name: Stream) {
+    let r = tokio::io::copy(&mut stream, &mut sink).await;
+    let _ = sink.flush().await;
+    match r {
+        Ok(n) => tracing::debug!(stream = %name, bytes = n, "output relay done"),
+        Err(e) => tracing::debug!(stream = %name, error = %e, "output relay ended"),
+    }
+}
+
+async fn relay_in(mut from: impl AsyncRead + Unpin, mut stream: UnixStream) {
+    let r = tokio::io::copy(&mut from, &mut stream).await;
+    tracing::debug!(?r, "stdin relay done");
+    // Closing our end closes the process's stdin.
+    let _ = stream.shutdown().await;
+}
+
+async fn relay_fifo_in(path: PathBuf, stream: UnixStream) {
+    let p = path.clone();
+    // Blocks until containerd opens its writer.
+    let opened = tokio::task::spawn_blocking(move || std::fs::File::open(&p)).await;
+    let file = match opened {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            tracing::warn!(fifo = %path.display(), error = %e, "opening stdin");
+            return;
+        }
+        Err(_) => return,
+    };
+    match pipe::Receiver::from_file(file) {
+        Ok(rx) => relay_in(rx, stream).await,
+        Err(e) => tracing::warn!(fifo = %path.display(), error = %e, "stdin is not a FIFO"),
+    }
+}
+
+/// Wakes a helper thread blocked opening `fifo` for reading (no writer ever
+/// came): a non-blocking writer open succeeds because that reader counts.
+fn unblock_open(fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+}

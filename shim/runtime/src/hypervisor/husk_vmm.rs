@@ -1,0 +1,498 @@
+//! husk-vmm as the [`Hypervisor`]: the VM's `VmConfig` is written to
+//! `vmm.json` and husk-vmm started with `--config` and `--ready-fd`; the
+//! ready byte says the vCPUs run (EOF: it died first). A pidfd follows the
+//! process; the control socket (`api.sock`) stops it cleanly.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use husk_vmm::config::VmConfig;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::{Hypervisor, PidFd, VmExit, VmProcess, VmSpec};
+use crate::error::{Error, Result};
+use crate::layout::{PidFile, ProcessId, SandboxLayout, SHARE_TAG};
+
+/// The husk-vmm binary: `$HUSK_VMM`, else beside this executable, else PATH.
+pub fn vmm_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("HUSK_VMM") {
+        return p.into();
+    }
+    if let Some(p) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("husk-vmm")))
+    {
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("husk-vmm")
+}
+
+/// The fd number husk-vmm gets the ready pipe on.
+const READY_FD: i32 = 3;
+
+/// husk-vmm, started as our child.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HuskVmm;
+
+impl HuskVmm {
+    /// The VMM's own configuration for `spec` in `layout`.
+    pub fn vm_config(spec: &VmSpec, layout: &SandboxLayout) -> VmConfig {
+        let shared = spec.share || !spec.binds.is_empty();
+        VmConfig {
+            kernel: Some(spec.kernel.clone()),
+            initramfs: Some(spec.initramfs.clone()),
+            extra_cmdline: spec.extra_cmdline.clone(),
+            vcpus: u64::from(spec.vcpus),
+            memory_mib: u64::from(spec.memory_mib),
+            serial_out: Some(layout.console_log()),
+            vsock_socket: Some(layout.vsock_socket()),
+            api_socket: Some(layout.api_socket()),
+            shared_dir: shared.then(|| layout.share()),
+            fs_tag: SHARE_TAG.to_string(),
+            ..VmConfig::default()
+        }
+    }
+
+    /// The VM of `layout` started by another process (a `husk run -d`, a
+    /// shim that died), if its pid file names a husk-vmm that still runs.
+    pub fn open(layout: &SandboxLayout) -> Option<ExternalVm> {
+        let pids = PidFile::read(&layout.pid_file())?;
+        let pidfd = PidFd::open_verified(pids.vmm)?;
+        Some(ExternalVm {
+            pid: pids.vmm.pid as u32,
+            pidfd,
+            api_socket: layout.api_socket(),
+        })
+    }
+}
+
+/// One bind, checked and turned into C strings before the fork.
+struct PreparedBind {
+    source: CString,
+    target: CString,
+    readonly: bool,
+}
+
+fn cstring(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::InvalidArgument(format!("{} holds a NUL byte", p.display())))
+}
+
+/// Makes each bind's mount point in the share (the share is still ours:
+/// the guest has not booted) and prepares the mount calls.
+fn prepare_binds(spec: &VmSpec, share: &Path) -> Result<Vec<PreparedBind>> {
+    let mut out = Vec::new();
+    for b in &spec.binds {
+        if b.target.is_absolute()
+            || b
+                .target
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_)))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "bind target {} must be relative, without '..'",
+                b.target.display()
+            )));
+        }
+        let meta = std::fs::metadata(&b.source).map_err(Error::io("sharing", &b.source))?;
+        let target = share.join(&b.target);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(Error::io("creating", parent))?;
+        }
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target)
+        } else {
+            std::fs::File::create(&target).map(drop)
+        }
+        .map_err(Error::io("creating", &target))?;
+        out.push(PreparedBind {
+            source: cstring(&b.source)?,
+            target: cstring(&target)?,
+            readonly: b.readonly,
+        });
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Hypervisor for HuskVmm {
+    async fn launch(&self, spec: &VmSpec, layout: &SandboxLayout) -> Result<Box<dyn VmProcess>> {
+        for f in [&spec.kernel, &spec.initramfs] {
+            if !f.exists() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} does not exist: run tools/setup (or make build)",
+                    f.display()
+                )));
+            }
+        }
+        let config = Self::vm_config(spec, layout);
+        // The VMM checks it again; checking here gives the caller a clear
+        // error before anything starts.
+        config
+            .validate()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if let Some(share) = &config.shared_dir {
+            std::fs::create_dir_all(share).map_err(Error::io("creating", share))?;
+        }
+        let binds = prepare_binds(spec, &layout.share())?;
+        let json = serde_json::to_vec_pretty(&config)
+            .map_err(|e| Error::Hypervisor(format!("encoding its config: {e}")))?;
+        std::fs::write(layout.vmm_config(), json)
+            .map_err(Error::io("writing", layout.vmm_config()))?;
+        let log = std::fs::File::create(layout.vmm_log())
+            .map_err(Error::io("creating", layout.vmm_log()))?;
+
+        let (ready_r, ready_w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::Hypervisor(format!("ready pipe: {e}")))?;
+        let vmm = spec.vmm.clone().unwrap_or_else(vmm_binary);
+        let mut cmd = tokio::process::Command::new(&vmm);
+        cmd.arg("--config")
+            .arg(layout.vmm_config())
+            .args(["--ready-fd", &READY_FD.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        let detach = spec.detach;
+        let ready_w_raw = ready_w.as_raw_fd();
+        // SAFETY: pre_exec runs in the child between fork and exec and only
+        // makes raw syscalls (dup2, fcntl, setsid, prctl, unshare, mount) on
+        // values and C strings prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if ready_w_raw == READY_FD {
+                    // dup2 onto itself keeps close-on-exec: clear it.
+                    if libc::fcntl(READY_FD, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(ready_w_raw, READY_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if detach {
+                    // Its own session: it outlives us and our terminal.
+                    libc::setsid();
+                } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let null = std::ptr::null::<libc::c_char>();
+                if !binds.is_empty()
+                    && (libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(
+                            null,
+                            c"/".as_ptr(),
+                            null,
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for b in &binds {
+                    if libc::mount(
+                        b.source.as_ptr(),
+                        b.target.as_ptr(),
+                        null,
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ) != 0
+                        || (b.readonly
+                            && libc::mount(
+                                null,
+                                b.target.as_ptr(),
+                                null,
+                                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                                std::ptr::null(),
+                            ) != 0)
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::Hypervisor(format!("starting {}: {e}", vmm.display())))?;
+        drop(ready_w);
+        let pid = child
+            .id()
+            .ok_or_else(|| Error::Hypervisor("exited at once".into()))?;
+        // A pidfd before anything else can reap it: the pid is ours now.
+        let pidfd = PidFd::open(pid as i32)
+            .map_err(|e| Error::Hypervisor(format!("pidfd_open({pid}): {e}")))?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let vm = ChildVm {
+            pid,
+            pidfd,
+            api_socket: layout.api_socket(),
+            exit: exit_rx,
+            released: AtomicBool::new(false),
+        };
+        // The pid file at once: whoever cleans up after us (a later `husk`,
+        // the shim's delete) finds this VMM even if we die while it boots.
+        let pids = PidFile {
+            vmm: ProcessId::of(pid as i32)
+                .ok_or_else(|| Error::Hypervisor("exited as it started".into()))?,
+            owner: ProcessId::current()
+                .ok_or_else(|| Error::Hypervisor("no /proc/self/stat".into()))?,
+        };
+        pids.write(&layout.pid_file())
+            .map_err(Error::io("writing", layout.pid_file()))?;
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut b = [0u8; 1];
+            nix::unistd::read(ready_r.as_raw_fd(), &mut b).map(|n| n == 1)
+        });
+        let ready = tokio::select! {
+            r = tokio::time::timeout(spec.boot_timeout, ready) => r,
+            s = child.wait() => {
+                let status = s.map_or_else(|e| e.to_string(), |s| s.to_string());
+                return Err(Error::Hypervisor(format!(
+                    "exited ({status}) before the guest ran:\n{}",
+                    husk_agent_client::client::file_tail(&layout.vmm_log(), 20)
+                )));
+            }
+        };
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            exit_tx.send_replace(status.or_else(failed_status));
+        });
+        match ready {
+            Ok(Ok(Ok(true))) => {}
+            Ok(Ok(Ok(false))) | Ok(Ok(Err(_))) | Ok(Err(_)) => {
+                // Dropping `vm` kills it; the log says why it stopped.
+                let exit = vm.stop(Duration::from_secs(1)).await;
+                return Err(Error::Hypervisor(format!(
+                    "ended ({exit}) before the guest ran:\n{}",
+                    husk_agent_client::client::file_tail(&layout.vmm_log(), 20)
+                )));
+            }
+            Err(_) => {
+                return Err(Error::Hypervisor(format!(
+                    "its vCPUs did not start within {:?}",
+                    spec.boot_timeout
+                )))
+            }
+        }
+        if detach {
+            std::fs::write(layout.detached_marker(), "")
+                .map_err(Error::io("writing", layout.detached_marker()))?;
+        }
+        Ok(Box::new(vm))
+    }
+}
+
+/// An ExitStatus for a wait that failed (the child is gone either way).
+fn failed_status() -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    Some(ExitStatus::from_raw(libc::SIGKILL))
+}
+
+/// Asks husk-vmm to stop over its control socket; `Ok` once it accepted.
+async fn control_shutdown(api_socket: &Path) -> std::io::Result<()> {
+    let mut s = tokio::net::UnixStream::connect(api_socket).await?;
+    s.write_all(b"{\"op\":\"shutdown\"}\n").await?;
+    let mut line = String::new();
+    // The answer is one short line; the VMM may exit before it arrives.
+    let mut r = tokio::io::BufReader::new(s).take(husk_vmm::api::request::MAX_LINE as u64);
+    let _ = tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line)).await;
+    match serde_json::from_str::<husk_vmm::api::Response>(&line) {
+        Ok(resp) if !resp.ok => Err(std::io::Error::other(
+            resp.error.unwrap_or_else(|| "refused".into()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// husk-vmm as our child.
+struct ChildVm {
+    pid: u32,
+    pidfd: PidFd,
+    api_socket: PathBuf,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    released: AtomicBool,
+}
+
+#[async_trait]
+impl VmProcess for ChildVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn exited(&self) -> Option<VmExit> {
+        (*self.exit.borrow()).map(VmExit::Status)
+    }
+
+    async fn wait(&self) -> VmExit {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(s) = *rx.borrow_and_update() {
+                return VmExit::Status(s);
+            }
+            if rx.changed().await.is_err() {
+                // The waiter went without a status: the child is gone.
+                return failed_status().map_or(VmExit::Gone, VmExit::Status);
+            }
+        }
+    }
+
+    async fn stop(&self, grace: Duration) -> VmExit {
+        if self.exited().is_none() {
+            if let Err(e) = control_shutdown(&self.api_socket).await {
+                tracing::debug!(error = %e, "control socket shutdown");
+            }
+            if let Ok(exit) = tokio::time::timeout(grace, self.wait()).await {
+                return exit;
+            }
+            tracing::warn!(pid = self.pid, ?grace, "husk-vmm did not stop; killing it");
+            let _ = self.pidfd.signal(libc::SIGKILL);
+        }
+        self.wait().await
+    }
+
+    fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for ChildVm {
+    fn drop(&mut self) {
+        if !self.released.load(Ordering::SeqCst) && self.exited().is_none() {
+            let _ = self.pidfd.signal(libc::SIGKILL);
+        }
+    }
+}
+
+/// husk-vmm started by another process, found through its pid file and
+/// held by a verified pidfd.
+pub struct ExternalVm {
+    pid: u32,
+    pidfd: PidFd,
+    api_socket: PathBuf,
+}
+
+impl ExternalVm {
+    /// SIGKILL, through the pidfd (never to a bare pid from a file).
+    pub fn kill(&self) {
+        let _ = self.pidfd.signal(libc::SIGKILL);
+    }
+}
+
+#[async_trait]
+impl VmProcess for ExternalVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn exited(&self) -> Option<VmExit> {
+        self.pidfd.has_exited().then_some(VmExit::Gone)
+    }
+
+    async fn wait(&self) -> VmExit {
+        self.pidfd.exited().await;
+        VmExit::Gone
+    }
+
+    async fn stop(&self, grace: Duration) -> VmExit {
+        if self.exited().is_none() {
+            if let Err(e) = control_shutdown(&self.api_socket).await {
+                tracing::debug!(error = %e, "control socket shutdown");
+            }
+            if tokio::time::timeout(grace, self.wait()).await.is_err() {
+                self.kill();
+            }
+        }
+        self.wait().await
+    }
+
+    fn release(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::Bind;
+
+    #[test]
+    fn the_vmm_config_names_the_layout() {
+        let l = SandboxLayout::under(Path::new("/run/husk"), "s1").unwrap();
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            ..VmSpec::default()
+        };
+        let c = HuskVmm::vm_config(&spec, &l);
+        assert_eq!(c.kernel, Some("/k".into()));
+        assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+        assert_eq!(c.vsock_socket, Some(l.vsock_socket()));
+        assert_eq!(c.api_socket, Some(l.api_socket()));
+        assert_eq!(c.serial_out, Some(l.console_log()));
+        assert_eq!(c.shared_dir, None, "no share asked for");
+        assert!(c.seccomp);
+        let shared = HuskVmm::vm_config(
+            &VmSpec {
+                share: true,
+                ..spec
+            },
+            &l,
+        );
+        assert_eq!(shared.shared_dir, Some(l.share()));
+        assert_eq!(shared.fs_tag, SHARE_TAG);
+        // What husk-vmm reads back is what was meant.
+        let json = serde_json::to_string(&shared).unwrap();
+        assert_eq!(VmConfig::from_json_str(&json, "t").unwrap(), shared);
+    }
+
+    #[test]
+    fn bind_targets_stay_in_the_share() {
+        let share = tempfile::tempdir().unwrap();
+        for target in ["/etc", "../x", "a/../../b"] {
+            let spec = VmSpec {
+                binds: vec![Bind {
+                    source: "/".into(),
+                    target: target.into(),
+                    readonly: true,
+                }],
+                ..VmSpec::default()
+            };
+            assert!(
+                matches!(prepare_binds(&spec, share.path()), Err(Error::InvalidArgument(_))),
+                "{target}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_dies_before_the_guest_runs_is_reported_and_gone() {
+        let root = tempfile::tempdir().unwrap();
+        let l = SandboxLayout::under(root.path(), "s").unwrap();
+        std::fs::create_dir_all(l.dir()).unwrap();
+        let fake = root.path().join("fake-vmm");
+        std::fs::write(&fake, "#!/bin/sh\necho 'no KVM here' >&2\nexit 1\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let spec = VmSpec {
+            kernel: fake.clone(),
+            initramfs: fake.clone(),
+            vmm: Some(fake),
+            boot_timeout: Duration::from_secs(10),
+            ..VmSpec::default()
+        };
+        let err = match HuskVmm.launch(&spec, &l).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a VMM that exits cannot be running"),
+        };
+        assert!(err.contains("no KVM here"), "{err}");
+        // It was recorded as it started, and it is gone.
+        let pids = PidFile::read(&l.pid_file()).unwrap();
+        assert!(!pids.vmm.is_alive());
+    }
+}

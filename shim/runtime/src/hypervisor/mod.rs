@@ -1,0 +1,120 @@
+//! The VM process at the seam: what to boot ([`VmSpec`]), the trait that
+//! boots it ([`Hypervisor`]) and the handle of a running one
+//! ([`VmProcess`]). [`HuskVmm`] is the one implementation: the husk-vmm
+//! binary, started from its own serialized `VmConfig`, its ready fd, a
+//! pidfd for liveness and signals, and its control socket for shutdown.
+
+mod husk_vmm;
+mod pidfd;
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use husk_vmm::{vmm_binary, HuskVmm};
+pub use pidfd::PidFd;
+
+use crate::error::Result;
+use crate::layout::SandboxLayout;
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Until the agent answers (the hypervisor waits only for the ready fd).
+    pub boot_timeout: Duration,
+    /// Kernel command line parameters after the VMM's defaults.
+    pub extra_cmdline: Option<String>,
+    /// Leave the VM running when this process ends (`husk run -d`).
+    pub detach: bool,
+    /// Host paths to show the guest in the share, bound in husk-vmm's own
+    /// mount namespace: they can never outlive the VM nor be seen (or
+    /// deleted through) from the host's namespace.
+    pub binds: Vec<Bind>,
+    /// Share `shared/` even without binds: the caller (the shim) mounts
+    /// into it from the host's namespace later.
+    pub share: bool,
+    /// The husk-vmm binary; `None`: [`vmm_binary`].
+    pub vmm: Option<PathBuf>,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        let guest = husk_guest_image::install_dir();
+        Self {
+            kernel: guest.join("vmlinux"),
+            initramfs: guest.join("initramfs.cpio"),
+            vcpus: 1,
+            memory_mib: 256,
+            boot_timeout: Duration::from_secs(60),
+            extra_cmdline: None,
+            detach: false,
+            binds: Vec::new(),
+            share: false,
+            vmm: None,
+        }
+    }
+}
+
+/// A host path bound into the sandbox share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: PathBuf,
+    /// Where in the share, relative (`rootfs`, `volumes/0`).
+    pub target: PathBuf,
+    pub readonly: bool,
+}
+
+/// Boots VMs.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Starts a VM for `layout` (whose directory exists) and returns once
+    /// its vCPUs run. On failure nothing of the VM is left running.
+    async fn launch(&self, spec: &VmSpec, layout: &SandboxLayout) -> Result<Box<dyn VmProcess>>;
+}
+
+/// A running VM.
+#[async_trait]
+pub trait VmProcess: Send + Sync {
+    /// The VMM's pid (what containerd shows as the task's pid).
+    fn pid(&self) -> u32;
+    /// The exit status once the VM has ended (`None` while it runs; an
+    /// exit of a VM that is not our child has no status to give).
+    fn exited(&self) -> Option<VmExit>;
+    /// Waits until the VM has ended.
+    async fn wait(&self) -> VmExit;
+    /// Stops the VM: the control socket's shutdown, then SIGKILL when it
+    /// has not ended within `grace`. Returns how it ended.
+    async fn stop(&self, grace: Duration) -> VmExit;
+    /// Leaves the VM running when this handle goes (detached VMs).
+    fn release(&self);
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// Our child, with its status.
+    Status(ExitStatus),
+    /// Not our child: it is gone, its status went to its parent.
+    Gone,
+}
+
+impl VmExit {
+    pub fn success(&self) -> bool {
+        matches!(self, VmExit::Status(s) if s.success())
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Status(s) => write!(f, "{s}"),
+            VmExit::Gone => write!(f, "gone"),
+        }
+    }
+}

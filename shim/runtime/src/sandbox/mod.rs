@@ -1,0 +1,413 @@
+//! One VM per pod: its directory, the VM process, the agent, the guest
+//! log, OOM watching, its containers, and teardown.
+//!
+//! [`Sandbox::boot`] leaves nothing behind when it fails: the VM is killed
+//! and its directory removed before the error returns. [`Sandbox::shutdown`]
+//! unmounts the share before the directory goes, so a removal can never walk
+//! into a container's rootfs.
+
+pub mod logs;
+pub mod stale;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use husk_agent_client::agent::{CreateContainerRequest, CreateSandboxRequest};
+use husk_agent_client::{Client, ClientError, ConnectOptions};
+use tokio::task::JoinHandle;
+
+use crate::agent::Agent;
+use crate::container::{self, lock, Container, ContainerConfig, Events, Exit, State};
+use crate::error::{Error, Result};
+use crate::hypervisor::{Hypervisor, HuskVmm, VmExit, VmProcess, VmSpec};
+use crate::layout::{self, SandboxLayout, GUEST_SHARE, SHARE_TAG};
+
+/// What a sandbox is.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub vm: VmSpec,
+    pub hostname: String,
+    /// Forward husk-vmm's own log into ours (the shim; the CLI leaves it
+    /// in `vmm.log`).
+    pub forward_vmm_log: bool,
+}
+
+pub struct Sandbox {
+    layout: SandboxLayout,
+    vm: Box<dyn VmProcess>,
+    agent: Arc<dyn Agent>,
+    /// The concrete client of a real VM, for callers that need RPCs the
+    /// runtime does not wrap (guest details, tests).
+    client: Option<Client>,
+    events: Arc<dyn Events>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    helpers: Vec<JoinHandle<()>>,
+    _guest_log: Option<logs::GuestLog>,
+    /// Removes the directory when the sandbox goes (not for detached VMs).
+    owns_dir: AtomicBool,
+}
+
+/// Removes a directory unless disarmed (a failed boot).
+struct DirGuard(Option<PathBuf>);
+
+impl DirGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            // Mounts first: removing must never walk into a bound tree.
+            let _ = container::mounts::unmount_below(&d);
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+impl Sandbox {
+    /// Boots the VM of sandbox `id` with `hypervisor`, waits for its agent,
+    /// creates the sandbox in the guest.
+    pub async fn boot(
+        id: &str,
+        spec: &SandboxSpec,
+        hypervisor: &dyn Hypervisor,
+        events: Arc<dyn Events>,
+    ) -> Result<Sandbox> {
+        let layout = SandboxLayout::new(id)?;
+        let root = layout::runtime_root();
+        std::fs::create_dir_all(&root).map_err(Error::io("creating", &root))?;
+        if layout.dir().exists() {
+            // What a killed owner left is not a reason to refuse the id.
+            stale::reap(&root);
+        }
+        match std::fs::create_dir(layout.dir()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::AlreadyExists(format!("sandbox {id}")))
+            }
+            Err(e) => return Err(Error::io("creating", layout.dir())(e)),
+        }
+        let guard = DirGuard(Some(layout.dir().to_path_buf()));
+        // Listen for the guest's log before it boots, so no line is lost.
+        let guest_log = logs::GuestLog::start(&layout.vsock_socket(), &layout.guest_log(), id)
+            .map_err(Error::io("listening for the guest log at", layout.vsock_socket()))?;
+        let started = std::time::Instant::now();
+        let vm = hypervisor.launch(&spec.vm, &layout).await?;
+        let mut opts = ConnectOptions::new(layout.vsock_socket());
+        opts.boot_timeout = spec.vm.boot_timeout;
+        opts.console_log = Some(layout.console_log());
+        let client = tokio::select! {
+            c = Client::connect(opts) => c.map_err(Error::agent("connecting to the agent"))?,
+            exit = vm.wait() => return Err(Error::VmGone(format!(
+                "husk-vmm exited ({exit}) before the agent answered:\n{}",
+                husk_agent_client::client::file_tail(&layout.vmm_log(), 20)
+            ))),
+        };
+        tracing::info!(
+            sandbox = id,
+            vcpus = spec.vm.vcpus,
+            memory_mib = spec.vm.memory_mib,
+            ms = started.elapsed().as_millis() as u64,
+            "VM ready"
+        );
+        let detach = spec.vm.detach;
+        let mut sb = Sandbox::from_parts(layout, vm, Arc::new(client.clone()), events);
+        sb.client = Some(client);
+        sb._guest_log = Some(guest_log);
+        if let Err(e) = sb.create_in_guest(&spec.hostname).await {
+            sb.shutdown().await;
+            return Err(e);
+        }
+        if spec.forward_vmm_log {
+            sb.helpers.push(tokio::spawn(logs::forward_vmm_log(
+                sb.layout.vmm_log(),
+                id.to_string(),
+            )));
+        }
+        if detach {
+            sb.release();
+        }
+        guard.disarm();
+        Ok(sb)
+    }
+
+    /// A sandbox of parts: a VM and its agent (the fakes in tests, or a VM
+    /// another process started: [`Sandbox::open`]).
+    pub fn from_parts(
+        layout: SandboxLayout,
+        vm: Box<dyn VmProcess>,
+        agent: Arc<dyn Agent>,
+        events: Arc<dyn Events>,
+    ) -> Sandbox {
+        let mut sb = Sandbox {
+            layout,
+            vm,
+            agent,
+            client: None,
+            events,
+            containers: Mutex::new(HashMap::new()),
+            helpers: Vec::new(),
+            _guest_log: None,
+            owns_dir: AtomicBool::new(true),
+        };
+        sb.helpers.push(tokio::spawn(watch_oom(
+            sb.agent.clone(),
+            sb.events.clone(),
+        )));
+        sb
+    }
+
+    /// The running sandbox `id` another process booted (`husk run -d`), if
+    /// its VM still runs. Its directory stays when this value goes.
+    pub async fn open(id: &str, events: Arc<dyn Events>) -> Result<Sandbox> {
+        stale::reap(&layout::runtime_root());
+        let layout = SandboxLayout::new(id)?;
+        let vm = HuskVmm::open(&layout).ok_or_else(|| Error::NotFound(format!("sandbox {id}")))?;
+        let opts = ConnectOptions {
+            boot_timeout: Duration::from_secs(5),
+            ..ConnectOptions::new(layout.vsock_socket())
+        };
+        let client = Client::connect(opts)
+            .await
+            .map_err(Error::agent("reaching the agent"))?;
+        let mut sb = Sandbox::from_parts(layout, Box::new(vm), Arc::new(client.clone()), events);
+        sb.client = Some(client);
+        sb.release();
+        Ok(sb)
+    }
+
+    async fn create_in_guest(&self, hostname: &str) -> Result<()> {
+        self.agent
+            .create_sandbox(CreateSandboxRequest {
+                sandbox_id: self.layout.id().to_string(),
+                hostname: hostname.to_string(),
+                shared_fs_tag: SHARE_TAG.into(),
+                shared_mount_point: GUEST_SHARE.into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::agent("CreateSandbox"))
+    }
+
+    pub fn id(&self) -> &str {
+        self.layout.id()
+    }
+    pub fn layout(&self) -> &SandboxLayout {
+        &self.layout
+    }
+    pub fn vmm_pid(&self) -> u32 {
+        self.vm.pid()
+    }
+    pub fn agent(&self) -> &Arc<dyn Agent> {
+        &self.agent
+    }
+    /// The agent client of a real VM.
+    pub fn client(&self) -> Option<&Client> {
+        self.client.as_ref()
+    }
+    /// How the VM ended, once it has.
+    pub fn vm_exited(&self) -> Option<VmExit> {
+        self.vm.exited()
+    }
+
+    /// Leaves the VM running and its directory in place when this value
+    /// goes (detached VMs; a VM another process owns).
+    pub fn release(&self) {
+        self.vm.release();
+        self.owns_dir.store(false, Ordering::SeqCst);
+    }
+
+    /// The container `id`.
+    pub fn container(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    pub fn container_count(&self) -> usize {
+        lock(&self.containers).len()
+    }
+
+    /// A container another process created in this (opened) sandbox, as
+    /// running: for execs into it.
+    pub fn adopt_container(&self, id: &str) -> Arc<Container> {
+        let cfg = ContainerConfig {
+            id: id.to_string(),
+            spec: serde_json::Value::Null,
+            share_mounts: Vec::new(),
+            stdio: Default::default(),
+            rootfs_overlay: false,
+            bundle: String::new(),
+        };
+        let c = Arc::new(Container::new(
+            &cfg,
+            self.layout.container_dir(id),
+            self.vm.pid(),
+            self.agent.clone(),
+            self.events.clone(),
+            State::Running,
+        ));
+        lock(&self.containers).insert(id.to_string(), c.clone());
+        c
+    }
+
+    /// Makes a container: its mounts in the share, the container in the
+    /// guest, its stdio attached. On failure nothing of it is left.
+    pub async fn create_container(&self, cfg: ContainerConfig) -> Result<Arc<Container>> {
+        layout::check_id("container", &cfg.id)?;
+        if let Some(exit) = self.vm.exited() {
+            return Err(Error::VmGone(format!("husk-vmm ended ({exit})")));
+        }
+        let dir = self.layout.container_dir(&cfg.id);
+        let c = Arc::new(Container::new(
+            &cfg,
+            dir.clone(),
+            self.vm.pid(),
+            self.agent.clone(),
+            self.events.clone(),
+            State::Creating,
+        ));
+        // The id is taken from here on: a second create of it is refused
+        // while this one runs, without a lock held across the calls below.
+        {
+            let mut map = lock(&self.containers);
+            if map.contains_key(&cfg.id) {
+                return Err(Error::AlreadyExists(format!("container {}", cfg.id)));
+            }
+            map.insert(cfg.id.clone(), c.clone());
+        }
+        match self.make_container(&cfg, &c).await {
+            Ok(()) => {
+                lock(&c.init().state).created(&format!("container {}", cfg.id))?;
+                Ok(c)
+            }
+            Err(e) => {
+                lock(&self.containers).remove(&cfg.id);
+                if let Err(me) = container::mounts::unmount_below(&dir) {
+                    tracing::warn!(container = %cfg.id, error = %me, "unmounting after a failed create");
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn make_container(&self, cfg: &ContainerConfig, c: &Container) -> Result<()> {
+        let share = self.layout.share();
+        for m in &cfg.share_mounts {
+            m.make(&share)?;
+        }
+        let spec = serde_json::to_vec(&cfg.spec)
+            .map_err(|e| Error::InvalidArgument(format!("the container's spec: {e}")))?;
+        self.agent
+            .create_container(CreateContainerRequest {
+                container_id: cfg.id.clone(),
+                oci_spec: spec,
+                stdin: !cfg.stdio.stdin.is_none(),
+                rootfs_overlay: cfg.rootfs_overlay,
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::agent("CreateContainer"))?;
+        if let Err(e) = c.attach_init().await {
+            let _ = self.agent.remove_container(&cfg.id).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes a container that never started or has ended: in the guest,
+    /// its mounts and directory in the share, and here. Its exit, if it ran.
+    pub async fn delete_container(&self, id: &str) -> Result<Option<Exit>> {
+        let c = self.container(id)?;
+        let exit = lock(&c.init().state).begin_delete(&format!("container {id}"))?;
+        if let Err(e) = self.agent.remove_container(id).await {
+            // Gone already, or the VM is: nothing left in the guest either way.
+            tracing::info!(container = id, error = %e, "RemoveContainer");
+        }
+        c.close_all_stdin();
+        if let Err(e) = container::mounts::unmount_below(c.dir()) {
+            tracing::warn!(container = id, error = %e, "unmounting");
+        }
+        let _ = std::fs::remove_dir_all(c.dir());
+        lock(&self.containers).remove(id);
+        Ok(exit)
+    }
+
+    /// Stops the guest (the agent's Shutdown, then the VMM's control
+    /// socket, then SIGKILL), unmounts the share and removes the directory.
+    pub async fn shutdown(&self) -> VmExit {
+        for h in &self.helpers {
+            h.abort();
+        }
+        // Before the VM goes: the directory is removed recursively, which
+        // must never walk into a container's rootfs.
+        if let Err(e) = container::mounts::unmount_below(self.layout.dir()) {
+            tracing::warn!(sandbox = %self.id(), error = %e, "unmounting the share");
+        }
+        let exit = match self.vm.exited() {
+            Some(exit) => exit,
+            None => {
+                let asked = self.agent.shutdown(Duration::from_secs(2)).await;
+                // The agent may power off before its answer leaves: a lost
+                // connection is fine when the VM then ends.
+                if let Err(e) = &asked {
+                    if !matches!(e, ClientError::Transport { .. }) {
+                        tracing::warn!(sandbox = %self.id(), error = %e, "the agent refused Shutdown");
+                    }
+                }
+                match tokio::time::timeout(Duration::from_secs(10), self.vm.wait()).await {
+                    Ok(exit) => exit,
+                    Err(_) => self.vm.stop(Duration::from_secs(2)).await,
+                }
+            }
+        };
+        tracing::info!(sandbox = %self.id(), %exit, "VM stopped");
+        if self.owns_dir.load(Ordering::SeqCst) {
+            let _ = container::mounts::unmount_below(self.layout.dir());
+            let _ = std::fs::remove_dir_all(self.layout.dir());
+        }
+        exit
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for h in &self.helpers {
+            h.abort();
+        }
+        // The VM handle kills an owned VM as it drops; the directory goes
+        // with it (mounts first).
+        if self.owns_dir.load(Ordering::SeqCst) && self.layout.dir().exists() {
+            let _ = container::mounts::unmount_below(self.layout.dir());
+            let _ = std::fs::remove_dir_all(self.layout.dir());
+        }
+    }
+}
+
+/// Relays the agent's OOM notices until the VM goes or the agent says it
+/// has no such call.
+async fn watch_oom(agent: Arc<dyn Agent>, events: Arc<dyn Events>) {
+    loop {
+        match agent.oom_event().await {
+            Ok(container_id) => {
+                tracing::warn!(container = %container_id, "OOM kill in the guest");
+                events.oom(&container_id).await;
+            }
+            Err(ClientError::Rpc { code, message, .. }) => {
+                tracing::info!(?code, %message, "no OOM notices from this agent");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "OOM watch");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
