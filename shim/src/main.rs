@@ -1,13 +1,9 @@
 //! containerd-shim-husk-v2: Husk as containerd runtime `io.containerd.husk.v2`.
 //! One shim daemon and one micro-VM per pod; see docs/shim.md.
 
-mod config;
 mod events;
-mod io;
-mod mounts;
-mod sandbox;
+mod options;
 mod shim;
-mod spec;
 mod task;
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -23,7 +19,7 @@ fn init_logging(flags: &containerd_shim::Flags) {
         if flags.debug {
             "debug".into()
         } else {
-            config::Config::load(None)
+            husk_runtime::config::Config::load(None)
                 .map(|c| c.log_level)
                 .unwrap_or_else(|_| "info".into())
         }

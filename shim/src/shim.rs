@@ -13,13 +13,15 @@ use containerd_shim::api::DeleteResponse;
 use containerd_shim::asynchronous::{ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Error, Flags, StartOpts};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use husk_runtime::container::{
+    mounts,
+    spec::{self, Role},
+};
+use husk_runtime::hypervisor::{HuskVmm, VmProcess};
+use husk_runtime::layout::{PidFile, ProcessId, SandboxLayout};
+use husk_runtime::sandbox::stale;
 
 use crate::events::{self, Events};
-use crate::mounts;
-use crate::sandbox;
-use crate::spec::{self, Role};
 use crate::task::Service;
 
 pub struct HuskShim {
@@ -173,17 +175,6 @@ fn adjust_oom_score(pid: u32) {
     );
 }
 
-fn alive(pid: i32) -> bool {
-    pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
-}
-
-/// (husk-vmm pid, owning shim pid) from /run/husk/<id>/pid.
-fn vm_pids(dir: &Path) -> Option<(i32, i32)> {
-    let text = std::fs::read_to_string(dir.join("pid")).ok()?;
-    let mut it = text.lines().map(|l| l.trim().parse::<i32>().unwrap_or(0));
-    Some((it.next()?, it.next().unwrap_or(0)))
-}
-
 /// `delete`: idempotent cleanup for container `id`. In a pod whose shim
 /// still runs only this container's share directory goes; when the shim is
 /// gone, its VM, every mount in the share and /run/husk/<sandbox> go too.
@@ -192,35 +183,26 @@ async fn cleanup(id: &str, bundle: &Path) -> Result<()> {
         Role::Member { sandbox_id } => sandbox_id,
         Role::Sandbox => id.to_string(),
     };
-    let dir = sandbox::runtime_dir(&sandbox_id);
-    let pids = vm_pids(&dir);
-    let shim_alive =
-        pids.is_some_and(|(_, owner)| owner != std::process::id() as i32 && alive(owner));
+    let layout = SandboxLayout::new(&sandbox_id)?;
+    let pids = PidFile::read(&layout.pid_file());
+    let me = ProcessId::current();
+    let shim_alive = pids.is_some_and(|p| Some(p.owner) != me && p.owner.is_alive());
     if shim_alive {
-        let cdir = sandbox::container_dir(&dir, id);
+        let cdir = layout.container_dir(id);
         mounts::unmount_below(&cdir)?;
         let _ = std::fs::remove_dir_all(&cdir);
         tracing::info!(container = id, sandbox = %sandbox_id, "cleaned one container of a live pod");
         return Ok(());
     }
-    if let Some((vmm, _)) = pids {
-        if alive(vmm) {
-            tracing::warn!(sandbox = %sandbox_id, vmm, "killing the VM of a dead shim");
-            let _ = kill(Pid::from_raw(vmm), Signal::SIGKILL);
-            for _ in 0..100 {
-                if !alive(vmm) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+    // The VMM of a dead shim: found by its recorded identity, killed
+    // through a pidfd (a recycled pid is never signalled).
+    if let Some(vm) = HuskVmm::open(&layout) {
+        tracing::warn!(sandbox = %sandbox_id, pid = vm.pid(), "killing the VM of a dead shim");
+        vm.kill();
+        let _ = tokio::time::timeout(Duration::from_secs(2), vm.wait()).await;
     }
-    // Mounts first: removing the directory must never walk into a rootfs.
-    mounts::unmount_below(&dir)?;
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+    if !stale::remove(&layout) {
+        anyhow::bail!("{}: mounts remain below it", layout.dir().display());
     }
     if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
         if !socket_alive(address.trim()).await {

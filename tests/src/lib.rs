@@ -4,6 +4,7 @@ pub mod kvm_smoke;
 pub mod procs;
 pub mod scenario;
 pub mod testhost;
+pub mod vm;
 
 use std::path::PathBuf;
 

@@ -3,7 +3,9 @@
 //! one is `husk_agent_client::Client` (ttrpc over vsock).
 
 use async_trait::async_trait;
-use husk_agent_client::agent::{CreateContainerRequest, CreateSandboxRequest, StatsContainerResponse};
+use husk_agent_client::agent::{
+    CreateContainerRequest, CreateSandboxRequest, StatsContainerResponse,
+};
 use husk_agent_client::{Client, ClientError};
 use tokio::net::UnixStream;
 

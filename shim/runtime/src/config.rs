@@ -112,6 +112,30 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The VM of a pod: these defaults, sized by the pod's annotations
+    /// (`io.husk.cpus`, `io.husk.memory`) where they say so.
+    pub fn vm_spec(&self, annotations: &std::collections::BTreeMap<String, String>) -> VmSpec {
+        let vcpus = annotations
+            .get(ANNOTATION_CPUS)
+            .and_then(|v| parse_cpus(v))
+            .unwrap_or(self.vcpus);
+        let memory_mib = annotations
+            .get(ANNOTATION_MEMORY)
+            .and_then(|v| parse_memory_mib(v))
+            .unwrap_or(self.memory_mib);
+        VmSpec {
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            vcpus,
+            memory_mib,
+            boot_timeout: std::time::Duration::from_secs(self.boot_timeout_secs),
+            vmm: self.vmm.clone(),
+            ..VmSpec::default()
+        }
+    }
+}
+
 /// Pod annotations that size the sandbox's VM.
 pub const ANNOTATION_CPUS: &str = "io.husk.cpus";
 pub const ANNOTATION_MEMORY: &str = "io.husk.memory";
@@ -188,6 +212,20 @@ boot_timeout_secs = 5
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "vcpus = 3\n").unwrap();
         assert_eq!(Config::load(Some(&p)).unwrap().vcpus, 3);
+    }
+
+    #[test]
+    fn annotations_size_the_pods_vm() {
+        let c = Config::parse("vcpus = 2\nmemory_mib = 300").unwrap();
+        let mut a = std::collections::BTreeMap::new();
+        let v = c.vm_spec(&a);
+        assert_eq!((v.vcpus, v.memory_mib), (2, 300));
+        a.insert(ANNOTATION_CPUS.to_string(), "4".to_string());
+        a.insert(ANNOTATION_MEMORY.to_string(), "1Gi".to_string());
+        let v = c.vm_spec(&a);
+        assert_eq!((v.vcpus, v.memory_mib), (4, 1024));
+        a.insert(ANNOTATION_CPUS.to_string(), "many".to_string());
+        assert_eq!(c.vm_spec(&a).vcpus, 2, "a bad annotation keeps the default");
     }
 
     #[test]

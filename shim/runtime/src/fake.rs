@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use husk_agent_api::ttrpc::{self, Code};
-use husk_agent_client::agent::{CreateContainerRequest, CreateSandboxRequest, StatsContainerResponse};
+use husk_agent_client::agent::{
+    CreateContainerRequest, CreateSandboxRequest, StatsContainerResponse,
+};
 use husk_agent_client::ClientError;
 use tokio::net::UnixStream;
 use tokio::sync::{watch, Notify};
@@ -21,6 +23,8 @@ use crate::layout::SandboxLayout;
 use crate::sandbox::Sandbox;
 
 type R<T> = Result<T, ClientError>;
+/// (container id, exec id)
+type ProcessKey = (String, String);
 
 #[derive(Default)]
 pub struct FakeAgent {
@@ -29,7 +33,7 @@ pub struct FakeAgent {
     pub start_gate: Mutex<Option<Arc<Notify>>>,
     /// When set, CreateContainer fails with this (and the VM dies).
     pub vm_dies_on_create: Mutex<Option<Arc<FakeVm>>>,
-    exits: Mutex<HashMap<(String, String), watch::Sender<Option<i32>>>>,
+    exits: Mutex<HashMap<ProcessKey, watch::Sender<Option<i32>>>>,
 }
 
 impl FakeAgent {
@@ -147,7 +151,11 @@ impl Agent for FakeAgent {
         Ok(())
     }
     async fn oom_event(&self) -> R<String> {
-        Err(rpc("GetOomEvent", Code::UNIMPLEMENTED, "no OOM notices here"))
+        Err(rpc(
+            "GetOomEvent",
+            Code::UNIMPLEMENTED,
+            "no OOM notices here",
+        ))
     }
     async fn attach(&self, _: &str, _: &str, _: Stream) -> R<UnixStream> {
         // The "guest" end closes at once: the relay ends at EOF.
@@ -169,9 +177,10 @@ impl FakeVm {
     }
     pub fn die(&self) {
         use std::os::unix::process::ExitStatusExt;
-        self.exit.send_replace(Some(VmExit::Status(
-            std::process::ExitStatus::from_raw(libc::SIGKILL),
-        )));
+        self.exit
+            .send_replace(Some(VmExit::Status(std::process::ExitStatus::from_raw(
+                libc::SIGKILL,
+            ))));
     }
 }
 
@@ -276,14 +285,25 @@ async fn a_container_lives_and_is_deleted() {
     ));
     c.start(INIT).await.unwrap();
     assert_eq!(c.state(), State::Running);
-    assert!(matches!(c.start(INIT).await, Err(Error::FailedPrecondition(_))));
+    assert!(matches!(
+        c.start(INIT).await,
+        Err(Error::FailedPrecondition(_))
+    ));
     let e = r.sandbox.delete_container("c1").await.unwrap_err();
     assert_eq!(e.code(), Code::FAILED_PRECONDITION, "{e}");
     r.agent.exit("c1", INIT, 7);
     assert_eq!(c.wait(INIT).await.unwrap().status, 7);
     eventually("the exit event", || !lock(&r.events.0).is_empty()).await;
     assert_eq!(lock(&r.events.0)[0], ("c1".into(), "".into(), 7));
-    assert_eq!(r.sandbox.delete_container("c1").await.unwrap().unwrap().status, 7);
+    assert_eq!(
+        r.sandbox
+            .delete_container("c1")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        7
+    );
     assert!(matches!(r.sandbox.container("c1"), Err(Error::NotFound(_))));
     assert!(!r.sandbox.layout().container_dir("c1").exists());
     assert!(r.agent.calls().contains(&"remove_container c1".to_string()));
@@ -348,11 +368,18 @@ async fn one_containers_slow_start_does_not_block_another() {
 async fn kill_reaches_the_right_processes() {
     let r = rig();
     let c = r.sandbox.create_container(config("c1")).await.unwrap();
-    assert_eq!(c.kill(INIT, 0, false).await.unwrap_err().code(), Code::INVALID_ARGUMENT);
-    assert_eq!(c.kill(INIT, 65, false).await.unwrap_err().code(), Code::INVALID_ARGUMENT);
+    assert_eq!(
+        c.kill(INIT, 0, false).await.unwrap_err().code(),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        c.kill(INIT, 65, false).await.unwrap_err().code(),
+        Code::INVALID_ARGUMENT
+    );
     c.start(INIT).await.unwrap();
     c.kill(INIT, 9, true).await.unwrap();
-    c.add_exec("e1", b"{}".to_vec(), StdioConfig::default()).unwrap();
+    c.add_exec("e1", b"{}".to_vec(), StdioConfig::default())
+        .unwrap();
     assert_eq!(
         c.add_exec("e1", b"{}".to_vec(), StdioConfig::default())
             .unwrap_err()
@@ -368,11 +395,18 @@ async fn kill_reaches_the_right_processes() {
     // A created exec that is killed ends here, as runc's would.
     c.kill("e1", 15, false).await.unwrap();
     assert_eq!(c.wait("e1").await.unwrap().status, 128 + 15);
-    assert_eq!(c.kill("e1", 15, false).await.unwrap_err().code(), Code::NOT_FOUND);
-    c.add_exec("e2", b"{}".to_vec(), StdioConfig::default()).unwrap();
+    assert_eq!(
+        c.kill("e1", 15, false).await.unwrap_err().code(),
+        Code::NOT_FOUND
+    );
+    c.add_exec("e2", b"{}".to_vec(), StdioConfig::default())
+        .unwrap();
     c.start("e2").await.unwrap();
     c.kill("e2", 2, true).await.unwrap();
-    assert_eq!(c.resize("e2", 10, 20).await.unwrap_err().code(), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        c.resize("e2", 10, 20).await.unwrap_err().code(),
+        Code::FAILED_PRECONDITION
+    );
     assert_eq!(
         c.delete_exec("e2").await.unwrap_err().code(),
         Code::FAILED_PRECONDITION
@@ -390,14 +424,19 @@ async fn kill_reaches_the_right_processes() {
     ] {
         assert!(calls.contains(&want.to_string()), "{want} in {calls:?}");
     }
-    assert!(!calls.iter().any(|c| c.contains("e1") && c.starts_with("signal")));
+    assert!(!calls
+        .iter()
+        .any(|c| c.contains("e1") && c.starts_with("signal")));
 }
 
 #[tokio::test]
 async fn pause_and_resume_follow_the_state() {
     let r = rig();
     let c = r.sandbox.create_container(config("c1")).await.unwrap();
-    assert_eq!(c.pause().await.unwrap_err().code(), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        c.pause().await.unwrap_err().code(),
+        Code::FAILED_PRECONDITION
+    );
     c.start(INIT).await.unwrap();
     c.pause().await.unwrap();
     assert_eq!(c.state(), State::Paused);
@@ -405,7 +444,10 @@ async fn pause_and_resume_follow_the_state() {
     assert_eq!(e.code(), Code::FAILED_PRECONDITION);
     c.resume().await.unwrap();
     assert_eq!(c.state(), State::Running);
-    assert_eq!(c.resume().await.unwrap_err().code(), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        c.resume().await.unwrap_err().code(),
+        Code::FAILED_PRECONDITION
+    );
 }
 
 #[tokio::test]

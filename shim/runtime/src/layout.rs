@@ -58,6 +58,23 @@ pub fn check_id(what: &str, id: &str) -> Result<(), Error> {
     }
 }
 
+/// A fresh id: 16 hex digits from the kernel's random pool (pid and time
+/// when that cannot be read).
+pub fn random_id() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        b = (t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// One sandbox's directory and everything in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxLayout {
@@ -207,7 +224,9 @@ impl PidFile {
         let mut lines = text.lines().map(|l| {
             let mut it = l.split_whitespace().map(str::parse::<u64>);
             match (it.next(), it.next(), it.next()) {
-                (Some(Ok(pid)), Some(Ok(start_time)), None) if pid > 0 && pid <= i32::MAX as u64 => {
+                (Some(Ok(pid)), Some(Ok(start_time)), None)
+                    if pid > 0 && pid <= i32::MAX as u64 =>
+                {
                     Some(ProcessId {
                         pid: pid as i32,
                         start_time,
@@ -262,6 +281,13 @@ mod tests {
     }
 
     #[test]
+    fn random_ids_are_valid_and_differ() {
+        let (a, b) = (random_id(), random_id());
+        assert_ne!(a, b);
+        assert!(check_id("sandbox", &a).is_ok());
+    }
+
+    #[test]
     fn pid_file_round_trips_and_refuses_junk() {
         let p = PidFile {
             vmm: ProcessId {
@@ -274,7 +300,14 @@ mod tests {
             },
         };
         assert_eq!(PidFile::parse(&p.to_text()), Some(p));
-        for junk in ["", "10\n11\n", "10 1\n", "x 1\n2 3\n", "0 1\n2 3\n", "1 1\n2 3\n4 5\n"] {
+        for junk in [
+            "",
+            "10\n11\n",
+            "10 1\n",
+            "x 1\n2 3\n",
+            "0 1\n2 3\n",
+            "1 1\n2 3\n4 5\n",
+        ] {
             assert_eq!(PidFile::parse(junk), None, "{junk:?}");
         }
     }

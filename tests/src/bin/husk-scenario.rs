@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
+use husk_agent_client::Stream;
 use husk_agent_client::{Client, ClientError, ConnectOptions};
-use husk_tools::vm::{runtime_root, Vm, VmSpec};
+use husk_tests::vm::{runtime_root, Bind, Vm, VmSpec};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -341,7 +342,7 @@ impl TestVm {
         let console = dir.path().join("console.log");
         let vsock = dir.path().join("vsock.sock");
         let cmdline = format!("{} {extra}", husk_guest_image::cmdline::default_cmdline());
-        let child = tokio::process::Command::new(husk_tools::vm::vmm_binary())
+        let child = tokio::process::Command::new(husk_tests::vm::vmm_binary())
             .arg("--kernel")
             .arg(kernel)
             .arg("--initramfs")
@@ -618,8 +619,8 @@ async fn run_container(c: &Client, id: &str, spec: Vec<u8>) -> Result<(i32, Stri
             text
         })
     };
-    let out = read(c.attach(id, "", "stdout").await?);
-    let err = read(c.attach(id, "", "stderr").await?);
+    let out = read(c.attach(id, "", Stream::Stdout).await?);
+    let err = read(c.attach(id, "", Stream::Stderr).await?);
     c.start_container(id).await?;
     let code = c.wait_process(id, "").await?;
     let (out, err) = (out.await?, err.await?);
@@ -634,7 +635,11 @@ async fn containers(guest: &Option<PathBuf>) -> Result<()> {
     use husk_agent_client::agent::CreateSandboxRequest;
     let rootfs = Path::new("target/husk/busybox-rootfs").canonicalize()?;
     let mut s = spec(guest, 1, 256);
-    s.rootfs = Some(rootfs);
+    s.binds.push(Bind {
+        source: rootfs,
+        target: "rootfs".into(),
+        readonly: true,
+    });
     let vm = Vm::boot(&s).await?;
     let c = vm.client.clone();
     c.create_sandbox(CreateSandboxRequest {
@@ -771,7 +776,7 @@ async fn containers(guest: &Option<PathBuf>) -> Result<()> {
                 "args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/"});
             c.exec_process("busy", e, serde_json::to_vec(&process)?, false)
                 .await?;
-            for stream in ["stdout", "stderr"] {
+            for stream in [Stream::Stdout, Stream::Stderr] {
                 let mut s = c.attach("busy", e, stream).await?;
                 tokio::spawn(async move { tokio::io::copy(&mut s, &mut tokio::io::sink()).await });
             }
@@ -901,7 +906,7 @@ async fn vmm_fs(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
         "{} test_init.fs=husk-share test_init.exit=poweroff",
         husk_guest_image::cmdline::default_cmdline()
     );
-    let status = tokio::process::Command::new(husk_tools::vm::vmm_binary())
+    let status = tokio::process::Command::new(husk_tests::vm::vmm_binary())
         .arg("--kernel")
         .arg(kernel(guest, "vmlinux"))
         .arg("--initramfs")
@@ -950,7 +955,7 @@ async fn vmm_control(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
     let vsock = dir.path().join("vsock.sock");
     let (ready_r, ready_w): (OwnedFd, OwnedFd) = nix::unistd::pipe()?;
     let ready_w_raw = ready_w.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(husk_tools::vm::vmm_binary());
+    let mut cmd = tokio::process::Command::new(husk_tests::vm::vmm_binary());
     cmd.arg("--kernel")
         .arg(kernel(guest, "vmlinux"))
         .arg("--initramfs")

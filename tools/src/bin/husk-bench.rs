@@ -159,17 +159,20 @@ fn overhead_kib(pid: i32) -> Result<(u64, u64)> {
 }
 
 async fn vmm_boot(runs: usize, cpus: u32, memory: u32) -> Result<serde_json::Value> {
-    use husk_tools::vm::{Vm, VmSpec};
+    use husk_runtime::{HuskVmm, NoEvents, Sandbox, SandboxSpec, VmSpec};
     let (mut init_ms, mut ready_ms, mut rss, mut pss) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         let id = format!("bench-{}-{run}", std::process::id());
-        let console = husk_tools::vm::runtime_root().join(&id).join("console.log");
-        let spec = VmSpec {
-            vcpus: cpus,
-            memory_mib: memory,
-            id: Some(id),
-            ..VmSpec::default()
+        let console = husk_runtime::layout::SandboxLayout::new(&id)?.console_log();
+        let spec = SandboxSpec {
+            vm: VmSpec {
+                vcpus: cpus,
+                memory_mib: memory,
+                ..VmSpec::default()
+            },
+            hostname: None,
+            forward_vmm_log: false,
         };
         let started = Instant::now();
         // The console is watched while the VM boots: the agent's first line
@@ -184,11 +187,11 @@ async fn vmm_boot(runs: usize, cpus: u32, memory: u32) -> Result<serde_json::Val
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         });
-        let vm = Vm::boot(&spec).await?;
+        let vm = Sandbox::boot(&id, &spec, &HuskVmm, std::sync::Arc::new(NoEvents)).await?;
         let ready = started.elapsed();
         let init = tokio::time::timeout(Duration::from_secs(5), watch).await??;
-        let (r, p) = overhead_kib(vm.vmm_pid.as_raw())?;
-        let status = vm.shutdown(Duration::from_secs(30)).await?;
+        let (r, p) = overhead_kib(vm.vmm_pid() as i32)?;
+        let status = vm.shutdown().await;
         if !status.success() {
             bail!("run {run}: husk-vmm ended with {status}");
         }

@@ -17,15 +17,27 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use husk_agent_client::Client;
-use husk_tools::vm::{self, Bind, Vm, VmSpec};
-use tokio::io::AsyncWriteExt;
+use husk_runtime::config::Config;
+use husk_runtime::container::Endpoint;
+use husk_runtime::hypervisor::Bind;
+use husk_runtime::layout::{self, PidFile, SandboxLayout};
+use husk_runtime::sandbox::stale;
+use husk_runtime::{
+    Container, ContainerConfig, Exit, HuskVmm, NoEvents, Sandbox, SandboxSpec, StdioConfig, VmSpec,
+    INIT,
+};
 
 #[derive(Parser)]
 #[command(name = "husk", about = "Run containers in KVM micro-VMs", version)]
 struct Cli {
+    /// Show Husk's own log, the guest's and husk-vmm's (RUST_LOG overrides).
+    #[arg(long, global = true)]
+    debug: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -118,8 +130,6 @@ struct ExecArgs {
     command: Vec<String>,
 }
 
-/// Where the agent mounts the sandbox share in the guest.
-const GUEST_SHARE: &str = "/run/husk/share";
 /// The container's name inside its VM.
 const CONTAINER: &str = "main";
 
@@ -314,50 +324,9 @@ fn terminal_size() -> Option<(u32, u32)> {
     (r == 0 && ws.ws_row > 0).then(|| (u32::from(ws.ws_row), u32::from(ws.ws_col)))
 }
 
-/// Attaches a process's streams, runs `start`, relays stdio, signals and
-/// resizes until it exits; returns its exit code.
-async fn attach_and_wait<F, Fut>(
-    client: &Client,
-    exec_id: &str,
-    p: &ProcessArgs,
-    start: F,
-) -> Result<i32>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    let mut out = client.attach(CONTAINER, exec_id, "stdout").await?;
-    let err = if p.tty {
-        None
-    } else {
-        Some(client.attach(CONTAINER, exec_id, "stderr").await?)
-    };
-    let stdin = if p.interactive {
-        Some(client.attach(CONTAINER, exec_id, "stdin").await?)
-    } else {
-        None
-    };
-    let relay_out = tokio::spawn(async move {
-        let mut o = tokio::io::stdout();
-        let r = tokio::io::copy(&mut out, &mut o).await;
-        let _ = o.flush().await;
-        r
-    });
-    let relay_err = err.map(|mut err| {
-        tokio::spawn(async move { tokio::io::copy(&mut err, &mut tokio::io::stderr()).await })
-    });
-    let _raw = RawMode::enter(p.tty);
-    start().await?;
-    if let Some(mut s) = stdin {
-        // At our stdin's end the stream closes and so does the process's stdin.
-        tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut s).await;
-            let _ = s.shutdown().await;
-        });
-    }
-    let (c, id) = (client.clone(), exec_id.to_string());
-    let tty = p.tty;
-    let forward = tokio::spawn(async move {
+/// Forwards signals and terminal resizes to a running process until aborted.
+fn forward_signals(c: Arc<Container>, exec_id: String, tty: bool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut int), Ok(mut term), Ok(mut winch)) = (
             signal(SignalKind::interrupt()),
@@ -366,92 +335,55 @@ where
         ) else {
             return;
         };
-        if tty {
-            if let Some((rows, cols)) = terminal_size() {
-                let _ = c.tty_resize(CONTAINER, &id, rows, cols).await;
+        let resize = async |c: &Container| {
+            if let (true, Some((rows, cols))) = (tty, terminal_size()) {
+                let _ = c.resize(&exec_id, rows, cols).await;
             }
-        }
+        };
+        resize(&c).await;
         loop {
             let sig = tokio::select! {
                 _ = int.recv() => libc::SIGINT,
                 _ = term.recv() => libc::SIGTERM,
                 _ = winch.recv() => {
-                    if let (true, Some((rows, cols))) = (tty, terminal_size()) {
-                        let _ = c.tty_resize(CONTAINER, &id, rows, cols).await;
-                    }
+                    resize(&c).await;
                     continue;
                 }
             };
-            let _ = c.signal_process(CONTAINER, &id, sig).await;
+            let _ = c.kill(&exec_id, sig as u32, false).await;
         }
-    });
-    let code = client.wait_process(CONTAINER, exec_id).await?;
-    forward.abort();
-    // The agent answers Wait only after the output is out; drain our side.
-    let _ = relay_out.await;
-    if let Some(r) = relay_err {
-        let _ = r.await;
-    }
-    Ok(code)
+    })
 }
 
-/// Boots a VM for one container, runs it, relays its output, returns its code.
-async fn run(a: RunArgs) -> Result<i32> {
-    let mut binds = Vec::new();
-    let mut mounts = Vec::new();
-    for (i, v) in a.volumes.iter().enumerate() {
-        let (b, m) = volume(i, v)?;
-        binds.push(b);
-        mounts.push(m);
+/// This process's stdio for a container process.
+fn stdio(p: &ProcessArgs) -> StdioConfig {
+    StdioConfig {
+        stdin: if p.interactive {
+            Endpoint::Inherit
+        } else {
+            Endpoint::None
+        },
+        stdout: Endpoint::Inherit,
+        stderr: Endpoint::Inherit,
+        terminal: p.tty,
     }
-    if let Some(name) = &a.name {
-        if vm::runtime_root().join(name).exists() {
-            bail!("a container named {name:?} exists: `husk rm -f {name}` first");
-        }
-    }
-    let memory_mib =
-        u32::try_from(parse_size(&a.memory, 1 << 20)? >> 20).context("--memory is too large")?;
-    let spec = VmSpec {
-        vcpus: a.cpus,
-        memory_mib,
-        boot_timeout: Duration::from_secs(a.boot_timeout),
-        rootfs: Some(
-            a.rootfs
-                .canonicalize()
-                .with_context(|| format!("rootfs {}", a.rootfs.display()))?,
-        ),
-        binds,
-        id: a.name.clone(),
-        detach: a.detach,
-        ..VmSpec::default()
-    };
-    let oci = oci_spec(&a, "husk", mounts)?;
-    let vm = Vm::boot(&spec).await?;
-    std::fs::write(vm.dir.join("command"), a.command.join(" "))?;
-    if a.detach {
-        // Our Vm value must not kill it; a failure still cleans up.
-        let r = start_detached(&vm, oci).await;
-        if let Err(e) = r {
-            let _ = vm.client.shutdown(Duration::from_secs(1)).await;
-            let _ = nix::sys::signal::kill(vm.vmm_pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = std::fs::remove_dir_all(&vm.dir);
-            return Err(e);
-        }
-        println!("{}", vm.id);
-        return Ok(0);
-    }
-    let result = run_in(&vm, &a, oci).await;
-    // Whatever happened, the VM goes.
-    let stopped = vm.shutdown(Duration::from_secs(20)).await;
-    let code = result?;
-    stopped?;
-    Ok(code)
 }
 
-async fn create_sandbox(vm: &Vm, oci: serde_json::Value, stdin: bool) -> Result<()> {
-    use husk_agent_client::agent::CreateSandboxRequest;
-    let hostname = format!("husk-{}", &vm.id[..12.min(vm.id.len())]);
-    let hostname: String = hostname
+/// Remembers whether the guest reported an OOM kill.
+#[derive(Default)]
+struct OomSeen(AtomicBool);
+
+#[async_trait::async_trait]
+impl husk_runtime::Events for OomSeen {
+    async fn process_exited(&self, _: &str, _: &str, _: u32, _: Exit) {}
+    async fn oom(&self, _: &str) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The container's hostname: `husk-` and the first 12 characters of its id.
+fn hostname(id: &str) -> String {
+    format!("husk-{}", &id[..12.min(id.len())])
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' {
@@ -460,80 +392,121 @@ async fn create_sandbox(vm: &Vm, oci: serde_json::Value, stdin: bool) -> Result<
                 '-'
             }
         })
-        .collect();
-    vm.client
-        .create_sandbox(CreateSandboxRequest {
-            sandbox_id: vm.id.clone(),
-            hostname: hostname.clone(),
-            shared_fs_tag: "husk-share".into(),
-            shared_mount_point: GUEST_SHARE.into(),
-            ..Default::default()
-        })
-        .await?;
-    let mut oci = oci;
-    oci["hostname"] = serde_json::Value::String(hostname);
-    // The rootfs is shared read-only; the container writes to a layer in
-    // the guest's memory, gone with it (volumes are for what must stay).
-    vm.client
-        .create_container_with(husk_agent_client::agent::CreateContainerRequest {
-            container_id: CONTAINER.into(),
-            oci_spec: serde_json::to_vec(&oci)?,
-            stdin,
-            rootfs_overlay: true,
-            ..Default::default()
-        })
-        .await?;
-    Ok(())
+        .collect()
 }
 
-async fn start_detached(vm: &Vm, oci: serde_json::Value) -> Result<()> {
-    create_sandbox(vm, oci, false).await?;
-    vm.client.start_container(CONTAINER).await?;
-    Ok(())
-}
-
-async fn run_in(vm: &Vm, a: &RunArgs, oci: serde_json::Value) -> Result<i32> {
-    create_sandbox(vm, oci, a.process.interactive).await?;
-    let events = vm.client.clone();
-    let mut oom = tokio::spawn(async move { events.oom_event().await });
-    let code = attach_and_wait(&vm.client, "", &a.process, || async {
-        vm.client.start_container(CONTAINER).await?;
-        Ok(())
-    })
-    .await?;
-    // A SIGKILL may be the OOM killer's: the event says so.
-    if code == 137 {
-        if let Ok(Ok(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), &mut oom).await {
-            eprintln!("husk: the container hit its memory limit and was killed (OOM)");
-        }
+/// Boots a VM for one container, runs it, relays its output, returns its code.
+async fn run(a: RunArgs) -> Result<i32> {
+    let cfg = Config::load(None)?;
+    let rootfs = a
+        .rootfs
+        .canonicalize()
+        .with_context(|| format!("rootfs {}", a.rootfs.display()))?;
+    // Read-only: the guest writes to a layer of its own (the agent's rootfs
+    // overlay, in guest memory), never to the host's directory.
+    let mut binds = vec![Bind {
+        source: rootfs,
+        target: PathBuf::from("rootfs"),
+        readonly: true,
+    }];
+    let mut mounts = Vec::new();
+    for (i, v) in a.volumes.iter().enumerate() {
+        let (b, m) = volume(i, v)?;
+        binds.push(b);
+        mounts.push(m);
     }
-    oom.abort();
-    vm.client.remove_container(CONTAINER).await?;
+    let id = a.name.clone().unwrap_or_else(layout::random_id);
+    let memory_mib =
+        u32::try_from(parse_size(&a.memory, 1 << 20)? >> 20).context("--memory is too large")?;
+    let spec = SandboxSpec {
+        vm: VmSpec {
+            vcpus: a.cpus,
+            memory_mib,
+            boot_timeout: Duration::from_secs(a.boot_timeout),
+            binds,
+            detach: a.detach,
+            ..cfg.vm_spec(&Default::default())
+        },
+        hostname: Some(hostname(&id)),
+        forward_vmm_log: false,
+    };
+    let mut oci = oci_spec(&a, &hostname(&id), mounts)?;
+    oci["hostname"] = serde_json::Value::String(hostname(&id));
+    let oom = Arc::new(OomSeen::default());
+    let sandbox = match Sandbox::boot(&id, &spec, &HuskVmm, oom.clone()).await {
+        Err(husk_runtime::Error::AlreadyExists(_)) => {
+            bail!("a container named {id:?} exists: `husk rm -f {id}` first")
+        }
+        r => r?,
+    };
+    std::fs::write(sandbox.layout().command_file(), a.command.join(" "))?;
+    let result = run_in(&sandbox, &a, oci, &oom).await;
+    if a.detach && result.is_ok() {
+        // The VM lives on; `husk rm -f` ends it.
+        println!("{id}");
+        return Ok(0);
+    }
+    // Whatever happened, the VM goes.
+    sandbox.own();
+    let stopped = sandbox.shutdown().await;
+    let code = result?;
+    if !stopped.success() {
+        tracing::warn!(%stopped, "husk-vmm did not end cleanly");
+    }
     Ok(code)
 }
 
-/// A client for the VM of container `id`.
-async fn open(id: &str) -> Result<(PathBuf, Client)> {
-    vm::reap_stale(&vm::runtime_root());
-    if id.is_empty() || id.contains('/') || id.starts_with('.') {
-        bail!("invalid container id {id:?}");
+async fn run_in(sb: &Sandbox, a: &RunArgs, oci: serde_json::Value, oom: &OomSeen) -> Result<i32> {
+    let mut io = stdio(&a.process);
+    if a.detach {
+        io = StdioConfig::default();
     }
-    let dir = vm::runtime_root().join(id);
-    if !dir.join("pid").exists() {
-        bail!("no container {id:?} (see `husk ps`)");
+    let c = sb
+        .create_container(ContainerConfig {
+            id: CONTAINER.into(),
+            spec: oci,
+            share_mounts: Vec::new(),
+            stdio: io,
+            // The rootfs is shared read-only; the container writes to a
+            // layer in the guest's memory, gone with it (volumes are for
+            // what must stay).
+            rootfs_overlay: true,
+            bundle: String::new(),
+        })
+        .await?;
+    let _raw = RawMode::enter(a.process.tty && !a.detach);
+    c.start(INIT).await?;
+    if a.detach {
+        return Ok(0);
     }
-    let opts = husk_agent_client::ConnectOptions {
-        boot_timeout: Duration::from_secs(5),
-        ..husk_agent_client::ConnectOptions::new(Vm::vsock_socket(&dir))
-    };
-    let client = Client::connect(opts)
+    let forward = forward_signals(c.clone(), INIT.into(), a.process.tty);
+    let exit = c.wait(INIT).await?;
+    forward.abort();
+    // A SIGKILL may be the OOM killer's: the event says so.
+    if exit.status == 137 {
+        for _ in 0..20 {
+            if oom.0.load(Ordering::SeqCst) {
+                eprintln!("husk: the container hit its memory limit and was killed (OOM)");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    sb.delete_container(CONTAINER).await?;
+    Ok(exit.status as i32)
+}
+
+/// The sandbox of container `id`, started by another `husk`.
+async fn open(id: &str) -> Result<Sandbox> {
+    layout::check_id("container", id)?;
+    Sandbox::open(id, Arc::new(NoEvents))
         .await
-        .with_context(|| format!("reaching container {id}"))?;
-    Ok((dir, client))
+        .with_context(|| format!("no running container {id:?} (see `husk ps`)"))
 }
 
 async fn exec(a: ExecArgs) -> Result<i32> {
-    let (_dir, client) = open(&a.id).await?;
+    let sb = open(&a.id).await?;
+    let c = sb.adopt_container(CONTAINER);
     let exec_id = format!("exec-{}-{}", std::process::id(), {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -541,53 +514,44 @@ async fn exec(a: ExecArgs) -> Result<i32> {
             .subsec_nanos()
     });
     let process = serde_json::to_vec(&process_json(&a.process, &a.command)?)?;
-    let code = attach_and_wait(&client, &exec_id, &a.process, || async {
-        client
-            .exec_process(CONTAINER, &exec_id, process, a.process.interactive)
-            .await?;
-        Ok(())
-    })
-    .await;
+    c.add_exec(&exec_id, process, stdio(&a.process))?;
+    let _raw = RawMode::enter(a.process.tty);
+    c.start(&exec_id).await?;
+    let forward = forward_signals(c.clone(), exec_id.clone(), a.process.tty);
+    let exit = c.wait(&exec_id).await?;
+    forward.abort();
     // The agent keeps an ended exec until told; a long-lived container
     // would otherwise collect one entry per `husk exec`.
-    if let Err(e) = client.remove_process(CONTAINER, &exec_id).await {
-        tracing::debug!(error = %e, "RemoveProcess");
-    }
-    code
-}
-
-fn vmm_pid(dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(dir.join("pid"))
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
+    c.delete_exec(&exec_id).await?;
+    Ok(exit.status as i32)
 }
 
 async fn ps() -> Result<()> {
-    let root = vm::runtime_root();
-    vm::reap_stale(&root);
+    let root = layout::runtime_root();
+    stale::reap(&root);
     println!("{:<20} {:<9} {:<9} COMMAND", "ID", "VMM PID", "STATUS");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+    let mut ids: Vec<String> = std::fs::read_dir(&root)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default();
-    dirs.sort();
-    for dir in dirs {
-        let Some(pid) = vmm_pid(&dir) else { continue };
-        let id = dir
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .to_string();
-        let command = std::fs::read_to_string(dir.join("command")).unwrap_or_default();
+    ids.sort();
+    for id in ids {
+        let Ok(l) = SandboxLayout::under(&root, &id) else {
+            continue;
+        };
+        let Some(pids) = PidFile::read(&l.pid_file()) else {
+            continue;
+        };
+        let command = std::fs::read_to_string(l.command_file()).unwrap_or_default();
         let opts = husk_agent_client::ConnectOptions {
             boot_timeout: Duration::from_secs(2),
             call_timeout: Duration::from_secs(2),
-            ..husk_agent_client::ConnectOptions::new(Vm::vsock_socket(&dir))
+            ..husk_agent_client::ConnectOptions::new(l.vsock_socket())
         };
-        let status = match Client::connect(opts).await {
+        let status = match husk_agent_client::Client::connect(opts).await {
             Ok(c) => match c.list_processes(CONTAINER).await {
                 Ok(p) if !p.is_empty() => "running",
                 Ok(_) => "exited",
@@ -595,7 +559,7 @@ async fn ps() -> Result<()> {
             },
             Err(_) => "booting",
         };
-        println!("{id:<20} {pid:<9} {status:<9} {command}");
+        println!("{id:<20} {:<9} {status:<9} {command}", pids.vmm.pid);
     }
     Ok(())
 }
@@ -604,8 +568,9 @@ async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
     let mut failed = false;
     for id in ids {
         let r = async {
-            let (dir, client) = open(&id).await?;
-            let running = !client
+            let sb = open(&id).await?;
+            let running = !sb
+                .agent()
                 .list_processes(CONTAINER)
                 .await
                 .unwrap_or_default()
@@ -613,9 +578,9 @@ async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
             if running && !force {
                 bail!("{id} is running: stop it first, or `husk rm -f {id}`");
             }
-            let pid = vmm_pid(&dir).unwrap_or(0);
-            let _ = client.shutdown(Duration::from_secs(2)).await;
-            stop_vmm(&dir, pid).await
+            sb.own();
+            sb.shutdown().await;
+            Ok(())
         }
         .await;
         match r {
@@ -630,23 +595,6 @@ async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
         bail!("some containers were not removed");
     }
     Ok(())
-}
-
-/// Waits for husk-vmm `pid` to exit (SIGKILL after 10 s), removes its directory.
-async fn stop_vmm(dir: &Path, pid: i32) -> Result<()> {
-    use nix::sys::signal::{kill, Signal};
-    let pid = nix::unistd::Pid::from_raw(pid);
-    for i in 0..240 {
-        if pid.as_raw() <= 0 || kill(pid, None).is_err() {
-            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-            return Ok(());
-        }
-        if i == 200 {
-            let _ = kill(pid, Signal::SIGKILL);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("husk-vmm {pid} did not exit");
 }
 
 #[derive(Subcommand)]
@@ -670,33 +618,59 @@ enum VmCmd {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() {
+    let cli = Cli::parse();
+    // Only the container's own output by default: the guest's and the
+    // VMM's logs stay in the VM's log files, shown with --debug.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        if cli.debug {
+            "debug,ttrpc=info".into()
+        } else {
+            "warn,ttrpc=error,guest=off,vmm=off".into()
+        }
+    });
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,ttrpc=error,guest=info".into()),
-        )
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
+    match dispatch(cli.cmd).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("husk: {e:#}");
+            // docker's code for "the runtime itself failed".
+            std::process::exit(125);
+        }
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> Result<i32> {
+    match cmd {
         Cmd::Vm(VmCmd::Boot {
             cpus,
             memory,
             boot_timeout,
             keep,
         }) => {
-            let spec = VmSpec {
-                vcpus: cpus,
-                memory_mib: memory,
-                boot_timeout: Duration::from_secs(boot_timeout),
-                detach: keep,
-                ..VmSpec::default()
+            let cfg = Config::load(None)?;
+            let spec = SandboxSpec {
+                vm: VmSpec {
+                    vcpus: cpus,
+                    memory_mib: memory,
+                    boot_timeout: Duration::from_secs(boot_timeout),
+                    detach: keep,
+                    ..cfg.vm_spec(&Default::default())
+                },
+                hostname: None,
+                forward_vmm_log: false,
             };
+            let id = layout::random_id();
             let started = std::time::Instant::now();
-            let vm = Vm::boot(&spec).await?;
+            let sb = Sandbox::boot(&id, &spec, &HuskVmm, Arc::new(NoEvents)).await?;
             let ready = started.elapsed();
-            let d = vm.client.guest_details().await?;
-            println!("vm:        {}", vm.id);
+            let client = sb.client().context("a VM without an agent client")?;
+            let d = client.guest_details().await?;
+            println!("vm:        {id}");
             println!(
                 "agent:     {} (ready {} ms after start)",
                 d.agent_version,
@@ -706,44 +680,33 @@ async fn main() -> Result<()> {
             println!("cpus:      {} ({})", d.online_cpu_count, d.online_cpus);
             println!("memory:    {} KiB", d.memory_total_kib);
             if keep {
-                println!("running:   husk-vmm pid {}", vm.vmm_pid);
+                let l = sb.layout();
+                println!("running:   husk-vmm pid {}", sb.vmm_pid());
                 println!(
                     "vsock:     {} (CONNECT 1024 for the agent)",
-                    Vm::vsock_socket(&vm.dir).display()
+                    l.vsock_socket().display()
                 );
-                println!("console:   {}", Vm::console_log(&vm.dir).display());
-                println!("stop with: husk vm stop {}", vm.id);
-                return Ok(());
+                println!("console:   {}", l.console_log().display());
+                println!("stop with: husk vm stop {id}");
+                return Ok(0);
             }
-            let status = vm.shutdown(Duration::from_secs(20)).await?;
+            let status = sb.shutdown().await;
             println!("stopped:   husk-vmm {status}");
             if !status.success() {
-                anyhow::bail!("husk-vmm ended with {status}");
+                bail!("husk-vmm ended with {status}");
             }
+            Ok(0)
         }
-        Cmd::Run(a) => {
-            let code = run(a).await?;
-            std::process::exit(code);
-        }
-        Cmd::Exec(a) => {
-            let code = exec(a).await?;
-            std::process::exit(code);
-        }
-        Cmd::Ps => ps().await?,
-        Cmd::Rm { force, ids } => rm(ids, force).await?,
         Cmd::Vm(VmCmd::Stop { id }) => {
-            let dir = vm::runtime_root().join(&id);
-            let opts = husk_agent_client::ConnectOptions {
-                boot_timeout: Duration::from_secs(5),
-                ..husk_agent_client::ConnectOptions::new(Vm::vsock_socket(&dir))
-            };
-            let client = husk_agent_client::Client::connect(opts)
-                .await
-                .with_context(|| format!("reaching VM {id}"))?;
-            client.shutdown(Duration::from_secs(2)).await?;
-            stop_vmm(&dir, vmm_pid(&dir).unwrap_or(0)).await?;
+            let sb = open(&id).await?;
+            sb.own();
+            sb.shutdown().await;
             println!("stopped {id}");
+            Ok(0)
         }
+        Cmd::Run(a) => run(a).await,
+        Cmd::Exec(a) => exec(a).await,
+        Cmd::Ps => ps().await.map(|()| 0),
+        Cmd::Rm { force, ids } => rm(ids, force).await.map(|()| 0),
     }
-    Ok(())
 }

@@ -319,7 +319,12 @@ impl Container {
         }
         execs.insert(
             exec_id.to_string(),
-            Arc::new(Process::new(exec_id, stdio, Some(process_spec), State::Created)),
+            Arc::new(Process::new(
+                exec_id,
+                stdio,
+                Some(process_spec),
+                State::Created,
+            )),
         );
         Ok(())
     }

@@ -176,7 +176,10 @@ mod tests {
         s.created("c").unwrap();
         s.begin_start("c").unwrap();
         assert!(s.begin_start("c").is_err(), "a second start is refused");
-        assert!(s.begin_delete("c").is_err(), "a starting process is not deleted");
+        assert!(
+            s.begin_delete("c").is_err(),
+            "a starting process is not deleted"
+        );
         s.started();
         assert_eq!(s, State::Running);
         s.pause("c").unwrap();
@@ -205,7 +208,11 @@ mod tests {
         let mut s = State::Created;
         s.begin_start("c").unwrap();
         s.start_failed();
-        assert_eq!(s, State::Created, "a failed start can be retried or deleted");
+        assert_eq!(
+            s,
+            State::Created,
+            "a failed start can be retried or deleted"
+        );
     }
 
     #[test]

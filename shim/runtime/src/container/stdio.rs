@@ -114,7 +114,9 @@ impl Relays {
                 Endpoint::Inherit if name == Stream::Stdout => Box::new(tokio::io::stdout()),
                 Endpoint::Inherit => Box::new(tokio::io::stderr()),
             };
-            relays.outputs.push(tokio::spawn(relay_out(stream, sink, name)));
+            relays
+                .outputs
+                .push(tokio::spawn(relay_out(stream, sink, name)));
         }
         match &io.stdin {
             Endpoint::None => {}
@@ -178,7 +180,11 @@ pub async fn drain(handles: Vec<JoinHandle<()>>, limit: Duration) {
     }
 }
 
-async fn relay_out(mut stream: UnixStream, mut sink: Box<dyn AsyncWrite + Send + Unpin>, name: Stream) {
+async fn relay_out(
+    mut stream: UnixStream,
+    mut sink: Box<dyn AsyncWrite + Send + Unpin>,
+    name: Stream,
+) {
     let r = tokio::io::copy(&mut stream, &mut sink).await;
     let _ = sink.flush().await;
     match r {

@@ -92,8 +92,7 @@ fn prepare_binds(spec: &VmSpec, share: &Path) -> Result<Vec<PreparedBind>> {
     let mut out = Vec::new();
     for b in &spec.binds {
         if b.target.is_absolute()
-            || b
-                .target
+            || b.target
                 .components()
                 .any(|c| !matches!(c, Component::Normal(_)))
         {
@@ -150,8 +149,9 @@ impl Hypervisor for HuskVmm {
         let log = std::fs::File::create(layout.vmm_log())
             .map_err(Error::io("creating", layout.vmm_log()))?;
 
-        let (ready_r, ready_w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| Error::Hypervisor(format!("ready pipe: {e}")))?;
+        let (ready_r, ready_w): (OwnedFd, OwnedFd) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| Error::Hypervisor(format!("ready pipe: {e}")))?;
         let vmm = spec.vmm.clone().unwrap_or_else(vmm_binary);
         let mut cmd = tokio::process::Command::new(&vmm);
         cmd.arg("--config")
@@ -464,7 +464,10 @@ mod tests {
                 ..VmSpec::default()
             };
             assert!(
-                matches!(prepare_binds(&spec, share.path()), Err(Error::InvalidArgument(_))),
+                matches!(
+                    prepare_binds(&spec, share.path()),
+                    Err(Error::InvalidArgument(_))
+                ),
                 "{target}"
             );
         }

@@ -82,7 +82,11 @@ async fn forward(
     loop {
         buf.clear();
         // At most MAX_LINE bytes are buffered, newline or not.
-        let n = match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut buf).await {
+        let n = match (&mut r)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
@@ -140,7 +144,11 @@ pub async fn forward_vmm_log(path: PathBuf, vm: String) {
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        match (&mut lines).take(MAX_LINE as u64).read_until(b'\n', &mut buf).await {
+        match (&mut lines)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
             Ok(0) => tokio::time::sleep(Duration::from_millis(500)).await,
             Ok(_) => tracing::info!(target: "vmm", vm = %vm, "{}", sanitize(&buf)),
             Err(_) => return,

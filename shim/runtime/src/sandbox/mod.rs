@@ -22,14 +22,16 @@ use tokio::task::JoinHandle;
 use crate::agent::Agent;
 use crate::container::{self, lock, Container, ContainerConfig, Events, Exit, State};
 use crate::error::{Error, Result};
-use crate::hypervisor::{Hypervisor, HuskVmm, VmExit, VmProcess, VmSpec};
+use crate::hypervisor::{HuskVmm, Hypervisor, VmExit, VmProcess, VmSpec};
 use crate::layout::{self, SandboxLayout, GUEST_SHARE, SHARE_TAG};
 
 /// What a sandbox is.
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
     pub vm: VmSpec,
-    pub hostname: String,
+    /// The pod's hostname; `None`: a bare VM, no sandbox created in the
+    /// guest (`husk vm boot`, benchmarks, agent tests).
+    pub hostname: Option<String>,
     /// Forward husk-vmm's own log into ours (the shim; the CLI leaves it
     /// in `vmm.log`).
     pub forward_vmm_log: bool,
@@ -71,7 +73,7 @@ impl Drop for DirGuard {
 
 impl Sandbox {
     /// Boots the VM of sandbox `id` with `hypervisor`, waits for its agent,
-    /// creates the sandbox in the guest.
+    /// creates the sandbox in the guest (unless `spec.hostname` is `None`).
     pub async fn boot(
         id: &str,
         spec: &SandboxSpec,
@@ -94,8 +96,10 @@ impl Sandbox {
         }
         let guard = DirGuard(Some(layout.dir().to_path_buf()));
         // Listen for the guest's log before it boots, so no line is lost.
-        let guest_log = logs::GuestLog::start(&layout.vsock_socket(), &layout.guest_log(), id)
-            .map_err(Error::io("listening for the guest log at", layout.vsock_socket()))?;
+        let guest_log =
+            logs::GuestLog::start(&layout.vsock_socket(), &layout.guest_log(), id).map_err(
+                Error::io("listening for the guest log at", layout.vsock_socket()),
+            )?;
         let started = std::time::Instant::now();
         let vm = hypervisor.launch(&spec.vm, &layout).await?;
         let mut opts = ConnectOptions::new(layout.vsock_socket());
@@ -119,9 +123,11 @@ impl Sandbox {
         let mut sb = Sandbox::from_parts(layout, vm, Arc::new(client.clone()), events);
         sb.client = Some(client);
         sb._guest_log = Some(guest_log);
-        if let Err(e) = sb.create_in_guest(&spec.hostname).await {
-            sb.shutdown().await;
-            return Err(e);
+        if let Some(hostname) = &spec.hostname {
+            if let Err(e) = sb.create_in_guest(hostname).await {
+                sb.shutdown().await;
+                return Err(e);
+            }
         }
         if spec.forward_vmm_log {
             sb.helpers.push(tokio::spawn(logs::forward_vmm_log(
@@ -155,10 +161,8 @@ impl Sandbox {
             _guest_log: None,
             owns_dir: AtomicBool::new(true),
         };
-        sb.helpers.push(tokio::spawn(watch_oom(
-            sb.agent.clone(),
-            sb.events.clone(),
-        )));
+        sb.helpers
+            .push(tokio::spawn(watch_oom(sb.agent.clone(), sb.events.clone())));
         sb
     }
 
@@ -220,6 +224,12 @@ impl Sandbox {
     pub fn release(&self) {
         self.vm.release();
         self.owns_dir.store(false, Ordering::SeqCst);
+    }
+
+    /// Takes the VM and its directory back (`husk rm`, `husk vm stop` of a
+    /// VM another process started): [`Sandbox::shutdown`] then removes it.
+    pub fn own(&self) {
+        self.owns_dir.store(true, Ordering::SeqCst);
     }
 
     /// The container `id`.

@@ -32,7 +32,11 @@ pub fn judge(layout: &SandboxLayout) -> Verdict {
             .ok()
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .is_none_or(|age| age < SETUP_GRACE);
-        return if young { Verdict::Young } else { Verdict::Stale };
+        return if young {
+            Verdict::Young
+        } else {
+            Verdict::Stale
+        };
     };
     let Some(vmm) = PidFd::open_verified(pids.vmm) else {
         return Verdict::Stale;
@@ -115,7 +119,14 @@ mod tests {
             start_time: me.start_time + 1,
         };
         let live = mk(root.path(), "live", Some(PidFile { vmm: me, owner: me }));
-        let gone = mk(root.path(), "gone", Some(PidFile { vmm: dead, owner: me }));
+        let gone = mk(
+            root.path(),
+            "gone",
+            Some(PidFile {
+                vmm: dead,
+                owner: me,
+            }),
+        );
         let young = mk(root.path(), "young", None);
         let mut orphan = std::process::Command::new("sleep")
             .arg("30")

@@ -1,0 +1,68 @@
+//! A bare VM for the agent and VMM scenarios: husk-runtime's sandbox
+//! booted without a sandbox in the guest, with its agent client at hand
+//! for raw calls.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use husk_agent_client::Client;
+use husk_runtime::hypervisor::VmExit;
+use husk_runtime::layout::{self, SandboxLayout};
+use husk_runtime::{HuskVmm, NoEvents, Sandbox, SandboxSpec};
+
+pub use husk_runtime::hypervisor::{vmm_binary, Bind};
+pub use husk_runtime::layout::runtime_root;
+pub use husk_runtime::VmSpec;
+
+pub struct Vm {
+    pub id: String,
+    pub dir: PathBuf,
+    pub client: Client,
+    sandbox: Sandbox,
+}
+
+impl Vm {
+    pub async fn boot(spec: &VmSpec) -> Result<Vm> {
+        let id = layout::random_id();
+        let sandbox = Sandbox::boot(
+            &id,
+            &SandboxSpec {
+                vm: spec.clone(),
+                hostname: None,
+                forward_vmm_log: false,
+            },
+            &HuskVmm,
+            Arc::new(NoEvents),
+        )
+        .await?;
+        let client = sandbox.client().context("no agent client")?.clone();
+        Ok(Vm {
+            dir: sandbox.layout().dir().to_path_buf(),
+            id,
+            client,
+            sandbox,
+        })
+    }
+
+    pub fn vsock_socket(dir: &Path) -> PathBuf {
+        dir.join(
+            SandboxLayout::under(Path::new("/"), "x")
+                .expect("a valid id")
+                .vsock_socket()
+                .file_name()
+                .expect("a file name"),
+        )
+    }
+
+    pub fn vmm_pid(&self) -> u32 {
+        self.sandbox.vmm_pid()
+    }
+
+    /// Shuts the VM down within `limit`; how husk-vmm ended.
+    pub async fn shutdown(self, limit: std::time::Duration) -> Result<VmExit> {
+        tokio::time::timeout(limit, self.sandbox.shutdown())
+            .await
+            .with_context(|| format!("the VM did not stop within {limit:?}"))
+    }
+}
