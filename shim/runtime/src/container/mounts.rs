@@ -68,28 +68,6 @@ impl ShareMount {
     }
 }
 
-/// Splits mount options into flags and the data string the filesystem gets.
-fn parse_options(options: &[String]) -> (MsFlags, Vec<String>) {
-    let mut flags = MsFlags::empty();
-    let mut data = Vec::new();
-    for o in options {
-        match o.as_str() {
-            "ro" => flags |= MsFlags::MS_RDONLY,
-            "rw" | "defaults" => {}
-            "bind" => flags |= MsFlags::MS_BIND,
-            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "nodev" => flags |= MsFlags::MS_NODEV,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            "noatime" => flags |= MsFlags::MS_NOATIME,
-            "relatime" => flags |= MsFlags::MS_RELATIME,
-            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" => {}
-            other => data.push(other.to_string()),
-        }
-    }
-    (flags, data)
-}
-
 fn mount_err(kind: &str, source: &str, target: &Path, errno: nix::Error) -> MountError {
     MountError::Mount {
         kind: kind.into(),
@@ -105,20 +83,17 @@ pub fn mount_one(m: &HostMount, target: &Path) -> Result<(), MountError> {
         path: target.into(),
         source,
     })?;
-    let (flags, data) = parse_options(&m.options);
-    if flags.contains(MsFlags::MS_BIND) {
-        bind(
-            Path::new(&m.source),
-            target,
-            flags.contains(MsFlags::MS_RDONLY),
-        )
+    // One parser for mount options, shared with the agent.
+    let opts = husk_agent_api::mount::parse_options(&m.options);
+    if opts.is_bind() {
+        bind(Path::new(&m.source), target, opts.is_readonly())
     } else {
-        let data = data.join(",");
+        let data = opts.data.join(",");
         mount(
             Some(m.source.as_str()),
             target,
             Some(m.kind.as_str()),
-            flags,
+            opts.flags,
             (!data.is_empty()).then_some(data.as_str()),
         )
         .map_err(|e| mount_err(&m.kind, &m.source, target, e))
@@ -257,17 +232,6 @@ mod tests {
         assert_eq!(m[0], PathBuf::from("/run/husk/p1/shared/c1/rootfs/proc"));
         assert!(m.contains(&PathBuf::from("/run/husk/p1/shared/my dir")));
         assert!(!m.iter().any(|p| p.starts_with("/run/husk/p10")));
-    }
-
-    #[test]
-    fn options_split_into_flags_and_data() {
-        let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let (f, d) = parse_options(&o(&["ro", "index=off", "lowerdir=/l", "nosuid"]));
-        assert!(f.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID));
-        assert_eq!(d, ["index=off", "lowerdir=/l"]);
-        let (f, d) = parse_options(&o(&["rbind", "rw"]));
-        assert!(f.contains(MsFlags::MS_BIND | MsFlags::MS_REC));
-        assert!(d.is_empty());
     }
 
     #[test]

@@ -15,11 +15,6 @@ use crate::layout::in_share;
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
-/// Mount types the agent makes in the guest (agent/src/container/spec.rs).
-const GUEST_MOUNT_TYPES: &[&str] = &[
-    "bind", "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay",
-];
-
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("config.json: {0}")]
@@ -147,7 +142,7 @@ pub fn for_guest(mut spec: Value, id: &str) -> Result<GuestSpec, SpecError> {
                 continue;
             }
             if !is_bind {
-                if GUEST_MOUNT_TYPES.contains(&typ) {
+                if husk_agent_api::mount::GUEST_MOUNT_TYPES.contains(&typ) {
                     kept.push(m);
                 } else {
                     tracing::warn!(
