@@ -341,7 +341,6 @@ impl TestVm {
         let dir = tempfile::tempdir()?;
         let console = dir.path().join("console.log");
         let vsock = dir.path().join("vsock.sock");
-        let cmdline = format!("{} {extra}", husk_guest_image::cmdline::default_cmdline());
         let child = tokio::process::Command::new(husk_tests::vm::vmm_binary())
             .arg("--kernel")
             .arg(kernel)
@@ -352,8 +351,9 @@ impl TestVm {
                 &vcpus.to_string(),
                 "--memory-mib",
                 &mem.to_string(),
-                "--cmdline",
-                &cmdline,
+                // After husk-vmm's own defaults.
+                "--extra-cmdline",
+                extra,
             ])
             .arg("--serial-out")
             .arg(&console)
@@ -902,16 +902,13 @@ async fn vmm_fs(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
     let host_hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let dir = tempfile::tempdir()?;
     let console = dir.path().join("console.log");
-    let cmdline = format!(
-        "{} test_init.fs=husk-share test_init.exit=poweroff",
-        husk_guest_image::cmdline::default_cmdline()
-    );
+    let extra = "test_init.fs=husk-share test_init.exit=poweroff";
     let status = tokio::process::Command::new(husk_tests::vm::vmm_binary())
         .arg("--kernel")
         .arg(kernel(guest, "vmlinux"))
         .arg("--initramfs")
         .arg(initramfs)
-        .args(["--vcpus", "1", "--memory-mib", "256", "--cmdline", &cmdline])
+        .args(["--vcpus", "1", "--memory-mib", "256", "--extra-cmdline", extra])
         .arg("--shared-dir")
         .arg(share.path())
         .arg("--serial-out")
