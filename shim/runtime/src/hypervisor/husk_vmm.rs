@@ -274,10 +274,11 @@ impl Hypervisor for HuskVmm {
                 )));
             }
             Err(_) => {
+                vm.stop(Duration::ZERO).await;
                 return Err(Error::Hypervisor(format!(
                     "its vCPUs did not start within {:?}",
                     spec.boot_timeout
-                )))
+                )));
             }
         }
         if detach {
@@ -344,13 +345,16 @@ impl VmProcess for ChildVm {
 
     async fn stop(&self, grace: Duration) -> VmExit {
         if self.exited().is_none() {
-            if let Err(e) = control_shutdown(&self.api_socket).await {
-                tracing::debug!(error = %e, "control socket shutdown");
+            // A zero grace is a kill: no time for the control socket.
+            if !grace.is_zero() {
+                if let Err(e) = control_shutdown(&self.api_socket).await {
+                    tracing::debug!(error = %e, "control socket shutdown");
+                }
+                if let Ok(exit) = tokio::time::timeout(grace, self.wait()).await {
+                    return exit;
+                }
+                tracing::warn!(pid = self.pid, ?grace, "husk-vmm did not stop; killing it");
             }
-            if let Ok(exit) = tokio::time::timeout(grace, self.wait()).await {
-                return exit;
-            }
-            tracing::warn!(pid = self.pid, ?grace, "husk-vmm did not stop; killing it");
             let _ = self.pidfd.signal(libc::SIGKILL);
         }
         self.wait().await
@@ -401,8 +405,10 @@ impl VmProcess for ExternalVm {
 
     async fn stop(&self, grace: Duration) -> VmExit {
         if self.exited().is_none() {
-            if let Err(e) = control_shutdown(&self.api_socket).await {
-                tracing::debug!(error = %e, "control socket shutdown");
+            if !grace.is_zero() {
+                if let Err(e) = control_shutdown(&self.api_socket).await {
+                    tracing::debug!(error = %e, "control socket shutdown");
+                }
             }
             if tokio::time::timeout(grace, self.wait()).await.is_err() {
                 self.kill();

@@ -106,7 +106,14 @@ impl Sandbox {
         opts.boot_timeout = spec.vm.boot_timeout;
         opts.console_log = Some(layout.console_log());
         let client = tokio::select! {
-            c = Client::connect(opts) => c.map_err(Error::agent("connecting to the agent"))?,
+            c = Client::connect(opts) => match c {
+                Ok(c) => c,
+                Err(e) => {
+                    // Gone (and reaped) before the error returns.
+                    vm.stop(Duration::ZERO).await;
+                    return Err(Error::agent("connecting to the agent")(e));
+                }
+            },
             exit = vm.wait() => return Err(Error::VmGone(format!(
                 "husk-vmm exited ({exit}) before the agent answered:\n{}",
                 husk_agent_client::client::file_tail(&layout.vmm_log(), 20)
@@ -128,6 +135,10 @@ impl Sandbox {
                 sb.shutdown().await;
                 return Err(e);
             }
+            // The agent hands each OOM notice to one caller: the sandbox's
+            // watcher. A bare VM leaves them to whoever asks.
+            let oom = tokio::spawn(watch_oom(sb.agent.clone(), sb.events.clone()));
+            sb.helpers.push(oom);
         }
         if spec.forward_vmm_log {
             sb.helpers.push(tokio::spawn(logs::forward_vmm_log(
@@ -150,7 +161,7 @@ impl Sandbox {
         agent: Arc<dyn Agent>,
         events: Arc<dyn Events>,
     ) -> Sandbox {
-        let mut sb = Sandbox {
+        Sandbox {
             layout,
             vm,
             agent,
@@ -160,10 +171,7 @@ impl Sandbox {
             helpers: Vec::new(),
             _guest_log: None,
             owns_dir: AtomicBool::new(true),
-        };
-        sb.helpers
-            .push(tokio::spawn(watch_oom(sb.agent.clone(), sb.events.clone())));
-        sb
+        }
     }
 
     /// The running sandbox `id` another process booted (`husk run -d`), if
