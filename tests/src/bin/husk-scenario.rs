@@ -908,7 +908,14 @@ async fn vmm_fs(guest: &Option<PathBuf>, initramfs: &Path) -> Result<()> {
         .arg(kernel(guest, "vmlinux"))
         .arg("--initramfs")
         .arg(initramfs)
-        .args(["--vcpus", "1", "--memory-mib", "256", "--extra-cmdline", extra])
+        .args([
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "256",
+            "--extra-cmdline",
+            extra,
+        ])
         .arg("--shared-dir")
         .arg(share.path())
         .arg("--serial-out")
