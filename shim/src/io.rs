@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use husk_agent_client::Client;
+use husk_agent_client::{Client, Stream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::task::JoinHandle;
@@ -37,14 +37,15 @@ impl Relays {
     /// StartContainer / ExecProcess so that no output is missed.
     pub async fn attach(client: &Client, id: &str, exec_id: &str, io: &Stdio) -> Result<Relays> {
         let mut relays = Relays::default();
-        let mut outs = vec![("stdout", io.stdout.as_str())];
+        let mut outs = vec![(Stream::Stdout, io.stdout.as_str())];
         // A terminal process has one stream: the pty.
         if !io.terminal {
-            outs.push(("stderr", io.stderr.as_str()));
+            outs.push((Stream::Stderr, io.stderr.as_str()));
         }
-        for (name, fifo) in outs {
+        for (kind, fifo) in outs {
+            let name = kind.as_str();
             let stream = client
-                .attach(id, exec_id, name)
+                .attach(id, exec_id, kind)
                 .await
                 .with_context(|| format!("attaching {name}"))?;
             let sink = if fifo.is_empty() {
@@ -63,7 +64,7 @@ impl Relays {
         }
         if !io.stdin.is_empty() {
             let stream = client
-                .attach(id, exec_id, "stdin")
+                .attach(id, exec_id, Stream::Stdin)
                 .await
                 .context("attaching stdin")?;
             let path = PathBuf::from(&io.stdin);

@@ -23,8 +23,9 @@ use super::spec::{self, SpecError, ValidProcess, ValidSpec};
 use super::stdio::Hub;
 use crate::reaper::{ExitStatus, Reaper};
 
-/// The exec id of a container's own (init) process on stdio streams.
-pub const INIT: &str = "-";
+use husk_agent_api::stdio::{Handshake, Stream};
+use husk_agent_api::INIT_PROCESS;
+
 /// Where containers' overlay layers live: the agent's root, a tmpfs.
 const OVERLAY_DIR: &str = "/run/husk/overlay";
 /// How long output waits for the host to attach before it is discarded.
@@ -211,7 +212,7 @@ struct Container {
 
 impl Container {
     fn proc_mut(&mut self, id: &str, exec_id: &str) -> Result<&mut Proc, ManagerError> {
-        if exec_id.is_empty() || exec_id == INIT {
+        if exec_id == INIT_PROCESS {
             return Ok(&mut self.init);
         }
         self.execs
@@ -240,7 +241,8 @@ fn check_id(what: &'static str, id: &str) -> Result<(), ManagerError> {
         || !id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-        || id == INIT
+        // "-" names the init process on the stdio handshake line.
+        || id == "-"
     {
         return Err(ManagerError::BadId {
             what,
@@ -361,7 +363,7 @@ impl Manager {
         let started = self
             .reaper
             .register_with(|| process::start(spec, &root, &share, child, Some(&procs), filters));
-        launch(&self.hub, id, INIT, &mut c.init, started, host)
+        launch(&self.hub, id, INIT_PROCESS, &mut c.init, started, host)
     }
 
     /// Starts `exec_id` in the running container `id`.
@@ -467,7 +469,7 @@ impl Manager {
     /// Closes a process's stdin now, whatever its stream still carries.
     /// Forgets an exec'd process that has ended; its id is free again.
     pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ManagerError> {
-        if exec_id.is_empty() || exec_id == INIT {
+        if exec_id == INIT_PROCESS {
             return Err(ManagerError::BadId {
                 what: "exec id (the container's own process goes with RemoveContainer)",
                 id: exec_id.to_string(),
@@ -665,17 +667,21 @@ fn launch(
         }
     };
     p.launch = Launch::Started(pid);
-    let key = |s: &str| (id.to_string(), exec_id.to_string(), s.to_string());
+    let key = |s: Stream| Handshake::new(id, exec_id, s);
     if ends.tty {
         let master = process::receive_console(&ends.out).map_err(io_err("the terminal"))?;
         let master = pty::Master::new(master).map_err(io_err("pty"))?;
         p.relays.push(relay_out(
-            hub.expect(key("stdout")),
+            hub.expect(key(Stream::Stdout)),
             master.clone(),
             "stdout",
         ));
         if ends.want_stdin {
-            p.stdin_relay = Some(relay_in(hub.expect(key("stdin")), master.clone(), false));
+            p.stdin_relay = Some(relay_in(
+                hub.expect(key(Stream::Stdin)),
+                master.clone(),
+                false,
+            ));
         }
         p.pty = Some(master);
     } else {
@@ -683,17 +689,20 @@ fn launch(
             tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(io_err("pipe"))
         };
         p.relays.push(relay_out(
-            hub.expect(key("stdout")),
+            hub.expect(key(Stream::Stdout)),
             rx(ends.out)?,
             "stdout",
         ));
         if let Some(err) = ends.err {
-            p.relays
-                .push(relay_out(hub.expect(key("stderr")), rx(err)?, "stderr"));
+            p.relays.push(relay_out(
+                hub.expect(key(Stream::Stderr)),
+                rx(err)?,
+                "stderr",
+            ));
         }
         if let Some(w) = ends.stdin {
             let tx = tokio::net::unix::pipe::Sender::from_owned_fd(w).map_err(io_err("pipe"))?;
-            p.stdin_relay = Some(relay_in(hub.expect(key("stdin")), tx, true));
+            p.stdin_relay = Some(relay_in(hub.expect(key(Stream::Stdin)), tx, true));
         }
     }
     let exit_tx = p.exit_tx.take();

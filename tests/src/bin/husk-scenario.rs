@@ -618,8 +618,8 @@ async fn run_container(c: &Client, id: &str, spec: Vec<u8>) -> Result<(i32, Stri
             text
         })
     };
-    let out = read(c.attach(id, "", "stdout").await?);
-    let err = read(c.attach(id, "", "stderr").await?);
+    let out = read(c.attach(id, "", husk_agent_client::Stream::Stdout).await?);
+    let err = read(c.attach(id, "", husk_agent_client::Stream::Stderr).await?);
     c.start_container(id).await?;
     let code = c.wait_process(id, "").await?;
     let (out, err) = (out.await?, err.await?);
@@ -771,7 +771,10 @@ async fn containers(guest: &Option<PathBuf>) -> Result<()> {
                 "args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/"});
             c.exec_process("busy", e, serde_json::to_vec(&process)?, false)
                 .await?;
-            for stream in ["stdout", "stderr"] {
+            for stream in [
+                husk_agent_client::Stream::Stdout,
+                husk_agent_client::Stream::Stderr,
+            ] {
                 let mut s = c.attach("busy", e, stream).await?;
                 tokio::spawn(async move { tokio::io::copy(&mut s, &mut tokio::io::sink()).await });
             }

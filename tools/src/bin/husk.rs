@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use husk_agent_client::Client;
+use husk_agent_client::{Client, Stream};
 use husk_tools::vm::{self, Bind, Vm, VmSpec};
 use tokio::io::AsyncWriteExt;
 
@@ -326,14 +326,14 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
-    let mut out = client.attach(CONTAINER, exec_id, "stdout").await?;
+    let mut out = client.attach(CONTAINER, exec_id, Stream::Stdout).await?;
     let err = if p.tty {
         None
     } else {
-        Some(client.attach(CONTAINER, exec_id, "stderr").await?)
+        Some(client.attach(CONTAINER, exec_id, Stream::Stderr).await?)
     };
     let stdin = if p.interactive {
-        Some(client.attach(CONTAINER, exec_id, "stdin").await?)
+        Some(client.attach(CONTAINER, exec_id, Stream::Stdin).await?)
     } else {
         None
     };
