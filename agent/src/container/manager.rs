@@ -45,6 +45,10 @@ pub enum ManagerError {
     State { id: String, state: &'static str },
     #[error("process {exec_id} of container {id} is running")]
     ProcessRunning { id: String, exec_id: String },
+    #[error("{0} is not a signal")]
+    BadSignal(i32),
+    #[error("process {exec_id:?} of container {id} has no terminal (or has not started)")]
+    NoTerminal { id: String, exec_id: String },
     #[error("no sandbox share is mounted: CreateSandbox with a shared fs first")]
     NoShare,
     #[error("invalid {what} {id:?}")]
@@ -442,7 +446,7 @@ impl Manager {
         all: bool,
     ) -> Result<(), ManagerError> {
         let sig = nix::sys::signal::Signal::try_from(signal)
-            .map_err(|e| ManagerError::Io(format!("signal {signal}: {e}")))?;
+            .map_err(|_| ManagerError::BadSignal(signal))?;
         self.with(id, |c| {
             if all {
                 if sig == nix::sys::signal::Signal::SIGKILL {
@@ -515,9 +519,10 @@ impl Manager {
         self.with(id, |c| {
             let p = c.proc_mut(id, exec_id)?;
             let Some(m) = &p.pty else {
-                return Err(ManagerError::Io(format!(
-                    "process {exec_id:?} of {id} has no terminal (or has not started)"
-                )));
+                return Err(ManagerError::NoTerminal {
+                    id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                });
             };
             let fd = m.fd();
             pty::resize(fd, rows, cols).map_err(io_err("TIOCSWINSZ"))
