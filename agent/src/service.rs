@@ -356,6 +356,7 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<Empty> {
         self.containers
             .start(&req.container_id)
+            .await
             .map_err(container_status)?;
         tracing::info!(container = %req.container_id, "container started");
         Ok(Empty::default())
@@ -408,6 +409,7 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<Empty> {
         self.containers
             .exec(&req.container_id, &req.exec_id, &req.process, req.stdin)
+            .await
             .map_err(container_status)?;
         tracing::info!(container = %req.container_id, exec = %req.exec_id, "process started");
         Ok(Empty::default())
