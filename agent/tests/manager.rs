@@ -38,7 +38,7 @@ fn manager() {
     .expect("mounting cgroup2");
     // The cgroup2 hierarchy outlives this namespace: clear what a failed
     // earlier run left.
-    for id in ["slow", "fast", "leaky"] {
+    for id in ["slow", "fast", "leaky", "all"] {
         let dir = Path::new("/sys/fs/cgroup/husk").join(id);
         let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         let deadline = Instant::now() + T;
@@ -57,6 +57,7 @@ fn manager() {
             tokio::spawn(reaper.clone().run());
             slow_start_blocks_nobody_else(share.path(), &reaper).await;
             failure_after_the_child_exists_kills_it(share.path(), &reaper).await;
+            signal_all_reaches_orphans(share.path(), &reaper).await;
         });
 }
 
@@ -179,4 +180,26 @@ async fn failure_after_the_child_exists_kills_it(share: &Path, reaper: &Reaper) 
         .unwrap();
     assert_eq!(code, 137);
     m.remove("leaky").unwrap();
+}
+
+/// SignalProcess with `all` signals every process in the container's
+/// cgroup, an orphan left by a shell that exited included (not SIGKILL:
+/// that path is cgroup.kill, used by kill_and_remove).
+async fn signal_all_reaches_orphans(share: &Path, reaper: &Reaper) {
+    let m = manager_with(share, reaper, Hooks::default());
+    let script = "sh -c 'sleep 30 &'; trap 'exit 0' TERM; sleep 30 & wait";
+    m.create("all", &spec(&["sh", "-c", script]), false, false)
+        .unwrap();
+    m.start("all").await.unwrap();
+    let deadline = Instant::now() + T;
+    while m.pids("all").unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "{:?}", m.pids("all"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    m.signal("all", "", 15, true).unwrap();
+    while !m.pids("all").unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "left: {:?}", m.pids("all"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill_and_remove(&m, "all").await;
 }

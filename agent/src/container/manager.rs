@@ -3,6 +3,10 @@
 //! relay stdio to the host's streams), wait (the exit status, only once the
 //! output is delivered), signal, stdin, terminal size, pause and resume,
 //! stats, limits, OOM events, remove.
+//!
+//! The map's lock guards short, non-blocking work only; the slow part of a
+//! start or an exec runs on a blocking thread with none held (see
+//! [`Manager::start`]).
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
