@@ -56,19 +56,26 @@ impl AgentService {
     }
 }
 
-fn container_status(e: ManagerError) -> ttrpc::Error {
-    let code = match &e {
+/// The one place a container error gets its ttrpc code: what the caller
+/// got wrong (an argument, the state it asked in) is never INTERNAL.
+fn container_code(e: &ManagerError) -> Code {
+    match e {
         ManagerError::NotFound(_) | ManagerError::NoProcess { .. } => Code::NOT_FOUND,
         ManagerError::Exists(_) | ManagerError::ProcessExists { .. } => Code::ALREADY_EXISTS,
         ManagerError::State { .. }
         | ManagerError::ProcessRunning { .. }
+        | ManagerError::NoTerminal { .. }
         | ManagerError::NoShare => Code::FAILED_PRECONDITION,
         ManagerError::Spec(_)
         | ManagerError::BadId { .. }
+        | ManagerError::BadSignal(_)
         | ManagerError::Cgroup(CgroupError::Invalid { .. }) => Code::INVALID_ARGUMENT,
         ManagerError::Start(_) | ManagerError::Io(_) | ManagerError::Cgroup(_) => Code::INTERNAL,
-    };
-    status(code, e.to_string())
+    }
+}
+
+fn container_status(e: ManagerError) -> ttrpc::Error {
+    status(container_code(&e), e.to_string())
 }
 
 /// A hostname per RFC 1123: 1..=63 bytes, letters, digits, '-', not at the ends.
@@ -349,6 +356,7 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<Empty> {
         self.containers
             .start(&req.container_id)
+            .await
             .map_err(container_status)?;
         tracing::info!(container = %req.container_id, "container started");
         Ok(Empty::default())
@@ -401,6 +409,7 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<Empty> {
         self.containers
             .exec(&req.container_id, &req.exec_id, &req.process, req.stdin)
+            .await
             .map_err(container_status)?;
         tracing::info!(container = %req.container_id, exec = %req.exec_id, "process started");
         Ok(Empty::default())
@@ -535,6 +544,66 @@ impl Agent for AgentService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_errors_get_their_codes() {
+        let s = String::from;
+        for (e, want) in [
+            (ManagerError::NotFound(s("c")), Code::NOT_FOUND),
+            (
+                ManagerError::NoProcess {
+                    id: s("c"),
+                    exec_id: s("e"),
+                },
+                Code::NOT_FOUND,
+            ),
+            (ManagerError::Exists(s("c")), Code::ALREADY_EXISTS),
+            (
+                ManagerError::ProcessExists {
+                    id: s("c"),
+                    exec_id: s("e"),
+                },
+                Code::ALREADY_EXISTS,
+            ),
+            (
+                ManagerError::State {
+                    id: s("c"),
+                    state: "created",
+                },
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                ManagerError::ProcessRunning {
+                    id: s("c"),
+                    exec_id: s("e"),
+                },
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                ManagerError::NoTerminal {
+                    id: s("c"),
+                    exec_id: s(""),
+                },
+                Code::FAILED_PRECONDITION,
+            ),
+            (ManagerError::NoShare, Code::FAILED_PRECONDITION),
+            (ManagerError::BadSignal(99), Code::INVALID_ARGUMENT),
+            (
+                ManagerError::BadId {
+                    what: "exec id",
+                    id: s("-"),
+                },
+                Code::INVALID_ARGUMENT,
+            ),
+            (ManagerError::Io(s("pipe: EMFILE")), Code::INTERNAL),
+        ] {
+            assert_eq!(container_code(&e), want, "{e}");
+            let ttrpc::Error::RpcStatus(st) = container_status(e) else {
+                panic!("not a status");
+            };
+            assert_eq!(st.code(), want);
+        }
+    }
 
     #[test]
     fn cpu_lists() {

@@ -14,7 +14,30 @@ async fn reaper_reports_waited_children_and_collects_orphans() {
     let reaper = Reaper::new();
     tokio::spawn(reaper.clone().run());
     waiters_get_exit_codes_and_signals(&reaper).await;
+    an_exit_before_registration_is_kept(&reaper).await;
     orphans_are_reaped(&reaper).await;
+}
+
+/// A child that ends and is reaped while its spawn is still in flight
+/// (no lock is held across it) still reaches its waiter.
+async fn an_exit_before_registration_is_kept(reaper: &Reaper) {
+    let (_, rx) = reaper
+        .register_with(|| {
+            let child = Command::new("sh").args(["-c", "exit 7"]).spawn()?;
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            // Reap it ourselves before the registration, as the reaper's
+            // task would on SIGCHLD.
+            let deadline = std::time::Instant::now() + T;
+            while reaper.reap() == 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::io::Result::Ok(pid)
+        })
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, rx).await.unwrap().unwrap(),
+        ExitStatus(7)
+    );
 }
 
 /// Spawned children report their own statuses through the reaper.

@@ -13,6 +13,7 @@ use husk_agent_api::agent::{
     TtyWinResizeRequest, UpdateContainerRequest,
 };
 use husk_agent_api::agent_ttrpc::AgentClient as RawClient;
+use husk_agent_api::stdio::{self, Stream};
 use husk_agent_api::ttrpc::{self, asynchronous::transport::Socket, context};
 use husk_agent_api::AGENT_VSOCK_PORT;
 use tokio::sync::Mutex;
@@ -46,6 +47,8 @@ pub enum ClientError {
     },
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    #[error(transparent)]
+    Stdio(#[from] husk_agent_api::stdio::HandshakeError),
 }
 
 fn console_section(tail: &str) -> String {
@@ -500,31 +503,30 @@ impl Client {
         .map(drop)
     }
 
-    /// Opens the host end of one stdio stream (`stdin`, `stdout`,
-    /// `stderr`) of a process (exec_id "" is the container's own). Attach
-    /// before StartContainer / ExecProcess to miss nothing.
+    /// Opens the host end of one stdio stream of a process (exec_id
+    /// [`INIT_PROCESS`](husk_agent_api::INIT_PROCESS) ("") is the container's own). Attach before
+    /// StartContainer / ExecProcess to miss nothing.
     pub async fn attach(
         &self,
         id: &str,
         exec_id: &str,
-        stream: &str,
+        stream: Stream,
     ) -> Result<tokio::net::UnixStream, ClientError> {
-        let exec_id = if exec_id.is_empty() { "-" } else { exec_id };
         use tokio::io::AsyncWriteExt;
+        // Checked before connecting: an id the line cannot carry fails here.
+        let line = stdio::Handshake::new(id, exec_id, stream).to_line()?;
         let mut s = vsock::connect(
             &self.opts.vsock_socket,
             husk_agent_api::STDIO_PORT,
             self.opts.call_timeout,
         )
         .await?;
-        s.write_all(format!("{id} {exec_id} {stream}\n").as_bytes())
-            .await
-            .map_err(|source| {
-                ClientError::Handshake(HandshakeError::Io {
-                    port: husk_agent_api::STDIO_PORT,
-                    source,
-                })
-            })?;
+        s.write_all(line.as_bytes()).await.map_err(|source| {
+            ClientError::Handshake(HandshakeError::Io {
+                port: husk_agent_api::STDIO_PORT,
+                source,
+            })
+        })?;
         Ok(s)
     }
 }

@@ -3,6 +3,10 @@
 //! relay stdio to the host's streams), wait (the exit status, only once the
 //! output is delivered), signal, stdin, terminal size, pause and resume,
 //! stats, limits, OOM events, remove.
+//!
+//! The map's lock guards short, non-blocking work only; the slow part of a
+//! start or an exec runs on a blocking thread with none held (see
+//! [`Manager::start`]).
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -12,7 +16,7 @@ use std::time::Duration;
 
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::cgroup::{Cgroup, CgroupError, Stats};
@@ -23,8 +27,9 @@ use super::spec::{self, SpecError, ValidProcess, ValidSpec};
 use super::stdio::Hub;
 use crate::reaper::{ExitStatus, Reaper};
 
-/// The exec id of a container's own (init) process on stdio streams.
-pub const INIT: &str = "-";
+use husk_agent_api::stdio::{Handshake, Stream};
+use husk_agent_api::INIT_PROCESS;
+
 /// Where containers' overlay layers live: the agent's root, a tmpfs.
 const OVERLAY_DIR: &str = "/run/husk/overlay";
 /// How long output waits for the host to attach before it is discarded.
@@ -44,6 +49,10 @@ pub enum ManagerError {
     State { id: String, state: &'static str },
     #[error("process {exec_id} of container {id} is running")]
     ProcessRunning { id: String, exec_id: String },
+    #[error("{0} is not a signal")]
+    BadSignal(i32),
+    #[error("process {exec_id:?} of container {id} has no terminal (or has not started)")]
+    NoTerminal { id: String, exec_id: String },
     #[error("no sandbox share is mounted: CreateSandbox with a shared fs first")]
     NoShare,
     #[error("invalid {what} {id:?}")]
@@ -132,6 +141,9 @@ fn make_ends(tty: bool, want_stdin: bool) -> Result<Ends, ManagerError> {
 #[derive(Debug, Clone, Copy)]
 enum Launch {
     NotYet,
+    /// Being cloned, on a blocking thread, with no lock held: until the
+    /// child has exec'd (or failed) other calls see it as "starting".
+    Starting,
     Started(Pid),
     /// Its start failed: it never ran, and it reads as stopped (exit 127).
     Failed,
@@ -171,7 +183,7 @@ impl Proc {
     fn pid(&self) -> Option<Pid> {
         match self.launch {
             Launch::Started(pid) => Some(pid),
-            Launch::NotYet | Launch::Failed => None,
+            Launch::NotYet | Launch::Starting | Launch::Failed => None,
         }
     }
 
@@ -182,9 +194,14 @@ impl Proc {
     fn state(&self) -> &'static str {
         match (self.launch, *self.exit.borrow()) {
             (Launch::NotYet, _) => "created",
+            (Launch::Starting, _) => "starting",
             (Launch::Started(_), None) => "running",
             (Launch::Started(_), Some(_)) | (Launch::Failed, _) => "stopped",
         }
+    }
+
+    fn starting(&self) -> bool {
+        matches!(self.launch, Launch::Starting)
     }
 
     fn abort_relays(&mut self) {
@@ -211,7 +228,7 @@ struct Container {
 
 impl Container {
     fn proc_mut(&mut self, id: &str, exec_id: &str) -> Result<&mut Proc, ManagerError> {
-        if exec_id.is_empty() || exec_id == INIT {
+        if exec_id == INIT_PROCESS {
             return Ok(&mut self.init);
         }
         self.execs
@@ -223,9 +240,25 @@ impl Container {
     }
 }
 
+type StartHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+type AfterStartHook = Arc<dyn Fn(&str, &str) -> Result<(), String> + Send + Sync>;
+
+/// Seams for tests (in-process, agent/tests): run on the start's blocking
+/// thread with (container id, exec id). None in the agent.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Before the clone: a test makes a start slow here.
+    pub before_start: Option<StartHook>,
+    /// Once the child exists: an error here is a failure past the start.
+    pub after_start: Option<AfterStartHook>,
+}
+
 #[derive(Clone)]
 pub struct Manager {
+    /// Held only for short, non-blocking work: never across a clone, an
+    /// exec wait or an await.
     containers: Arc<Mutex<HashMap<String, Container>>>,
+    hooks: Hooks,
     share: Arc<Mutex<Option<PathBuf>>>,
     reaper: Reaper,
     hub: Hub,
@@ -240,7 +273,8 @@ fn check_id(what: &'static str, id: &str) -> Result<(), ManagerError> {
         || !id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-        || id == INIT
+        // "-" names the init process on the stdio handshake line.
+        || id == "-"
     {
         return Err(ManagerError::BadId {
             what,
@@ -255,12 +289,19 @@ impl Manager {
         let (oom_tx, oom_rx) = mpsc::unbounded_channel();
         Self {
             containers: Arc::default(),
+            hooks: Hooks::default(),
             share: Arc::default(),
             reaper,
             hub,
             oom_tx,
             oom_rx: Arc::new(tokio::sync::Mutex::new(oom_rx)),
         }
+    }
+
+    /// The same manager with test seams (see [`Hooks`]).
+    pub fn with_hooks(mut self, hooks: Hooks) -> Self {
+        self.hooks = hooks;
+        self
     }
 
     /// Where the sandbox share is mounted (set by CreateSandbox).
@@ -336,36 +377,63 @@ impl Manager {
         Ok(())
     }
 
-    pub fn start(&self, id: &str) -> Result<(), ManagerError> {
+    /// Starts the container's process. The slow part (the overlay mount,
+    /// the clone, the wait until the child has exec'd, a terminal's master)
+    /// runs on a blocking thread with no lock held, so a start that hangs
+    /// (a slow exec over virtio-fs, a hung mount) holds up no other call.
+    pub async fn start(&self, id: &str) -> Result<(), ManagerError> {
         let share = self.share().ok_or(ManagerError::NoShare)?;
-        let mut all = self.lock();
-        let c = all
-            .get_mut(id)
-            .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        if c.init.ends.is_none() {
-            return Err(ManagerError::State {
-                id: id.to_string(),
-                state: c.init.state(),
-            });
-        }
-        let procs = c.cgroup.procs_file();
-        let lower = share.join(&c.spec.root);
-        let root = match &c.overlay {
-            None => lower,
-            Some(dir) => mount_overlay(dir, &lower)?,
-        };
-        let Some(Ends { child, host }) = c.init.ends.take() else {
-            return Err(ManagerError::Io("no stdio".into()));
-        };
-        let (spec, filters) = (&c.spec, &c.seccomp);
-        let started = self
-            .reaper
-            .register_with(|| process::start(spec, &root, &share, child, Some(&procs), filters));
-        launch(&self.hub, id, INIT, &mut c.init, started, host)
+        let (spec, seccomp, overlay, procs, child, host) = self.with(id, |c| {
+            let Some(Ends { child, host }) = c.init.ends.take() else {
+                return Err(ManagerError::State {
+                    id: id.to_string(),
+                    state: c.init.state(),
+                });
+            };
+            c.init.launch = Launch::Starting;
+            Ok((
+                c.spec.clone(),
+                c.seccomp.clone(),
+                c.overlay.clone(),
+                c.cgroup.procs_file(),
+                child,
+                host,
+            ))
+        })?;
+        let (reaper, hooks, cid) = (self.reaper.clone(), self.hooks.clone(), id.to_string());
+        let tty = host.tty;
+        let console = host.out.try_clone().map_err(io_err("dup"));
+        let started = tokio::task::spawn_blocking(move || {
+            if let Some(h) = &hooks.before_start {
+                h(&cid, INIT_PROCESS);
+            }
+            let lower = share.join(&spec.root);
+            let root = match &overlay {
+                None => lower,
+                Some(dir) => mount_overlay(dir, &lower)?,
+            };
+            let started = reaper.register_with(|| {
+                process::start(&spec, &root, &share, child, Some(&procs), &seccomp)
+            })?;
+            Ok(finish_start(
+                started,
+                tty,
+                console,
+                &hooks,
+                &cid,
+                INIT_PROCESS,
+            ))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ManagerError::Io(format!("the start thread: {e}"))));
+        self.with(id, |c| {
+            launch(&self.hub, id, INIT_PROCESS, &mut c.init, started, host)
+        })
     }
 
-    /// Starts `exec_id` in the running container `id`.
-    pub fn exec(
+    /// Starts `exec_id` in the running container `id` (the slow part on a
+    /// blocking thread with no lock held, as [`Manager::start`]).
+    pub async fn exec(
         &self,
         id: &str,
         exec_id: &str,
@@ -374,49 +442,84 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         check_id("exec id", exec_id)?;
         let p = spec::validate_exec(process_json)?;
-        let mut all = self.lock();
-        let c = all
-            .get_mut(id)
-            .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        let (true, Some(init_pid)) = (c.init.running(), c.init.pid()) else {
-            return Err(ManagerError::State {
-                id: id.to_string(),
-                state: c.init.state(),
-            });
-        };
-        if c.execs.contains_key(exec_id) {
-            return Err(ManagerError::ProcessExists {
-                id: id.to_string(),
-                exec_id: exec_id.to_string(),
-            });
-        }
-        let mut proc_ = Proc::new(p, want_stdin)?;
-        let Ends { child, host } = proc_
-            .ends
-            .take()
-            .ok_or_else(|| ManagerError::Io("no stdio".into()))?;
-        let procs = c.cgroup.procs_file();
-        let (spec, filters) = (&proc_.spec, &c.seccomp);
-        let started = self
-            .reaper
-            .register_with(|| process::exec(spec, init_pid, child, &procs, filters));
-        launch(&self.hub, id, exec_id, &mut proc_, started, host)?;
-        c.execs.insert(exec_id.to_string(), proc_);
-        Ok(())
+        let (init_pid, spec, seccomp, procs, child, host) = self.with(id, |c| {
+            let (true, Some(init_pid)) = (c.init.running(), c.init.pid()) else {
+                return Err(ManagerError::State {
+                    id: id.to_string(),
+                    state: c.init.state(),
+                });
+            };
+            if c.execs.contains_key(exec_id) {
+                return Err(ManagerError::ProcessExists {
+                    id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                });
+            }
+            let mut proc_ = Proc::new(p, want_stdin)?;
+            let Some(Ends { child, host }) = proc_.ends.take() else {
+                return Err(ManagerError::Io("no stdio".into()));
+            };
+            proc_.launch = Launch::Starting;
+            let spec = proc_.spec.clone();
+            // Inserted now: the id is taken while it starts.
+            c.execs.insert(exec_id.to_string(), proc_);
+            Ok((
+                init_pid,
+                spec,
+                c.seccomp.clone(),
+                c.cgroup.procs_file(),
+                child,
+                host,
+            ))
+        })?;
+        let (reaper, hooks) = (self.reaper.clone(), self.hooks.clone());
+        let (cid, eid) = (id.to_string(), exec_id.to_string());
+        let tty = host.tty;
+        let console = host.out.try_clone().map_err(io_err("dup"));
+        let started = tokio::task::spawn_blocking(move || {
+            if let Some(h) = &hooks.before_start {
+                h(&cid, &eid);
+            }
+            let started =
+                reaper.register_with(|| process::exec(&spec, init_pid, child, &procs, &seccomp))?;
+            Ok(finish_start(started, tty, console, &hooks, &cid, &eid))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ManagerError::Io(format!("the exec thread: {e}"))));
+        self.with(id, |c| {
+            let p = c.proc_mut(id, exec_id)?;
+            let r = launch(&self.hub, id, exec_id, p, started, host);
+            // An exec that never ran leaves its id free, as before; one that
+            // ran and was killed stays until RemoveProcess (its exit waitable).
+            if r.is_err() && matches!(p.launch, Launch::Failed) {
+                c.execs.remove(exec_id);
+            }
+            r
+        })
     }
 
     /// The exit status, once the process has ended and its output is out.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32, ManagerError> {
-        let (mut exit, relays) = self.with(id, |c| {
-            let p = c.proc_mut(id, exec_id)?;
-            if matches!(p.launch, Launch::NotYet) {
-                return Err(ManagerError::State {
-                    id: id.to_string(),
-                    state: "created",
-                });
+        let (mut exit, relays) = loop {
+            let got = self.with(id, |c| {
+                let p = c.proc_mut(id, exec_id)?;
+                match p.launch {
+                    Launch::NotYet => Err(ManagerError::State {
+                        id: id.to_string(),
+                        state: "created",
+                    }),
+                    // Its relays are not there yet: ask again shortly.
+                    Launch::Starting => Ok(None),
+                    Launch::Started(_) | Launch::Failed => {
+                        Ok(Some((p.exit.clone(), std::mem::take(&mut p.relays))))
+                    }
+                }
+            })?;
+            match got {
+                Some(v) => break v,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
             }
-            Ok((p.exit.clone(), std::mem::take(&mut p.relays)))
-        })?;
+        };
         let status = loop {
             if let Some(s) = *exit.borrow_and_update() {
                 break s;
@@ -440,7 +543,7 @@ impl Manager {
         all: bool,
     ) -> Result<(), ManagerError> {
         let sig = nix::sys::signal::Signal::try_from(signal)
-            .map_err(|e| ManagerError::Io(format!("signal {signal}: {e}")))?;
+            .map_err(|_| ManagerError::BadSignal(signal))?;
         self.with(id, |c| {
             if all {
                 if sig == nix::sys::signal::Signal::SIGKILL {
@@ -467,7 +570,7 @@ impl Manager {
     /// Closes a process's stdin now, whatever its stream still carries.
     /// Forgets an exec'd process that has ended; its id is free again.
     pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ManagerError> {
-        if exec_id.is_empty() || exec_id == INIT {
+        if exec_id == INIT_PROCESS {
             return Err(ManagerError::BadId {
                 what: "exec id (the container's own process goes with RemoveContainer)",
                 id: exec_id.to_string(),
@@ -475,7 +578,7 @@ impl Manager {
         }
         self.with(id, |c| {
             let p = c.proc_mut(id, exec_id)?;
-            if p.running() {
+            if p.running() || p.starting() {
                 return Err(ManagerError::ProcessRunning {
                     id: id.to_string(),
                     exec_id: exec_id.to_string(),
@@ -513,9 +616,10 @@ impl Manager {
         self.with(id, |c| {
             let p = c.proc_mut(id, exec_id)?;
             let Some(m) = &p.pty else {
-                return Err(ManagerError::Io(format!(
-                    "process {exec_id:?} of {id} has no terminal (or has not started)"
-                )));
+                return Err(ManagerError::NoTerminal {
+                    id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                });
             };
             let fd = m.fd();
             pty::resize(fd, rows, cols).map_err(io_err("TIOCSWINSZ"))
@@ -572,6 +676,13 @@ impl Manager {
                 return Err(ManagerError::State {
                     id: id.to_string(),
                     state: "running",
+                });
+            }
+            // A start in flight comes back to its entry: let it finish.
+            if c.init.starting() || c.execs.values().any(Proc::starting) {
+                return Err(ManagerError::State {
+                    id: id.to_string(),
+                    state: "starting a process",
                 });
             }
             all.remove(id)
@@ -643,17 +754,52 @@ fn drop_overlay(dir: &Path) {
     }
 }
 
-/// After a clone: record the pid, start the relays, and on exit mark the
-/// process stopped.
+/// A child that exists: its pid, its exit, and (a terminal) its pty master
+/// or why that could not be had. Made on the blocking thread.
+struct Child {
+    pid: Pid,
+    exited: oneshot::Receiver<ExitStatus>,
+    /// What went wrong after the child existed, if anything: it is killed.
+    after: Result<Option<OwnedFd>, ManagerError>,
+}
+
+/// The blocking tail of a start, once the child exists: a terminal's master
+/// arrives on the console socket (the child sent it before exec).
+fn finish_start(
+    (pid, exited): (Pid, oneshot::Receiver<ExitStatus>),
+    tty: bool,
+    console: Result<OwnedFd, ManagerError>,
+    hooks: &Hooks,
+    id: &str,
+    exec_id: &str,
+) -> Child {
+    let after = (|| {
+        if let Some(h) = &hooks.after_start {
+            h(id, exec_id).map_err(ManagerError::Io)?;
+        }
+        if !tty {
+            return Ok(None);
+        }
+        process::receive_console(&console?)
+            .map(Some)
+            .map_err(io_err("the terminal"))
+    })();
+    Child { pid, exited, after }
+}
+
+/// After a clone (under the container's lock, nothing blocking): record the
+/// pid, watch for the exit, start the relays. On any failure once the child
+/// exists it is killed and its exit recorded as usual, so WaitProcess
+/// answers and RemoveContainer can go ahead.
 fn launch(
     hub: &Hub,
     id: &str,
     exec_id: &str,
     p: &mut Proc,
-    started: Result<(Pid, tokio::sync::oneshot::Receiver<ExitStatus>), ContainerError>,
+    started: Result<Child, ManagerError>,
     ends: HostEnds,
 ) -> Result<(), ManagerError> {
-    let (pid, exited) = match started {
+    let child = match started {
         Ok(v) => v,
         Err(e) => {
             // Never started: it can be removed.
@@ -661,48 +807,77 @@ fn launch(
             if let Some(tx) = p.exit_tx.take() {
                 let _ = tx.send(Some(ExitStatus(127)));
             }
-            return Err(e.into());
+            return Err(e);
         }
     };
+    let pid = child.pid;
     p.launch = Launch::Started(pid);
-    let key = |s: &str| (id.to_string(), exec_id.to_string(), s.to_string());
-    if ends.tty {
-        let master = process::receive_console(&ends.out).map_err(io_err("the terminal"))?;
-        let master = pty::Master::new(master).map_err(io_err("pty"))?;
-        p.relays.push(relay_out(
-            hub.expect(key("stdout")),
-            master.clone(),
-            "stdout",
-        ));
-        if ends.want_stdin {
-            p.stdin_relay = Some(relay_in(hub.expect(key("stdin")), master.clone(), false));
-        }
-        p.pty = Some(master);
-    } else {
-        let rx = |fd: OwnedFd| {
-            tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(io_err("pipe"))
-        };
-        p.relays.push(relay_out(
-            hub.expect(key("stdout")),
-            rx(ends.out)?,
-            "stdout",
-        ));
-        if let Some(err) = ends.err {
-            p.relays
-                .push(relay_out(hub.expect(key("stderr")), rx(err)?, "stderr"));
-        }
-        if let Some(w) = ends.stdin {
-            let tx = tokio::net::unix::pipe::Sender::from_owned_fd(w).map_err(io_err("pipe"))?;
-            p.stdin_relay = Some(relay_in(hub.expect(key("stdin")), tx, true));
-        }
-    }
+    // First, before anything that can fail: the exit is always recorded.
     let exit_tx = p.exit_tx.take();
+    let exited = child.exited;
     tokio::spawn(async move {
         let status = exited.await.unwrap_or(ExitStatus(255));
         if let Some(tx) = exit_tx {
             let _ = tx.send(Some(status));
         }
     });
+    let relayed = child
+        .after
+        .and_then(|master| start_relays(hub, id, exec_id, p, master, ends));
+    if let Err(e) = relayed {
+        tracing::warn!(container = id, exec = exec_id, %pid, "killing a process whose start failed: {e}");
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        p.abort_relays();
+        p.pty = None;
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn start_relays(
+    hub: &Hub,
+    id: &str,
+    exec_id: &str,
+    p: &mut Proc,
+    master: Option<OwnedFd>,
+    ends: HostEnds,
+) -> Result<(), ManagerError> {
+    let key = |s: Stream| Handshake::new(id, exec_id, s);
+    if let Some(master) = master {
+        let master = pty::Master::new(master).map_err(io_err("pty"))?;
+        p.relays.push(relay_out(
+            hub.expect(key(Stream::Stdout)),
+            master.clone(),
+            "stdout",
+        ));
+        if ends.want_stdin {
+            p.stdin_relay = Some(relay_in(
+                hub.expect(key(Stream::Stdin)),
+                master.clone(),
+                false,
+            ));
+        }
+        p.pty = Some(master);
+        return Ok(());
+    }
+    let rx =
+        |fd: OwnedFd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(io_err("pipe"));
+    p.relays.push(relay_out(
+        hub.expect(key(Stream::Stdout)),
+        rx(ends.out)?,
+        "stdout",
+    ));
+    if let Some(err) = ends.err {
+        p.relays.push(relay_out(
+            hub.expect(key(Stream::Stderr)),
+            rx(err)?,
+            "stderr",
+        ));
+    }
+    if let Some(w) = ends.stdin {
+        let tx = tokio::net::unix::pipe::Sender::from_owned_fd(w).map_err(io_err("pipe"))?;
+        p.stdin_relay = Some(relay_in(hub.expect(key(Stream::Stdin)), tx, true));
+    }
     Ok(())
 }
 

@@ -15,7 +15,10 @@
 //! The network and IPC namespaces are the sandbox's: a container never gets
 //! new ones, whatever its spec lists, because in Husk the VM is the pod and
 //! its containers share both (what the pause container's namespaces do for
-//! runc). Not here yet: user namespaces, seccomp (see docs/agent.md).
+//! runc). A user namespace, when the spec asks for one, is made by the
+//! clone and mapped by the parent before the child goes on; seccomp filters
+//! are compiled at CreateContainer (`seccomp.rs`) and loaded by the child
+//! (see docs/agent.md).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -23,6 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
+use husk_agent_api::mount::{parse_options, MountOptions};
 use nix::mount::MsFlags;
 use nix::sched::CloneFlags;
 use nix::unistd::Pid;
@@ -152,32 +156,6 @@ fn mount_point(root: &Path, dest: &Path, file: bool) -> Result<PathBuf, Containe
     Ok(p)
 }
 
-/// Mount flags and the data string from OCI mount options.
-pub fn parse_options(options: &[String]) -> (MsFlags, Vec<String>) {
-    let mut flags = MsFlags::empty();
-    let mut data = Vec::new();
-    for o in options {
-        match o.as_str() {
-            "ro" => flags |= MsFlags::MS_RDONLY,
-            "rw" => flags &= !MsFlags::MS_RDONLY,
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "suid" => flags &= !MsFlags::MS_NOSUID,
-            "nodev" => flags |= MsFlags::MS_NODEV,
-            "dev" => flags &= !MsFlags::MS_NODEV,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            "exec" => flags &= !MsFlags::MS_NOEXEC,
-            "bind" => flags |= MsFlags::MS_BIND,
-            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
-            "relatime" => flags |= MsFlags::MS_RELATIME,
-            "noatime" => flags |= MsFlags::MS_NOATIME,
-            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
-            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" => {}
-            other => data.push(other.to_string()),
-        }
-    }
-    (flags, data)
-}
-
 struct PreparedMount {
     source: CString,
     target: CString,
@@ -244,7 +222,11 @@ fn prepare_one(
     m: &Mount,
     bind: bool,
 ) -> Result<PreparedMount, ContainerError> {
-    let (mut flags, data) = parse_options(&m.options);
+    // Propagation options are not applied: the container's mount namespace
+    // is private to it (made so before any mount), as before.
+    let MountOptions {
+        mut flags, data, ..
+    } = parse_options(&m.options);
     if bind {
         flags |= MsFlags::MS_BIND;
     }
@@ -1351,20 +1333,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn options_become_flags_and_data() {
-        let (f, d) = parse_options(&[
-            "ro".into(),
-            "nosuid".into(),
-            "rbind".into(),
-            "mode=755".into(),
-            "size=1m".into(),
-        ]);
-        assert!(f.contains(
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_BIND | MsFlags::MS_REC
-        ));
-        assert_eq!(d, ["mode=755", "size=1m"]);
-        let (f, _) = parse_options(&["ro".into(), "rw".into()]);
-        assert!(!f.contains(MsFlags::MS_RDONLY));
+    fn mounts_use_the_shared_option_parser() {
+        let root = tempfile::tempdir().unwrap();
+        let m = |kind: &str, opts: &[&str]| Mount {
+            destination: PathBuf::from("/x"),
+            kind: kind.into(),
+            source: Some(PathBuf::from("/src")),
+            options: opts.iter().map(|o| o.to_string()).collect(),
+        };
+        // A read-only bind: bound first, then remounted read-only.
+        let p = prepare_one(
+            root.path(),
+            "/src".into(),
+            &m("bind", &["rbind", "ro", "rprivate"]),
+            true,
+        )
+        .unwrap();
+        assert!(p.remount_ro && p.data.is_none());
+        assert_eq!(p.flags, (MsFlags::MS_BIND | MsFlags::MS_REC).bits());
+        let p = prepare_one(
+            root.path(),
+            "/src".into(),
+            &m("tmpfs", &["nosuid", "size=1m", "ro", "rw"]),
+            false,
+        )
+        .unwrap();
+        assert!(!p.remount_ro);
+        assert_eq!(p.flags, MsFlags::MS_NOSUID.bits());
+        assert_eq!(p.data.as_deref(), Some(c"size=1m"));
     }
 
     #[test]

@@ -27,9 +27,7 @@ fn err(field: impl Into<String>, problem: impl Into<String>) -> SpecError {
 }
 
 /// Mount types the agent knows how to set up in the guest.
-pub const MOUNT_TYPES: &[&str] = &[
-    "bind", "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay",
-];
+pub use husk_agent_api::mount::GUEST_MOUNT_TYPES as MOUNT_TYPES;
 
 /// A mount, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,7 +270,7 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
         let kind = match m.typ().as_deref() {
             // runc treats a missing type with "bind"/"rbind" options as a bind mount.
             None | Some("none") | Some("")
-                if options.iter().any(|o| o == "bind" || o == "rbind") =>
+                if husk_agent_api::mount::parse_options(&options).is_bind() =>
             {
                 "bind".to_string()
             }

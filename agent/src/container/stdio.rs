@@ -1,21 +1,21 @@
 //! Process stdio over vsock: the host connects to [`STDIO_PORT`] and names
-//! the pipe it wants in one line, `<container_id> <exec_id> <stream>\n`
-//! (exec_id is "-" for a container's init process). The hub hands the
-//! stream to whoever waits for that name.
+//! the pipe it wants in one line, a [`Handshake`] (its encoding and limits
+//! live in husk-agent-api). The hub hands the stream to whoever waits for
+//! that name.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use husk_agent_api::stdio::{Handshake, MAX_HANDSHAKE};
 use husk_agent_api::STDIO_PORT;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 
 /// One stream of one process.
-pub type Key = (String, String, String);
+pub type Key = Handshake;
 
-const MAX_HEADER: usize = 512;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Streams waited for, and streams that arrived before anyone waited.
@@ -49,14 +49,14 @@ impl Hub {
     /// Drops everything about a container (its streams close).
     pub fn forget(&self, container_id: &str) {
         let mut st = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        st.waiting.retain(|k, _| k.0 != container_id);
-        st.arrived.retain(|k, _| k.0 != container_id);
+        st.waiting.retain(|k, _| k.container_id != container_id);
+        st.arrived.retain(|k, _| k.container_id != container_id);
     }
 
     /// Forgets the streams of one process of a container.
     pub fn forget_process(&self, container_id: &str, exec_id: &str) {
         let mut st = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let other = |k: &Key| k.0 != container_id || k.1 != exec_id;
+        let other = |k: &Key| k.container_id != container_id || k.exec_id != exec_id;
         st.waiting.retain(|k, _| other(k));
         st.arrived.retain(|k, _| other(k));
     }
@@ -92,19 +92,6 @@ impl Hub {
     }
 }
 
-/// Parses `<container_id> <exec_id> <stdin|stdout|stderr>`.
-pub fn parse_header(line: &str) -> Result<Key, String> {
-    let mut f = line.split(' ');
-    match (f.next(), f.next(), f.next(), f.next()) {
-        (Some(c), Some(e), Some(s), None)
-            if !c.is_empty() && !e.is_empty() && ["stdin", "stdout", "stderr"].contains(&s) =>
-        {
-            Ok((c.to_string(), e.to_string(), s.to_string()))
-        }
-        _ => Err(format!("bad stdio header {line:?}")),
-    }
-}
-
 async fn read_header(mut s: VsockStream) -> Result<(Key, VsockStream), String> {
     // Byte by byte: what follows the newline is the stream's.
     let mut line = Vec::new();
@@ -114,26 +101,11 @@ async fn read_header(mut s: VsockStream) -> Result<(Key, VsockStream), String> {
             break;
         }
         line.push(b);
-        if line.len() > MAX_HEADER {
-            return Err("stdio header too long".into());
+        if line.len() > MAX_HANDSHAKE {
+            return Err("stdio handshake too long".into());
         }
     }
-    let key = parse_header(&String::from_utf8_lossy(&line))?;
+    let line = String::from_utf8(line).map_err(|_| "stdio handshake is not UTF-8".to_string())?;
+    let key = Handshake::parse(&line).map_err(|e| e.to_string())?;
     Ok((key, s))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn headers() {
-        assert_eq!(
-            parse_header("c1 - stdout").unwrap(),
-            ("c1".into(), "-".into(), "stdout".into())
-        );
-        for bad in ["", "c1 - stdout x", "c1 -", " - stdout", "c1 - stdio"] {
-            assert!(parse_header(bad).is_err(), "{bad:?}");
-        }
-    }
 }
