@@ -29,15 +29,18 @@ pub fn run_script(script: &str, timeout: Duration) -> String {
             "{built} is missing: run `make build`"
         );
     }
-    let script = format!("cd '{}' || exit 1\n{script}", root.display());
+    let script = format!("cd '{}' || exit 1\n{STEP_PRELUDE}{script}", root.display());
     let spec = Spec::new(script).timeout(timeout);
     let mut o = testhost::run(&spec).unwrap_or_else(|e| panic!("{e}"));
     // In the nested test host about one guest boot in 35 stops mid-boot
     // (docs/testhost.md): a script that failed on a guest that never came
     // up runs once more there, loudly. On hardware KVM it fails at once.
-    if !o.success() && o.mode != Mode::Direct && o.output.contains(BOOT_HANG) {
+    let hung = |o: &testhost::Outcome| {
+        (!o.success() && o.output.contains(BOOT_HANG)) || o.output.contains(STEP_HANG)
+    };
+    if o.mode != Mode::Direct && hung(&o) {
         eprintln!(
-            "[testhost] a guest did not boot in the nested test host; running the script once more. First output:\n{}",
+            "[testhost] a guest did not boot, or a bounded step hung, in the nested test host; running the script once more. First output:\n{}",
             o.output
         );
         o = testhost::run(&spec).unwrap_or_else(|e| panic!("{e}"));
@@ -48,3 +51,26 @@ pub fn run_script(script: &str, timeout: Duration) -> String {
 
 /// What `husk_agent_client` says when a guest's agent never answers.
 const BOOT_HANG: &str = "did not answer within the boot timeout";
+
+/// What `bounded` prints when its command outlived its limit.
+const STEP_HANG: &str = "@@HUSK-STEP-HUNG@@";
+
+/// Shell defined for every script: `bounded SECS CMD...` runs CMD with a
+/// deadline. A step that outlives it is killed, and the logs of every VM
+/// still in /run/husk (console, VMM, guest) are printed with STEP_HANG, so a
+/// hang names its step and shows where the guest stood instead of eating
+/// the whole script's deadline. In the nested test host the script then
+/// runs once more in a new L2 (the nested stack wedges a guest now and
+/// then, docs/testhost.md); on hardware KVM the hang is the test's failure.
+const STEP_PRELUDE: &str = r#"bounded() {
+  limit=$1; shift
+  timeout -k 10 "$limit" "$@"; rc=$?
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "@@HUSK-STEP-HUNG@@ after ${limit}s: $*" >&2
+    for f in /run/husk/*/console.log /run/husk/*/vmm.log /run/husk/*/guest.log; do
+      [ -f "$f" ] && { echo "--- $f" >&2; tail -n 30 "$f" >&2; }
+    done
+  fi
+  return $rc
+}
+"#;

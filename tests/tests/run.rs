@@ -14,7 +14,7 @@ fn husk_run_containers() {
         r#"set -u
 export RUST_LOG=warn
 cp -a target/husk/busybox-rootfs /tmp/rootfs
-run() { ./target/debug/husk run --rootfs /tmp/rootfs "$@"; }
+run() { bounded 150 ./target/debug/husk run --rootfs /tmp/rootfs "$@"; }
 run -- true; echo "code true=$?"
 run -- false; echo "code false=$?"
 run -- sh -c 'echo out; echo err >&2; exit 3' 2>/tmp/err; echo "code three=$?"; echo "stderr=$(cat /tmp/err)"
@@ -56,18 +56,19 @@ export RUST_LOG=warn
 cp -a target/husk/busybox-rootfs /tmp/rootfs
 mkdir -p /tmp/vol && echo from-host > /tmp/vol/in
 H=./target/debug/husk
-$H run --rootfs /tmp/rootfs -v /tmp/vol:/data -v /tmp/vol:/ro:ro -- sh -c 'cat /data/in; echo from-guest > /data/out; touch /ro/x 2>/dev/null || echo ro-refused'
+B="bounded 150 $H"
+$B run --rootfs /tmp/rootfs -v /tmp/vol:/data -v /tmp/vol:/ro:ro -- sh -c 'cat /data/in; echo from-guest > /data/out; touch /ro/x 2>/dev/null || echo ro-refused'
 echo "host sees: $(cat /tmp/vol/out)"
-$H run --rootfs /tmp/rootfs -- sh -c 'echo layered > /etc/new && cat /etc/new'
+$B run --rootfs /tmp/rootfs -- sh -c 'echo layered > /etc/new && cat /etc/new'
 test -e /tmp/rootfs/etc/new && echo rootfs=changed || echo rootfs=untouched
-$H run --rootfs /tmp/rootfs -- sh -c 'grep CapEff /proc/self/status' | sed 's/\t/ /g' 
-echo piped-input | $H run -i --rootfs /tmp/rootfs -- sh -c 'read x; echo "stdin=$x"'
-$H run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /dev/zero | tr "\0" a); echo survived' 2>/tmp/oom.err; echo "code oom=$?"; grep -o 'OOM' /tmp/oom.err | head -1 | sed 's/^/notice=/'
-$H run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c '(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done) 2>/tmp/forks; sleep 3; echo "refused=$(grep -c "can.t fork" /tmp/forks)"' 
+$B run --rootfs /tmp/rootfs -- sh -c 'grep CapEff /proc/self/status' | sed 's/\t/ /g' 
+echo piped-input | $B run -i --rootfs /tmp/rootfs -- sh -c 'read x; echo "stdin=$x"'
+$B run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /dev/zero | tr "\0" a); echo survived' 2>/tmp/oom.err; echo "code oom=$?"; grep -o 'OOM' /tmp/oom.err | head -1 | sed 's/^/notice=/'
+$B run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c '(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done) 2>/tmp/forks; sleep 3; echo "refused=$(grep -c "can.t fork" /tmp/forks)"' 
 $H run -d --name bg --rootfs /tmp/rootfs -- sleep 1000
 $H ps | grep '^bg ' | awk '{print "ps=" $1 "," $3}'
-$H exec bg -- sh -c 'echo exec-ran; exit 5'; echo "code exec=$?"
-echo via-exec-stdin | $H exec -i bg -- cat
+$B exec bg -- sh -c 'echo exec-ran; exit 5'; echo "code exec=$?"
+echo via-exec-stdin | $B exec -i bg -- cat
 $H rm bg 2>&1 | grep -o 'is running' | sed 's/^/rm=/'
 $H rm -f bg >/dev/null; echo "code rm=$?"
 python3 tests/scripts/tty-session.py $H run -t -i --rootfs /tmp/rootfs -- sh | tail -1

@@ -118,6 +118,8 @@ pub struct Connection {
     host_readable: bool,
     /// A credit update is owed to the guest.
     credit_update_due: bool,
+    /// The guest opened it (it counts against the guest's budget).
+    from_guest: bool,
 }
 
 impl Connection {
@@ -135,6 +137,7 @@ impl Connection {
             peer_fwd_cnt: 0,
             host_readable: false,
             credit_update_due: false,
+            from_guest: false,
         }
     }
 
@@ -155,8 +158,14 @@ impl Connection {
             peer: PeerShut::default(),
         };
         let mut c = Self::with_state(stream, state, req.dst_port, req.src_port);
+        c.from_guest = true;
         c.update_peer_credit(req);
         c
+    }
+
+    /// Whether the guest opened it (a REQUEST) rather than a host client.
+    pub fn from_guest(&self) -> bool {
+        self.from_guest
     }
 
     pub fn state(&self) -> State {

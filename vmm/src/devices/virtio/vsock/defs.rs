@@ -64,3 +64,23 @@ pub const MAX_PENDING_CTRL: usize = 1024;
 /// Rounds of TX-then-RX in one wake-up while TX is held back by
 /// [`MAX_PENDING_CTRL`]; bounds the work a busy guest makes one event cost.
 pub const MAX_PUMP_ROUNDS: usize = 64;
+
+/// Most guest-initiated streams open at once (established or draining). Each
+/// holds a host socket, so a guest that opens connections in a loop would
+/// otherwise spend husk-vmm's descriptors (1024 by default) and, through the
+/// host listeners it reaches, the runtime's. Past it a REQUEST gets a RST.
+/// Firecracker and Cloud Hypervisor stop near 1023 total; this keeps the two
+/// directions' sum well under the default fd limit.
+pub const MAX_GUEST_CONNS: usize = 256;
+
+/// Most host-initiated streams (including clients still sending their
+/// `CONNECT` line) open at once. A budget of their own, so a guest flooding
+/// REQUESTs never locks the runtime out of the agent's port. A client past
+/// it is accepted and closed at once, which also empties the listener's
+/// backlog instead of leaving it readable (a spin).
+pub const MAX_HOST_CONNS: usize = 256;
+
+/// How long the listener is left out of the epoll set after an accept failed
+/// for want of descriptors (EMFILE, ENFILE): a level-triggered listener with
+/// a client waiting would wake the event loop without end.
+pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);

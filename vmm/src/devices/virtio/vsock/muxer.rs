@@ -77,6 +77,15 @@ pub struct UnixMuxer {
     rxq: VecDeque<Key>,
     rxq_set: HashSet<Key>,
     next_port: u32,
+    /// [`MAX_GUEST_CONNS`] and [`MAX_HOST_CONNS`] (tests use small ones).
+    max_guest_conns: usize,
+    max_host_conns: usize,
+    /// Set while the listener is out of the epoll set after an accept ran
+    /// out of descriptors: when it goes back in.
+    accept_paused_until: Option<Instant>,
+    /// Whether the guest has been told (in the log) that it hit its cap;
+    /// once per VM, so a flood of REQUESTs is not a flood of warnings.
+    cap_warned: bool,
 }
 
 impl UnixMuxer {
@@ -117,6 +126,10 @@ impl UnixMuxer {
             rxq: VecDeque::new(),
             rxq_set: HashSet::new(),
             next_port: FIRST_HOST_PORT,
+            max_guest_conns: MAX_GUEST_CONNS,
+            max_host_conns: MAX_HOST_CONNS,
+            accept_paused_until: None,
+            cap_warned: false,
         })
     }
 
@@ -128,6 +141,26 @@ impl UnixMuxer {
     pub fn set_timeouts(&mut self, connect: Duration, drain: Duration) {
         self.connect_timeout = connect;
         self.drain_timeout = drain;
+    }
+
+    /// Overrides [`MAX_GUEST_CONNS`] and [`MAX_HOST_CONNS`].
+    pub fn set_limits(&mut self, guest: usize, host: usize) {
+        self.max_guest_conns = guest;
+        self.max_host_conns = host;
+    }
+
+    /// Streams the guest opened that still hold a host socket.
+    fn guest_conns(&self) -> usize {
+        let live = self.conns.values().filter(|c| c.from_guest()).count();
+        let closing = self.draining.values().filter(|d| d.conn.from_guest());
+        live + closing.count()
+    }
+
+    /// Host clients that hold a socket: waiting for their line, or streams.
+    fn host_conns(&self) -> usize {
+        let live = self.conns.values().filter(|c| !c.from_guest()).count();
+        let closing = self.draining.values().filter(|d| !d.conn.from_guest());
+        self.pending.len() + live + closing.count()
     }
 
     fn watch(&self, fd: RawFd, events: EventSet) {
@@ -232,7 +265,8 @@ impl UnixMuxer {
         let pending = self.pending.values().map(|p| p.deadline);
         let connects = self.conns.values().filter_map(Connection::connect_deadline);
         let drains = self.draining.values().map(|d| d.deadline);
-        pending.chain(connects).chain(drains).min()
+        let accept = self.accept_paused_until;
+        pending.chain(connects).chain(drains).chain(accept).min()
     }
 
     /// Points the timerfd at the earliest deadline (or disarms it). Setting a
@@ -260,6 +294,16 @@ impl UnixMuxer {
     /// Ends everything whose deadline is at or before `now`.
     pub(super) fn expire(&mut self, now: Instant) {
         self.timer_deadline = None; // the timer fired (or is about to be re-set)
+        if self.accept_paused_until.is_some_and(|at| at <= now) {
+            self.accept_paused_until = None;
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                self.listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            ) {
+                tracing::error!(error = %e, "vsock: watching the listener again failed");
+            }
+        }
         let stale: Vec<RawFd> = self
             .pending
             .iter()
@@ -341,6 +385,17 @@ impl UnixMuxer {
                 self.reset_conn(key);
                 return;
             }
+            if self.guest_conns() >= self.max_guest_conns {
+                if !self.cap_warned {
+                    self.cap_warned = true;
+                    tracing::warn!(
+                        cap = self.max_guest_conns,
+                        "vsock: the guest holds its most connections; further REQUESTs get RST"
+                    );
+                }
+                self.rx_ctrl.push_back(h.rst_reply());
+                return;
+            }
             self.connect_to_host(h);
             return;
         }
@@ -395,6 +450,11 @@ impl UnixMuxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.host_conns() >= self.max_host_conns {
+                        // Closed at once: the client sees EOF, the backlog drains.
+                        tracing::debug!("vsock: host clients at their cap; one closed");
+                        continue;
+                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
@@ -410,6 +470,13 @@ impl UnixMuxer {
                     );
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    tracing::warn!(error = %e, "vsock: out of descriptors; accepting again shortly");
+                    self.unwatch(self.listener.as_raw_fd());
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    self.rearm_timer();
+                    return;
+                }
                 Err(_) => return,
             }
         }
@@ -697,5 +764,67 @@ mod tests {
         assert!(m.tx_blocked());
         m.reset();
         assert!(!m.tx_blocked() && !m.has_pending_rx() && m.conns.is_empty());
+    }
+
+    #[test]
+    fn guest_connections_past_the_cap_are_refused_and_the_host_side_still_connects() {
+        let (_dir, mut m, mut hosts) = muxer_with(0);
+        m.set_limits(3, 2);
+        let mut p = m.socket_path().to_path_buf().into_os_string();
+        p.push("_78");
+        let l = UnixListener::bind(&p).unwrap();
+        let mut ops = Vec::new();
+        for i in 0..6 {
+            m.send_pkt(guest(OP_REQUEST, 2000 + i, 78, 4096));
+            ops.push(m.recv_pkt(4096).unwrap().0.op);
+            if ops[i as usize] == OP_RESPONSE {
+                hosts.push(l.accept().unwrap().0);
+            }
+        }
+        let want = [
+            OP_RESPONSE,
+            OP_RESPONSE,
+            OP_RESPONSE,
+            OP_RST,
+            OP_RST,
+            OP_RST,
+        ];
+        assert_eq!(ops, want);
+        assert_eq!(m.conns.len(), 3);
+        // One guest stream ends: its place is free again.
+        m.send_pkt(guest(OP_RST, 2000, 78, 4096));
+        m.send_pkt(guest(OP_REQUEST, 2010, 78, 4096));
+        assert_eq!(m.recv_pkt(4096).unwrap().0.op, OP_RESPONSE);
+        // The host's budget is its own: a client still reaches the guest.
+        let mut c = UnixStream::connect(m.socket_path()).unwrap();
+        c.write_all(b"CONNECT 1024\n").unwrap();
+        m.notify(); // accepts
+        m.notify(); // reads the line
+        let (h, _) = m.recv_pkt(4096).unwrap();
+        assert_eq!((h.op, h.dst_port), (OP_REQUEST, 1024));
+    }
+
+    #[test]
+    fn host_clients_past_the_cap_are_closed_not_left_in_the_backlog() {
+        let (_dir, mut m, _hosts) = muxer_with(0);
+        m.set_limits(3, 2);
+        let clients: Vec<UnixStream> = (0..4)
+            .map(|_| UnixStream::connect(m.socket_path()).unwrap())
+            .collect();
+        m.notify();
+        assert_eq!(m.pending.len(), 2);
+        // The two past the cap were accepted and closed: EOF, and nothing
+        // is left for the listener to report.
+        for mut c in clients.into_iter().skip(2) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = [0u8; 1];
+            assert_eq!(c.read(&mut b).unwrap(), 0);
+        }
+        let mut events = vec![EpollEvent::default(); 8];
+        let n = m.epoll.wait(0, &mut events).unwrap();
+        assert!(
+            events[..n].iter().all(|e| e.data() != LISTENER_TOKEN),
+            "the listener is still readable"
+        );
     }
 }
