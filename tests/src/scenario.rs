@@ -46,6 +46,11 @@ pub fn run_script(script: &str, timeout: Duration) -> String {
         o = testhost::run(&spec).unwrap_or_else(|e| panic!("{e}"));
     }
     assert!(o.success(), "exited {}:\n{}", o.status, o.output);
+    assert!(
+        !o.output.contains(STEP_HANG),
+        "a bounded step hung:\n{}",
+        o.output
+    );
     o.output
 }
 
@@ -62,15 +67,29 @@ const STEP_HANG: &str = "@@HUSK-STEP-HUNG@@";
 /// the whole script's deadline. In the nested test host the script then
 /// runs once more in a new L2 (the nested stack wedges a guest now and
 /// then, docs/testhost.md); on hardware KVM the hang is the test's failure.
-const STEP_PRELUDE: &str = r#"bounded() {
-  limit=$1; shift
-  timeout -k 10 "$limit" "$@"; rc=$?
-  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-    echo "@@HUSK-STEP-HUNG@@ after ${limit}s: $*" >&2
-    for f in /run/husk/*/console.log /run/husk/*/vmm.log /run/husk/*/guest.log; do
-      [ -f "$f" ] && { echo "--- $f" >&2; tail -n 30 "$f" >&2; }
+const STEP_PRELUDE: &str = r#"husk_dump_vms() {
+  ps -eo pid,ppid,stat,etime,comm >&2
+  for d in /run/husk/*/; do
+    [ -d "$d" ] || continue
+    for f in "$d"console.log "$d"vmm.log "$d"guest.log; do
+      [ -f "$f" ] && { echo "--- $f" >&2; tail -n 30 "$f" | cut -c1-300 >&2; }
     done
-  fi
+  done
+}
+bounded() {
+  limit=$1; shift
+  mark=/tmp/husk-step-hung.$$
+  rm -f "$mark"
+  # The watcher reports while the step is still stuck, before it is killed
+  # (a killed husk may clean up what would show why).
+  ( sleep "$limit" & s=$!; trap 'kill $s 2>/dev/null; exit 0' TERM; wait $s
+    touch "$mark"; echo "@@HUSK-STEP-HUNG@@ after ${limit}s: $1 $2" >&2; husk_dump_vms ) &
+  watcher=$!
+  timeout -k 10 $((limit + 5)) "$@"; rc=$?
+  kill $watcher 2>/dev/null; wait $watcher 2>/dev/null
+  # A hung step reads as timeout's 124, never as a status the step could
+  # have had itself (137 is also a SIGKILLed container's).
+  [ -e "$mark" ] && { rm -f "$mark"; rc=124; }
   return $rc
 }
 "#;
