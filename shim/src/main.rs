@@ -15,15 +15,16 @@ const RUNTIME_ID: &str = "io.containerd.husk.v2";
 /// containerd reads into its own log; `start` and `delete` write to stderr,
 /// which containerd quotes when they fail (stdout is the protocol).
 fn init_logging(flags: &containerd_shim::Flags) {
-    let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| {
+    let user = std::env::var("RUST_LOG").ok().or_else(|| {
         if flags.debug {
-            "debug".into()
+            Some("debug,ttrpc=info".into())
         } else {
             husk_runtime::config::Config::load(None)
                 .map(|c| c.log_level)
-                .unwrap_or_else(|_| "info".into())
+                .ok()
         }
     });
+    let filter = husk_runtime::logging::directives(user, "info,ttrpc=error");
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

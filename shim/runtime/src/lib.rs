@@ -21,6 +21,7 @@ pub mod container;
 pub mod error;
 pub mod hypervisor;
 pub mod layout;
+pub mod logging;
 pub mod sandbox;
 
 #[cfg(test)]

@@ -622,15 +622,12 @@ async fn main() {
     let cli = Cli::parse();
     // Only the container's own output by default: the guest's and the
     // VMM's logs stay in the VM's log files, shown with --debug.
-    // ttrpc's client warns whenever a call is dropped after its reply came
-    // (the agent's Shutdown racing the VM's exit does that on every run):
-    // kept to errors unless RUST_LOG names ttrpc itself.
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if v.contains("ttrpc") => v,
-        Ok(v) => format!("{v},ttrpc=error"),
-        Err(_) if cli.debug => "debug,ttrpc=info".into(),
-        Err(_) => "warn,ttrpc=error,guest=off,vmm=off".into(),
+    let default = if cli.debug {
+        "debug,ttrpc=info"
+    } else {
+        "warn,ttrpc=error,guest=off,vmm=off"
     };
+    let filter = husk_runtime::logging::directives(std::env::var("RUST_LOG").ok(), default);
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
         eprintln!("husk: RUST_LOG {filter:?} is not a log filter ({e}); using warn");
         tracing_subscriber::EnvFilter::new("warn")
