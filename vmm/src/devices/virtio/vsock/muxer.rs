@@ -98,11 +98,7 @@ impl UnixMuxer {
         let listener = UnixListener::bind(socket_path)?;
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-        )?;
+        watch_listener(&epoll, &listener)?;
         let timer = TimerFd::new()?;
         epoll.ctl(
             ControlOperation::Add,
@@ -296,11 +292,7 @@ impl UnixMuxer {
         self.timer_deadline = None; // the timer fired (or is about to be re-set)
         if self.accept_paused_until.is_some_and(|at| at <= now) {
             self.accept_paused_until = None;
-            if let Err(e) = self.epoll.ctl(
-                ControlOperation::Add,
-                self.listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-            ) {
+            if let Err(e) = watch_listener(&self.epoll, &self.listener) {
                 tracing::error!(error = %e, "vsock: watching the listener again failed");
             }
         }
@@ -649,6 +641,16 @@ impl VsockBackend for UnixMuxer {
     fn after_work(&mut self) {
         self.rearm_timer();
     }
+}
+
+/// Puts the listener in the muxer's epoll set (level-triggered: every
+/// waiting client is seen until accepted).
+fn watch_listener(epoll: &Epoll, listener: &UnixListener) -> std::io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        listener.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+    )
 }
 
 /// Connects to a Unix socket without waiting: a listener whose backlog is
