@@ -63,7 +63,7 @@ $B run --rootfs /tmp/rootfs -- sh -c 'echo layered > /etc/new && cat /etc/new'
 test -e /tmp/rootfs/etc/new && echo rootfs=changed || echo rootfs=untouched
 $B run --rootfs /tmp/rootfs -- sh -c 'grep CapEff /proc/self/status' | sed 's/\t/ /g' 
 echo piped-input | $B run -i --rootfs /tmp/rootfs -- sh -c 'read x; echo "stdin=$x"'
-$B run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /dev/zero | tr "\0" a); echo survived' 2>/tmp/oom.err; echo "code oom=$?"; grep -ao 'OOM' /tmp/oom.err | head -1 | sed 's/^/notice=/'; tr -d '[:print:]\n' </tmp/oom.err | od -c | head -2 | sed 's/^/oom.err non-printable: /'
+$B run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /dev/zero | tr "\0" a); echo survived' 2>/tmp/oom.err; echo "code oom=$?"; grep -o 'OOM' /tmp/oom.err | head -1 | sed 's/^/notice=/'
 $B run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c '(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done) 2>/tmp/forks; sleep 3; echo "refused=$(grep -c "can.t fork" /tmp/forks)"' 
 $H run -d --name bg --rootfs /tmp/rootfs -- sleep 1000
 $H ps | grep '^bg ' | awk '{print "ps=" $1 "," $3}'
