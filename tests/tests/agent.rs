@@ -25,11 +25,14 @@ fn a_cut_connection_is_reported_and_the_next_call_reconnects() {
 }
 
 /// No agent (a wrong init): a boot-timeout error quoting the guest console,
-/// within the timeout, with nothing left behind.
+/// within the timeout, with nothing left behind. A guest that resets before
+/// its agent answers fails the boot at once, its error naming the reset and
+/// quoting the console.
 #[test]
 fn an_agent_that_never_comes_up_is_a_boot_timeout() {
     let out = scenario::run("boot-timeout", Duration::from_secs(300));
     assert!(out.contains("boot-timeout: after"), "{out}");
+    assert!(out.contains("boot-reset: failed after"), "{out}");
 }
 
 /// The CLI: `husk vm boot` prints what the guest sees and shuts it down;

@@ -109,6 +109,17 @@ impl Vcpu {
                 return;
             }
             let next = match self.fd.run() {
+                Ok(VcpuExit::Shutdown) => {
+                    // Linux reboots through the i8042 here (`reboot=k`), so a
+                    // triple fault is a guest that crashed without a panic
+                    // message; where it stood is all there is to go on.
+                    tracing::warn!(
+                        vcpu = self.index,
+                        state = %self.state(),
+                        "triple fault (KVM_EXIT_SHUTDOWN)"
+                    );
+                    Next::Stop(ExitReason::GuestReset)
+                }
                 Ok(exit) => handle_exit(exit, self.index, &self.mmio, &self.pio),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Stop(ExitReason::VcpuFailed(format!(
@@ -120,6 +131,21 @@ impl Vcpu {
                 self.exit.exit(reason);
                 return;
             }
+        }
+    }
+}
+
+impl Vcpu {
+    /// The registers that say where a vCPU stopped, for a crash report.
+    fn state(&self) -> String {
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        match (regs, sregs) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+                r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
         }
     }
 }

@@ -83,12 +83,41 @@ impl ConnectOptions {
     }
 }
 
-/// The last `n` lines of a file, or nothing.
+/// How much of a file's end [`file_tail`] reads: a console the guest filled
+/// must not cost the host its size in memory.
+const TAIL_BYTES: u64 = 16 * 1024;
+/// How long one line of [`file_tail`] may be.
+const TAIL_LINE_CHARS: usize = 300;
+
+/// The last `n` lines of a file (from its last 16 KiB), or nothing. The text
+/// may be the guest's (its console): control characters other than tab come
+/// back as `?`, so an error message cannot drive the reader's terminal, and
+/// each line is cut at 300 characters.
 pub fn file_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = len.saturating_sub(TAIL_BYTES);
+        if f.seek(SeekFrom::Start(start)).is_ok() {
+            let _ = f.take(TAIL_BYTES).read_to_end(&mut bytes);
+        }
+        if start > 0 {
+            // The first line is likely cut; drop it.
+            let nl = bytes.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+            bytes.drain(..nl);
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            l.chars()
+                .take(TAIL_LINE_CHARS)
+                .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+                .collect()
+        })
+        .collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
@@ -543,5 +572,28 @@ fn process_req(id: &str, exec_id: &str) -> ProcessRequest {
         container_id: id.to_string(),
         exec_id: exec_id.to_string(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_tail_is_bounded_and_defanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        let mut text = "x".repeat(100_000);
+        text.push('\n');
+        text.push_str("boot\n\x1b]0;owned\x07 title\n");
+        text.push_str(&"y".repeat(1000));
+        std::fs::write(&p, text).unwrap();
+        let tail = file_tail(&p, 2);
+        let lines: Vec<&str> = tail.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0], "?]0;owned? title");
+        assert_eq!(lines[1].len(), TAIL_LINE_CHARS);
+        assert_eq!(file_tail(&p, 10).lines().count(), 3);
+        assert_eq!(file_tail(&dir.path().join("absent"), 5), "");
     }
 }

@@ -325,6 +325,46 @@ async fn boot_timeout(guest: &Option<PathBuf>) -> Result<()> {
         "boot-timeout: after {took:?}: {}",
         err.lines().next().unwrap_or("")
     );
+    boot_reset(guest).await
+}
+
+/// A guest that resets before its agent answers (the agent's own
+/// `husk.exit=reboot`): the boot fails at once, not at the timeout, and its
+/// error says the VMM saw a reset and quotes the console. Its words are not
+/// printed: a script's output that holds them is retried in the test host.
+async fn boot_reset(guest: &Option<PathBuf>) -> Result<()> {
+    let mut s = spec(guest, 1, 128);
+    s.extra_cmdline = Some("husk.exit=reboot".into());
+    s.boot_timeout = Duration::from_secs(120);
+    let before = runtime_entries();
+    let started = Instant::now();
+    let err = match Vm::boot(&s).await {
+        Ok(_) => bail!("a VM whose guest rebooted came up"),
+        Err(e) => format!("{e:#}"),
+    };
+    let took = started.elapsed();
+    let has = |w: &str| err.contains(w);
+    let err_short = || err.replace("agent answered", "agent ...");
+    ensure!(
+        has("before the agent answered") && has("guest rebooted"),
+        "not a VM-gone error naming the reset: {}",
+        err_short()
+    );
+    ensure!(
+        has("i8042 reset line"),
+        "the error does not say how the guest reset: {}",
+        err_short()
+    );
+    ensure!(
+        has("last console lines") && has("husk-agent: init reached"),
+        "the error does not quote the console: {}",
+        err_short()
+    );
+    ensure!(
+        runtime_entries() == before,
+        "the reset VM left its runtime directory"
+    );
+    println!("boot-reset: failed after {took:?}, naming the i8042 reset and quoting the console");
     Ok(())
 }
 

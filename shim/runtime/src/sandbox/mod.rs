@@ -114,9 +114,12 @@ impl Sandbox {
                     return Err(Error::agent("connecting to the agent")(e));
                 }
             },
+            // The VMM's log says why it ended; the console's last lines say
+            // how far the guest got (a reset without a panic prints nothing else).
             exit = vm.wait() => return Err(Error::VmGone(format!(
-                "husk-vmm exited ({exit}) before the agent answered:\n{}",
-                husk_agent_client::client::file_tail(&layout.vmm_log(), 20)
+                "husk-vmm exited ({exit}) before the agent answered:\n{}\nlast console lines:\n{}",
+                husk_agent_client::client::file_tail(&layout.vmm_log(), 20),
+                husk_agent_client::client::file_tail(&layout.console_log(), 15)
             ))),
         };
         tracing::info!(
