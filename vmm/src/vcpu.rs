@@ -109,18 +109,21 @@ impl Vcpu {
                 return;
             }
             let next = match self.fd.run() {
-                Ok(VcpuExit::Shutdown) => {
-                    // Linux reboots through the i8042 here (`reboot=k`), so a
-                    // triple fault is a guest that crashed without a panic
-                    // message; where it stood is all there is to go on.
-                    tracing::warn!(
-                        vcpu = self.index,
-                        state = %self.state(),
-                        "triple fault (KVM_EXIT_SHUTDOWN)"
-                    );
-                    Next::Stop(ExitReason::GuestReset)
+                Ok(exit) => {
+                    let triple_fault = matches!(exit, VcpuExit::Shutdown);
+                    let next = handle_exit(exit, self.index, &self.mmio, &self.pio);
+                    if triple_fault {
+                        // Linux reboots through the i8042 here (`reboot=k`), so
+                        // a triple fault is a guest that crashed without a
+                        // panic message; where it stood is all there is to go on.
+                        tracing::warn!(
+                            vcpu = self.index,
+                            state = %self.state(),
+                            "triple fault (KVM_EXIT_SHUTDOWN)"
+                        );
+                    }
+                    next
                 }
-                Ok(exit) => handle_exit(exit, self.index, &self.mmio, &self.pio),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Stop(ExitReason::VcpuFailed(format!(
                     "vCPU {}: KVM_RUN: {e}",
@@ -133,9 +136,7 @@ impl Vcpu {
             }
         }
     }
-}
 
-impl Vcpu {
     /// The registers that say where a vCPU stopped, for a crash report.
     fn state(&self) -> String {
         let regs = self.fd.get_regs();
