@@ -155,6 +155,21 @@ where
     }
 }
 
+/// Whether the kernel image is an ELF file (a `vmlinux`), from its magic.
+fn is_elf(path: &Path) -> Result<bool, BootError> {
+    let mut magic = [0u8; 4];
+    let mut f = open(path)?;
+    match std::io::Read::read_exact(&mut f, &mut magic) {
+        Ok(()) => Ok(magic == *b"\x7fELF"),
+        // Too short to be either; load_kernel says why.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(source) => Err(BootError::Open {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
 /// Places the initramfs as high in low RAM as it goes (below `max_addr`), page
 /// aligned, above the kernel: the kernel's own early allocations grow up from its end.
 pub fn load_initramfs(
@@ -328,15 +343,34 @@ pub fn prepare(
     initramfs_path: Option<&Path>,
     cmdline: &Cmdline,
 ) -> Result<EntryPoint, BootError> {
-    let kernel = load_kernel(mem, kernel_path)?;
-    let initramfs = match initramfs_path {
-        Some(p) => Some(load_initramfs(
-            mem,
-            p,
-            kernel.kernel_end,
-            initrd_addr_max(&kernel),
-        )?),
-        None => None,
+    let (kernel, initramfs) = match initramfs_path {
+        // An ELF kernel sets no ceiling for the initramfs (only a bzImage's
+        // header does), so its place is known before the kernel is loaded
+        // and the two load at once. Writing fresh guest memory is most of
+        // the VMM's start-up in the nested test host (a first touch there
+        // can stall for hundreds of milliseconds); two threads overlap it.
+        Some(p) if is_elf(kernel_path)? => std::thread::scope(|s| {
+            let i = s.spawn(|| load_initramfs(mem, p, 0, None));
+            let k = load_kernel(mem, kernel_path);
+            let i = i.join().map_err(|_| {
+                BootError::InitramfsRead("the initramfs loader thread panicked".into())
+            })?;
+            let (k, i) = (k?, i?);
+            if i.addr < k.kernel_end {
+                return Err(BootError::InitramfsTooBig {
+                    size: i.size,
+                    kernel_end: k.kernel_end,
+                    limit: i.addr + i.size,
+                });
+            }
+            Ok((k, Some(i)))
+        })?,
+        Some(p) => {
+            let k = load_kernel(mem, kernel_path)?;
+            let i = load_initramfs(mem, p, k.kernel_end, initrd_addr_max(&k))?;
+            (k, Some(i))
+        }
+        None => (load_kernel(mem, kernel_path)?, None),
     };
     write_boot_params(mem, &kernel, cmdline, initramfs)?;
     // Memory sanity: the entry must be guest RAM, or the vCPU faults on its first fetch.

@@ -1,6 +1,8 @@
 //! The guest kernel command line defaults: the VMM decides them, because each
 //! one follows from the machine it builds (an 8250 console, no PCI, no ACPI, the
-//! i8042 reset line as the end of the VM, KVM's clock).
+//! i8042 reset line as the end of the VM, KVM's clock). No `i8042.*` options:
+//! the VMM's i8042 reads as "no controller" at the driver's first flush, so
+//! there is nothing left for them to skip (`devices/legacy/i8042.rs`).
 //!
 //! Each part is here for a reason that a later reader must be able to see. The
 //! final command line is [`VmConfig::cmdline`](crate::config::VmConfig::cmdline)
@@ -15,9 +17,6 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("panic=-1", "reboot at once on a panic, so a dead guest ends its VMM instead of hanging"),
     ("pci=off", "all devices are virtio-mmio; skip probing a bus that does not exist"),
     ("nomodules", "the kernel has none; refuse to look for them"),
-    ("i8042.noaux", "no mouse port to probe"),
-    ("i8042.nomux", "no multiplexer to probe"),
-    ("i8042.dumbkbd", "do not wait on a keyboard that is not there"),
     ("tsc=reliable", "KVM's TSC is stable; skip the clocksource watchdog's calibration"),
     ("rdinit=/init", "PID 1 is husk-agent at /init in the initramfs"),
 ];

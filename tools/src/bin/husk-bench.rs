@@ -57,11 +57,33 @@ enum Cmd {
         cpus: u32,
         #[arg(long, default_value_t = 256)]
         memory: u32,
+        /// A Firecracker binary: boot the same kernel and a minimal busybox
+        /// initramfs under it and husk-vmm, alternated, and report the ratio
+        /// (instead of the agent boot).
+        #[arg(long)]
+        firecracker: Option<PathBuf>,
+        /// The husk-vmm for the comparison (default: the release build,
+        /// else the one beside this program).
+        #[arg(long)]
+        husk_vmm: Option<PathBuf>,
+        /// The guest kernel for the comparison (default: the installed vmlinux).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// The whole guest command line for both VMMs in the comparison.
+        #[arg(long, default_value = compare::CMDLINE)]
+        cmdline: String,
+        /// husk-vmm flags added in the comparison (say, "--vsock-socket /tmp/v.sock"
+        /// to count a device's cost).
+        #[arg(long, allow_hyphen_values = true)]
+        husk_args: Option<String>,
     },
 }
 
+#[path = "husk-bench/compare.rs"]
+mod compare;
+
 /// Median and 90th percentile of a sample, in milliseconds.
-fn stats(samples: &mut [f64]) -> (f64, f64) {
+pub(crate) fn stats(samples: &mut [f64]) -> (f64, f64) {
     samples.sort_by(|a, b| a.total_cmp(b));
     let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     (pick(0.5), pick(0.9))
@@ -134,9 +156,12 @@ fn initramfs(
 }
 
 /// RSS and PSS of a process in KiB, without its guest RAM: the mappings
-/// of husk-vmm's memfd (`/memfd:husk-guest-ram`) are what the guest uses,
-/// not what the VMM costs.
-fn overhead_kib(pid: i32) -> Result<(u64, u64)> {
+/// named `husk-guest-ram` (an anonymous mapping's name, or the memfd's) are
+/// what the guest uses, not what the VMM costs. Where the kernel cannot
+/// name anonymous mappings (before 5.17, or without CONFIG_ANON_VMA_NAME,
+/// as in the test host's Debian kernel), the guest RAM is the one mapping
+/// exactly `guest_bytes` long (husk-vmm maps guests below 3 GiB in one).
+fn overhead_kib(pid: i32, guest_bytes: u64) -> Result<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let (mut rss, mut pss, mut guest) = (0, 0, false);
     for line in text.lines() {
@@ -150,7 +175,12 @@ fn overhead_kib(pid: i32) -> Result<(u64, u64)> {
             }
             // A mapping header: "start-end perms offset dev inode [path]".
             Some(range) if range.contains('-') && !range.ends_with(':') => {
-                guest = line.contains("memfd:husk-guest-ram");
+                let len = range.split_once('-').and_then(|(a, b)| {
+                    u64::from_str_radix(b, 16)
+                        .ok()?
+                        .checked_sub(u64::from_str_radix(a, 16).ok()?)
+                });
+                guest = line.contains("husk-guest-ram") || len == Some(guest_bytes);
             }
             _ => {}
         }
@@ -190,7 +220,7 @@ async fn vmm_boot(runs: usize, cpus: u32, memory: u32) -> Result<serde_json::Val
         let vm = Sandbox::boot(&id, &spec, &HuskVmm, std::sync::Arc::new(NoEvents)).await?;
         let ready = started.elapsed();
         let init = tokio::time::timeout(Duration::from_secs(5), watch).await??;
-        let (r, p) = overhead_kib(vm.vmm_pid() as i32)?;
+        let (r, p) = overhead_kib(vm.vmm_pid() as i32, u64::from(memory) << 20)?;
         let status = vm.shutdown().await;
         if !status.success() {
             bail!("run {run}: husk-vmm ended with {status}");
@@ -231,9 +261,30 @@ fn main() -> Result<()> {
             kernel,
             accel,
         } => initramfs(runs, agent, kernel, &accel)?,
-        Cmd::VmmBoot { runs, cpus, memory } => {
-            tokio::runtime::Runtime::new()?.block_on(vmm_boot(runs, cpus, memory))?
-        }
+        Cmd::VmmBoot {
+            runs,
+            cpus,
+            memory,
+            firecracker: Some(fc),
+            husk_vmm,
+            kernel,
+            cmdline,
+            husk_args,
+        } => compare::run(&compare::Setup {
+            firecracker: fc,
+            husk_vmm: husk_vmm.unwrap_or_else(compare::default_husk_vmm),
+            kernel: kernel.unwrap_or_else(|| install_dir().join("vmlinux")),
+            cmdline,
+            husk_args: husk_args
+                .map(|a| a.split_whitespace().map(String::from).collect())
+                .unwrap_or_default(),
+            runs,
+            cpus,
+            memory,
+        })?,
+        Cmd::VmmBoot {
+            runs, cpus, memory, ..
+        } => tokio::runtime::Runtime::new()?.block_on(vmm_boot(runs, cpus, memory))?,
     };
     if let Some(p) = cli.json {
         std::fs::write(&p, serde_json::to_string_pretty(&result)?)?;
