@@ -1,6 +1,6 @@
 //! husk-vmm: Husk's KVM micro-VM monitor.
 //!
-//! One process runs one VM: guest memory backed by a memfd ([`memory`]), vCPUs on
+//! One process runs one VM: guest memory in 2 MiB-aligned anonymous memory ([`memory`]), vCPUs on
 //! KVM ([`vcpu`], [`arch`]), a Linux kernel loaded by linux-loader ([`boot`]), an
 //! 8250 console and an i8042 reset line ([`devices::legacy`]) and virtio-mmio
 //! devices on virtio-queue rings ([`devices::virtio`]). [`vmm`] wires them into an
