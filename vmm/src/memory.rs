@@ -10,9 +10,9 @@
 //!   aligned to 2 MiB because KVM maps a huge page into the guest only
 //!   when the guest and host addresses agree modulo 2 MiB. The mapping is
 //!   not `MADV_HUGEPAGE`-advised: with the usual `defrag=madvise`, advised
-//!   faults compact memory synchronously, which made boots slower and far
-//!   more variable there; the host's THP policy decides, as it does for
-//!   Firecracker.
+//!   faults compact memory synchronously, which made the set-up far
+//!   more variable there for no gain in the median; the host's THP policy
+//!   decides, as it does for Firecracker.
 //! - **Memfd**: one sealed memfd, mapped shared, for work that hands the
 //!   same pages to another process. Shared memory (shmem) gets huge pages
 //!   only where the host's `shmem_enabled` says so, which by default it
