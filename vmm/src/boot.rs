@@ -94,13 +94,8 @@ fn open(path: &Path) -> Result<File, BootError> {
     })
 }
 
-/// Loads the kernel at `path`: ELF (PVH if it can) first, bzImage otherwise.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut f = open(path)?;
-    load_kernel_from(mem, &mut f)
-}
-
-/// [`load_kernel`] from an open image.
+/// Loads the kernel from an open image: ELF (PVH if it can) first, bzImage
+/// otherwise.
 pub fn load_kernel_from<F>(mem: &GuestMemoryMmap, image: &mut F) -> Result<LoadedKernel, BootError>
 where
     F: std::io::Read + ReadVolatile + Seek,
@@ -155,19 +150,22 @@ where
     }
 }
 
-/// Whether the kernel image is an ELF file (a `vmlinux`), from its magic.
-fn is_elf(path: &Path) -> Result<bool, BootError> {
+/// Whether the open kernel image is an ELF file (a `vmlinux`), from its
+/// magic; the file is left at its start for the loader.
+fn is_elf(f: &mut File, path: &Path) -> Result<bool, BootError> {
+    let io = |source| BootError::Open {
+        path: path.display().to_string(),
+        source,
+    };
     let mut magic = [0u8; 4];
-    let mut f = open(path)?;
-    match std::io::Read::read_exact(&mut f, &mut magic) {
-        Ok(()) => Ok(magic == *b"\x7fELF"),
-        // Too short to be either; load_kernel says why.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(source) => Err(BootError::Open {
-            path: path.display().to_string(),
-            source,
-        }),
-    }
+    let elf = match std::io::Read::read_exact(f, &mut magic) {
+        Ok(()) => magic == *b"\x7fELF",
+        // Too short to be either; load_kernel_from says why.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+        Err(e) => return Err(io(e)),
+    };
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    Ok(elf)
 }
 
 /// Places the initramfs as high in low RAM as it goes (below `max_addr`), page
@@ -343,15 +341,16 @@ pub fn prepare(
     initramfs_path: Option<&Path>,
     cmdline: &Cmdline,
 ) -> Result<EntryPoint, BootError> {
+    let mut image = open(kernel_path)?;
     let (kernel, initramfs) = match initramfs_path {
         // An ELF kernel sets no ceiling for the initramfs (only a bzImage's
         // header does), so its place is known before the kernel is loaded
         // and the two load at once. Writing fresh guest memory is most of
         // the VMM's start-up in the nested test host (a first touch there
         // can stall for hundreds of milliseconds); two threads overlap it.
-        Some(p) if is_elf(kernel_path)? => std::thread::scope(|s| {
+        Some(p) if is_elf(&mut image, kernel_path)? => std::thread::scope(|s| {
             let i = s.spawn(|| load_initramfs(mem, p, 0, None));
-            let k = load_kernel(mem, kernel_path);
+            let k = load_kernel_from(mem, &mut image);
             let i = i.join().map_err(|_| {
                 BootError::InitramfsRead("the initramfs loader thread panicked".into())
             })?;
@@ -366,11 +365,11 @@ pub fn prepare(
             Ok((k, Some(i)))
         })?,
         Some(p) => {
-            let k = load_kernel(mem, kernel_path)?;
+            let k = load_kernel_from(mem, &mut image)?;
             let i = load_initramfs(mem, p, k.kernel_end, initrd_addr_max(&k))?;
             (k, Some(i))
         }
-        None => (load_kernel(mem, kernel_path)?, None),
+        None => (load_kernel_from(mem, &mut image)?, None),
     };
     write_boot_params(mem, &kernel, cmdline, initramfs)?;
     // Memory sanity: the entry must be guest RAM, or the vCPU faults on its first fetch.

@@ -31,7 +31,7 @@ enum Cmd {
     /// Time from VMM start to the agent's first console line, with an
     /// uncompressed and a gzip initramfs, booted alternately.
     Initramfs {
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
         runs: usize,
         /// The static husk-agent to put in the initramfs.
         #[arg(
@@ -51,7 +51,7 @@ enum Cmd {
     /// (guest RAM excluded) once the agent is ready. Needs KVM that boots stock guests (run it in
     /// the test host here: `husk-testhost run -- ./target/debug/husk-bench vmm-boot`).
     VmmBoot {
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
         runs: usize,
         #[arg(long, default_value_t = 1)]
         cpus: u32,
@@ -64,23 +64,32 @@ enum Cmd {
         firecracker: Option<PathBuf>,
         /// The husk-vmm for the comparison (default: the release build,
         /// else the one beside this program).
-        #[arg(long)]
+        #[arg(long, requires = "firecracker")]
         husk_vmm: Option<PathBuf>,
         /// The guest kernel for the comparison (default: the installed vmlinux).
-        #[arg(long)]
+        #[arg(long, requires = "firecracker")]
         kernel: Option<PathBuf>,
         /// The whole guest command line for both VMMs in the comparison.
-        #[arg(long, default_value = compare::CMDLINE)]
+        #[arg(long, default_value = compare::CMDLINE, requires = "firecracker")]
         cmdline: String,
         /// husk-vmm flags added in the comparison (say, "--vsock-socket /tmp/v.sock"
         /// to count a device's cost).
-        #[arg(long, allow_hyphen_values = true)]
+        #[arg(long, allow_hyphen_values = true, requires = "firecracker")]
         husk_args: Option<String>,
     },
 }
 
 #[path = "husk-bench/compare.rs"]
 mod compare;
+
+/// A sample count: a median of nothing is no figure.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 /// Median and 90th percentile of a sample, in milliseconds.
 pub(crate) fn stats(samples: &mut [f64]) -> (f64, f64) {
@@ -295,6 +304,24 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comparison_flags_need_firecracker_and_runs_need_a_sample() {
+        assert!(Cli::try_parse_from(["husk-bench", "vmm-boot"]).is_ok());
+        assert!(Cli::try_parse_from(["husk-bench", "vmm-boot", "--kernel", "/k"]).is_err());
+        assert!(Cli::try_parse_from(["husk-bench", "vmm-boot", "--runs", "0"]).is_err());
+        assert!(Cli::try_parse_from([
+            "husk-bench",
+            "vmm-boot",
+            "--firecracker",
+            "/fc",
+            "--kernel",
+            "/k",
+            "--husk-args",
+            "--vsock-socket /v",
+        ])
+        .is_ok());
+    }
 
     #[test]
     fn median_and_p90() {

@@ -117,12 +117,17 @@ fn spawn(
                 let raw = w.as_raw_fd();
                 c.args(["--ready-fd", &READY_FD.to_string()]);
                 // SAFETY: pre_exec runs in the child between fork and exec and
-                // makes only the raw dup2 syscall on an fd number taken before
-                // the fork (the pipe's write end, never fd 3 itself: fds 0-2
-                // are open, and the read end was made first).
+                // makes only raw syscalls (dup2, fcntl) on an fd number taken
+                // before the fork.
                 unsafe {
                     c.pre_exec(move || {
-                        if libc::dup2(raw, READY_FD) < 0 {
+                        let r = if raw == READY_FD {
+                            // dup2 onto itself keeps close-on-exec: clear it.
+                            libc::fcntl(READY_FD, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(raw, READY_FD)
+                        };
+                        if r < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
                         Ok(())
@@ -190,17 +195,17 @@ fn boot_once(s: &Setup, vmm: Vmm, initrd: &Path, fc_config: &Path) -> Result<Sam
     };
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
-        let mut tail = Vec::new();
+        let mut tail = std::collections::VecDeque::new();
         for line in BufReader::new(console).lines().map_while(Result::ok) {
             if line.contains(MARKER) {
                 let _ = tx.send(started.elapsed());
             }
-            tail.push(line);
-            if tail.len() > 20 {
-                tail.remove(0);
+            if tail.len() == 20 {
+                tail.pop_front();
             }
+            tail.push_back(line);
         }
-        tail
+        Vec::from(tail)
     });
     let init = rx.recv_timeout(BOOT_LIMIT);
     let status = match init {
