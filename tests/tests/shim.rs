@@ -302,3 +302,59 @@ finish 20
     assert_all(&out, &["cycles-ok=10"]);
     assert_all(&out, NO_LEAKS);
 }
+
+/// The share against a hostile guest (docs/security.md, "The share"): a
+/// privileged container mounts the share as the guest sees it and tries
+/// to plant symlinks where the host makes mount points, to create
+/// directories there and to chmod its root. All fail (the share's own
+/// directories are a read-only bind of a host-only tree), while writing to
+/// its own rootfs works. A read-only volume with a submount is read-only,
+/// nosuid and nodev on the host all the way down, and read-only inside.
+#[test]
+fn the_share_resists_planted_symlinks_and_ro_volumes_stay_ro_below() {
+    let out = run(
+        r#"
+mkdir -p /tmp/vol/sub && mount -t tmpfs -o size=1m voltest /tmp/vol/sub && echo below > /tmp/vol/sub/f
+$C run -d $R --privileged $IMG g1 sleep 300; echo "code g1=$?"
+$C task exec --exec-id p1 g1 sh -c '
+  mkdir -p /mnt/s && mount -t virtiofs husk-share /mnt/s; echo "code mount=$?"
+  ls /mnt/s | sed "s/^/share-entry: /"
+  ln -s /etc /mnt/s/g2 2>/dev/null; echo "plant-root=$?"
+  ln -s /etc /mnt/s/g1/volumes 2>/dev/null; echo "plant-volumes=$?"
+  mkdir /mnt/s/g1/x 2>/dev/null; echo "mkdir-cdir=$?"
+  chmod 777 /mnt/s 2>/dev/null; echo "chmod-root=$?"
+  echo mine > /mnt/s/g1/rootfs/tmp/written; echo "write-own-rootfs=$?"'
+[ -e /etc/g2 ] || [ -L /run/husk/g1/mounts/g2 ] && echo "PLANTED-ON-HOST"
+$C run -d $R --mount type=bind,src=/tmp/vol,dst=/v,options=rbind:ro $IMG g2 sleep 300; echo "code g2=$?"
+grep " /run/husk/g2/shared/g2/volumes/" /proc/self/mountinfo | awk '{print "share-vol " $5 " " $6}' | sed 's#/run/husk/g2/shared/g2/volumes/[0-9]*#VOL#'
+grep " /run/husk/g2/shared " /proc/self/mountinfo | awk '{print "share-root " $6}'
+$C task exec --exec-id p2 g2 sh -c 'touch /v/sub/x 2>/dev/null; echo "write-ro-sub=$?"; cat /v/sub/f'
+for c in g1 g2; do $C task kill -s KILL $c; done
+for c in g1 g2; do stopped $c; $C task delete $c >/dev/null; $C container rm $c; done
+umount /tmp/vol/sub
+finish 60
+"#,
+        Duration::from_secs(400),
+    );
+    assert_all(
+        &out,
+        &[
+            "code g1=0",
+            "code mount=0",
+            "share-entry: g1",
+            "plant-root=1",
+            "plant-volumes=1",
+            "mkdir-cdir=1",
+            "chmod-root=1",
+            "write-own-rootfs=0",
+            "code g2=0",
+            "share-vol VOL ro,nosuid,nodev",
+            "share-vol VOL/sub ro,nosuid,nodev",
+            "share-root ro,nosuid,nodev",
+            "write-ro-sub=1",
+            "below",
+        ],
+    );
+    assert!(!out.contains("PLANTED-ON-HOST"), "{out}");
+    assert_all(&out, NO_LEAKS);
+}

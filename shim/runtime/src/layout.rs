@@ -13,9 +13,12 @@
 //!   vsock.sock, vsock.sock_1025  hybrid vsock: host side, guest log port
 //!   api.sock                     husk-vmm's control socket
 //!   command                      what `husk run` ran (for `husk ps`)
-//!   shared/                      the share (virtio-fs): GUEST-WRITABLE
+//!   mounts/                      host-only: every mount is made here, on fds
 //!     <container>/rootfs         the container's root
 //!     <container>/volumes/<n>    its volumes
+//!   shared/                      the share (virtio-fs): a read-only, nosuid,
+//!                                nodev slave bind of mounts/; GUEST-WRITABLE
+//!                                inside the rw mounts that propagate into it
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -130,14 +133,20 @@ impl SandboxLayout {
     pub fn command_file(&self) -> PathBuf {
         self.dir.join("command")
     }
-    /// The share on the host. The guest writes here: never follow a path
-    /// inside it that the guest could have changed.
+    /// The share on the host, what virtio-fs serves. The guest writes
+    /// here: never follow a path inside it that the guest could have
+    /// changed. Its own directories are read-only (a bind of [`Self::mounts`]).
     pub fn share(&self) -> PathBuf {
         self.dir.join("shared")
     }
-    /// A container's directory in the share (host side).
+    /// The host-only tree the share is a slave of: mount points are made
+    /// and mounted here, where the guest cannot plant anything.
+    pub fn mounts(&self) -> PathBuf {
+        self.dir.join("mounts")
+    }
+    /// A container's directory in the host-only tree.
     pub fn container_dir(&self, container_id: &str) -> PathBuf {
-        self.share().join(container_id)
+        self.mounts().join(container_id)
     }
 }
 
@@ -263,7 +272,7 @@ mod tests {
         assert_eq!(l.vsock_socket(), PathBuf::from("/run/husk/pod1/vsock.sock"));
         assert_eq!(
             l.container_dir("c1"),
-            PathBuf::from("/run/husk/pod1/shared/c1")
+            PathBuf::from("/run/husk/pod1/mounts/c1")
         );
         assert_eq!(in_share::rootfs("c1"), PathBuf::from("c1/rootfs"));
         assert_eq!(in_share::volume("c1", 2), PathBuf::from("c1/volumes/2"));

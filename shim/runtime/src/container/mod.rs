@@ -4,6 +4,7 @@
 //! an agent call: a call takes what it needs under the lock, lets go, calls,
 //! and comes back to record the outcome through a state transition.
 
+pub mod fdmount;
 pub mod mounts;
 pub mod spec;
 pub mod state;

@@ -1,12 +1,17 @@
 //! Host mounts into the sandbox share: a container's rootfs (the mounts
 //! containerd passes in Create, overlay or bind) and its volumes (binds).
-//! They are made in the host's mount namespace, where husk-vmm's virtio-fs
-//! server sees them, and found again by path in /proc/self/mountinfo so that
-//! a crashed shim's leftovers can be unmounted by the next `delete`.
+//! They are made in the host's mount namespace, in the host-only tree
+//! `mounts/` that the share is a read-only slave of (the guest writes
+//! through virtio-fs into the share, never into `mounts/`), on file
+//! descriptors ([`fdmount`]); husk-vmm's virtio-fs server sees them by
+//! propagation. They are found again by path in /proc/self/mountinfo so
+//! that a crashed shim's leftovers can be unmounted by the next `delete`.
 
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use super::fdmount::{self, Attrs, Kind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -56,14 +61,17 @@ impl ShareMount {
         }
     }
 
-    /// Makes the mount at `share/<target>`.
-    pub fn make(&self, share: &Path) -> Result<(), MountError> {
-        let target = share.join(self.target());
+    /// Makes the mount at `mounts/<target>`, in the host-only tree the share
+    /// is a read-only slave of (see [`setup_share`]): the mount appears in
+    /// the share by propagation, with the attributes it was made with.
+    pub fn make(&self, mounts: &Path) -> Result<(), MountError> {
         match self {
-            ShareMount::Host { mount, .. } => mount_one(mount, &target),
+            ShareMount::Host { mount, target } => mount_one(mount, mounts, target),
             ShareMount::Bind {
-                source, readonly, ..
-            } => bind(source, &target, *readonly),
+                source,
+                target,
+                readonly,
+            } => bind(source, mounts, target, *readonly),
         }
     }
 }
@@ -77,67 +85,91 @@ fn mount_err(kind: &str, source: &str, target: &Path, errno: nix::Error) -> Moun
     }
 }
 
-/// Mounts one containerd mount at `target` (a directory made here).
-pub fn mount_one(m: &HostMount, target: &Path) -> Result<(), MountError> {
-    std::fs::create_dir_all(target).map_err(|source| MountError::Io {
-        path: target.into(),
-        source,
-    })?;
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MountError {
+    let path = path.to_path_buf();
+    move |source| MountError::Io { path, source }
+}
+
+fn errno_of(e: &std::io::Error) -> nix::Error {
+    nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Mounts one containerd mount at `root/target` (a directory made here,
+/// beneath `root` without following symlinks), nosuid and nodev.
+pub fn mount_one(m: &HostMount, root: &Path, target: &Path) -> Result<(), MountError> {
+    let full = root.join(target);
     // One parser for mount options, shared with the agent.
     let opts = husk_agent_api::mount::parse_options(&m.options);
     if opts.is_bind() {
-        bind(Path::new(&m.source), target, opts.is_readonly())
-    } else {
-        let data = opts.data.join(",");
-        mount(
-            Some(m.source.as_str()),
-            target,
-            Some(m.kind.as_str()),
-            opts.flags,
-            (!data.is_empty()).then_some(data.as_str()),
-        )
-        .map_err(|e| mount_err(&m.kind, &m.source, target, e))
+        return bind(Path::new(&m.source), root, target, opts.is_readonly());
     }
+    let fd = fdmount::ensure_beneath(root, target, Kind::Dir).map_err(io_err(&full))?;
+    let data = opts.data.join(",");
+    mount(
+        Some(m.source.as_str()),
+        &fdmount::proc_path(&fd),
+        Some(m.kind.as_str()),
+        opts.flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        (!data.is_empty()).then_some(data.as_str()),
+    )
+    .map_err(|e| mount_err(&m.kind, &m.source, &full, e))
 }
 
-/// Binds `source` (file or directory) at `target`, creating the target.
-pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), MountError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| MountError::Io { path, source }
-    };
-    let meta = std::fs::metadata(source).map_err(io(source))?;
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-    }
-    if meta.is_dir() {
-        std::fs::create_dir_all(target).map_err(io(target))?;
-    } else if !target.exists() {
-        std::fs::File::create(target).map_err(io(target))?;
-    }
+/// Binds `source` (file or directory, with its submounts) at `root/target`,
+/// creating the target beneath `root` without following symlinks; nosuid,
+/// nodev, and read-only all the way down when `readonly`.
+pub fn bind(source: &Path, root: &Path, target: &Path, readonly: bool) -> Result<(), MountError> {
+    let full = root.join(target);
+    let meta = std::fs::metadata(source).map_err(io_err(source))?;
+    let kind = if meta.is_dir() { Kind::Dir } else { Kind::File };
+    let fd = fdmount::ensure_beneath(root, target, kind).map_err(io_err(&full))?;
     let src = source.display().to_string();
-    mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| mount_err("bind", &src, target, e))?;
-    if readonly {
-        // A bind ignores MS_RDONLY on creation; it takes a remount.
-        if let Err(e) = mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        ) {
-            let _ = umount2(target, MntFlags::MNT_DETACH);
-            return Err(mount_err("bind (read-only)", &src, target, e));
-        }
+    fdmount::bind(source, &fd, Attrs { readonly }).map_err(|e| {
+        mount_err(
+            if readonly { "bind (read-only)" } else { "bind" },
+            &src,
+            &full,
+            errno_of(&e),
+        )
+    })
+}
+
+/// Makes `mounts` (host-only: the guest never sees it) a mount of its own
+/// that propagates, and `share` (what virtio-fs serves) a read-only,
+/// nosuid, nodev slave bind of it. The guest then cannot create, rename or
+/// replace anything on the way to a mount point (the share's own
+/// directories are read-only to it), the host makes every mount in a tree
+/// the guest cannot write, and each mount reaches the share by propagation.
+/// Both directories are made here; nothing is mounted yet below them.
+pub fn setup_share(mounts: &Path, share: &Path) -> Result<(), MountError> {
+    for d in [mounts, share] {
+        std::fs::create_dir_all(d).map_err(io_err(d))?;
     }
-    Ok(())
+    let none = None::<&str>;
+    let step = |what: &str, src: Option<&Path>, target: &Path, flags: MsFlags| {
+        mount(src, target, none, flags, none).map_err(|e| {
+            mount_err(
+                what,
+                &src.map(|p| p.display().to_string()).unwrap_or_default(),
+                target,
+                e,
+            )
+        })
+    };
+    step("bind", Some(mounts), mounts, MsFlags::MS_BIND)?;
+    // Its own peer group, not the one /run may be in.
+    step("make-private", None, mounts, MsFlags::MS_PRIVATE)?;
+    step("make-shared", None, mounts, MsFlags::MS_SHARED)?;
+    step("bind", Some(mounts), share, MsFlags::MS_BIND)?;
+    step("make-slave", None, share, MsFlags::MS_SLAVE)?;
+    fdmount::set_attrs_at(share, Attrs { readonly: true }).map_err(|e| {
+        mount_err(
+            "read-only",
+            &share.display().to_string(),
+            share,
+            errno_of(&e),
+        )
+    })
 }
 
 /// Decodes the octal escapes mountinfo uses for spaces and the like.

@@ -16,6 +16,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::{Hypervisor, PidFd, VmExit, VmProcess, VmSpec};
+use crate::container::{
+    self,
+    fdmount::{self, Kind},
+};
 use crate::error::{Error, Result};
 use crate::layout::{PidFile, ProcessId, SandboxLayout, SHARE_TAG};
 
@@ -88,7 +92,8 @@ fn cstring(p: &Path) -> Result<CString> {
 
 /// Makes each bind's mount point in the share (the share is still ours:
 /// the guest has not booted) and prepares the mount calls.
-fn prepare_binds(spec: &VmSpec, share: &Path) -> Result<Vec<PreparedBind>> {
+fn prepare_binds(spec: &VmSpec, layout: &SandboxLayout) -> Result<Vec<PreparedBind>> {
+    let share = layout.share();
     let mut out = Vec::new();
     for b in &spec.binds {
         if b.target.is_absolute()
@@ -102,16 +107,12 @@ fn prepare_binds(spec: &VmSpec, share: &Path) -> Result<Vec<PreparedBind>> {
             )));
         }
         let meta = std::fs::metadata(&b.source).map_err(Error::io("sharing", &b.source))?;
+        // The mount point is made in the host-only tree (the share is a
+        // read-only bind of it) and bound over in husk-vmm's own namespace.
+        let kind = if meta.is_dir() { Kind::Dir } else { Kind::File };
+        fdmount::ensure_beneath(&layout.mounts(), &b.target, kind)
+            .map_err(Error::io("creating", layout.mounts().join(&b.target)))?;
         let target = share.join(&b.target);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(Error::io("creating", parent))?;
-        }
-        if meta.is_dir() {
-            std::fs::create_dir_all(&target)
-        } else {
-            std::fs::File::create(&target).map(drop)
-        }
-        .map_err(Error::io("creating", &target))?;
         out.push(PreparedBind {
             source: cstring(&b.source)?,
             target: cstring(&target)?,
@@ -138,10 +139,11 @@ impl Hypervisor for HuskVmm {
         config
             .validate()
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        if let Some(share) = &config.shared_dir {
-            std::fs::create_dir_all(share).map_err(Error::io("creating", share))?;
+        if config.shared_dir.is_some() {
+            container::mounts::setup_share(&layout.mounts(), &layout.share())
+                .map_err(|e| Error::Hypervisor(format!("setting up the share: {e}")))?;
         }
-        let binds = prepare_binds(spec, &layout.share())?;
+        let binds = prepare_binds(spec, layout)?;
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| Error::Hypervisor(format!("encoding its config: {e}")))?;
         std::fs::write(layout.vmm_config(), json)
@@ -459,7 +461,8 @@ mod tests {
 
     #[test]
     fn bind_targets_stay_in_the_share() {
-        let share = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let l = SandboxLayout::under(root.path(), "s").unwrap();
         for target in ["/etc", "../x", "a/../../b"] {
             let spec = VmSpec {
                 binds: vec![Bind {
@@ -470,10 +473,7 @@ mod tests {
                 ..VmSpec::default()
             };
             assert!(
-                matches!(
-                    prepare_binds(&spec, share.path()),
-                    Err(Error::InvalidArgument(_))
-                ),
+                matches!(prepare_binds(&spec, &l), Err(Error::InvalidArgument(_))),
                 "{target}"
             );
         }

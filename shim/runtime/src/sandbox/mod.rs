@@ -320,9 +320,9 @@ impl Sandbox {
     }
 
     async fn make_container(&self, cfg: &ContainerConfig, c: &Container) -> Result<()> {
-        let share = self.layout.share();
+        let mounts = self.layout.mounts();
         for m in &cfg.share_mounts {
-            m.make(&share)?;
+            m.make(&mounts)?;
         }
         let spec = serde_json::to_vec(&cfg.spec)
             .map_err(|e| Error::InvalidArgument(format!("the container's spec: {e}")))?;
