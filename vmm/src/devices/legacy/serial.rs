@@ -20,6 +20,12 @@ use crate::exit::{ExitReason, ExitSignal};
 /// Longest line kept for marker matching; longer lines are only passed through.
 const MAX_LINE: usize = 256;
 
+/// How much console output reaches `out`: a guest that prints without end
+/// must not fill the host's disk (console.log lives on /run, a tmpfs). The
+/// head is kept (the boot, the agent's start); past it one line says so and
+/// the rest is dropped, still scanned for the stop markers.
+pub const CONSOLE_LIMIT: u64 = 16 << 20;
+
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
 const POWER_DOWN_MARKERS: [&str; 2] = ["reboot: Power down", "reboot: System halted"];
 
@@ -28,6 +34,11 @@ pub struct ConsoleWriter {
     out: Box<dyn Write + Send>,
     line: Vec<u8>,
     exit: Option<ExitSignal>,
+    /// Bytes passed to `out` so far, and how many may be.
+    written: u64,
+    limit: u64,
+    /// A failed write is warned about once, not once per guest byte.
+    lost: bool,
 }
 
 impl ConsoleWriter {
@@ -36,6 +47,44 @@ impl ConsoleWriter {
             out,
             line: Vec::with_capacity(MAX_LINE),
             exit,
+            written: 0,
+            limit: CONSOLE_LIMIT,
+            lost: false,
+        }
+    }
+
+    /// At most `limit` bytes of console reach the output.
+    pub fn with_limit(mut self, limit: u64) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    fn pass(&mut self, buf: &[u8]) {
+        let room = self.limit.saturating_sub(self.written);
+        if room == 0 {
+            return;
+        }
+        let take = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let mut res = self.out.write_all(&buf[..take]);
+        self.written += take as u64;
+        if self.written >= self.limit && res.is_ok() {
+            let note = format!(
+                "\n[husk-vmm: console output past {} bytes is dropped]\n",
+                self.limit
+            );
+            res = self.out.write_all(note.as_bytes());
+            tracing::warn!(
+                limit = self.limit,
+                "the guest console reached its limit; dropping the rest"
+            );
+        }
+        // A console that cannot be written (full disk, closed pipe) must not
+        // stop the guest: drop the bytes and say so once in the VMM log.
+        if let Err(e) = res {
+            if !self.lost {
+                self.lost = true;
+                tracing::warn!(error = %e, "console output lost");
+            }
         }
     }
 
@@ -64,11 +113,7 @@ impl ConsoleWriter {
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.scan(buf);
-        // A console that cannot be written (full disk, closed pipe) must not stop
-        // the guest: drop the bytes and say so once in the VMM log.
-        if let Err(e) = self.out.write_all(buf) {
-            tracing::warn!(error = %e, "console output lost");
-        }
+        self.pass(buf);
         Ok(buf.len())
     }
 
@@ -172,5 +217,24 @@ mod tests {
         serial.read(5, &mut lsr);
         // Transmitter empty: the guest may write again.
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn output_stops_at_the_limit_with_one_note_and_markers_still_count() {
+        let sink = Sink::default();
+        let exit = ExitSignal::new().unwrap();
+        let mut w = ConsoleWriter::new(Box::new(sink.clone()), Some(exit.clone())).with_limit(10);
+        for _ in 0..100 {
+            w.write_all(b"spam spam\n").unwrap();
+        }
+        w.write_all(b"reboot: Power down\n").unwrap();
+        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            out.starts_with("spam spam\n\n[husk-vmm: console output past 10 bytes"),
+            "{out}"
+        );
+        assert_eq!(out.matches("husk-vmm:").count(), 1, "{out}");
+        assert!(!out.contains("Power down"));
+        assert_eq!(exit.reason(), Some(ExitReason::GuestPowerOff));
     }
 }
