@@ -346,10 +346,13 @@ impl Manager {
             return Err(ManagerError::NoShare);
         }
         let spec = spec::validate(spec_json)?;
-        let seccomp = match &spec.seccomp {
+        let mut seccomp = match &spec.seccomp {
             Some(profile) => seccomp::compile(profile)?,
             None => Vec::new(),
         };
+        if !spec.vsock_allowed {
+            seccomp.extend(seccomp::vsock_guard()?);
+        }
         let mut all = self.lock();
         if all.contains_key(id) {
             return Err(ManagerError::Exists(id.to_string()));

@@ -254,24 +254,14 @@ fn prepare_one(
 }
 
 /// Device nodes every container gets (OCI runtime spec, "Default Devices").
-const DEVICES: &[(&str, u32, u32, u32)] = &[
-    ("null", 0o666, 1, 3),
-    ("zero", 0o666, 1, 5),
-    ("full", 0o666, 1, 7),
-    ("random", 0o666, 1, 8),
-    ("urandom", 0o666, 1, 9),
-    ("tty", 0o666, 5, 0),
-];
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// What a fresh container's child sets up before it becomes the process.
 struct RootfsPlan {
     root: CString,
     dev: CString,
-    /// (path, mode, device, the guest's node to bind in a user namespace)
-    devices: Vec<(CString, libc::mode_t, libc::dev_t, CString)>,
-    /// In a user namespace: device nodes are bound, not made (mknod is
-    /// refused there).
-    userns: bool,
+    /// (path in the new /dev, the guest's node bound over it)
+    devices: Vec<(CString, CString)>,
     dev_pts: CString,
     dev_shm: CString,
     ptmx: CString,
@@ -481,16 +471,8 @@ pub fn start(
         root: cpath(&root)?,
         devices: DEVICES
             .iter()
-            .map(|(n, mode, maj, min)| {
-                Ok((
-                    cpath(&dev.join(n))?,
-                    libc::S_IFCHR | *mode,
-                    libc::makedev(*maj, *min),
-                    cpath(&Path::new("/dev").join(n))?,
-                ))
-            })
+            .map(|n| Ok((cpath(&dev.join(n))?, cpath(&Path::new("/dev").join(n))?)))
             .collect::<Result<_, ContainerError>>()?,
-        userns,
         dev_pts: cpath(&dev.join("pts"))?,
         dev_shm: cpath(&dev.join("shm"))?,
         ptmx: cpath(&dev.join("ptmx"))?,
@@ -1111,44 +1093,41 @@ unsafe fn setup_rootfs(r: &RootfsPlan) -> Result<(), (Stage, usize)> {
     {
         return Err((Stage::BindRoot, 0));
     }
-    // A fresh /dev: tmpfs, the default devices, devpts, shm.
+    // A fresh /dev: tmpfs, the default devices, devpts, shm. The tmpfs is
+    // nodev and each default device a bind of the guest's own node (a bind
+    // keeps devtmpfs's permission to open it): a node the container makes
+    // with CAP_MKNOD (ttyS0, to forge the kernel's power-down line on the
+    // console husk-vmm reads, or kmsg) cannot be opened.
     if libc::mount(
         c"tmpfs".as_ptr(),
         r.dev.as_ptr(),
         c"tmpfs".as_ptr(),
-        libc::MS_NOSUID | libc::MS_STRICTATIME,
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_STRICTATIME,
         c"mode=755,size=65536k".as_ptr().cast(),
     ) != 0
     {
         return Err((Stage::Dev, 0));
     }
-    for (i, (path, mode, dev, guest_node)) in r.devices.iter().enumerate() {
-        if r.userns {
-            let fd = libc::open(
-                path.as_ptr(),
-                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                0o644,
-            );
-            if fd < 0 {
-                return Err((Stage::Dev, i));
-            }
-            libc::close(fd);
-            if libc::mount(
-                guest_node.as_ptr(),
-                path.as_ptr(),
-                null,
-                libc::MS_BIND,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err((Stage::Dev, i));
-            }
-            continue;
-        }
-        if libc::mknod(path.as_ptr(), *mode, *dev) != 0 {
+    for (i, (path, guest_node)) in r.devices.iter().enumerate() {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o644,
+        );
+        if fd < 0 {
             return Err((Stage::Dev, i));
         }
-        libc::chmod(path.as_ptr(), *mode & 0o777);
+        libc::close(fd);
+        if libc::mount(
+            guest_node.as_ptr(),
+            path.as_ptr(),
+            null,
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err((Stage::Dev, i));
+        }
     }
     libc::mkdir(r.dev_pts.as_ptr(), 0o755);
     libc::mkdir(r.dev_shm.as_ptr(), 0o1777);

@@ -253,6 +253,33 @@ pub fn compile(s: &LinuxSeccomp) -> Result<Vec<Program>, SpecError> {
     Ok(named.into_iter().map(|(_, p)| p).collect())
 }
 
+/// The annotation with which a container may open AF_VSOCK sockets.
+pub const VSOCK_ANNOTATION: &str = "io.husk.vsock";
+
+/// A filter every container gets unless [`VSOCK_ANNOTATION`] is "allow",
+/// whatever its own profile says (Kubernetes' default is none at all):
+/// vsock is the VM's control plane (the agent's API, the host's log port)
+/// and no network namespace separates it, so `socket(AF_VSOCK, ..)` fails
+/// with EAFNOSUPPORT, as on a kernel without vsock. io_uring goes too
+/// (ENOSYS, so programs fall back to plain syscalls): its socket operation
+/// would make the same socket without a syscall for seccomp to see.
+pub fn vsock_guard() -> Result<Vec<Program>, SpecError> {
+    let filter = json!({"vsock-guard": {
+        "default_action": "allow",
+        "filter_action": {"errno": libc::EAFNOSUPPORT},
+        "filter": [{"syscall": "socket", "args": [
+            {"index": 0, "type": "dword", "op": "eq", "val": libc::AF_VSOCK}]}],
+    }, "io-uring-guard": {
+        "default_action": "allow",
+        "filter_action": {"errno": libc::ENOSYS},
+        "filter": [{"syscall": "io_uring_setup"}],
+    }});
+    let map = seccompiler::compile_from_json(filter.to_string().as_bytes(), TargetArch::x86_64)
+        .map_err(|e| err("the vsock guard", e.to_string()))?;
+    // Each is a program of its own: the kernel runs every installed one.
+    Ok(map.into_values().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,5 +373,12 @@ mod tests {
         assert!(p.is_empty());
         let p = compile(&profile(json!({"defaultAction": "SCMP_ACT_KILL"}))).unwrap();
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn the_vsock_guard_is_two_programs() {
+        let p = vsock_guard().unwrap();
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|f| !f.is_empty()));
     }
 }

@@ -83,6 +83,8 @@ pub struct ValidSpec {
     pub sysctls: Vec<(String, String)>,
     pub resources: Option<LinuxResources>,
     pub seccomp: Option<LinuxSeccomp>,
+    /// The spec's annotations allow AF_VSOCK ([`super::seccomp::VSOCK_ANNOTATION`]).
+    pub vsock_allowed: bool,
     /// (container id, host id, size) for a user namespace; empty without.
     pub uid_mappings: Vec<(u32, u32, u32)>,
     pub gid_mappings: Vec<(u32, u32, u32)>,
@@ -413,6 +415,11 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
         sysctls,
         resources,
         seccomp,
+        vsock_allowed: spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(super::seccomp::VSOCK_ANNOTATION))
+            .is_some_and(|v| v == "allow"),
         uid_mappings,
         gid_mappings,
     })
