@@ -209,7 +209,7 @@ impl Service {
         let spec = SandboxSpec {
             vm: husk_runtime::VmSpec {
                 share: true,
-                ..cfg.vm_spec(&b.annotations)
+                ..cfg.vm_spec(&b.annotations)?
             },
             hostname: Some(b.hostname.clone()),
             forward_vmm_log: true,
@@ -232,6 +232,8 @@ impl Service {
             .as_ref()
             .and_then(|o| crate::options::config_path_from_options(&o.type_url, &o.value));
         let cfg = Config::load(cfg_path.as_deref())?;
+        // Every container's, not only the sandbox's: io.husk.vsock is one.
+        cfg.check_annotations(&b.annotations)?;
         let guest = spec::for_guest(b.oci.clone(), id)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let mut share_mounts = Vec::new();

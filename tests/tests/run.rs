@@ -62,15 +62,21 @@ echo "host sees: $(cat /tmp/vol/out)"
 $B run --rootfs /tmp/rootfs -- sh -c 'echo layered > /etc/new && cat /etc/new'
 test -e /tmp/rootfs/etc/new && echo rootfs=changed || echo rootfs=untouched
 $B run --rootfs /tmp/rootfs -- sh -c 'grep CapEff /proc/self/status' | sed 's/\t/ /g' 
+cp target/x86_64-unknown-linux-musl/release/husk-test-init /tmp/rootfs/bin/ 2>/dev/null || cp target/x86_64-unknown-linux-gnu/release/husk-test-init /tmp/rootfs/bin/
+$B run --rootfs /tmp/rootfs -- husk-test-init vsock-probe
+$B run --rootfs /tmp/rootfs -- sh -c 'mknod /dev/ttyS0 c 4 64 && echo made-node; (echo "reboot: Power down" > /dev/ttyS0) 2>/dev/null; echo "forge=$?"; echo x > /dev/null && echo devnull-ok; sleep 3; echo still-running'
 echo piped-input | $B run -i --rootfs /tmp/rootfs -- sh -c 'read x; echo "stdin=$x"'
 $B run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /dev/zero | tr "\0" a); echo survived' 2>/tmp/oom.err; echo "code oom=$?"; grep -o 'OOM' /tmp/oom.err | head -1 | sed 's/^/notice=/'
 $B run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c '(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done) 2>/tmp/forks; sleep 3; echo "refused=$(grep -c "can.t fork" /tmp/forks)"' 
-$H run -d --name bg --rootfs /tmp/rootfs -- sleep 1000
+mkdir -p /tmp/vol/sub && mount -t tmpfs -o size=1m clitest /tmp/vol/sub
+$H run -d --name bg --rootfs /tmp/rootfs -v /tmp/vol:/ro:ro -- sleep 1000
+grep ' /run/husk/[^ ]*/shared/[^ ]*/sub ' /proc/$(pgrep -n husk-vmm)/mountinfo | awk '{print "cli-ro-sub " $6}'
 $H ps | grep '^bg ' | awk '{print "ps=" $1 "," $3}'
 $B exec bg -- sh -c 'echo exec-ran; exit 5'; echo "code exec=$?"
 echo via-exec-stdin | $B exec -i bg -- cat
 $H rm bg 2>&1 | grep -o 'is running' | sed 's/^/rm=/'
 $H rm -f bg >/dev/null; echo "code rm=$?"
+umount /tmp/vol/sub
 python3 tests/scripts/tty-session.py $H run -t -i --rootfs /tmp/rootfs -- sh | tail -1
 $H run --name killed --rootfs /tmp/rootfs -- sleep 100 & sleep 12; kill -9 $!; sleep 1
 $H ps >/dev/null
@@ -87,10 +93,17 @@ pgrep -c husk-vmm | sed 's/^/vmms=/'
         "rootfs=untouched",
         // Docker's default capability set, nothing more.
         "CapEff: 00000000a80425fb",
+        // No AF_VSOCK for a container: EAFNOSUPPORT (97).
+        "vsock-probe: 97",
+        // CAP_MKNOD makes a node, but /dev is nodev: the console line
+        // husk-vmm would take for the kernel's power-down is never written.
+        "made-node\nforge=1\ndevnull-ok\nstill-running",
         "stdin=piped-input",
         "code oom=137",
         "notice=OOM",
         "ps=bg,running",
+        // A read-only volume's submount, in husk-vmm's own namespace.
+        "cli-ro-sub ro,nosuid,nodev",
         "exec-ran",
         "code exec=5",
         "via-exec-stdin",

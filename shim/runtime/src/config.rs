@@ -49,6 +49,13 @@ pub struct Config {
     pub log_level: String,
     /// Seconds to wait for the agent after starting husk-vmm.
     pub boot_timeout_secs: u64,
+    /// Whether pods may set `io.husk.*` annotations at all (Kata's
+    /// `enable_annotations`); when false, one is an error.
+    pub allow_annotations: bool,
+    /// Ceilings on what the annotations may ask for: a pod over one is
+    /// refused, never silently clamped.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
 }
 
 impl Default for Config {
@@ -63,6 +70,9 @@ impl Default for Config {
             vmm: None,
             log_level: "info".into(),
             boot_timeout_secs: vm.boot_timeout.as_secs(),
+            allow_annotations: true,
+            max_vcpus: 16,
+            max_memory_mib: 16384,
         }
     }
 }
@@ -108,23 +118,87 @@ impl Config {
         if c.boot_timeout_secs == 0 {
             return Err(bad("boot_timeout_secs must be positive"));
         }
+        if c.max_vcpus < c.vcpus || c.max_vcpus > 64 {
+            return Err(bad("max_vcpus must be vcpus..=64"));
+        }
+        if c.max_memory_mib < c.memory_mib {
+            return Err(bad("max_memory_mib must be at least memory_mib"));
+        }
         Ok(c)
     }
 }
 
 impl Config {
+    /// Refuses `io.husk.*` annotations when the config allows none.
+    pub fn check_annotations(
+        &self,
+        annotations: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), crate::Error> {
+        if self.allow_annotations {
+            return Ok(());
+        }
+        match annotations.iter().find(|(k, _)| k.starts_with(ANNOTATION_PREFIX)) {
+            Some((k, v)) => Err(crate::Error::InvalidArgument(format!(
+                "annotation {k}={v:?}: io.husk.* annotations are off (allow_annotations = false in the config)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The VM of a pod: these defaults, sized by the pod's annotations
-    /// (`io.husk.cpus`, `io.husk.memory`) where they say so.
-    pub fn vm_spec(&self, annotations: &std::collections::BTreeMap<String, String>) -> VmSpec {
-        let vcpus = annotations
-            .get(ANNOTATION_CPUS)
-            .and_then(|v| parse_cpus(v))
-            .unwrap_or(self.vcpus);
-        let memory_mib = annotations
-            .get(ANNOTATION_MEMORY)
-            .and_then(|v| parse_memory_mib(v))
-            .unwrap_or(self.memory_mib);
-        VmSpec {
+    /// (`io.husk.cpus`, `io.husk.memory`) where they say so. An annotation
+    /// that cannot be read, is over its ceiling, or is there although the
+    /// config allows none is an error naming it: a pod never runs with less
+    /// isolation or other sizing than it asked for without being told.
+    pub fn vm_spec(
+        &self,
+        annotations: &std::collections::BTreeMap<String, String>,
+    ) -> Result<VmSpec, crate::Error> {
+        let refuse = |k: &str, v: &str, why: String| {
+            crate::Error::InvalidArgument(format!("annotation {k}={v:?}: {why}"))
+        };
+        self.check_annotations(annotations)?;
+        let vcpus = match annotations.get(ANNOTATION_CPUS) {
+            None => self.vcpus,
+            Some(v) => match parse_cpus(v) {
+                Some(n) if n <= self.max_vcpus => n,
+                Some(_) => {
+                    return Err(refuse(
+                        ANNOTATION_CPUS,
+                        v,
+                        format!("over max_vcpus = {}", self.max_vcpus),
+                    ))
+                }
+                None => {
+                    return Err(refuse(
+                        ANNOTATION_CPUS,
+                        v,
+                        "a whole number of vCPUs, 1-64".into(),
+                    ))
+                }
+            },
+        };
+        let memory_mib = match annotations.get(ANNOTATION_MEMORY) {
+            None => self.memory_mib,
+            Some(v) => match parse_memory_mib(v) {
+                Some(m) if m <= self.max_memory_mib => m,
+                Some(_) => {
+                    return Err(refuse(
+                        ANNOTATION_MEMORY,
+                        v,
+                        format!("over max_memory_mib = {}", self.max_memory_mib),
+                    ))
+                }
+                None => {
+                    return Err(refuse(
+                        ANNOTATION_MEMORY,
+                        v,
+                        "MiB, or a quantity such as 512Mi or 2Gi, at least 64 MiB".into(),
+                    ))
+                }
+            },
+        };
+        Ok(VmSpec {
             kernel: self.kernel.clone(),
             initramfs: self.initramfs.clone(),
             vcpus,
@@ -132,10 +206,12 @@ impl Config {
             boot_timeout: std::time::Duration::from_secs(self.boot_timeout_secs),
             vmm: self.vmm.clone(),
             ..VmSpec::default()
-        }
+        })
     }
 }
 
+/// What every Husk annotation starts with.
+pub const ANNOTATION_PREFIX: &str = "io.husk.";
 /// Pod annotations that size the sandbox's VM.
 pub const ANNOTATION_CPUS: &str = "io.husk.cpus";
 pub const ANNOTATION_MEMORY: &str = "io.husk.memory";
@@ -218,14 +294,44 @@ boot_timeout_secs = 5
     fn annotations_size_the_pods_vm() {
         let c = Config::parse("vcpus = 2\nmemory_mib = 300").unwrap();
         let mut a = std::collections::BTreeMap::new();
-        let v = c.vm_spec(&a);
+        let v = c.vm_spec(&a).unwrap();
         assert_eq!((v.vcpus, v.memory_mib), (2, 300));
         a.insert(ANNOTATION_CPUS.to_string(), "4".to_string());
         a.insert(ANNOTATION_MEMORY.to_string(), "1Gi".to_string());
-        let v = c.vm_spec(&a);
+        let v = c.vm_spec(&a).unwrap();
         assert_eq!((v.vcpus, v.memory_mib), (4, 1024));
         a.insert(ANNOTATION_CPUS.to_string(), "many".to_string());
-        assert_eq!(c.vm_spec(&a).vcpus, 2, "a bad annotation keeps the default");
+        let e = c.vm_spec(&a).unwrap_err().to_string();
+        assert!(e.contains("io.husk.cpus=\"many\""), "{e}");
+    }
+
+    #[test]
+    fn annotations_over_a_ceiling_or_when_off_are_refused() {
+        let c = Config::parse("max_memory_mib = 2048\nmax_vcpus = 4").unwrap();
+        let mut a = std::collections::BTreeMap::new();
+        a.insert(ANNOTATION_MEMORY.to_string(), "64Gi".to_string());
+        let e = c.vm_spec(&a).unwrap_err().to_string();
+        assert!(e.contains("over max_memory_mib = 2048"), "{e}");
+        a.insert(ANNOTATION_MEMORY.to_string(), "2Gi".to_string());
+        assert_eq!(c.vm_spec(&a).unwrap().memory_mib, 2048);
+        a.insert(ANNOTATION_CPUS.to_string(), "5".to_string());
+        assert!(c
+            .vm_spec(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("max_vcpus = 4"));
+        let off = Config::parse("allow_annotations = false").unwrap();
+        let mut b = std::collections::BTreeMap::new();
+        b.insert("io.husk.vsock".to_string(), "allow".to_string());
+        assert!(off
+            .vm_spec(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("allow_annotations = false"));
+        b.clear();
+        b.insert("io.kubernetes.cri.sandbox-id".to_string(), "x".to_string());
+        assert!(off.vm_spec(&b).is_ok(), "other annotations are not Husk's");
+        assert!(Config::parse("vcpus = 8\nmax_vcpus = 4").is_err());
     }
 
     #[test]

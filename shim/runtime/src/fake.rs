@@ -34,6 +34,8 @@ pub struct FakeAgent {
     /// When set, CreateContainer fails with this (and the VM dies).
     pub vm_dies_on_create: Mutex<Option<Arc<FakeVm>>>,
     exits: Mutex<HashMap<ProcessKey, watch::Sender<Option<i32>>>>,
+    /// OOM notices GetOomEvent hands out, in order; then UNIMPLEMENTED.
+    pub ooms: Mutex<std::collections::VecDeque<String>>,
 }
 
 impl FakeAgent {
@@ -151,6 +153,9 @@ impl Agent for FakeAgent {
         Ok(())
     }
     async fn oom_event(&self) -> R<String> {
+        if let Some(id) = lock(&self.ooms).pop_front() {
+            return Ok(id);
+        }
         Err(rpc(
             "GetOomEvent",
             Code::UNIMPLEMENTED,
@@ -213,14 +218,19 @@ impl VmProcess for FakeVmHandle {
 
 /// Exits and OOMs, as they were reported.
 #[derive(Default)]
-pub struct RecordedEvents(pub Mutex<Vec<(String, String, u32)>>);
+pub struct RecordedEvents(
+    pub Mutex<Vec<(String, String, u32)>>,
+    pub Mutex<Vec<String>>,
+);
 
 #[async_trait]
 impl Events for RecordedEvents {
     async fn process_exited(&self, id: &str, exec_id: &str, _pid: u32, exit: Exit) {
         lock(&self.0).push((id.into(), exec_id.into(), exit.status));
     }
-    async fn oom(&self, _: &str) {}
+    async fn oom(&self, id: &str) {
+        lock(&self.1).push(id.into());
+    }
 }
 
 struct Rig {
@@ -307,6 +317,16 @@ async fn a_container_lives_and_is_deleted() {
     assert!(matches!(r.sandbox.container("c1"), Err(Error::NotFound(_))));
     assert!(!r.sandbox.layout().container_dir("c1").exists());
     assert!(r.agent.calls().contains(&"remove_container c1".to_string()));
+}
+
+#[tokio::test]
+async fn oom_notices_for_containers_the_pod_does_not_have_are_not_published() {
+    let r = rig();
+    r.sandbox.create_container(config("c1")).await.unwrap();
+    lock(&r.agent.ooms).extend(["other-pods-container".to_string(), "c1".to_string()]);
+    // The watcher ends at the fake's UNIMPLEMENTED after the two notices.
+    r.sandbox.oom_watcher().await;
+    assert_eq!(*lock(&r.events.1), vec!["c1".to_string()]);
 }
 
 #[tokio::test]

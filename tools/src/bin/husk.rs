@@ -425,7 +425,7 @@ async fn run(a: RunArgs) -> Result<i32> {
             boot_timeout: Duration::from_secs(a.boot_timeout),
             binds,
             detach: a.detach,
-            ..cfg.vm_spec(&Default::default())
+            ..cfg.vm_spec(&Default::default())?
         },
         hostname: Some(hostname(&id)),
         forward_vmm_log: false,
@@ -662,7 +662,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                     memory_mib: memory,
                     boot_timeout: Duration::from_secs(boot_timeout),
                     detach: keep,
-                    ..cfg.vm_spec(&Default::default())
+                    ..cfg.vm_spec(&Default::default())?
                 },
                 hostname: None,
                 forward_vmm_log: false,

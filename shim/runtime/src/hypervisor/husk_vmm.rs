@@ -165,7 +165,8 @@ impl Hypervisor for HuskVmm {
         let detach = spec.detach;
         let ready_w_raw = ready_w.as_raw_fd();
         // SAFETY: pre_exec runs in the child between fork and exec and only
-        // makes raw syscalls (dup2, fcntl, setsid, prctl, unshare, mount) on
+        // makes raw syscalls (dup2, fcntl, setsid, prctl, unshare, mount,
+        // mount_setattr reading a struct on its own stack) on
         // values and C strings prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
@@ -197,6 +198,19 @@ impl Hypervisor for HuskVmm {
                     return Err(std::io::Error::last_os_error());
                 }
                 for b in &binds {
+                    // nosuid and nodev always, read-only when asked, on
+                    // every mount of the bound tree (a plain read-only
+                    // remount would leave its submounts writable).
+                    let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+                    if b.readonly {
+                        set |= libc::MOUNT_ATTR_RDONLY;
+                    }
+                    let attr = libc::mount_attr {
+                        attr_set: set,
+                        attr_clr: 0,
+                        propagation: 0,
+                        userns_fd: 0,
+                    };
                     if libc::mount(
                         b.source.as_ptr(),
                         b.target.as_ptr(),
@@ -204,14 +218,14 @@ impl Hypervisor for HuskVmm {
                         libc::MS_BIND | libc::MS_REC,
                         std::ptr::null(),
                     ) != 0
-                        || (b.readonly
-                            && libc::mount(
-                                null,
-                                b.target.as_ptr(),
-                                null,
-                                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                                std::ptr::null(),
-                            ) != 0)
+                        || libc::syscall(
+                            libc::SYS_mount_setattr,
+                            libc::AT_FDCWD,
+                            b.target.as_ptr(),
+                            libc::AT_RECURSIVE,
+                            &attr as *const libc::mount_attr,
+                            std::mem::size_of::<libc::mount_attr>(),
+                        ) != 0
                     {
                         return Err(std::io::Error::last_os_error());
                     }

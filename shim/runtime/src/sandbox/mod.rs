@@ -45,7 +45,8 @@ pub struct Sandbox {
     /// runtime does not wrap (guest details, tests).
     client: Option<Client>,
     events: Arc<dyn Events>,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Shared with the OOM watcher, which checks a guest's notice against it.
+    containers: Arc<Mutex<HashMap<String, Arc<Container>>>>,
     helpers: Vec<JoinHandle<()>>,
     _guest_log: Option<logs::GuestLog>,
     /// Removes the directory when the sandbox goes (not for detached VMs).
@@ -140,7 +141,7 @@ impl Sandbox {
             }
             // The agent hands each OOM notice to one caller: the sandbox's
             // watcher. A bare VM leaves them to whoever asks.
-            let oom = tokio::spawn(watch_oom(sb.agent.clone(), sb.events.clone()));
+            let oom = tokio::spawn(sb.oom_watcher());
             sb.helpers.push(oom);
         }
         if spec.forward_vmm_log {
@@ -154,6 +155,15 @@ impl Sandbox {
         }
         guard.disarm();
         Ok(sb)
+    }
+
+    /// Relays the agent's OOM notices for this sandbox's containers.
+    pub(crate) fn oom_watcher(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        watch_oom(
+            self.agent.clone(),
+            self.events.clone(),
+            self.containers.clone(),
+        )
     }
 
     /// A sandbox of parts: a VM and its agent (the fakes in tests, or a VM
@@ -170,7 +180,7 @@ impl Sandbox {
             agent,
             client: None,
             events,
-            containers: Mutex::new(HashMap::new()),
+            containers: Arc::new(Mutex::new(HashMap::new())),
             helpers: Vec::new(),
             _guest_log: None,
             owns_dir: AtomicBool::new(true),
@@ -414,10 +424,25 @@ impl Drop for Sandbox {
 
 /// Relays the agent's OOM notices until the VM goes or the agent says it
 /// has no such call.
-async fn watch_oom(agent: Arc<dyn Agent>, events: Arc<dyn Events>) {
+/// A notice naming a container this sandbox does not have (the guest
+/// chooses the id) is logged, never published: a pod must not raise
+/// TaskOOM for another pod's container.
+async fn watch_oom(
+    agent: Arc<dyn Agent>,
+    events: Arc<dyn Events>,
+    containers: Arc<Mutex<HashMap<String, Arc<Container>>>>,
+) {
     loop {
         match agent.oom_event().await {
             Ok(container_id) => {
+                if !lock(&containers).contains_key(&container_id) {
+                    tracing::warn!(
+                        container = %container_id.escape_debug().to_string().chars().take(80).collect::<String>(),
+                        "the guest reported an OOM kill of a container this pod does not have; ignored"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 tracing::warn!(container = %container_id, "OOM kill in the guest");
                 events.oom(&container_id).await;
             }
