@@ -154,50 +154,22 @@ impl Config {
         &self,
         annotations: &std::collections::BTreeMap<String, String>,
     ) -> Result<VmSpec, crate::Error> {
-        let refuse = |k: &str, v: &str, why: String| {
-            crate::Error::InvalidArgument(format!("annotation {k}={v:?}: {why}"))
-        };
         self.check_annotations(annotations)?;
-        let vcpus = match annotations.get(ANNOTATION_CPUS) {
-            None => self.vcpus,
-            Some(v) => match parse_cpus(v) {
-                Some(n) if n <= self.max_vcpus => n,
-                Some(_) => {
-                    return Err(refuse(
-                        ANNOTATION_CPUS,
-                        v,
-                        format!("over max_vcpus = {}", self.max_vcpus),
-                    ))
-                }
-                None => {
-                    return Err(refuse(
-                        ANNOTATION_CPUS,
-                        v,
-                        "a whole number of vCPUs, 1-64".into(),
-                    ))
-                }
-            },
-        };
-        let memory_mib = match annotations.get(ANNOTATION_MEMORY) {
-            None => self.memory_mib,
-            Some(v) => match parse_memory_mib(v) {
-                Some(m) if m <= self.max_memory_mib => m,
-                Some(_) => {
-                    return Err(refuse(
-                        ANNOTATION_MEMORY,
-                        v,
-                        format!("over max_memory_mib = {}", self.max_memory_mib),
-                    ))
-                }
-                None => {
-                    return Err(refuse(
-                        ANNOTATION_MEMORY,
-                        v,
-                        "MiB, or a quantity such as 512Mi or 2Gi, at least 64 MiB".into(),
-                    ))
-                }
-            },
-        };
+        let vcpus = sized(
+            annotations,
+            (ANNOTATION_CPUS, "a whole number of vCPUs, 1-64"),
+            parse_cpus,
+            (self.vcpus, self.max_vcpus, "max_vcpus"),
+        )?;
+        let memory_mib = sized(
+            annotations,
+            (
+                ANNOTATION_MEMORY,
+                "MiB, or a quantity such as 512Mi or 2Gi, at least 64 MiB",
+            ),
+            parse_memory_mib,
+            (self.memory_mib, self.max_memory_mib, "max_memory_mib"),
+        )?;
         Ok(VmSpec {
             kernel: self.kernel.clone(),
             initramfs: self.initramfs.clone(),
@@ -207,6 +179,27 @@ impl Config {
             vmm: self.vmm.clone(),
             ..VmSpec::default()
         })
+    }
+}
+
+/// The value of annotation `key` (read by `parse`, which `form` describes)
+/// if the pod set it, else `default`; over `max` (the config key `max_key`)
+/// or unreadable is an error naming the annotation.
+fn sized(
+    annotations: &std::collections::BTreeMap<String, String>,
+    (key, form): (&str, &str),
+    parse: fn(&str) -> Option<u32>,
+    (default, max, max_key): (u32, u32, &str),
+) -> Result<u32, crate::Error> {
+    let Some(v) = annotations.get(key) else {
+        return Ok(default);
+    };
+    let refuse =
+        |why: String| crate::Error::InvalidArgument(format!("annotation {key}={v:?}: {why}"));
+    match parse(v) {
+        Some(n) if n <= max => Ok(n),
+        Some(_) => Err(refuse(format!("over {max_key} = {max}"))),
+        None => Err(refuse(form.into())),
     }
 }
 
