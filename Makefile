@@ -4,7 +4,7 @@
 .PHONY: setup build demo test lint fuzz
 
 # Seconds per fuzz target in `make test`; longer runs: make fuzz FUZZ_SECONDS=600
-FUZZ_SECONDS ?= 30
+FUZZ_SECONDS ?= 60
 
 setup:
 	tools/setup
