@@ -263,21 +263,30 @@ pub const VSOCK_ANNOTATION: &str = "io.husk.vsock";
 /// with EAFNOSUPPORT, as on a kernel without vsock. io_uring goes too
 /// (ENOSYS, so programs fall back to plain syscalls): its socket operation
 /// would make the same socket without a syscall for seccomp to see.
+///
+/// The filters are the same for every container: compiled once, on the
+/// first create, and copied from then on.
 pub fn vsock_guard() -> Result<Vec<Program>, SpecError> {
-    let filter = json!({"vsock-guard": {
-        "default_action": "allow",
-        "filter_action": {"errno": libc::EAFNOSUPPORT},
-        "filter": [{"syscall": "socket", "args": [
-            {"index": 0, "type": "dword", "op": "eq", "val": libc::AF_VSOCK}]}],
-    }, "io-uring-guard": {
-        "default_action": "allow",
-        "filter_action": {"errno": libc::ENOSYS},
-        "filter": [{"syscall": "io_uring_setup"}],
-    }});
-    let map = seccompiler::compile_from_json(filter.to_string().as_bytes(), TargetArch::x86_64)
-        .map_err(|e| err("the vsock guard", e.to_string()))?;
-    // Each is a program of its own: the kernel runs every installed one.
-    Ok(map.into_values().collect())
+    static GUARD: OnceLock<Result<Vec<Program>, String>> = OnceLock::new();
+    GUARD
+        .get_or_init(|| {
+            let filter = json!({"vsock-guard": {
+                "default_action": "allow",
+                "filter_action": {"errno": libc::EAFNOSUPPORT},
+                "filter": [{"syscall": "socket", "args": [
+                    {"index": 0, "type": "dword", "op": "eq", "val": libc::AF_VSOCK}]}],
+            }, "io-uring-guard": {
+                "default_action": "allow",
+                "filter_action": {"errno": libc::ENOSYS},
+                "filter": [{"syscall": "io_uring_setup"}],
+            }});
+            seccompiler::compile_from_json(filter.to_string().as_bytes(), TargetArch::x86_64)
+                // Each is a program of its own: the kernel runs every installed one.
+                .map(|map| map.into_values().collect())
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| err("the vsock guard", e))
 }
 
 #[cfg(test)]

@@ -113,6 +113,23 @@ pub fn ensure_beneath(root: &Path, rel: &Path, kind: Kind) -> io::Result<OwnedFd
 
 /// Sets `attrs` on every mount of the (detached or attached) tree at `fd`.
 fn set_attrs(fd: &impl AsFd, attrs: Attrs) -> io::Result<()> {
+    set_attrs_raw(
+        fd.as_fd().as_raw_fd(),
+        c"",
+        libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+        attrs,
+    )
+}
+
+/// mount_setattr(2) with `attrs` at `dirfd`/`path`: the one place the raw
+/// syscall is made. It allocates nothing and touches only its own stack, so
+/// a `pre_exec` closure (between fork and exec) may call it too.
+pub fn set_attrs_raw(
+    dirfd: std::os::fd::RawFd,
+    path: &std::ffi::CStr,
+    flags: libc::c_int,
+    attrs: Attrs,
+) -> io::Result<()> {
     let attr = libc::mount_attr {
         attr_set: attrs.bits(),
         attr_clr: 0,
@@ -120,14 +137,14 @@ fn set_attrs(fd: &impl AsFd, attrs: Attrs) -> io::Result<()> {
         userns_fd: 0,
     };
     // SAFETY: mount_setattr reads `size` bytes from `attr`, a live struct of
-    // exactly that size, and the empty, NUL-terminated path; the fd is
-    // borrowed for the call. It changes only mount flags.
+    // exactly that size, and the NUL-terminated `path`; `dirfd` is the
+    // caller's (AT_FDCWD or an fd it holds). It changes only mount flags.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            fd.as_fd().as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            dirfd,
+            path.as_ptr(),
+            flags,
             &attr as *const libc::mount_attr,
             std::mem::size_of::<libc::mount_attr>(),
         )

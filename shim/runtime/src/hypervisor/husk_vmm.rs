@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use super::{Hypervisor, PidFd, VmExit, VmProcess, VmSpec};
 use crate::container::{
     self,
-    fdmount::{self, Kind},
+    fdmount::{self, Attrs, Kind},
 };
 use crate::error::{Error, Result};
 use crate::layout::{PidFile, ProcessId, SandboxLayout, SHARE_TAG};
@@ -90,10 +90,11 @@ fn cstring(p: &Path) -> Result<CString> {
         .map_err(|_| Error::InvalidArgument(format!("{} holds a NUL byte", p.display())))
 }
 
-/// Makes each bind's mount point in the share (the share is still ours:
-/// the guest has not booted) and prepares the mount calls.
+/// Makes each bind's mount point in the host-only tree (the share is a
+/// read-only bind of it), beneath it without following symlinks, and
+/// prepares the mount calls onto the share's path of it.
 fn prepare_binds(spec: &VmSpec, layout: &SandboxLayout) -> Result<Vec<PreparedBind>> {
-    let share = layout.share();
+    let (share, mounts) = (layout.share(), layout.mounts());
     let mut out = Vec::new();
     for b in &spec.binds {
         if b.target.is_absolute()
@@ -107,11 +108,10 @@ fn prepare_binds(spec: &VmSpec, layout: &SandboxLayout) -> Result<Vec<PreparedBi
             )));
         }
         let meta = std::fs::metadata(&b.source).map_err(Error::io("sharing", &b.source))?;
-        // The mount point is made in the host-only tree (the share is a
-        // read-only bind of it) and bound over in husk-vmm's own namespace.
+        // Bound over in husk-vmm's own namespace at boot.
         let kind = if meta.is_dir() { Kind::Dir } else { Kind::File };
-        fdmount::ensure_beneath(&layout.mounts(), &b.target, kind)
-            .map_err(Error::io("creating", layout.mounts().join(&b.target)))?;
+        fdmount::ensure_beneath(&mounts, &b.target, kind)
+            .map_err(Error::io("creating", mounts.join(&b.target)))?;
         let target = share.join(&b.target);
         out.push(PreparedBind {
             source: cstring(&b.source)?,
@@ -166,7 +166,8 @@ impl Hypervisor for HuskVmm {
         let ready_w_raw = ready_w.as_raw_fd();
         // SAFETY: pre_exec runs in the child between fork and exec and only
         // makes raw syscalls (dup2, fcntl, setsid, prctl, unshare, mount,
-        // mount_setattr reading a struct on its own stack) on
+        // and mount_setattr through fdmount::set_attrs_raw, which allocates
+        // nothing) on
         // values and C strings prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
@@ -201,16 +202,6 @@ impl Hypervisor for HuskVmm {
                     // nosuid and nodev always, read-only when asked, on
                     // every mount of the bound tree (a plain read-only
                     // remount would leave its submounts writable).
-                    let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
-                    if b.readonly {
-                        set |= libc::MOUNT_ATTR_RDONLY;
-                    }
-                    let attr = libc::mount_attr {
-                        attr_set: set,
-                        attr_clr: 0,
-                        propagation: 0,
-                        userns_fd: 0,
-                    };
                     if libc::mount(
                         b.source.as_ptr(),
                         b.target.as_ptr(),
@@ -218,17 +209,17 @@ impl Hypervisor for HuskVmm {
                         libc::MS_BIND | libc::MS_REC,
                         std::ptr::null(),
                     ) != 0
-                        || libc::syscall(
-                            libc::SYS_mount_setattr,
-                            libc::AT_FDCWD,
-                            b.target.as_ptr(),
-                            libc::AT_RECURSIVE,
-                            &attr as *const libc::mount_attr,
-                            std::mem::size_of::<libc::mount_attr>(),
-                        ) != 0
                     {
                         return Err(std::io::Error::last_os_error());
                     }
+                    fdmount::set_attrs_raw(
+                        libc::AT_FDCWD,
+                        &b.target,
+                        libc::AT_RECURSIVE,
+                        Attrs {
+                            readonly: b.readonly,
+                        },
+                    )?;
                 }
                 Ok(())
             });

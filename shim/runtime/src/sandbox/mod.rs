@@ -424,6 +424,7 @@ impl Drop for Sandbox {
 
 /// Relays the agent's OOM notices until the VM goes or the agent says it
 /// has no such call.
+///
 /// A notice naming a container this sandbox does not have (the guest
 /// chooses the id) is logged, never published: a pod must not raise
 /// TaskOOM for another pod's container.
