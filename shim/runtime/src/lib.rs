@@ -9,6 +9,7 @@
 //! | [`agent`] | the guest agent's calls ([`agent::Agent`] at the seam) |
 //! | [`sandbox`] | one VM per pod: boot, agent, guest log, OOM watch, teardown, stale cleanup |
 //! | [`container`] | a container and its processes: state machine, share mounts, the guest spec, stdio relays |
+//! | [`image`] | the CLI's images: content store, layer unpacking, names, pulls |
 //! | [`error`] | errors, and the one place each gets its ttrpc code |
 //!
 //! Locks: every lock here is a std mutex around a state enum or a map,
@@ -20,6 +21,7 @@ pub mod config;
 pub mod container;
 pub mod error;
 pub mod hypervisor;
+pub mod image;
 pub mod layout;
 pub mod logging;
 pub mod sandbox;
