@@ -13,6 +13,12 @@ use crate::hypervisor::VmSpec;
 /// Where the configuration lives unless the runtime options say otherwise.
 pub const DEFAULT_PATH: &str = "/etc/husk/config.toml";
 
+/// Where the CLI keeps images unless `storage_root` says otherwise.
+pub const DEFAULT_STORAGE_ROOT: &str = "/var/lib/husk";
+
+/// Names another config file for the CLI (tests, a second store).
+pub const ENV_CONFIG: &str = "HUSK_CONFIG";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -56,6 +62,12 @@ pub struct Config {
     /// refused, never silently clamped.
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
+    /// The CLI's image store and its containers' writable layers (the shim's
+    /// images are containerd's).
+    pub storage_root: PathBuf,
+    /// Registries (`host[:port]`) the CLI pulls from over plain HTTP;
+    /// loopback registries always are.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for Config {
@@ -73,11 +85,19 @@ impl Default for Config {
             allow_annotations: true,
             max_vcpus: 16,
             max_memory_mib: 16384,
+            storage_root: PathBuf::from(DEFAULT_STORAGE_ROOT),
+            insecure_registries: Vec::new(),
         }
     }
 }
 
 impl Config {
+    /// The CLI's config: `$HUSK_CONFIG` if set, else the default path.
+    pub fn load_cli() -> Result<Config, ConfigError> {
+        let named = std::env::var_os(ENV_CONFIG).map(PathBuf::from);
+        Self::load(named.as_deref())
+    }
+
     /// Loads `path`; a missing file at the default path gives the defaults,
     /// a missing file that was asked for by name is an error.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -123,6 +143,16 @@ impl Config {
         }
         if c.max_memory_mib < c.memory_mib {
             return Err(bad("max_memory_mib must be at least memory_mib"));
+        }
+        // Its paths go into overlayfs mount options, where these separate.
+        if !c.storage_root.is_absolute()
+            || c.storage_root
+                .to_str()
+                .is_none_or(|s| s.contains([':', ',', '\\']))
+        {
+            return Err(bad(
+                "storage_root must be an absolute path without ':' ',' or '\\'",
+            ));
         }
         Ok(c)
     }

@@ -1,8 +1,15 @@
 //! `husk`: Husk on one machine, without containerd.
 //!
-//!   husk run --rootfs DIR [-t] [-i] [-d] [--name ID] [-e K=V] [-w DIR] [-u UID[:GID]]
-//!            [-v HOST:GUEST[:ro]] [--read-only] [--cpus N] [--memory SIZE] -- CMD ARGS
-//!                              run CMD as a container in a new VM; exits with its code
+//!   husk run [-t] [-i] [-d] [--rm] [--name ID] [-e K=V] [-w DIR] [-u USER[:GROUP]]
+//!            [-v HOST:GUEST[:ro]] [--read-only] [--cpus N] [--memory SIZE] IMAGE [CMD ARGS]
+//!                              run IMAGE (pulled if missing) as a container in a new VM;
+//!                              exits with its code (125: husk failed, 126/127: CMD cannot
+//!                              be run / is not found)
+//!   husk run --rootfs DIR [OPTIONS] -- CMD ARGS    the same from a root filesystem directory
+//!   husk pull IMAGE            pull an image from its registry into the store
+//!   husk images [-q]           list the images in the store
+//!   husk rmi [-f] IMAGE...     remove images (refused while a container uses one)
+//!   husk image prune           remove what no image or container needs
 //!   husk exec [-t] [-i] [-e K=V] [-w DIR] [-u UID[:GID]] ID -- CMD ARGS
 //!                              run CMD in the running container ID
 //!   husk ps                    list the containers (VMs) on this host
@@ -22,9 +29,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+#[path = "husk/images.rs"]
+mod images;
 use husk_runtime::config::Config;
 use husk_runtime::container::Endpoint;
-use husk_runtime::hypervisor::Bind;
+use husk_runtime::hypervisor::{Bind, Overlay};
+use husk_runtime::image::{read_beneath, ImageError};
 use husk_runtime::layout::{self, PidFile, SandboxLayout};
 use husk_runtime::sandbox::stale;
 use husk_runtime::{
@@ -61,6 +72,51 @@ enum Cmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Pull an image from a registry.
+    Pull {
+        image: String,
+        /// Print only the image's name.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List images.
+    Images {
+        /// Only image ids.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove images.
+    Rmi {
+        /// Even if a container uses it (its layers stay until it goes).
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Images, as docker's `image` verbs.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// List images.
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Pull an image.
+    Pull { image: String },
+    /// Remove images.
+    Rm {
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Remove blobs and layers no image or container needs, and what
+    /// interrupted pulls left.
+    Prune,
 }
 
 #[derive(clap::Args)]
@@ -74,19 +130,19 @@ struct ProcessArgs {
     /// Environment variables, NAME=value.
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
-    /// Working directory in the container.
-    #[arg(short = 'w', long = "workdir", default_value = "/")]
-    workdir: String,
-    /// UID[:GID] to run as.
-    #[arg(short = 'u', long = "user", default_value = "0:0")]
-    user: String,
+    /// Working directory in the container (default: the image's, or /).
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// USER[:GROUP] to run as, names or numbers (default: the image's, or root).
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The container's root filesystem (a directory).
+    /// Run from this root filesystem directory instead of an image.
     #[arg(long)]
-    rootfs: PathBuf,
+    rootfs: Option<PathBuf>,
     #[command(flatten)]
     process: ProcessArgs,
     /// The container's name (its VM's id); random when not given.
@@ -95,6 +151,10 @@ struct RunArgs {
     /// Start it and return; `husk rm -f ID` ends it.
     #[arg(short = 'd', long)]
     detach: bool,
+    /// Remove the container when it exits. Husk keeps no stopped
+    /// containers yet, so this is what it does anyway.
+    #[arg(long)]
+    rm: bool,
     /// A host directory or file in the container: HOST:GUEST[:ro].
     #[arg(short = 'v', long = "volume")]
     volumes: Vec<String>,
@@ -115,9 +175,13 @@ struct RunArgs {
     /// Seconds to wait for the VM's agent.
     #[arg(long, default_value_t = 60)]
     boot_timeout: u64,
-    /// The command and its arguments.
-    #[arg(trailing_var_arg = true, required = true)]
-    command: Vec<String>,
+    /// IMAGE [COMMAND [ARG...]]; with --rootfs, COMMAND [ARG...].
+    #[arg(
+        trailing_var_arg = true,
+        required = true,
+        value_name = "IMAGE [COMMAND]"
+    )]
+    args: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -171,20 +235,103 @@ fn parse_size(s: &str, default_unit: u64) -> Result<u64> {
     n.checked_mul(mult).context("size overflows")
 }
 
-/// The OCI `process` object for `p`.
-fn process_json(p: &ProcessArgs, args: &[String]) -> Result<serde_json::Value> {
-    let parse = |v: &str| {
-        v.parse::<u32>()
-            .with_context(|| format!("-u {:?}: expected UID[:GID] as numbers", p.user))
+/// What an image says a process gets, under what the flags say.
+#[derive(Default)]
+struct ImageDefaults {
+    env: Vec<String>,
+    workdir: Option<String>,
+    user: Option<String>,
+    /// The image's layers, topmost first: where names in `user` are looked up.
+    layers: Vec<PathBuf>,
+}
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// An id from `/etc/passwd` or `/etc/group` of the image (the topmost layer
+/// that has the file): `name` -> (field 2, field 3).
+fn lookup(layers: &[PathBuf], file: &str, name: &str) -> Option<(u32, u32)> {
+    let text = layers
+        .iter()
+        .find_map(|l| read_beneath(l, Path::new(file), 1 << 20))?;
+    String::from_utf8_lossy(&text).lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 3 && f[0] == name {
+            Some((
+                f[2].parse().ok()?,
+                f.get(3).and_then(|g| g.parse().ok()).unwrap_or(0),
+            ))
+        } else {
+            None
+        }
+    })
+}
+
+/// USER[:GROUP], names or numbers, as docker reads `-u`: a name is looked
+/// up in the image; a bare number with no passwd entry keeps its own gid.
+fn user_ids(user: &str, layers: &[PathBuf]) -> Result<(u32, u32)> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
     };
-    let (uid, gid) = match p.user.split_once(':') {
-        Some((u, g)) => (parse(u)?, parse(g)?),
-        None => (parse(&p.user)?, parse(&p.user)?),
+    let (uid, primary) = match u.parse::<u32>() {
+        Ok(n) => {
+            let by_uid = layers
+                .iter()
+                .find_map(|l| read_beneath(l, Path::new("etc/passwd"), 1 << 20))
+                .and_then(|t| {
+                    String::from_utf8_lossy(&t).lines().find_map(|line| {
+                        let f: Vec<&str> = line.split(':').collect();
+                        (f.len() >= 4 && f[2] == u)
+                            .then(|| f[3].parse().ok())
+                            .flatten()
+                    })
+                });
+            (n, by_uid.unwrap_or(n))
+        }
+        Err(_) => lookup(layers, "etc/passwd", u).with_context(|| {
+            format!("unable to find user {u}: no matching entries in passwd file")
+        })?,
     };
-    let mut env =
-        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
+    let gid = match g {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => {
+                lookup(layers, "etc/group", g)
+                    .with_context(|| {
+                        format!("unable to find group {g}: no matching entries in group file")
+                    })?
+                    .0
+            }
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// The OCI `process` object for `p` running `args`, over `img`'s defaults.
+fn process_json(
+    p: &ProcessArgs,
+    args: &[String],
+    img: &ImageDefaults,
+) -> Result<serde_json::Value> {
+    let user = p
+        .user
+        .as_deref()
+        .or(img.user.as_deref())
+        .filter(|u| !u.is_empty())
+        .unwrap_or("0:0");
+    let (uid, gid) = user_ids(user, &img.layers).with_context(|| format!("user {user:?}"))?;
+    let mut env: Vec<String> = img.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(0, DEFAULT_PATH.to_string());
+    }
+    let mut set = |e: String| {
+        let key = e.split('=').next().unwrap_or("").to_string();
+        env.retain(|old| old.split('=').next() != Some(key.as_str()));
+        env.push(e);
+    };
     if p.tty {
-        env.push(format!(
+        set(format!(
             "TERM={}",
             std::env::var("TERM").unwrap_or_else(|_| "xterm".into())
         ));
@@ -193,8 +340,13 @@ fn process_json(p: &ProcessArgs, args: &[String]) -> Result<serde_json::Value> {
         if !e.contains('=') || e.starts_with('=') {
             bail!("-e {e:?}: expected NAME=value");
         }
-        env.push(e.clone());
+        set(e.clone());
     }
+    let cwd = p
+        .workdir
+        .clone()
+        .or_else(|| img.workdir.clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
     // Docker's default set: root in the container is not root in the VM
     // (no CAP_SYS_ADMIN, no CAP_DAC_READ_SEARCH for file-handle tricks...).
     let caps = DEFAULT_CAPS;
@@ -203,7 +355,7 @@ fn process_json(p: &ProcessArgs, args: &[String]) -> Result<serde_json::Value> {
         "user": {"uid": uid, "gid": gid},
         "args": args,
         "env": env,
-        "cwd": p.workdir,
+        "cwd": cwd,
         "capabilities": {
             "bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": []
         },
@@ -245,6 +397,7 @@ fn volume(i: usize, v: &str) -> Result<(Bind, serde_json::Value)> {
 
 fn oci_spec(
     a: &RunArgs,
+    process: serde_json::Value,
     hostname: &str,
     mounts: Vec<serde_json::Value>,
 ) -> Result<serde_json::Value> {
@@ -266,7 +419,7 @@ fn oci_spec(
     all_mounts.extend(mounts);
     Ok(serde_json::json!({
         "ociVersion": "1.0.2",
-        "process": process_json(&a.process, &a.command)?,
+        "process": process,
         "root": {"path": "rootfs", "readonly": a.read_only},
         "hostname": hostname,
         "mounts": all_mounts,
@@ -395,27 +548,179 @@ fn hostname(id: &str) -> String {
         .collect()
 }
 
+/// A CLI container's writable layer in the store
+/// (`containers/<id>/{upper,work}`, and what it stands on), removed when
+/// the container goes unless kept for a detached one. Its lock file tells
+/// a concurrent reaper that it is in use before its VM exists.
+struct ContainerDir {
+    path: Option<PathBuf>,
+    _lock: Option<husk_runtime::image::store::Lock>,
+}
+
+impl ContainerDir {
+    fn keep(&mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for ContainerDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            if let Err(e) = std::fs::remove_dir_all(&p) {
+                tracing::warn!(dir = %p.display(), error = %e, "removing the container's layer");
+            }
+        }
+    }
+}
+
+/// Removes the writable layers of containers whose VM is gone (a `husk`
+/// killed with SIGKILL, a detached VM that died) and that no `husk` holds.
+fn reap_container_dirs(cfg: &Config) {
+    let dir = cfg.storage_root.join("containers");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let runtime = layout::runtime_root();
+    for e in entries.flatten() {
+        let Some(id) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if runtime.join(&id).exists() {
+            continue;
+        }
+        let Ok(f) = std::fs::File::open(e.path().join("lock")) else {
+            let _ = std::fs::remove_dir_all(e.path());
+            continue;
+        };
+        if nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok() {
+            tracing::info!(id, "removing the layer of a container left behind");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// The rootfs of `husk run IMAGE`: the image (pulled if missing) under a
+/// fresh writable layer, and what its config says to run.
+async fn image_rootfs(
+    cfg: &Config,
+    id: &str,
+    image: &str,
+    rest: &[String],
+    read_only: bool,
+) -> Result<(Overlay, Vec<String>, ImageDefaults, ContainerDir)> {
+    let images = images::open(cfg)?;
+    let rec = match images.resolve(image) {
+        Ok(r) => r,
+        Err(ImageError::NotFound(_)) => {
+            eprintln!("Unable to find image '{image}' locally");
+            let r = husk_runtime::image::pull::pull(
+                &images,
+                image,
+                &images::registries(cfg),
+                Arc::new(husk_runtime::image::pull::NoProgress),
+            )
+            .await
+            .map_err(|e| match e {
+                ImageError::NotFound(m) => {
+                    anyhow::anyhow!("pull access denied or image not found: {m}")
+                }
+                e => anyhow::Error::new(e).context(format!("pulling {image}")),
+            })?;
+            eprintln!("Pulled {} ({})", r.name, r.config.short());
+            r
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let config = images.config(&rec)?;
+    let layers = images.lower_dirs(&rec)?;
+    let dir = images.store().containers_dir().join(id);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("a container named {id:?} exists: `husk rm -f {id}` first")
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let lock = husk_runtime::image::store::Lock::take(&dir.join("lock"))?;
+    let guard = ContainerDir {
+        path: Some(dir.clone()),
+        _lock: Some(lock),
+    };
+    for d in ["upper", "work"] {
+        std::fs::create_dir(dir.join(d))
+            .with_context(|| format!("creating {}", dir.join(d).display()))?;
+    }
+    let chain: Vec<String> = rec.chain.iter().map(|c| c.to_string()).collect();
+    std::fs::write(dir.join("layers"), chain.join("\n"))?;
+    std::fs::write(dir.join("image"), rec.config.to_string())?;
+    std::fs::write(dir.join("name"), &rec.name)?;
+    let run = &config.config;
+    let mut command = run.entrypoint.clone().unwrap_or_default();
+    if rest.is_empty() {
+        command.extend(run.cmd.clone().unwrap_or_default());
+    } else {
+        command.extend(rest.iter().cloned());
+    }
+    if command.is_empty() {
+        bail!("{image} has no Entrypoint or Cmd: give a command to run");
+    }
+    let overlay = Overlay {
+        lower: layers.clone(),
+        upper: dir.join("upper"),
+        work: dir.join("work"),
+        target: PathBuf::from("rootfs"),
+        readonly: read_only,
+    };
+    let defaults = ImageDefaults {
+        env: run.env.clone().unwrap_or_default(),
+        workdir: run.working_dir.clone(),
+        user: run.user.clone(),
+        layers,
+    };
+    Ok((overlay, command, defaults, guard))
+}
+
 /// Boots a VM for one container, runs it, relays its output, returns its code.
 async fn run(a: RunArgs) -> Result<i32> {
-    let cfg = Config::load(None)?;
-    let rootfs = a
-        .rootfs
-        .canonicalize()
-        .with_context(|| format!("rootfs {}", a.rootfs.display()))?;
-    // Read-only: the guest writes to a layer of its own (the agent's rootfs
-    // overlay, in guest memory), never to the host's directory.
-    let mut binds = vec![Bind {
-        source: rootfs,
-        target: PathBuf::from("rootfs"),
-        readonly: true,
-    }];
+    let cfg = Config::load_cli()?;
+    reap_container_dirs(&cfg);
+    let id = a.name.clone().unwrap_or_else(layout::random_id);
+    layout::check_id("container", &id)?;
+    let mut binds = Vec::new();
+    let mut overlays = Vec::new();
+    let (command, defaults, mut container_dir) = match &a.rootfs {
+        Some(rootfs) => {
+            let rootfs = rootfs
+                .canonicalize()
+                .with_context(|| format!("rootfs {}", rootfs.display()))?;
+            // Read-only: the guest writes to a layer of its own (the agent's
+            // rootfs overlay, in guest memory), never to the host's directory.
+            binds.push(Bind {
+                source: rootfs,
+                target: PathBuf::from("rootfs"),
+                readonly: true,
+            });
+            let none = ContainerDir {
+                path: None,
+                _lock: None,
+            };
+            (a.args.clone(), ImageDefaults::default(), none)
+        }
+        None => {
+            let (image, rest) = a.args.split_first().context("an image to run")?;
+            let (o, command, defaults, dir) =
+                image_rootfs(&cfg, &id, image, rest, a.read_only).await?;
+            overlays.push(o);
+            (command, defaults, dir)
+        }
+    };
+    let in_guest_overlay = a.rootfs.is_some();
     let mut mounts = Vec::new();
     for (i, v) in a.volumes.iter().enumerate() {
         let (b, m) = volume(i, v)?;
         binds.push(b);
         mounts.push(m);
     }
-    let id = a.name.clone().unwrap_or_else(layout::random_id);
     let memory_mib =
         u32::try_from(parse_size(&a.memory, 1 << 20)? >> 20).context("--memory is too large")?;
     let spec = SandboxSpec {
@@ -424,14 +729,15 @@ async fn run(a: RunArgs) -> Result<i32> {
             memory_mib,
             boot_timeout: Duration::from_secs(a.boot_timeout),
             binds,
+            overlays,
             detach: a.detach,
             ..cfg.vm_spec(&Default::default())?
         },
         hostname: Some(hostname(&id)),
         forward_vmm_log: false,
     };
-    let mut oci = oci_spec(&a, &hostname(&id), mounts)?;
-    oci["hostname"] = serde_json::Value::String(hostname(&id));
+    let process = process_json(&a.process, &command, &defaults)?;
+    let oci = oci_spec(&a, process, &hostname(&id), mounts)?;
     let oom = Arc::new(OomSeen::default());
     let sandbox = match Sandbox::boot(&id, &spec, &HuskVmm, oom.clone()).await {
         Err(husk_runtime::Error::AlreadyExists(_)) => {
@@ -439,10 +745,11 @@ async fn run(a: RunArgs) -> Result<i32> {
         }
         r => r?,
     };
-    std::fs::write(sandbox.layout().command_file(), a.command.join(" "))?;
-    let result = run_in(&sandbox, &a, oci, &oom).await;
+    std::fs::write(sandbox.layout().command_file(), command.join(" "))?;
+    let result = run_in(&sandbox, &a, oci, &oom, in_guest_overlay).await;
     if a.detach && result.is_ok() {
-        // The VM lives on; `husk rm -f` ends it.
+        // The VM lives on; `husk rm -f` ends it (and its layer).
+        container_dir.keep();
         println!("{id}");
         return Ok(0);
     }
@@ -456,7 +763,29 @@ async fn run(a: RunArgs) -> Result<i32> {
     Ok(code)
 }
 
-async fn run_in(sb: &Sandbox, a: &RunArgs, oci: serde_json::Value, oom: &OomSeen) -> Result<i32> {
+/// docker's codes for a command that could not be started: 127 when it
+/// was not found, 126 when it could not be run.
+fn start_failure_code(e: &husk_runtime::Error) -> Option<i32> {
+    let text = e.to_string();
+    if !text.contains("failed at Exec") {
+        return None;
+    }
+    Some(
+        if text.contains("ENOENT") || text.contains("No such file") {
+            127
+        } else {
+            126
+        },
+    )
+}
+
+async fn run_in(
+    sb: &Sandbox,
+    a: &RunArgs,
+    oci: serde_json::Value,
+    oom: &OomSeen,
+    in_guest_overlay: bool,
+) -> Result<i32> {
     let mut io = stdio(&a.process);
     if a.detach {
         io = StdioConfig::default();
@@ -467,15 +796,22 @@ async fn run_in(sb: &Sandbox, a: &RunArgs, oci: serde_json::Value, oom: &OomSeen
             spec: oci,
             share_mounts: Vec::new(),
             stdio: io,
-            // The rootfs is shared read-only; the container writes to a
-            // layer in the guest's memory, gone with it (volumes are for
-            // what must stay).
-            rootfs_overlay: true,
+            // A rootfs directory is shared read-only and the container
+            // writes to a layer in the guest's memory, gone with it; an
+            // image's rootfs has its own writable layer on the host.
+            rootfs_overlay: in_guest_overlay,
             bundle: String::new(),
         })
         .await?;
     let _raw = RawMode::enter(a.process.tty && !a.detach);
-    c.start(INIT).await?;
+    if let Err(e) = c.start(INIT).await {
+        if let Some(code) = start_failure_code(&e) {
+            eprintln!("husk: {e}");
+            let _ = sb.delete_container(CONTAINER).await;
+            return Ok(code);
+        }
+        return Err(e.into());
+    }
     if a.detach {
         return Ok(0);
     }
@@ -513,7 +849,11 @@ async fn exec(a: ExecArgs) -> Result<i32> {
             .unwrap_or_default()
             .subsec_nanos()
     });
-    let process = serde_json::to_vec(&process_json(&a.process, &a.command)?)?;
+    let process = serde_json::to_vec(&process_json(
+        &a.process,
+        &a.command,
+        &ImageDefaults::default(),
+    )?)?;
     c.add_exec(&exec_id, process, stdio(&a.process))?;
     let _raw = RawMode::enter(a.process.tty);
     c.start(&exec_id).await?;
@@ -564,6 +904,17 @@ async fn ps() -> Result<()> {
     Ok(())
 }
 
+/// The container's writable layer, if it ran from an image.
+fn remove_container_dir(id: &str) {
+    let Ok(cfg) = Config::load_cli() else { return };
+    let dir = cfg.storage_root.join("containers").join(id);
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            eprintln!("husk rm {id}: removing {}: {e}", dir.display());
+        }
+    }
+}
+
 async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
     let mut failed = false;
     for id in ids {
@@ -580,6 +931,7 @@ async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
             }
             sb.own();
             sb.shutdown().await;
+            remove_container_dir(&id);
             Ok(())
         }
         .await;
@@ -655,7 +1007,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             boot_timeout,
             keep,
         }) => {
-            let cfg = Config::load(None)?;
+            let cfg = Config::load_cli()?;
             let spec = SandboxSpec {
                 vm: VmSpec {
                     vcpus: cpus,
@@ -711,5 +1063,24 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Exec(a) => exec(a).await,
         Cmd::Ps => ps().await.map(|()| 0),
         Cmd::Rm { force, ids } => rm(ids, force).await.map(|()| 0),
+        Cmd::Pull { image, quiet } => images::pull(&Config::load_cli()?, &image, quiet)
+            .await
+            .map(|_| 0),
+        Cmd::Image(ImageCmd::Pull { image }) => images::pull(&Config::load_cli()?, &image, false)
+            .await
+            .map(|_| 0),
+        Cmd::Images { quiet } | Cmd::Image(ImageCmd::Ls { quiet }) => {
+            images::list(&Config::load_cli()?, quiet).map(|()| 0)
+        }
+        Cmd::Rmi { force, images } | Cmd::Image(ImageCmd::Rm { force, images }) => {
+            let cfg = Config::load_cli()?;
+            reap_container_dirs(&cfg);
+            images::rmi(&cfg, &images, force).map(|()| 0)
+        }
+        Cmd::Image(ImageCmd::Prune) => {
+            let cfg = Config::load_cli()?;
+            reap_container_dirs(&cfg);
+            images::prune(&cfg).map(|()| 0)
+        }
     }
 }

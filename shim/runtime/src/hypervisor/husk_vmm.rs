@@ -49,7 +49,7 @@ pub struct HuskVmm;
 impl HuskVmm {
     /// The VMM's own configuration for `spec` in `layout`.
     pub fn vm_config(spec: &VmSpec, layout: &SandboxLayout) -> VmConfig {
-        let shared = spec.share || !spec.binds.is_empty();
+        let shared = spec.share || !spec.binds.is_empty() || !spec.overlays.is_empty();
         VmConfig {
             kernel: Some(spec.kernel.clone()),
             initramfs: Some(spec.initramfs.clone()),
@@ -85,6 +85,78 @@ struct PreparedBind {
     readonly: bool,
 }
 
+/// One overlay mount: its target and option string, made before the fork.
+struct PreparedOverlay {
+    target: CString,
+    data: CString,
+    readonly: bool,
+}
+
+/// The longest option string mount(2) takes (one page).
+const MOUNT_DATA_MAX: usize = 4095;
+
+/// A share target: relative, no `..`.
+fn check_target(target: &Path) -> Result<()> {
+    if target.is_absolute()
+        || target
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "share target {} must be relative, without '..'",
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Makes each overlay's mount point in the host-only tree and its option
+/// string. Paths with overlayfs's separators (`:` `,` `\\`) are refused
+/// rather than escaped: the store's own paths never have them.
+fn prepare_overlays(spec: &VmSpec, layout: &SandboxLayout) -> Result<Vec<PreparedOverlay>> {
+    let mut out = Vec::new();
+    for o in &spec.overlays {
+        check_target(&o.target)?;
+        if o.lower.is_empty() {
+            return Err(Error::InvalidArgument("an overlay without layers".into()));
+        }
+        let mut paths = Vec::new();
+        for p in o.lower.iter().chain([&o.upper, &o.work]) {
+            let s = p
+                .to_str()
+                .filter(|s| p.is_absolute() && !s.contains([':', ',', '\\', '\0']));
+            paths.push(s.ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "overlay path {} is not usable in mount options",
+                    p.display()
+                ))
+            })?);
+        }
+        let (lower, rest) = paths.split_at(o.lower.len());
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            rest[0],
+            rest[1]
+        );
+        if data.len() > MOUNT_DATA_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "an image of {} layers is more than one overlay mount can stack here",
+                o.lower.len()
+            )));
+        }
+        fdmount::ensure_beneath(&layout.mounts(), &o.target, Kind::Dir)
+            .map_err(Error::io("creating", layout.mounts().join(&o.target)))?;
+        out.push(PreparedOverlay {
+            target: cstring(&layout.share().join(&o.target))?,
+            data: CString::new(data)
+                .map_err(|_| Error::InvalidArgument("NUL in an overlay path".into()))?,
+            readonly: o.readonly,
+        });
+    }
+    Ok(out)
+}
+
 fn cstring(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::InvalidArgument(format!("{} holds a NUL byte", p.display())))
@@ -97,16 +169,7 @@ fn prepare_binds(spec: &VmSpec, layout: &SandboxLayout) -> Result<Vec<PreparedBi
     let (share, mounts) = (layout.share(), layout.mounts());
     let mut out = Vec::new();
     for b in &spec.binds {
-        if b.target.is_absolute()
-            || b.target
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_)))
-        {
-            return Err(Error::InvalidArgument(format!(
-                "bind target {} must be relative, without '..'",
-                b.target.display()
-            )));
-        }
+        check_target(&b.target)?;
         let meta = std::fs::metadata(&b.source).map_err(Error::io("sharing", &b.source))?;
         // Bound over in husk-vmm's own namespace at boot.
         let kind = if meta.is_dir() { Kind::Dir } else { Kind::File };
@@ -143,6 +206,7 @@ impl Hypervisor for HuskVmm {
             container::mounts::setup_share(&layout.mounts(), &layout.share())
                 .map_err(|e| Error::Hypervisor(format!("setting up the share: {e}")))?;
         }
+        let overlays = prepare_overlays(spec, layout)?;
         let binds = prepare_binds(spec, layout)?;
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| Error::Hypervisor(format!("encoding its config: {e}")))?;
@@ -186,7 +250,7 @@ impl Hypervisor for HuskVmm {
                     return Err(std::io::Error::last_os_error());
                 }
                 let null = std::ptr::null::<libc::c_char>();
-                if !binds.is_empty()
+                if !(binds.is_empty() && overlays.is_empty())
                     && (libc::unshare(libc::CLONE_NEWNS) != 0
                         || libc::mount(
                             null,
@@ -197,6 +261,19 @@ impl Hypervisor for HuskVmm {
                         ) != 0)
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for o in &overlays {
+                    let ro = if o.readonly { libc::MS_RDONLY } else { 0 };
+                    if libc::mount(
+                        c"overlay".as_ptr(),
+                        o.target.as_ptr(),
+                        c"overlay".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV | ro,
+                        o.data.as_ptr().cast(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 for b in &binds {
                     // nosuid and nodev always, read-only when asked, on

@@ -36,6 +36,9 @@ pub struct VmSpec {
     /// mount namespace: they can never outlive the VM nor be seen (or
     /// deleted through) from the host's namespace.
     pub binds: Vec<Bind>,
+    /// Overlay file systems made in husk-vmm's namespace the same way, before
+    /// the binds (the CLI's image rootfs: layers + a writable upper).
+    pub overlays: Vec<Overlay>,
     /// Share `shared/` even without binds: the caller (the shim) mounts
     /// into it from the host's namespace later.
     pub share: bool,
@@ -55,6 +58,7 @@ impl Default for VmSpec {
             extra_cmdline: None,
             detach: false,
             binds: Vec::new(),
+            overlays: Vec::new(),
             share: false,
             vmm: None,
         }
@@ -66,6 +70,19 @@ impl Default for VmSpec {
 pub struct Bind {
     pub source: PathBuf,
     /// Where in the share, relative (`rootfs`, `volumes/0`).
+    pub target: PathBuf,
+    pub readonly: bool,
+}
+
+/// An overlayfs mounted into the sandbox share: read-only `lower` layers
+/// (topmost first) under a writable `upper` (with its `work` directory on
+/// the same file system).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    pub lower: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// Where in the share, relative (`rootfs`).
     pub target: PathBuf,
     pub readonly: bool,
 }

@@ -16,9 +16,9 @@ pub struct Digest(String);
 
 impl Digest {
     pub fn parse(s: &str) -> Result<Self, ImageError> {
-        let hex = s
-            .strip_prefix("sha256:")
-            .ok_or_else(|| ImageError::Invalid(format!("digest {s:?}: only sha256 is supported")))?;
+        let hex = s.strip_prefix("sha256:").ok_or_else(|| {
+            ImageError::Invalid(format!("digest {s:?}: only sha256 is supported"))
+        })?;
         if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(ImageError::Invalid(format!(
                 "digest {s:?}: not sha256 and 64 lowercase hex digits"

@@ -104,11 +104,17 @@ pub fn normalize(name: &str) -> Result<String, ImageError> {
         return Err(invalid());
     }
     let (first, rest) = match name.split_once('/') {
-        Some((f, r)) if f.contains('.') || f.contains(':') || f == "localhost" => (f, r.to_string()),
+        Some((f, r)) if f.contains('.') || f.contains(':') || f == "localhost" => {
+            (f, r.to_string())
+        }
         Some(_) => ("docker.io", name.to_string()),
         None => ("docker.io", name.to_string()),
     };
-    let first = if first == "index.docker.io" { "docker.io" } else { first };
+    let first = if first == "index.docker.io" {
+        "docker.io"
+    } else {
+        first
+    };
     let rest = if first == "docker.io" && !rest.contains('/') {
         format!("library/{rest}")
     } else {
@@ -267,7 +273,12 @@ impl Images {
 
     /// Unpacks blob `blob` as layer `chain` unless it is there; its diff id
     /// must be `diff_id`. Blocking: call it off the async threads.
-    pub fn unpack_layer(&self, blob: &Digest, diff_id: &Digest, chain: &Digest) -> Result<bool, ImageError> {
+    pub fn unpack_layer(
+        &self,
+        blob: &Digest,
+        diff_id: &Digest,
+        chain: &Digest,
+    ) -> Result<bool, ImageError> {
         let _lock = self.store.layer_lock(chain)?;
         let dest = self.store.layer_path(chain);
         if dest.join("diff").is_dir() {
@@ -278,7 +289,11 @@ impl Images {
         let result = (|| {
             let io = |what, p: &Path| {
                 let p = p.to_path_buf();
-                move |source| ImageError::Io { what, path: p, source }
+                move |source| ImageError::Io {
+                    what,
+                    path: p,
+                    source,
+                }
             };
             let diff = tmp.join("diff");
             fs::create_dir_all(&diff).map_err(io("creating", &diff))?;
@@ -346,7 +361,9 @@ impl Images {
         let mut freed = 0;
         for b in self.store.blobs() {
             if !blobs.contains(&b) {
-                freed += fs::metadata(self.store.blob_path(&b)).map(|m| m.len()).unwrap_or(0);
+                freed += fs::metadata(self.store.blob_path(&b))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
                 let _ = self.store.remove_blob(&b);
             }
         }
@@ -383,7 +400,9 @@ fn du(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else { continue };
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let Ok(m) = e.metadata() else { continue };
             if m.is_dir() {
@@ -400,7 +419,12 @@ fn du(dir: &Path) -> u64 {
 /// symlink out of it (an image's /etc/passwd is the image's to make).
 pub fn read_beneath(root: &Path, path: &Path, limit: u64) -> Option<Vec<u8>> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let dir = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let dir = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
     let rel = path.strip_prefix("/").unwrap_or(path);
     let fd = rustix::fs::openat2(
         &dir,
@@ -429,10 +453,7 @@ mod tests {
             ("localhost:5000/busybox", "localhost:5000/busybox:latest"),
             ("127.0.0.1:5000/a/b:t", "127.0.0.1:5000/a/b:t"),
             ("quay.io/x/y", "quay.io/x/y:latest"),
-            (
-                "localhost/x@sha256:0000",
-                "localhost/x@sha256:0000",
-            ),
+            ("localhost/x@sha256:0000", "localhost/x@sha256:0000"),
         ] {
             assert_eq!(normalize(input).unwrap(), want, "{input}");
         }

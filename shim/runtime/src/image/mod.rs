@@ -22,7 +22,7 @@ pub mod pull;
 use std::path::PathBuf;
 
 pub use digest::Digest;
-pub use index::{normalize, ImageConfig, ImageRecord, Images, RunConfig};
+pub use index::{normalize, read_beneath, ImageConfig, ImageRecord, Images, RunConfig};
 pub use store::Store;
 
 #[derive(Debug, thiserror::Error)]

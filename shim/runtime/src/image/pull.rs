@@ -42,7 +42,10 @@ const CONCURRENT_LAYERS: usize = 3;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayerStatus {
     Waiting,
-    Downloading { done: u64, total: u64 },
+    Downloading {
+        done: u64,
+        total: u64,
+    },
     Verifying,
     Extracting,
     Done,
@@ -154,7 +157,11 @@ fn auth_for(file: Option<&Path>, registry: &str) -> Result<RegistryAuth, ImageEr
             "index.docker.io".into(),
         ]
     } else {
-        vec![registry.into(), format!("https://{registry}"), format!("http://{registry}")]
+        vec![
+            registry.into(),
+            format!("https://{registry}"),
+            format!("http://{registry}"),
+        ]
     };
     let Some(e) = keys.iter().find_map(|k| cfg.auths.get(k)) else {
         return Ok(RegistryAuth::Anonymous);
@@ -169,10 +176,18 @@ fn auth_for(file: Option<&Path>, registry: &str) -> Result<RegistryAuth, ImageEr
         .decode(a.trim())
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| ImageError::Invalid(format!("{}: auth for {registry} is not base64 user:password", file.display())))?;
-    let (u, p) = decoded
-        .split_once(':')
-        .ok_or_else(|| ImageError::Invalid(format!("{}: auth for {registry} is not user:password", file.display())))?;
+        .ok_or_else(|| {
+            ImageError::Invalid(format!(
+                "{}: auth for {registry} is not base64 user:password",
+                file.display()
+            ))
+        })?;
+    let (u, p) = decoded.split_once(':').ok_or_else(|| {
+        ImageError::Invalid(format!(
+            "{}: auth for {registry} is not user:password",
+            file.display()
+        ))
+    })?;
     Ok(RegistryAuth::Basic(u.into(), p.into()))
 }
 
@@ -180,7 +195,11 @@ fn auth_for(file: Option<&Path>, registry: &str) -> Result<RegistryAuth, ImageEr
 fn transient(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::RequestError(r) => {
-            r.is_connect() || r.is_timeout() || r.is_request() || r.is_body() || r.status().is_some_and(|s| s.is_server_error())
+            r.is_connect()
+                || r.is_timeout()
+                || r.is_request()
+                || r.is_body()
+                || r.status().is_some_and(|s| s.is_server_error())
         }
         OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
         OciDistributionError::IoError(_) => true,
@@ -255,15 +274,23 @@ pub async fn pull(
 impl Puller<'_> {
     fn registry_error(&self, e: OciDistributionError) -> ImageError {
         let message = match &e {
-            OciDistributionError::ImageManifestNotFoundError(_) => "not found in the registry (check the name and tag)".to_string(),
-            OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
-                "the registry refused the credentials (husk login, or ~/.docker/config.json)".to_string()
+            OciDistributionError::ImageManifestNotFoundError(_) => {
+                "not found in the registry (check the name and tag)".to_string()
             }
-            OciDistributionError::RequestError(r) if r.is_connect() => format!("cannot reach the registry: {r}"),
+            OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_) => {
+                "the registry refused the credentials (husk login, or ~/.docker/config.json)"
+                    .to_string()
+            }
+            OciDistributionError::RequestError(r) if r.is_connect() => {
+                format!("cannot reach the registry: {r}")
+            }
             _ => e.to_string(),
         };
         match e {
-            OciDistributionError::ImageManifestNotFoundError(_) => ImageError::NotFound(format!("{}: {message}", self.name)),
+            OciDistributionError::ImageManifestNotFoundError(_) => {
+                ImageError::NotFound(format!("{}: {message}", self.name))
+            }
             _ => ImageError::Registry {
                 image: self.name.clone(),
                 message,
@@ -273,11 +300,17 @@ impl Puller<'_> {
 
     /// A manifest by tag or digest, checked against the digest it was asked by.
     async fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, Digest), ImageError> {
-        let (bytes, _) = retry(|| self.client.pull_manifest_raw(reference, &self.auth, MEDIA_TYPES))
-            .await
-            .map_err(|e| self.registry_error(e))?;
+        let (bytes, _) = retry(|| {
+            self.client
+                .pull_manifest_raw(reference, &self.auth, MEDIA_TYPES)
+        })
+        .await
+        .map_err(|e| self.registry_error(e))?;
         if bytes.len() as u64 > MAX_JSON {
-            return Err(ImageError::Invalid(format!("{}: manifest over {MAX_JSON} bytes", self.name)));
+            return Err(ImageError::Invalid(format!(
+                "{}: manifest over {MAX_JSON} bytes",
+                self.name
+            )));
         }
         let actual = Digest::of(&bytes);
         if let Some(want) = reference.digest() {
@@ -301,10 +334,19 @@ impl Puller<'_> {
                 .iter()
                 .find(|m| {
                     m.platform.as_ref().is_some_and(|p| {
-                        p.os == "linux" && p.architecture == "amd64" && p.variant.as_deref().is_none_or(|v| v == "v1" || v.is_empty())
+                        p.os == "linux"
+                            && p.architecture == "amd64"
+                            && p.variant
+                                .as_deref()
+                                .is_none_or(|v| v == "v1" || v.is_empty())
                     })
                 })
-                .ok_or_else(|| ImageError::NotFound(format!("{}: no linux/amd64 image in its index", self.name)))?;
+                .ok_or_else(|| {
+                    ImageError::NotFound(format!(
+                        "{}: no linux/amd64 image in its index",
+                        self.name
+                    ))
+                })?;
             let r = Reference::with_digest(
                 self.reference.registry().to_string(),
                 self.reference.repository().to_string(),
@@ -326,12 +368,14 @@ impl Puller<'_> {
                 manifest.media_type.as_deref().unwrap_or("no media type")
             )));
         }
-        let config_desc = manifest
-            .config
-            .as_ref()
-            .ok_or_else(|| ImageError::Invalid(format!("{}: the manifest has no config", self.name)))?;
+        let config_desc = manifest.config.as_ref().ok_or_else(|| {
+            ImageError::Invalid(format!("{}: the manifest has no config", self.name))
+        })?;
         if config_desc.size < 0 || config_desc.size as u64 > MAX_JSON {
-            return Err(ImageError::Invalid(format!("{}: config of {} bytes", self.name, config_desc.size)));
+            return Err(ImageError::Invalid(format!(
+                "{}: config of {} bytes",
+                self.name, config_desc.size
+            )));
         }
         for l in &manifest.layers {
             if l.media_type.contains("zstd") {
@@ -395,9 +439,18 @@ impl Puller<'_> {
             self.progress.layer(&short, LayerStatus::Exists);
             return Ok(());
         }
-        self.blob(&l.digest, Some((&short, u64::try_from(l.size).unwrap_or(0)))).await?;
+        self.blob(
+            &l.digest,
+            Some((&short, u64::try_from(l.size).unwrap_or(0))),
+        )
+        .await?;
         self.progress.layer(&short, LayerStatus::Extracting);
-        let (images, blob, diff, chain) = (self.images.clone(), l.digest.clone(), diff.clone(), chain.clone());
+        let (images, blob, diff, chain) = (
+            self.images.clone(),
+            l.digest.clone(),
+            diff.clone(),
+            chain.clone(),
+        );
         tokio::task::spawn_blocking(move || images.unpack_layer(&blob, &diff, &chain))
             .await
             .map_err(|e| ImageError::Invalid(format!("unpacking: {e}")))??;
@@ -420,13 +473,24 @@ impl Puller<'_> {
         let mut attempt = 0;
         loop {
             let r: Result<(), OciDistributionError> = async {
-                let mut s = self.client.pull_blob_stream(&self.reference, d.to_string().as_str()).await?;
+                let mut s = self
+                    .client
+                    .pull_blob_stream(&self.reference, d.to_string().as_str())
+                    .await?;
                 let total = s.content_length.or(show.map(|s| s.1)).unwrap_or(0);
                 while let Some(chunk) = s.next().await {
                     let chunk = chunk?;
-                    w.write(&chunk).map_err(|e| OciDistributionError::IoError(std::io::Error::other(e.to_string())))?;
+                    w.write(&chunk).map_err(|e| {
+                        OciDistributionError::IoError(std::io::Error::other(e.to_string()))
+                    })?;
                     if let Some((id, _)) = show {
-                        self.progress.layer(id, LayerStatus::Downloading { done: w.written(), total });
+                        self.progress.layer(
+                            id,
+                            LayerStatus::Downloading {
+                                done: w.written(),
+                                total,
+                            },
+                        );
                     }
                 }
                 Ok(())
@@ -465,7 +529,12 @@ mod tests {
 
     #[test]
     fn loopback_registries_are_recognised() {
-        for r in ["localhost:5000", "127.0.0.1:5000", "localhost", "[::1]:5000"] {
+        for r in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "localhost",
+            "[::1]:5000",
+        ] {
             assert!(is_loopback(r), "{r}");
         }
         for r in ["docker.io", "10.0.0.1:5000", "localhost.evil.com"] {
@@ -482,9 +551,19 @@ mod tests {
             r#"{"auths":{"localhost:5001":{"auth":"dXNlcjpwYXNz"},"https://index.docker.io/v1/":{"username":"u","password":"p"}}}"#,
         )
         .unwrap();
-        assert!(matches!(auth_for(Some(&f), "localhost:5001").unwrap(), RegistryAuth::Basic(u, p) if u == "user" && p == "pass"));
-        assert!(matches!(auth_for(Some(&f), "docker.io").unwrap(), RegistryAuth::Basic(u, _) if u == "u"));
-        assert!(matches!(auth_for(Some(&f), "quay.io").unwrap(), RegistryAuth::Anonymous));
-        assert!(matches!(auth_for(Some(&dir.path().join("none")), "quay.io").unwrap(), RegistryAuth::Anonymous));
+        assert!(
+            matches!(auth_for(Some(&f), "localhost:5001").unwrap(), RegistryAuth::Basic(u, p) if u == "user" && p == "pass")
+        );
+        assert!(
+            matches!(auth_for(Some(&f), "docker.io").unwrap(), RegistryAuth::Basic(u, _) if u == "u")
+        );
+        assert!(matches!(
+            auth_for(Some(&f), "quay.io").unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        assert!(matches!(
+            auth_for(Some(&dir.path().join("none")), "quay.io").unwrap(),
+            RegistryAuth::Anonymous
+        ));
     }
 }

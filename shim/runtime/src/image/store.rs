@@ -193,7 +193,12 @@ impl Store {
 
     /// The lock over unpacking the layer `chain`.
     pub fn layer_lock(&self, chain: &Digest) -> Result<Lock, ImageError> {
-        Lock::take(&self.root.join("ingest").join(format!("layer-{}.lock", chain.hex())))
+        Lock::take(
+            &self
+                .root
+                .join("ingest")
+                .join(format!("layer-{}.lock", chain.hex())),
+        )
     }
 
     pub fn containers_dir(&self) -> PathBuf {
@@ -216,7 +221,8 @@ impl Store {
             let lock = e.path();
             let Ok(f) = File::open(&lock) else { continue };
             // Held by a pull in progress: leave it.
-            if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
+            {
                 continue;
             }
             let _ = fs::remove_file(dir.join(format!("{stem}.part")));
@@ -323,7 +329,18 @@ mod tests {
         w.write(b"p!").unwrap();
         assert!(w.commit().is_err());
         assert!(!s.has_blob(&d));
-        assert_eq!(fs::read_dir(dir.path().join("ingest")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".part")).count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join("ingest"))
+                .unwrap()
+                .filter(|e| e
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".part"))
+                .count(),
+            0
+        );
         s.put_blob(&d, b"hello").unwrap();
         assert_eq!(s.read_json_blob(&d).unwrap(), b"hello");
         assert!(matches!(s.ingest(&d).unwrap(), Ingest::Present));
@@ -352,9 +369,18 @@ mod tests {
             panic!()
         };
         w.write(b"li").unwrap();
-        let dead = dir.path().join("ingest").join(format!("{}.part", "d".repeat(64)));
+        let dead = dir
+            .path()
+            .join("ingest")
+            .join(format!("{}.part", "d".repeat(64)));
         fs::write(&dead, b"half").unwrap();
-        fs::write(dir.path().join("ingest").join(format!("{}.lock", "d".repeat(64))), b"").unwrap();
+        fs::write(
+            dir.path()
+                .join("ingest")
+                .join(format!("{}.lock", "d".repeat(64))),
+            b"",
+        )
+        .unwrap();
         s.clean_ingest();
         assert!(!dead.exists());
         assert!(w.part.exists(), "a pull in progress keeps its part file");

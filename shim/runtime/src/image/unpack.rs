@@ -61,9 +61,7 @@ fn components(path: &Path) -> Result<Vec<&OsStr>, ImageError> {
         match c {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(bad(path, "an absolute path"))
-            }
+            Component::RootDir | Component::Prefix(_) => return Err(bad(path, "an absolute path")),
             Component::ParentDir => return Err(bad(path, "'..' leaves the layer")),
         }
     }
@@ -193,7 +191,13 @@ impl Unpacker<'_> {
 
     /// Makes room for a new `name` in `dir`: what is there goes, unless
     /// both are directories (a later entry only updates its metadata).
-    fn clear(&self, dir: &OwnedFd, name: &OsStr, path: &Path, new_is_dir: bool) -> Result<(), ImageError> {
+    fn clear(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        path: &Path,
+        new_is_dir: bool,
+    ) -> Result<(), ImageError> {
         let st = match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::NOENT) => return Ok(()),
@@ -222,13 +226,19 @@ impl Unpacker<'_> {
     }
 
     /// One entry; a directory's (path, mtime) comes back to be set last.
-    fn entry<R: Read>(&self, entry: &mut tar::Entry<'_, R>) -> Result<Option<(PathBuf, u64)>, ImageError> {
+    fn entry<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<Option<(PathBuf, u64)>, ImageError> {
         let path = PathBuf::from(OsStr::from_bytes(&entry.path_bytes()));
         let header = entry.header().clone();
         let kind = header.entry_type();
         if matches!(
             kind,
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink
+            tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
         ) {
             return Ok(None);
         }
@@ -242,10 +252,7 @@ impl Unpacker<'_> {
         };
         let mtime = header.mtime().unwrap_or(0);
         // SAFETY-free: ids are plain numbers for chown.
-        let owner = (
-            Some(rfs::Uid::from_raw(uid)),
-            Some(rfs::Gid::from_raw(gid)),
-        );
+        let owner = (Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)));
         let Some((name, parent)) = comps.split_last() else {
             // "./": the layer's root directory itself.
             if kind == tar::EntryType::Directory {
@@ -276,8 +283,14 @@ impl Unpacker<'_> {
                 return Err(bad(&path, "a whiteout of nothing"));
             }
             self.clear(&dir, hidden, &path, false)?;
-            rfs::mknodat(&dir, hidden, FileType::CharacterDevice, Mode::empty(), rfs::makedev(0, 0))
-                .map_err(errno("making the whiteout", &path))?;
+            rfs::mknodat(
+                &dir,
+                hidden,
+                FileType::CharacterDevice,
+                Mode::empty(),
+                rfs::makedev(0, 0),
+            )
+            .map_err(errno("making the whiteout", &path))?;
             return Ok(None);
         }
         let rel: PathBuf = comps.iter().collect();
@@ -303,7 +316,11 @@ impl Unpacker<'_> {
                 let fd = rfs::openat(
                     &dir,
                     *name,
-                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::WRONLY
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(errno("creating", &path))?;
@@ -344,7 +361,12 @@ impl Unpacker<'_> {
                     &tparent.iter().collect::<PathBuf>(),
                     OFlags::DIRECTORY | OFlags::PATH,
                 )
-                .map_err(|_| bad(&path, format!("hard link target {} is not in the layer", target.display())))?;
+                .map_err(|_| {
+                    bad(
+                        &path,
+                        format!("hard link target {} is not in the layer", target.display()),
+                    )
+                })?;
                 self.clear(&dir, name, &path, false)?;
                 // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink.
                 rfs::linkat(&tdir, *tname, &dir, *name, AtFlags::empty())
@@ -503,12 +525,22 @@ mod tests {
         assert_eq!(su.permissions().mode() & 0o7777, 0o4755, "setuid kept");
         let f = std::fs::metadata(d.join("home/u/f")).unwrap();
         assert_eq!((f.uid(), f.gid(), f.mode() & 0o777), (1000, 1000, 0o640));
-        assert_eq!(std::fs::read_link(d.join("sh")).unwrap(), Path::new("bin/su"));
-        assert_eq!(std::fs::metadata(d.join("bin/su2")).unwrap().ino(), su.ino());
+        assert_eq!(
+            std::fs::read_link(d.join("sh")).unwrap(),
+            Path::new("bin/su")
+        );
+        assert_eq!(
+            std::fs::metadata(d.join("bin/su2")).unwrap().ino(),
+            su.ino()
+        );
         let null = std::fs::symlink_metadata(d.join("null")).unwrap();
         assert_eq!(null.rdev(), rfs::makedev(1, 3));
         assert_eq!(su.mtime(), 1_700_000_000);
-        assert_eq!(std::fs::metadata(d.join("bin")).unwrap().mtime(), 1_700_000_000, "directory times set last");
+        assert_eq!(
+            std::fs::metadata(d.join("bin")).unwrap().mtime(),
+            1_700_000_000,
+            "directory times set last"
+        );
     }
 
     #[test]
@@ -535,7 +567,9 @@ mod tests {
         r.unwrap();
         let d = dir.path().join("diff");
         let w = std::fs::symlink_metadata(d.join("etc/gone")).unwrap();
-        assert!(std::os::unix::fs::FileTypeExt::is_char_device(&w.file_type()));
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+            &w.file_type()
+        ));
         assert_eq!(w.rdev(), 0);
         assert!(!d.join("etc/.wh.gone").exists());
         let mut v = [0u8; 4];
@@ -549,8 +583,16 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let o = outside.path().display().to_string();
         for (what, tar) in [
-            ("dotdot", Tar::new().file("../escaped", b"x", 0o644, (0, 0)).bytes()),
-            ("absolute", Tar::new().file(&format!("{o}/escaped"), b"x", 0o644, (0, 0)).bytes()),
+            (
+                "dotdot",
+                Tar::new().file("../escaped", b"x", 0o644, (0, 0)).bytes(),
+            ),
+            (
+                "absolute",
+                Tar::new()
+                    .file(&format!("{o}/escaped"), b"x", 0o644, (0, 0))
+                    .bytes(),
+            ),
             (
                 "through an absolute symlink",
                 Tar::new()
@@ -562,7 +604,11 @@ mod tests {
                 "through a relative symlink",
                 Tar::new()
                     .dir("a/")
-                    .link(tar::EntryType::Symlink, "a/up", "../../../../../../../../..")
+                    .link(
+                        tar::EntryType::Symlink,
+                        "a/up",
+                        "../../../../../../../../..",
+                    )
                     .file(&format!("a/up{o}/escaped"), b"x", 0o644, (0, 0))
                     .bytes(),
             ),
@@ -583,9 +629,21 @@ mod tests {
             std::fs::write(outside.path().join("target"), b"t").unwrap();
             let (dir, r) = unpack_into(tar);
             assert!(r.is_err(), "{what} was accepted");
-            assert!(!outside.path().join("escaped").exists(), "{what} wrote outside");
-            assert!(!dir.path().join("escaped").exists(), "{what} wrote beside the layer");
-            assert_eq!(std::fs::metadata(outside.path().join("target")).unwrap().nlink(), 1, "{what}");
+            assert!(
+                !outside.path().join("escaped").exists(),
+                "{what} wrote outside"
+            );
+            assert!(
+                !dir.path().join("escaped").exists(),
+                "{what} wrote beside the layer"
+            );
+            assert_eq!(
+                std::fs::metadata(outside.path().join("target"))
+                    .unwrap()
+                    .nlink(),
+                1,
+                "{what}"
+            );
         }
     }
 
