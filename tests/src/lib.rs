@@ -2,6 +2,7 @@
 
 pub mod kvm_smoke;
 pub mod procs;
+pub mod registry;
 pub mod scenario;
 pub mod testhost;
 pub mod vm;

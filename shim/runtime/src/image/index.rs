@@ -330,9 +330,19 @@ impl Images {
                 "{what} is used by a container: remove it first, or rmi -f"
             )));
         }
+        let by_name = normalize(what).is_ok_and(|n| n == rec.name);
         let lock = self.store.lock()?;
         let mut db = self.load()?;
-        db.images.retain(|r| r.name != rec.name);
+        let names = db.images.iter().filter(|r| r.config == rec.config).count();
+        if !by_name && names > 1 && !force {
+            return Err(ImageError::InUse(format!(
+                "image {} is referenced by {names} names: remove them by name, or rmi -f",
+                rec.config.short()
+            )));
+        }
+        // By id (forced): every name of it goes.
+        db.images
+            .retain(|r| r.name != rec.name && (by_name || r.config != rec.config));
         self.save(&db, &lock)?;
         self.collect(&db, &lock);
         Ok(rec)

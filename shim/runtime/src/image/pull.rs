@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{stream, StreamExt, TryStreamExt};
+use futures_util::{stream, StreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
@@ -273,6 +273,15 @@ pub async fn pull(
 
 impl Puller<'_> {
     fn registry_error(&self, e: OciDistributionError) -> ImageError {
+        use oci_client::errors::OciErrorCode;
+        let unknown = matches!(&e, OciDistributionError::RegistryError { envelope, .. }
+            if envelope.errors.iter().any(|x| matches!(x.code, OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown)));
+        if unknown || matches!(e, OciDistributionError::ImageManifestNotFoundError(_)) {
+            return ImageError::NotFound(format!(
+                "{}: not found in the registry (check the name and tag)",
+                self.name
+            ));
+        }
         let message = match &e {
             OciDistributionError::ImageManifestNotFoundError(_) => {
                 "not found in the registry (check the name and tag)".to_string()
@@ -411,10 +420,14 @@ impl Puller<'_> {
             .zip(&config.rootfs.diff_ids)
             .zip(&chain)
             .map(|((l, diff), chain)| self.layer(l, diff, chain));
-        stream::iter(jobs)
+        // Every layer runs to its end even when one fails: an unpack runs on
+        // a blocking thread that cannot be cancelled, and must not be left
+        // half-done when the process exits. The first error is the pull's.
+        let results: Vec<Result<(), ImageError>> = stream::iter(jobs)
             .buffer_unordered(CONCURRENT_LAYERS)
-            .try_collect::<Vec<()>>()
-            .await?;
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
         self.images.store().put_blob(&digest, &bytes)?;
         let size = chain.iter().map(|c| self.images.layer_size(c)).sum();
         let rec = ImageRecord {

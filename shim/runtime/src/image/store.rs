@@ -205,9 +205,26 @@ impl Store {
         self.root.join("containers")
     }
 
-    /// Part files no pull holds any more (a pull killed halfway) and the
-    /// lock files beside them.
+    /// Part files no pull holds any more (a pull killed halfway), the lock
+    /// files beside them, and layers half-unpacked by a process that is gone
+    /// (`layers/sha256/.tmp-<chain>-<pid>`).
     pub fn clean_ingest(&self) {
+        if let Ok(entries) = fs::read_dir(self.root.join("layers/sha256")) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix(".tmp-"))
+                    .and_then(|n| n.rsplit_once('-'))
+                    .and_then(|(_, pid)| pid.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let dir = self.root.join("ingest");
         let Ok(entries) = fs::read_dir(&dir) else {
             return;

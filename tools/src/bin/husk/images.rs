@@ -217,7 +217,8 @@ pub fn ago(then: Option<i64>) -> String {
         .unwrap_or(0);
     let s = (now - then).max(0);
     let (n, unit) = match s {
-        0..60 => return "Less than a minute ago".into(),
+        0..2 => return "Less than a second ago".into(),
+        2..60 => (s, "second"),
         60..3600 => (s / 60, "minute"),
         3600..86400 => (s / 3600, "hour"),
         86400..1209600 => (s / 86400, "day"),
@@ -226,6 +227,27 @@ pub fn ago(then: Option<i64>) -> String {
         _ => (s / 31536000, "year"),
     };
     format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" })
+}
+
+/// Columns as wide as their widest cell, two spaces apart (docker's tabwriter).
+pub fn print_table<const N: usize>(header: &[String; N], rows: &[[String; N]]) {
+    let mut width = header.clone().map(|h| h.len());
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for r in std::iter::once(header).chain(rows) {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
 }
 
 pub fn list(cfg: &Config, quiet: bool) -> Result<()> {
@@ -237,19 +259,22 @@ pub fn list(cfg: &Config, quiet: bool) -> Result<()> {
         }
         return Ok(());
     }
-    println!(
-        "{:<28} {:<9} {:<13} {:<15} SIZE",
-        "REPOSITORY", "TAG", "IMAGE ID", "CREATED"
-    );
-    for r in recs {
-        let (repo, tag) = repo_tag(&r.name);
-        let created = ago(r.created.as_deref().and_then(parse_rfc3339));
-        println!(
-            "{repo:<28} {tag:<9} {:<13} {created:<15} {}",
-            r.config.short(),
-            human_size(r.size)
-        );
-    }
+    let rows: Vec<[String; 5]> = recs
+        .iter()
+        .map(|r| {
+            let (repo, tag) = repo_tag(&r.name);
+            let created = ago(r.created.as_deref().and_then(parse_rfc3339));
+            [
+                repo,
+                tag,
+                r.config.short().to_string(),
+                created,
+                human_size(r.size),
+            ]
+        })
+        .collect();
+    let header = ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"].map(String::from);
+    print_table(&header, &rows);
     Ok(())
 }
 

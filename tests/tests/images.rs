@@ -1,0 +1,324 @@
+//! `husk pull`, `images`, `rmi`, `image prune` against a real registry on
+//! loopback (Debian's docker-registry; the image built with umoci and pushed
+//! with skopeo, as an OCI index and as a Docker schema 2 manifest). Pulls
+//! and unpacking need no VM: these run on this machine; running an image is
+//! in run.rs, in the test host.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use husk_tests::registry::{build_test_image, Registry};
+
+struct Cli {
+    config: PathBuf,
+    root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new() -> Cli {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!("storage_root = {:?}\n", root.display().to_string()),
+        )
+        .unwrap();
+        Cli {
+            config,
+            root,
+            _dir: dir,
+        }
+    }
+
+    fn husk(&self, args: &[&str]) -> Output {
+        Command::new(husk_tests::workspace_root().join("target/debug/husk"))
+            .args(args)
+            .env("HUSK_CONFIG", &self.config)
+            .env("HOME", self._dir.path())
+            .output()
+            .expect("running husk (cargo build first)")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.husk(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "husk {args:?} failed: {text}");
+        text
+    }
+
+    fn count(&self, sub: &str) -> usize {
+        std::fs::read_dir(self.root.join(sub))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+fn merged_view(lowers: &[PathBuf], script: &str) -> String {
+    let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let mnt = tempfile::tempdir().unwrap();
+    // Its own mount namespace: nothing can outlive the command.
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "mount -t overlay -o lowerdir={} overlay {m} && cd {m} && {script}",
+            lower.join(":"),
+            m = mnt.path().display()
+        ))
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn pull_images_and_rmi_against_a_real_registry() {
+    let reg = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = build_test_image(work.path()).unwrap();
+    reg.push(&layout, "bb", "bb:latest", "oci").unwrap();
+    reg.push(&layout, "bb", "team/bb-docker:v1", "v2s2")
+        .unwrap();
+    let cli = Cli::new();
+    let oci = format!("{}/bb", reg.addr);
+    let docker = format!("{}/team/bb-docker:v1", reg.addr);
+
+    let out = cli.ok(&["pull", &oci]);
+    assert_eq!(out.matches("Pull complete").count(), 3, "{out}");
+    assert!(
+        out.contains(&format!("Status: Downloaded newer image for {oci}:latest")),
+        "{out}"
+    );
+    // The Docker-format copy has other manifest bytes but the same layers:
+    // nothing is downloaded or unpacked twice.
+    let out = cli.ok(&["pull", &docker]);
+    assert_eq!(out.matches("Already exists").count(), 3, "{out}");
+    assert_eq!(cli.count("layers/sha256"), 3);
+    let out = cli.ok(&["pull", &oci]);
+    assert!(out.contains("Image is up to date"), "{out}");
+
+    let list = cli.ok(&["images"]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert!(
+        lines[0].starts_with("REPOSITORY") && lines[0].contains("IMAGE ID"),
+        "{list}"
+    );
+    assert_eq!(lines.len(), 3, "{list}");
+    let ids: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split_whitespace().nth(2).unwrap())
+        .collect();
+    assert_eq!(ids[0], ids[1], "one config, one image id: {list}");
+    assert!(
+        lines.iter().all(|l| l.len() <= 80),
+        "fits in 80 columns:\n{list}"
+    );
+    assert!(
+        list.contains(&format!("{}/team/bb-docker", reg.addr)) && list.contains(" v1 "),
+        "{list}"
+    );
+
+    // What overlayfs shows of the unpacked layers is what docker shows.
+    let db: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cli.root.join("images.json")).unwrap()).unwrap();
+    let chain: Vec<String> = db["images"][0]["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            c.as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect();
+    let lowers: Vec<PathBuf> = chain
+        .iter()
+        .rev()
+        .map(|c| cli.root.join("layers/sha256").join(c).join("diff"))
+        .collect();
+    let view = merged_view(
+        &lowers,
+        "test -e etc/gone || echo whiteout-hides; ls opq | tr '\\n' ' '; echo; ls opaque | tr '\\n' ' '; echo; \
+         stat -c 'suid=%a' bin/suid; readlink data/motd-link; cat etc/motd; \
+         test $(stat -c %i etc/motd) = $(stat -c %i etc/motd.hard) && echo hard-link-kept",
+    );
+    for want in [
+        "whiteout-hides",
+        "new \n",
+        "kept \n",
+        "suid=4755",
+        "../etc/motd",
+        "hello-from-image",
+        "hard-link-kept",
+    ] {
+        assert!(
+            view.contains(want),
+            "missing {want:?} in the merged view:\n{view}"
+        );
+    }
+    let suid = std::fs::metadata(lowers[1].join("bin/suid")).unwrap();
+    assert_eq!(suid.mode() & 0o7777, 0o4755);
+    let store_mode = std::fs::metadata(&cli.root).unwrap().mode() & 0o777;
+    assert_eq!(
+        store_mode, 0o700,
+        "the store (setuid files, device nodes) is root's only"
+    );
+
+    // By an id two names share: refused (docker's rule), then by name,
+    // then by id; the layers go with the last name.
+    let short = ids[0];
+    let o = cli.husk(&["rmi", &short[..6]]);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("referenced by 2 names"));
+    cli.ok(&["rmi", &docker]);
+    assert_eq!(
+        cli.count("layers/sha256"),
+        3,
+        "layers another image uses stay"
+    );
+    cli.ok(&["rmi", short]);
+    assert_eq!(cli.ok(&["images", "-q"]).trim(), "");
+    assert_eq!(cli.count("layers/sha256"), 0, "unused layers are collected");
+    assert_eq!(cli.count("blobs/sha256"), 0, "unused blobs are collected");
+    let out = cli.husk(&["rmi", &oci]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such image"));
+}
+
+#[test]
+fn bad_pulls_fail_clearly_and_store_nothing() {
+    let reg = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = build_test_image(work.path()).unwrap();
+    reg.push(&layout, "bb", "bb:latest", "oci").unwrap();
+    let cli = Cli::new();
+
+    // An image the registry does not have.
+    let o = cli.husk(&["pull", &format!("{}/nope:latest", reg.addr)]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not found"), "{err}");
+
+    // A registry that is down: bounded retries, then a clear error.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let started = std::time::Instant::now();
+    let o = cli.husk(&["pull", &format!("127.0.0.1:{dead}/bb")]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot reach the registry") || err.contains("onnect"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "retries are bounded"
+    );
+
+    // A layer whose bytes do not match its digest: refused, nothing stored
+    // under that digest, and the store has no image.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest_hex = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(layout.join("blobs/sha256").join(manifest_hex)).unwrap(),
+    )
+    .unwrap();
+    let layer_hex = manifest["layers"][2]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob = reg.blob_file(&layer_hex);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    let o = cli.husk(&["pull", &format!("{}/bb", reg.addr)]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.to_lowercase().contains("digest"), "{err}");
+    assert!(!cli.root.join("blobs/sha256").join(&layer_hex).exists());
+    assert_eq!(cli.ok(&["images", "-q"]).trim(), "");
+    cli.ok(&["image", "prune"]);
+    let parts = std::fs::read_dir(cli.root.join("ingest")).unwrap().count();
+    assert_eq!(parts, 0, "prune leaves no part or lock files");
+}
+
+#[test]
+fn a_layer_that_escapes_its_root_is_refused_and_writes_nothing_outside() {
+    let reg = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = build_test_image(work.path()).unwrap();
+    // A layer with `../escaped` and an absolute symlink written through,
+    // made by Python's tarfile (GNU tar refuses to write such names).
+    let evil = work.path().join("evil.tar");
+    let target = work.path().join("outside");
+    std::fs::create_dir(&target).unwrap();
+    let py = format!(
+        r#"
+import tarfile, io
+with tarfile.open({evil:?}, "w") as t:
+    i = tarfile.TarInfo("link"); i.type = tarfile.SYMTYPE; i.linkname = {target:?}; t.addfile(i)
+    d = b"pwned"
+    i = tarfile.TarInfo("link/escaped"); i.size = len(d); t.addfile(i, io.BytesIO(d))
+    i = tarfile.TarInfo("../escaped"); i.size = len(d); t.addfile(i, io.BytesIO(d))
+"#,
+        evil = evil.display().to_string(),
+        target = target.display().to_string()
+    );
+    assert!(Command::new("python3")
+        .arg("-c")
+        .arg(py)
+        .status()
+        .unwrap()
+        .success());
+    let st = Command::new("umoci")
+        .args(["raw", "add-layer", "--image"])
+        .arg(format!("{}:bb", layout.display()))
+        .arg(&evil)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    reg.push(&layout, "bb", "evil:latest", "oci").unwrap();
+    let cli = Cli::new();
+    let o = cli.husk(&["pull", &format!("{}/evil", reg.addr)]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("leaves the layer"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&target).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
+    assert!(
+        !cli.root.join("layers/sha256/escaped").exists()
+            && !cli.root.join("layers/escaped").exists()
+    );
+    let tmp: Vec<_> = std::fs::read_dir(cli.root.join("layers/sha256"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(
+        tmp.is_empty(),
+        "the half-unpacked layer is removed: {tmp:?}"
+    );
+    assert_eq!(cli.ok(&["images", "-q"]).trim(), "");
+    let _ = Path::new("");
+}
