@@ -123,3 +123,76 @@ pgrep -c husk-vmm | sed 's/^/vmms=/'
         .unwrap_or_else(|| panic!("no refused= line in:\n{out}"));
     assert!(refused > 0, "pids limit 8, yet all 10 jobs started:\n{out}");
 }
+
+/// `husk run IMAGE` from a real registry on loopback in the test host: the
+/// pull on first use, the image config (Cmd, Env, WorkingDir, User by name),
+/// whiteouts and opaque directories as docker shows them, the container's
+/// own writable layer (not seen by the next container), `--read-only`,
+/// 127/126 for a command not found / not executable, `rmi` refused while a
+/// container uses the image, and nothing left after `rm` and `rmi`.
+#[test]
+fn husk_run_images_from_a_registry() {
+    let out = scenario::run_script(
+        r#"set -u
+export RUST_LOG=warn
+export HUSK_CONFIG=/tmp/husk.toml
+echo 'storage_root = "/tmp/store"' > $HUSK_CONFIG
+sh tests/scripts/test-image.sh /tmp/oci
+mkdir -p /tmp/reg
+printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /tmp/reg/data\nhttp:\n  addr: 127.0.0.1:5000\n' > /tmp/reg/config.yml
+docker-registry serve /tmp/reg/config.yml >/tmp/reg/log 2>&1 &
+REG=$!
+for i in $(seq 50); do skopeo copy --quiet --dest-tls-verify=false oci:/tmp/oci:bb docker://127.0.0.1:5000/bb:latest 2>/dev/null && break; sleep 0.3; done
+I=127.0.0.1:5000/bb
+H=./target/debug/husk
+B="bounded 150 $H"
+$B run --rm $I 2>/tmp/pull.err; echo "code default=$?"
+grep -o "Unable to find image '$I' locally" /tmp/pull.err | sed 's/^/pull-note=/'
+$B run $I sh -c 'test -e /etc/gone || echo whiteout-hides; echo "opq=$(ls /opq | tr "\n" " ")"; echo "opaque=$(ls /opaque | tr "\n" " ")"; cat /etc/motd; echo written > /data/new; cat /data/new; stat -c "suid=%a" /bin/suid'
+$B run $I sh -c 'test -e /data/new && echo leaked || echo fresh-layer'
+$B run -u app $I sh -c 'echo "user=$(id -u):$(id -g) home=$(pwd)"'
+$B run -u app:group7 $I id -g | sed 's/^/group=/'
+$B run -e GREETING=override $I; echo "code env=$?"
+$B run $I no-such-command 2>/dev/null; echo "code missing=$?"
+$B run $I /etc/motd 2>/dev/null; echo "code noexec=$?"
+$B run --read-only $I sh -c 'touch /x 2>/dev/null && echo rootfs=writable || echo rootfs=read-only'
+$H run -d --name img1 $I sleep 1000 >/dev/null
+$H rmi $I 2>&1 | grep -o 'used by a container' | sed 's/^/rmi=/'
+$H rm -f img1 >/dev/null
+echo "containers=$(ls /tmp/store/containers | wc -l)"
+$H rmi $I >/dev/null; echo "code rmi=$?"
+echo "layers=$(ls /tmp/store/layers/sha256 | wc -l) blobs=$(ls /tmp/store/blobs/sha256 | wc -l)"
+ls /run/husk | wc -l | sed 's/^/left=/'
+pgrep -c husk-vmm | sed 's/^/vmms=/'
+grep -c ' /tmp/store' /proc/mounts | sed 's/^/store-mounts=/'
+kill $REG
+"#,
+        Duration::from_secs(580),
+    );
+    for want in [
+        "hi from image hello in /data\ncode default=0",
+        "pull-note=Unable to find image",
+        "whiteout-hides",
+        "opq=new \n",
+        "opaque=kept \n",
+        "hello-from-image",
+        "written\n",
+        "suid=4755",
+        "fresh-layer",
+        "user=1000:1001 home=/data",
+        "group=7",
+        "hi from image override in /data\ncode env=0",
+        "code missing=127",
+        "code noexec=126",
+        "rootfs=read-only",
+        "rmi=used by a container",
+        "containers=0",
+        "code rmi=0",
+        "layers=0 blobs=0",
+        "left=0",
+        "vmms=0",
+        "store-mounts=0",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+}
