@@ -5,7 +5,7 @@
 //! in run.rs, in the test host.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use husk_tests::registry::{build_test_image, Registry};
@@ -320,5 +320,4 @@ with tarfile.open({evil:?}, "w") as t:
         "the half-unpacked layer is removed: {tmp:?}"
     );
     assert_eq!(cli.ok(&["images", "-q"]).trim(), "");
-    let _ = Path::new("");
 }

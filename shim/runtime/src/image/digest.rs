@@ -145,7 +145,7 @@ mod tests {
             &format!("sha256:{}", "A".repeat(64)),
             &format!("sha256:{}/..", "a".repeat(61)),
             &format!("sha256:{}", "a".repeat(65)),
-            &format!("{}", "a".repeat(64)),
+            &"a".repeat(64),
         ] {
             assert!(Digest::parse(bad).is_err(), "{bad}");
         }

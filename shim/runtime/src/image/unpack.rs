@@ -251,7 +251,6 @@ impl Unpacker<'_> {
             _ => return Err(bad(&path, "an owner id over 32 bits")),
         };
         let mtime = header.mtime().unwrap_or(0);
-        // SAFETY-free: ids are plain numbers for chown.
         let owner = (Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)));
         let Some((name, parent)) = comps.split_last() else {
             // "./": the layer's root directory itself.
@@ -573,7 +572,7 @@ mod tests {
         assert_eq!(w.rdev(), 0);
         assert!(!d.join("etc/.wh.gone").exists());
         let mut v = [0u8; 4];
-        let n = rfs::getxattr(&d.join("opt"), "trusted.overlay.opaque", &mut v).unwrap();
+        let n = rfs::getxattr(d.join("opt"), "trusted.overlay.opaque", &mut v).unwrap();
         assert_eq!(&v[..n], b"y");
         assert!(d.join("opt/kept").exists());
     }
