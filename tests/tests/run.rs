@@ -71,7 +71,7 @@ $B run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c '(for i in 1 2 3 4 5 6 7 8 9
 mkdir -p /tmp/vol/sub && mount -t tmpfs -o size=1m clitest /tmp/vol/sub
 $H run -d --name bg --rootfs /tmp/rootfs -v /tmp/vol:/ro:ro -- sleep 1000
 grep ' /run/husk/[^ ]*/shared/[^ ]*/sub ' /proc/$(pgrep -n husk-vmm)/mountinfo | awk '{print "cli-ro-sub " $6}'
-$H ps | grep '^bg ' | awk '{print "ps=" $1 "," $3}'
+$H ps | grep ' bg$' | grep -q ' Up ' && echo ps=bg,running
 $B exec bg -- sh -c 'echo exec-ran; exit 5'; echo "code exec=$?"
 echo via-exec-stdin | $B exec -i bg -- cat
 $H rm bg 2>&1 | grep -o 'is running' | sed 's/^/rm=/'
@@ -128,8 +128,11 @@ pgrep -c husk-vmm | sed 's/^/vmms=/'
 /// pull on first use, the image config (Cmd, Env, WorkingDir, User by name),
 /// whiteouts and opaque directories as docker shows them, the container's
 /// own writable layer (not seen by the next container), `--read-only`,
-/// 127/126 for a command not found / not executable, `rmi` refused while a
-/// container uses the image, and nothing left after `rm` and `rmi`.
+/// 127/126 for a command not found / not executable; docker's lifecycle:
+/// a kept container in `ps -a`, `logs`, `inspect`; `run -d`, `stop` (the
+/// TERM reaches it), `start` (its writable layer kept), `rm` refused while
+/// it runs; `rmi` refused while a container uses the image, and nothing
+/// left after `rm` and `rmi`.
 #[test]
 fn husk_run_images_from_a_registry() {
     let out = scenario::run_script(
@@ -148,17 +151,33 @@ H=./target/debug/husk
 B="bounded 150 $H"
 $B run --rm $I 2>/tmp/pull.err; echo "code default=$?"
 grep -o "Unable to find image '$I' locally" /tmp/pull.err | sed 's/^/pull-note=/'
-$B run $I sh -c 'test -e /etc/gone || echo whiteout-hides; echo "opq=$(ls /opq | tr "\n" " ")"; echo "opaque=$(ls /opaque | tr "\n" " ")"; cat /etc/motd; echo written > /data/new; cat /data/new; stat -c "suid=%a" /bin/suid'
-$B run $I sh -c 'test -e /data/new && echo leaked || echo fresh-layer'
-$B run -u app $I sh -c 'echo "user=$(id -u):$(id -g) home=$(pwd)"'
-$B run -u app:group7 $I id -g | sed 's/^/group=/'
-$B run -e GREETING=override $I; echo "code env=$?"
-$B run $I no-such-command 2>/dev/null; echo "code missing=$?"
-$B run $I /etc/motd 2>/dev/null; echo "code noexec=$?"
-$B run --read-only $I sh -c 'touch /x 2>/dev/null && echo rootfs=writable || echo rootfs=read-only'
-$H run -d --name img1 $I sleep 1000 >/dev/null
+$B run --rm $I sh -c 'test -e /etc/gone || echo whiteout-hides; echo "opq=$(ls /opq | tr "\n" " ")"; echo "opaque=$(ls /opaque | tr "\n" " ")"; cat /etc/motd; echo written > /data/new; cat /data/new; stat -c "suid=%a" /bin/suid'
+$B run --rm $I sh -c 'test -e /data/new && echo leaked || echo fresh-layer'
+$B run --rm -u app $I sh -c 'echo "user=$(id -u):$(id -g) home=$(pwd)"'
+$B run --rm -u app:group7 $I id -g | sed 's/^/group=/'
+$B run --rm -e GREETING=override $I; echo "code env=$?"
+$B run --rm $I no-such-command 2>/dev/null; echo "code missing=$?"
+$B run --rm $I /etc/motd 2>/dev/null; echo "code noexec=$?"
+$B run --rm --read-only $I sh -c 'touch /x 2>/dev/null && echo rootfs=writable || echo rootfs=read-only'
+$B run --name kept $I sh -c 'echo kept-output; exit 4'; echo "code kept=$?"
+$H ps -a | grep ' kept$' | grep -o 'Exited (4)' | sed 's/^/ps-a=/'
+$H logs kept | sed 's/^/logs=/'
+$H inspect kept | grep -o '"ExitCode": 4' | sed 's/^/inspect=/'
+$H rm kept >/dev/null; echo "code rm-kept=$?"
+$H run -d --name img1 $I sh -c 'echo started; echo persisted > /data/p; trap "echo got-term; exit 0" TERM; while true; do sleep 1; done' >/dev/null
+sleep 3
+$H logs img1 | head -1 | sed 's/^/logs-d=/'
+$H ps | grep -c ' img1$' | sed 's/^/ps-running=/'
 $H rmi $I 2>&1 | grep -o 'used by a container' | sed 's/^/rmi=/'
-$H rm -f img1 >/dev/null
+bounded 60 $H stop -t 30 img1 >/dev/null; echo "code stop=$?"
+$H ps | grep -c ' img1$' | sed 's/^/ps-after-stop=/'
+$H ps -a | grep ' img1$' | grep -o 'Exited (0)' | sed 's/^/stopped=/'
+$H logs --tail 1 img1 | sed 's/^/logs-end=/'
+$H start img1 >/dev/null; echo "code start=$?"
+sleep 3
+$B exec img1 cat /data/p | sed 's/^/layer-kept=/'
+$H rm img1 2>&1 | grep -o 'is running' | sed 's/^/rm=/'
+$H rm -f img1 >/dev/null; echo "code rm=$?"
 echo "containers=$(ls /tmp/store/containers | wc -l)"
 $H rmi $I >/dev/null; echo "code rmi=$?"
 echo "layers=$(ls /tmp/store/layers/sha256 | wc -l) blobs=$(ls /tmp/store/blobs/sha256 | wc -l)"
@@ -185,7 +204,22 @@ kill $REG
         "code missing=127",
         "code noexec=126",
         "rootfs=read-only",
+        "code kept=4",
+        "ps-a=Exited (4)",
+        "logs=kept-output",
+        "inspect=\"ExitCode\": 4",
+        "code rm-kept=0",
+        "logs-d=started",
+        "ps-running=1",
         "rmi=used by a container",
+        "code stop=0",
+        "ps-after-stop=0",
+        "stopped=Exited (0)",
+        "logs-end=got-term",
+        "code start=0",
+        "layer-kept=persisted",
+        "rm=is running",
+        "code rm=0",
         "containers=0",
         "code rmi=0",
         "layers=0 blobs=0",

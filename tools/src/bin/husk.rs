@@ -12,13 +12,21 @@
 //!   husk image prune           remove what no image or container needs
 //!   husk exec [-t] [-i] [-e K=V] [-w DIR] [-u UID[:GID]] ID -- CMD ARGS
 //!                              run CMD in the running container ID
-//!   husk ps                    list the containers (VMs) on this host
+//!   husk ps [-a] [-q]          list running (-a: all) containers
+//!   husk logs [-f] [--tail N] ID   a container's output, kept from every run
+//!   husk stop [-t N] ID...     SIGTERM, then SIGKILL after N seconds (10)
+//!   husk start ID...           run stopped containers again, detached
+//!   husk inspect ID...         containers' records as JSON
 //!   husk rm [-f] ID...         remove stopped (with -f: running) containers
 //!   husk vm boot [--cpus N] [--memory MIB] [--keep]   boot a VM, show what the guest sees
 //!   husk vm stop ID            stop a VM left running with --keep
 //!
-//! Every call first removes what a `husk` killed with SIGKILL left behind
-//! (its VM dies with it; the directory is found and removed).
+//! Containers are kept after they end (docker's model) in
+//! `<storage_root>/containers/<id>/` until `husk rm` (or `--rm`). A
+//! detached one is run by a `husk monitor` process of its own, the parent of
+//! its VM. Calls first tidy what a `husk` killed with SIGKILL left behind
+//! (its VM dies with it; the runtime directory is removed, its record marked
+//! exited).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -30,13 +38,15 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+#[path = "husk/containers.rs"]
+mod containers;
 #[path = "husk/images.rs"]
 mod images;
 use husk_runtime::config::Config;
 use husk_runtime::container::Endpoint;
 use husk_runtime::hypervisor::{Bind, Overlay};
 use husk_runtime::image::{read_beneath, ImageError};
-use husk_runtime::layout::{self, PidFile, SandboxLayout};
+use husk_runtime::layout;
 use husk_runtime::sandbox::stale;
 use husk_runtime::{
     Container, ContainerConfig, Exit, HuskVmm, NoEvents, Sandbox, SandboxSpec, StdioConfig, VmSpec,
@@ -62,8 +72,45 @@ enum Cmd {
     Run(RunArgs),
     /// Run a command in a running container; exit with its code.
     Exec(ExecArgs),
-    /// List the containers on this host.
-    Ps,
+    /// List the containers on this host (running ones; -a: all).
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+        /// Only ids.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Stop running containers: SIGTERM, then SIGKILL after the grace time.
+    Stop {
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(short = 't', long = "time", default_value_t = 10)]
+        time: u64,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Start stopped containers again (detached; their writable layer kept).
+    Start {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// A container's output (both streams), kept from every run of it.
+    Logs {
+        /// Keep following while it runs.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long = "tail", short = 'n')]
+        tail: Option<usize>,
+        id: String,
+    },
+    /// Containers' records as JSON (docker's inspect fields).
+    Inspect {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Runs a detached container (started by `run -d` and `start`).
+    #[command(hide = true)]
+    Monitor { id: String },
     /// Remove containers (their VMs).
     Rm {
         /// Also stop running ones.
@@ -548,66 +595,35 @@ fn hostname(id: &str) -> String {
         .collect()
 }
 
-/// A CLI container's writable layer in the store
-/// (`containers/<id>/{upper,work}`, and what it stands on), removed when
-/// the container goes unless kept for a detached one. Its lock file tells
-/// a concurrent reaper that it is in use before its VM exists.
-struct ContainerDir {
-    path: Option<PathBuf>,
-    _lock: Option<husk_runtime::image::store::Lock>,
-}
+/// Removes a container's directory on drop unless kept (a failed
+/// `husk run` leaves nothing behind).
+struct Cleanup(Option<containers::Dir>);
 
-impl ContainerDir {
+impl Cleanup {
     fn keep(&mut self) {
-        self.path = None;
+        self.0 = None;
     }
 }
 
-impl Drop for ContainerDir {
+impl Drop for Cleanup {
     fn drop(&mut self) {
-        if let Some(p) = self.path.take() {
-            if let Err(e) = std::fs::remove_dir_all(&p) {
-                tracing::warn!(dir = %p.display(), error = %e, "removing the container's layer");
+        if let Some(d) = self.0.take() {
+            if let Err(e) = d.remove() {
+                tracing::warn!(error = %e, "removing the container");
             }
         }
     }
 }
 
-/// Removes the writable layers of containers whose VM is gone (a `husk`
-/// killed with SIGKILL, a detached VM that died) and that no `husk` holds.
-fn reap_container_dirs(cfg: &Config) {
-    let dir = cfg.storage_root.join("containers");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return;
-    };
-    let runtime = layout::runtime_root();
-    for e in entries.flatten() {
-        let Some(id) = e.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        if runtime.join(&id).exists() {
-            continue;
-        }
-        let Ok(f) = std::fs::File::open(e.path().join("lock")) else {
-            let _ = std::fs::remove_dir_all(e.path());
-            continue;
-        };
-        if nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok() {
-            tracing::info!(id, "removing the layer of a container left behind");
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 /// The rootfs of `husk run IMAGE`: the image (pulled if missing) under a
-/// fresh writable layer, and what its config says to run.
+/// fresh writable layer in `dir`, and what its config says to run.
 async fn image_rootfs(
     cfg: &Config,
-    id: &str,
+    dir: &containers::Dir,
     image: &str,
     rest: &[String],
     read_only: bool,
-) -> Result<(Overlay, Vec<String>, ImageDefaults, ContainerDir)> {
+) -> Result<(containers::OverlayRecord, Vec<String>, ImageDefaults, String, String)> {
     let images = images::open(cfg)?;
     let rec = match images.resolve(image) {
         Ok(r) => r,
@@ -633,27 +649,14 @@ async fn image_rootfs(
     };
     let config = images.config(&rec)?;
     let layers = images.lower_dirs(&rec)?;
-    let dir = images.store().containers_dir().join(id);
-    match std::fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            bail!("a container named {id:?} exists: `husk rm -f {id}` first")
-        }
-        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
-    }
-    let lock = husk_runtime::image::store::Lock::take(&dir.join("lock"))?;
-    let guard = ContainerDir {
-        path: Some(dir.clone()),
-        _lock: Some(lock),
-    };
     for d in ["upper", "work"] {
-        std::fs::create_dir(dir.join(d))
-            .with_context(|| format!("creating {}", dir.join(d).display()))?;
+        let p = dir.0.join(d);
+        std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
     }
     let chain: Vec<String> = rec.chain.iter().map(|c| c.to_string()).collect();
-    std::fs::write(dir.join("layers"), chain.join("\n"))?;
-    std::fs::write(dir.join("image"), rec.config.to_string())?;
-    std::fs::write(dir.join("name"), &rec.name)?;
+    // What `rmi` and the store's garbage collection read.
+    std::fs::write(dir.0.join("layers"), chain.join("\n"))?;
+    std::fs::write(dir.0.join("image"), rec.config.to_string())?;
     let run = &config.config;
     let mut command = run.entrypoint.clone().unwrap_or_default();
     if rest.is_empty() {
@@ -664,11 +667,10 @@ async fn image_rootfs(
     if command.is_empty() {
         bail!("{image} has no Entrypoint or Cmd: give a command to run");
     }
-    let overlay = Overlay {
+    let overlay = containers::OverlayRecord {
         lower: layers.clone(),
-        upper: dir.join("upper"),
-        work: dir.join("work"),
-        target: PathBuf::from("rootfs"),
+        upper: dir.0.join("upper"),
+        work: dir.0.join("work"),
         readonly: read_only,
     };
     let defaults = ImageDefaults {
@@ -677,82 +679,262 @@ async fn image_rootfs(
         user: run.user.clone(),
         layers,
     };
-    Ok((overlay, command, defaults, guard))
+    Ok((overlay, command, defaults, rec.name.clone(), rec.config.to_string()))
 }
 
-/// Boots a VM for one container, runs it, relays its output, returns its code.
+/// `husk run`: records the container, then runs it here (attached) or in
+/// a monitor of its own (`-d`).
 async fn run(a: RunArgs) -> Result<i32> {
     let cfg = Config::load_cli()?;
-    reap_container_dirs(&cfg);
+    containers::reap(&cfg);
     let id = a.name.clone().unwrap_or_else(layout::random_id);
     layout::check_id("container", &id)?;
+    let dir = containers::Dir::of(&cfg, &id);
+    std::fs::create_dir_all(dir.0.parent().unwrap_or(Path::new("/")))
+        .with_context(|| format!("creating {}", cfg.storage_root.display()))?;
+    match std::fs::create_dir(&dir.0) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("a container named {id:?} exists: `husk rm -f {id}` first")
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.0.display())),
+    }
+    let mut cleanup = Cleanup(Some(dir.clone()));
+    let lock = dir.try_lock().context("locking the new container")?;
     let mut binds = Vec::new();
-    let mut overlays = Vec::new();
-    let (command, defaults, mut container_dir) = match &a.rootfs {
+    let (command, defaults, overlay, image, image_id) = match &a.rootfs {
         Some(rootfs) => {
             let rootfs = rootfs
                 .canonicalize()
                 .with_context(|| format!("rootfs {}", rootfs.display()))?;
             // Read-only: the guest writes to a layer of its own (the agent's
             // rootfs overlay, in guest memory), never to the host's directory.
-            binds.push(Bind {
-                source: rootfs,
+            binds.push(containers::BindRecord {
+                source: rootfs.clone(),
                 target: PathBuf::from("rootfs"),
                 readonly: true,
             });
-            let none = ContainerDir {
-                path: None,
-                _lock: None,
-            };
-            (a.args.clone(), ImageDefaults::default(), none)
+            let image = format!("--rootfs {}", rootfs.display());
+            (a.args.clone(), ImageDefaults::default(), None, image, None)
         }
         None => {
             let (image, rest) = a.args.split_first().context("an image to run")?;
-            let (o, command, defaults, dir) =
-                image_rootfs(&cfg, &id, image, rest, a.read_only).await?;
-            overlays.push(o);
-            (command, defaults, dir)
+            let (o, command, defaults, name, config) =
+                image_rootfs(&cfg, &dir, image, rest, a.read_only).await?;
+            (command, defaults, Some(o), name, Some(config))
         }
     };
-    let in_guest_overlay = a.rootfs.is_some();
     let mut mounts = Vec::new();
     for (i, v) in a.volumes.iter().enumerate() {
         let (b, m) = volume(i, v)?;
-        binds.push(b);
+        binds.push(containers::BindRecord {
+            source: b.source,
+            target: b.target,
+            readonly: b.readonly,
+        });
         mounts.push(m);
     }
     let memory_mib =
         u32::try_from(parse_size(&a.memory, 1 << 20)? >> 20).context("--memory is too large")?;
+    let process = process_json(&a.process, &command, &defaults)?;
+    let spec = oci_spec(&a, process, &hostname(&id), mounts)?;
+    let rec = containers::Record {
+        id: id.clone(),
+        rootfs_overlay: a.rootfs.is_some(),
+        image,
+        image_id,
+        command,
+        created: containers::now(),
+        spec,
+        cpus: a.cpus,
+        memory_mib,
+        boot_timeout_secs: a.boot_timeout,
+        binds,
+        overlay,
+        tty: a.process.tty,
+        auto_remove: a.rm,
+    };
+    dir.save_record(&rec)?;
+    dir.save_state(&containers::RunState::default())?;
+    cleanup.keep();
+    if a.detach {
+        drop(lock);
+        return start_monitor(&cfg, &dir, &rec).await.map(|()| {
+            println!("{id}");
+            0
+        });
+    }
+    let io = stdio(&a.process);
+    let code = execute(&cfg, &dir, &rec, io, Some(&a.process)).await;
+    drop(lock);
+    if rec.auto_remove {
+        let _ = dir.remove();
+    }
+    code
+}
+
+/// Starts `husk monitor ID` in a session of its own to run a detached
+/// container, and returns once it runs (or says why it did not).
+async fn start_monitor(cfg: &Config, dir: &containers::Dir, rec: &containers::Record) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the husk binary")?;
+    let err = std::fs::File::create(dir.0.join("monitor.log"))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["monitor", &rec.id])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err);
+    if let Some(c) = std::env::var_os(husk_runtime::config::ENV_CONFIG) {
+        cmd.env(husk_runtime::config::ENV_CONFIG, c);
+    }
+    // SAFETY: setsid(2) only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the container's monitor")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(rec.boot_timeout_secs + 30);
+    loop {
+        let s = dir.state();
+        match s.status {
+            containers::Status::Running => break,
+            containers::Status::Exited => {
+                if let Some(e) = s.error {
+                    bail!("{e}");
+                }
+                break;
+            }
+            containers::Status::Created => {}
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            if dir.state().status == containers::Status::Created {
+                bail!(
+                    "the container's monitor ended ({status}): {}",
+                    std::fs::read_to_string(dir.0.join("monitor.log")).unwrap_or_default().trim()
+                );
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the container did not start within {} s", rec.boot_timeout_secs + 30);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = cfg;
+    Ok(())
+}
+
+/// `husk monitor ID`: runs a detached container to its end, its output to
+/// its log, its exit to its state.
+async fn monitor(id: &str) -> Result<i32> {
+    let cfg = Config::load_cli()?;
+    let dir = containers::find(&cfg, id)?;
+    let lock = dir.try_lock().context("the container runs already")?;
+    let rec = dir.record()?;
+    let log = dir.log();
+    let io = StdioConfig {
+        stdin: Endpoint::None,
+        stdout: Endpoint::Log(log.clone()),
+        stderr: Endpoint::Log(log),
+        terminal: rec.tty,
+    };
+    let code = execute(&cfg, &dir, &rec, io, None).await;
+    drop(lock);
+    if rec.auto_remove {
+        let _ = dir.remove();
+    }
+    code
+}
+
+/// Boots the container's VM, runs it to its end, records how it ended.
+/// `attached`: this terminal's process options (signals, raw mode).
+async fn execute(
+    cfg: &Config,
+    dir: &containers::Dir,
+    rec: &containers::Record,
+    mut io: StdioConfig,
+    attached: Option<&ProcessArgs>,
+) -> Result<i32> {
+    if attached.is_some() {
+        // What reaches the terminal is kept too, for `husk logs`.
+        let log = dir.log();
+        io.stdout = match io.stdout {
+            Endpoint::Inherit => Endpoint::InheritAndLog(log.clone()),
+            e => e,
+        };
+        io.stderr = match io.stderr {
+            Endpoint::Inherit => Endpoint::InheritAndLog(log),
+            e => e,
+        };
+    }
+    let started = containers::RunState {
+        status: containers::Status::Running,
+        started: Some(containers::now()),
+        ..Default::default()
+    };
+    dir.save_state(&started)?;
+    let result = boot_and_wait(cfg, rec, io, attached).await;
+    let mut end = containers::RunState {
+        status: containers::Status::Exited,
+        finished: Some(containers::now()),
+        ..started
+    };
+    match &result {
+        Ok(code) => end.exit_code = Some(*code),
+        Err(e) => {
+            end.exit_code = Some(125);
+            end.error = Some(format!("{e:#}"));
+        }
+    }
+    dir.save_state(&end)?;
+    result
+}
+
+async fn boot_and_wait(
+    cfg: &Config,
+    rec: &containers::Record,
+    io: StdioConfig,
+    attached: Option<&ProcessArgs>,
+) -> Result<i32> {
     let spec = SandboxSpec {
         vm: VmSpec {
-            vcpus: a.cpus,
-            memory_mib,
-            boot_timeout: Duration::from_secs(a.boot_timeout),
-            binds,
-            overlays,
-            detach: a.detach,
+            vcpus: rec.cpus,
+            memory_mib: rec.memory_mib,
+            boot_timeout: Duration::from_secs(rec.boot_timeout_secs),
+            binds: rec
+                .binds
+                .iter()
+                .map(|b| Bind {
+                    source: b.source.clone(),
+                    target: b.target.clone(),
+                    readonly: b.readonly,
+                })
+                .collect(),
+            overlays: rec
+                .overlay
+                .iter()
+                .map(|o| Overlay {
+                    lower: o.lower.clone(),
+                    upper: o.upper.clone(),
+                    work: o.work.clone(),
+                    target: PathBuf::from("rootfs"),
+                    readonly: o.readonly,
+                })
+                .collect(),
             ..cfg.vm_spec(&Default::default())?
         },
-        hostname: Some(hostname(&id)),
+        hostname: Some(hostname(&rec.id)),
         forward_vmm_log: false,
     };
-    let process = process_json(&a.process, &command, &defaults)?;
-    let oci = oci_spec(&a, process, &hostname(&id), mounts)?;
     let oom = Arc::new(OomSeen::default());
-    let sandbox = match Sandbox::boot(&id, &spec, &HuskVmm, oom.clone()).await {
+    let sandbox = match Sandbox::boot(&rec.id, &spec, &HuskVmm, oom.clone()).await {
         Err(husk_runtime::Error::AlreadyExists(_)) => {
-            bail!("a container named {id:?} exists: `husk rm -f {id}` first")
+            bail!("the VM of {:?} runs already", rec.id)
         }
         r => r?,
     };
-    std::fs::write(sandbox.layout().command_file(), command.join(" "))?;
-    let result = run_in(&sandbox, &a, oci, &oom, in_guest_overlay).await;
-    if a.detach && result.is_ok() {
-        // The VM lives on; `husk rm -f` ends it (and its layer).
-        container_dir.keep();
-        println!("{id}");
-        return Ok(0);
-    }
+    std::fs::write(sandbox.layout().command_file(), rec.command.join(" "))?;
+    let result = run_in(&sandbox, rec, io, &oom, attached).await;
     // Whatever happened, the VM goes.
     sandbox.own();
     let stopped = sandbox.shutdown().await;
@@ -770,40 +952,34 @@ fn start_failure_code(e: &husk_runtime::Error) -> Option<i32> {
     if !text.contains("failed at Exec") {
         return None;
     }
-    Some(
-        if text.contains("ENOENT") || text.contains("No such file") {
-            127
-        } else {
-            126
-        },
-    )
+    Some(if text.contains("ENOENT") || text.contains("No such file") {
+        127
+    } else {
+        126
+    })
 }
 
 async fn run_in(
     sb: &Sandbox,
-    a: &RunArgs,
-    oci: serde_json::Value,
+    rec: &containers::Record,
+    io: StdioConfig,
     oom: &OomSeen,
-    in_guest_overlay: bool,
+    attached: Option<&ProcessArgs>,
 ) -> Result<i32> {
-    let mut io = stdio(&a.process);
-    if a.detach {
-        io = StdioConfig::default();
-    }
     let c = sb
         .create_container(ContainerConfig {
             id: CONTAINER.into(),
-            spec: oci,
+            spec: rec.spec.clone(),
             share_mounts: Vec::new(),
             stdio: io,
             // A rootfs directory is shared read-only and the container
             // writes to a layer in the guest's memory, gone with it; an
             // image's rootfs has its own writable layer on the host.
-            rootfs_overlay: in_guest_overlay,
+            rootfs_overlay: rec.rootfs_overlay,
             bundle: String::new(),
         })
         .await?;
-    let _raw = RawMode::enter(a.process.tty && !a.detach);
+    let _raw = RawMode::enter(attached.is_some_and(|p| p.tty));
     if let Err(e) = c.start(INIT).await {
         if let Some(code) = start_failure_code(&e) {
             eprintln!("husk: {e}");
@@ -812,12 +988,12 @@ async fn run_in(
         }
         return Err(e.into());
     }
-    if a.detach {
-        return Ok(0);
+    let forward = attached.map(|p| forward_signals(c.clone(), INIT.into(), p.tty));
+    let exit = c.wait(INIT).await;
+    if let Some(f) = forward {
+        f.abort();
     }
-    let forward = forward_signals(c.clone(), INIT.into(), a.process.tty);
-    let exit = c.wait(INIT).await?;
-    forward.abort();
+    let exit = exit?;
     // A SIGKILL may be the OOM killer's: the event says so.
     if exit.status == 137 {
         for _ in 0..20 {
@@ -866,72 +1042,187 @@ async fn exec(a: ExecArgs) -> Result<i32> {
     Ok(exit.status as i32)
 }
 
-async fn ps() -> Result<()> {
-    let root = layout::runtime_root();
-    stale::reap(&root);
-    println!("{:<20} {:<9} {:<9} COMMAND", "ID", "VMM PID", "STATUS");
-    let mut ids: Vec<String> = std::fs::read_dir(&root)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    ids.sort();
-    for id in ids {
-        let Ok(l) = SandboxLayout::under(&root, &id) else {
+/// `husk ps [-a]`: docker's columns, from the containers' records.
+async fn ps(all: bool, quiet: bool) -> Result<()> {
+    let cfg = Config::load_cli()?;
+    stale::reap(&layout::runtime_root());
+    containers::reap(&cfg);
+    let mut rows = Vec::new();
+    for (id, d) in containers::all(&cfg) {
+        let Ok(r) = d.record() else { continue };
+        let running = d.running();
+        if !all && !running {
             continue;
-        };
-        let Some(pids) = PidFile::read(&l.pid_file()) else {
+        }
+        if quiet {
+            println!("{id}");
             continue;
+        }
+        let mut command = format!("\"{}\"", r.command.join(" "));
+        if command.chars().count() > 22 {
+            command = format!("{}…\"", command.chars().take(20).collect::<String>());
+        }
+        let image = if r.image.starts_with("--rootfs") {
+            "(rootfs)".to_string()
+        } else {
+            images::repo_tag(&r.image).0 + ":" + &images::repo_tag(&r.image).1
         };
-        let command = std::fs::read_to_string(l.command_file()).unwrap_or_default();
-        let opts = husk_agent_client::ConnectOptions {
-            boot_timeout: Duration::from_secs(2),
-            call_timeout: Duration::from_secs(2),
-            ..husk_agent_client::ConnectOptions::new(l.vsock_socket())
-        };
-        let status = match husk_agent_client::Client::connect(opts).await {
-            Ok(c) => match c.list_processes(CONTAINER).await {
-                Ok(p) if !p.is_empty() => "running",
-                Ok(_) => "exited",
-                Err(_) => "vm-only",
-            },
-            Err(_) => "booting",
-        };
-        println!("{id:<20} {:<9} {status:<9} {command}", pids.vmm.pid);
+        let short: String = id.chars().take(12).collect();
+        rows.push([
+            short,
+            image,
+            command,
+            images::ago(Some(r.created as i64)),
+            containers::status_text(&d),
+            String::new(),
+            id,
+        ]);
+    }
+    if !quiet {
+        let header = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
+            .map(String::from);
+        images::print_table(&header, &rows);
     }
     Ok(())
 }
 
-/// The container's writable layer, if it ran from an image.
-fn remove_container_dir(id: &str) {
-    let Ok(cfg) = Config::load_cli() else { return };
-    let dir = cfg.storage_root.join("containers").join(id);
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            eprintln!("husk rm {id}: removing {}: {e}", dir.display());
-        }
-    }
-}
-
-async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
+/// `husk stop [-t N] ID...`: SIGTERM, then SIGKILL after N seconds.
+async fn stop(ids: Vec<String>, grace: u64) -> Result<()> {
+    let cfg = Config::load_cli()?;
     let mut failed = false;
     for id in ids {
         let r = async {
-            let sb = open(&id).await?;
-            let running = !sb
-                .agent()
-                .list_processes(CONTAINER)
-                .await
-                .unwrap_or_default()
-                .is_empty();
-            if running && !force {
-                bail!("{id} is running: stop it first, or `husk rm -f {id}`");
+            let d = containers::find(&cfg, &id)?;
+            if !d.running() {
+                return Ok(());
             }
-            sb.own();
-            sb.shutdown().await;
-            remove_container_dir(&id);
+            let sb = open(&id).await?;
+            let c = sb.adopt_container(CONTAINER);
+            let _ = c.kill(INIT, libc::SIGTERM as u32, false).await;
+            if !d.wait_stopped(Duration::from_secs(grace)).await {
+                let _ = c.kill(INIT, libc::SIGKILL as u32, false).await;
+                if !d.wait_stopped(Duration::from_secs(10)).await {
+                    sb.own();
+                    sb.shutdown().await;
+                    d.wait_stopped(Duration::from_secs(10)).await;
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        match r {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("husk stop {id}: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        bail!("some containers were not stopped");
+    }
+    Ok(())
+}
+
+/// `husk start ID...`: a stopped container runs again (same writable layer).
+async fn start(ids: Vec<String>) -> Result<()> {
+    let cfg = Config::load_cli()?;
+    containers::reap(&cfg);
+    for id in ids {
+        let d = containers::find(&cfg, &id)?;
+        if d.running() {
+            println!("{id}");
+            continue;
+        }
+        let rec = d.record()?;
+        d.save_state(&containers::RunState::default())?;
+        start_monitor(&cfg, &d, &rec).await.with_context(|| format!("starting {id}"))?;
+        println!("{id}");
+    }
+    Ok(())
+}
+
+/// `husk logs [-f] [--tail N] ID`.
+async fn logs(id: String, follow: bool, tail: Option<usize>) -> Result<()> {
+    use std::io::{Read, Seek, Write};
+    let cfg = Config::load_cli()?;
+    let d = containers::find(&cfg, &id)?;
+    let mut f = match std::fs::File::open(d.log()) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => return Ok(()),
+        Err(_) => {
+            std::fs::OpenOptions::new().create(true).append(true).open(d.log())?;
+            std::fs::File::open(d.log())?
+        }
+    };
+    let mut all = Vec::new();
+    f.read_to_end(&mut all)?;
+    let shown = match tail {
+        Some(n) => containers::tail_lines(&all, n),
+        None => &all,
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(shown)?;
+    out.flush()?;
+    if !follow {
+        return Ok(());
+    }
+    let mut pos = all.len() as u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let running = d.running();
+        f.seek(std::io::SeekFrom::Start(pos))?;
+        let n = f.read(&mut buf)?;
+        if n > 0 {
+            pos += n as u64;
+            out.write_all(&buf[..n])?;
+            out.flush()?;
+            continue;
+        }
+        if !running {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn inspect(ids: Vec<String>) -> Result<()> {
+    let cfg = Config::load_cli()?;
+    let mut out = Vec::new();
+    for id in &ids {
+        out.push(containers::inspect(&containers::find(&cfg, id)?)?);
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
+    let cfg = Config::load_cli()?;
+    containers::reap(&cfg);
+    let mut failed = false;
+    for id in ids {
+        let r = async {
+            layout::check_id("container", &id)?;
+            let d = containers::Dir::of(&cfg, &id);
+            let has_vm = layout::runtime_root().join(&id).exists();
+            if !d.exists() && !has_vm {
+                bail!("No such container: {id}");
+            }
+            if d.running() || (!d.exists() && has_vm) {
+                if !force {
+                    bail!("{id} is running: stop it first, or `husk rm -f {id}`");
+                }
+                if let Ok(sb) = open(&id).await {
+                    sb.own();
+                    sb.shutdown().await;
+                }
+                if !d.wait_stopped(Duration::from_secs(20)).await {
+                    bail!("{id} did not stop");
+                }
+            }
+            if d.0.exists() {
+                d.remove()?;
+            }
             Ok(())
         }
         .await;
@@ -1061,7 +1352,12 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Run(a) => run(a).await,
         Cmd::Exec(a) => exec(a).await,
-        Cmd::Ps => ps().await.map(|()| 0),
+        Cmd::Ps { all, quiet } => ps(all, quiet).await.map(|()| 0),
+        Cmd::Stop { time, ids } => stop(ids, time).await.map(|()| 0),
+        Cmd::Start { ids } => start(ids).await.map(|()| 0),
+        Cmd::Logs { follow, tail, id } => logs(id, follow, tail).await.map(|()| 0),
+        Cmd::Inspect { ids } => inspect(ids).map(|()| 0),
+        Cmd::Monitor { id } => monitor(&id).await,
         Cmd::Rm { force, ids } => rm(ids, force).await.map(|()| 0),
         Cmd::Pull { image, quiet } => images::pull(&Config::load_cli()?, &image, quiet)
             .await
@@ -1074,12 +1370,12 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Rmi { force, images } | Cmd::Image(ImageCmd::Rm { force, images }) => {
             let cfg = Config::load_cli()?;
-            reap_container_dirs(&cfg);
+            containers::reap(&cfg);
             images::rmi(&cfg, &images, force).map(|()| 0)
         }
         Cmd::Image(ImageCmd::Prune) => {
             let cfg = Config::load_cli()?;
-            reap_container_dirs(&cfg);
+            containers::reap(&cfg);
             images::prune(&cfg).map(|()| 0)
         }
     }

@@ -29,7 +29,16 @@ pub enum Endpoint {
     Fifo(PathBuf),
     /// This process's own stream.
     Inherit,
+    /// Appended to a log file (the CLI's `husk logs`), at most
+    /// [`LOG_LIMIT`] bytes of it. Output only.
+    Log(PathBuf),
+    /// This process's own stream, and the log file as [`Endpoint::Log`].
+    InheritAndLog(PathBuf),
 }
+
+/// The most a container's log file takes; then one line says the rest was
+/// dropped (the guest must not fill the host's disk through its output).
+pub const LOG_LIMIT: u64 = 64 << 20;
 
 impl Endpoint {
     /// containerd's convention: an empty path is no stream.
@@ -113,13 +122,32 @@ impl Relays {
                 ),
                 Endpoint::Inherit if name == Stream::Stdout => Box::new(tokio::io::stdout()),
                 Endpoint::Inherit => Box::new(tokio::io::stderr()),
+                Endpoint::Log(path) => {
+                    let log = open_log(path)?;
+                    relays
+                        .outputs
+                        .push(tokio::spawn(relay_logged(stream, None, log, name)));
+                    continue;
+                }
+                Endpoint::InheritAndLog(path) => {
+                    let log = open_log(path)?;
+                    let own: Box<dyn AsyncWrite + Send + Unpin> = if name == Stream::Stdout {
+                        Box::new(tokio::io::stdout())
+                    } else {
+                        Box::new(tokio::io::stderr())
+                    };
+                    relays
+                        .outputs
+                        .push(tokio::spawn(relay_logged(stream, Some(own), log, name)));
+                    continue;
+                }
             };
             relays
                 .outputs
                 .push(tokio::spawn(relay_out(stream, sink, name)));
         }
         match &io.stdin {
-            Endpoint::None => {}
+            Endpoint::None | Endpoint::Log(_) | Endpoint::InheritAndLog(_) => {}
             Endpoint::Fifo(path) => {
                 let stream = agent
                     .attach(id, exec_id, Stream::Stdin)
@@ -191,6 +219,56 @@ async fn relay_out(
         Ok(n) => tracing::debug!(stream = %name, bytes = n, "output relay done"),
         Err(e) => tracing::debug!(stream = %name, error = %e, "output relay ended"),
     }
+}
+
+fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io("opening", path))
+}
+
+/// Output to the log file (and to `own`, when given), the log bounded by
+/// [`LOG_LIMIT`]: past it one note, then the log takes no more while `own`
+/// still gets everything.
+async fn relay_logged(
+    mut stream: UnixStream,
+    mut own: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    mut log: std::fs::File,
+    name: Stream,
+) {
+    use std::io::Write;
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 32 << 10];
+    let mut full = false;
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(w) = own.as_mut() {
+            if w.write_all(&buf[..n]).await.is_err() {
+                own = None;
+            }
+        }
+        if !full {
+            // Both streams append to one file: its length is the bound.
+            let len = log.metadata().map(|m| m.len()).unwrap_or(LOG_LIMIT);
+            if len + n as u64 > LOG_LIMIT {
+                let _ = log.write_all(b"\n[husk: log limit reached; later output is not kept]\n");
+                full = true;
+            } else if log.write_all(&buf[..n]).is_err() {
+                full = true;
+            }
+        }
+    }
+    if let Some(w) = own.as_mut() {
+        let _ = w.flush().await;
+    }
+    tracing::debug!(stream = %name, "logged output relay done");
 }
 
 async fn relay_in(mut from: impl AsyncRead + Unpin, mut stream: UnixStream) {
