@@ -141,6 +141,8 @@ export RUST_LOG=warn
 export HUSK_CONFIG=/tmp/husk.toml
 echo 'storage_root = "/tmp/store"' > $HUSK_CONFIG
 sh tests/scripts/test-image.sh /tmp/oci
+# The test host's init leaves lo down; the registry listens on it.
+ip link set lo up
 mkdir -p /tmp/reg
 printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /tmp/reg/data\nhttp:\n  addr: 127.0.0.1:5000\n' > /tmp/reg/config.yml
 docker-registry serve /tmp/reg/config.yml >/tmp/reg/log 2>&1 &

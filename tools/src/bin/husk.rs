@@ -622,7 +622,6 @@ async fn image_rootfs(
     dir: &containers::Dir,
     image: &str,
     rest: &[String],
-    read_only: bool,
 ) -> Result<(containers::OverlayRecord, Vec<String>, ImageDefaults, String, String)> {
     let images = images::open(cfg)?;
     let rec = match images.resolve(image) {
@@ -671,7 +670,10 @@ async fn image_rootfs(
         lower: layers.clone(),
         upper: dir.0.join("upper"),
         work: dir.0.join("work"),
-        readonly: read_only,
+        // Writable on the host even for --read-only: the agent makes the
+        // mount points an image lacks (/proc, /sys) before its own
+        // read-only remount (root.readonly in the spec), as runc does.
+        readonly: false,
     };
     let defaults = ImageDefaults {
         env: run.env.clone().unwrap_or_default(),
@@ -720,7 +722,7 @@ async fn run(a: RunArgs) -> Result<i32> {
         None => {
             let (image, rest) = a.args.split_first().context("an image to run")?;
             let (o, command, defaults, name, config) =
-                image_rootfs(&cfg, &dir, image, rest, a.read_only).await?;
+                image_rootfs(&cfg, &dir, image, rest).await?;
             (command, defaults, Some(o), name, Some(config))
         }
     };
@@ -867,17 +869,11 @@ async fn execute(
             e => e,
         };
     }
-    let started = containers::RunState {
-        status: containers::Status::Running,
-        started: Some(containers::now()),
-        ..Default::default()
-    };
-    dir.save_state(&started)?;
-    let result = boot_and_wait(cfg, rec, io, attached).await;
+    let result = boot_and_wait(cfg, dir, rec, io, attached).await;
     let mut end = containers::RunState {
         status: containers::Status::Exited,
         finished: Some(containers::now()),
-        ..started
+        ..dir.state()
     };
     match &result {
         Ok(code) => end.exit_code = Some(*code),
@@ -892,6 +888,7 @@ async fn execute(
 
 async fn boot_and_wait(
     cfg: &Config,
+    dir: &containers::Dir,
     rec: &containers::Record,
     io: StdioConfig,
     attached: Option<&ProcessArgs>,
@@ -934,7 +931,7 @@ async fn boot_and_wait(
         r => r?,
     };
     std::fs::write(sandbox.layout().command_file(), rec.command.join(" "))?;
-    let result = run_in(&sandbox, rec, io, &oom, attached).await;
+    let result = run_in(&sandbox, dir, rec, io, &oom, attached).await;
     // Whatever happened, the VM goes.
     sandbox.own();
     let stopped = sandbox.shutdown().await;
@@ -961,6 +958,7 @@ fn start_failure_code(e: &husk_runtime::Error) -> Option<i32> {
 
 async fn run_in(
     sb: &Sandbox,
+    dir: &containers::Dir,
     rec: &containers::Record,
     io: StdioConfig,
     oom: &OomSeen,
@@ -988,6 +986,12 @@ async fn run_in(
         }
         return Err(e.into());
     }
+    // Running from here: `run -d` and `start` return once this is written.
+    dir.save_state(&containers::RunState {
+        status: containers::Status::Running,
+        started: Some(containers::now()),
+        ..Default::default()
+    })?;
     let forward = attached.map(|p| forward_signals(c.clone(), INIT.into(), p.tty));
     let exit = c.wait(INIT).await;
     if let Some(f) = forward {
