@@ -622,7 +622,13 @@ async fn image_rootfs(
     dir: &containers::Dir,
     image: &str,
     rest: &[String],
-) -> Result<(containers::OverlayRecord, Vec<String>, ImageDefaults, String, String)> {
+) -> Result<(
+    containers::OverlayRecord,
+    Vec<String>,
+    ImageDefaults,
+    String,
+    String,
+)> {
     let images = images::open(cfg)?;
     let rec = match images.resolve(image) {
         Ok(r) => r,
@@ -681,7 +687,13 @@ async fn image_rootfs(
         user: run.user.clone(),
         layers,
     };
-    Ok((overlay, command, defaults, rec.name.clone(), rec.config.to_string()))
+    Ok((
+        overlay,
+        command,
+        defaults,
+        rec.name.clone(),
+        rec.config.to_string(),
+    ))
 }
 
 /// `husk run`: records the container, then runs it here (attached) or in
@@ -777,7 +789,11 @@ async fn run(a: RunArgs) -> Result<i32> {
 
 /// Starts `husk monitor ID` in a session of its own to run a detached
 /// container, and returns once it runs (or says why it did not).
-async fn start_monitor(cfg: &Config, dir: &containers::Dir, rec: &containers::Record) -> Result<()> {
+async fn start_monitor(
+    cfg: &Config,
+    dir: &containers::Dir,
+    rec: &containers::Record,
+) -> Result<()> {
     let exe = std::env::current_exe().context("finding the husk binary")?;
     let err = std::fs::File::create(dir.0.join("monitor.log"))?;
     let mut cmd = tokio::process::Command::new(exe);
@@ -813,12 +829,17 @@ async fn start_monitor(cfg: &Config, dir: &containers::Dir, rec: &containers::Re
             if dir.state().status == containers::Status::Created {
                 bail!(
                     "the container's monitor ended ({status}): {}",
-                    std::fs::read_to_string(dir.0.join("monitor.log")).unwrap_or_default().trim()
+                    std::fs::read_to_string(dir.0.join("monitor.log"))
+                        .unwrap_or_default()
+                        .trim()
                 );
             }
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("the container did not start within {} s", rec.boot_timeout_secs + 30);
+            bail!(
+                "the container did not start within {} s",
+                rec.boot_timeout_secs + 30
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -949,11 +970,13 @@ fn start_failure_code(e: &husk_runtime::Error) -> Option<i32> {
     if !text.contains("failed at Exec") {
         return None;
     }
-    Some(if text.contains("ENOENT") || text.contains("No such file") {
-        127
-    } else {
-        126
-    })
+    Some(
+        if text.contains("ENOENT") || text.contains("No such file") {
+            127
+        } else {
+            126
+        },
+    )
 }
 
 async fn run_in(
@@ -1083,8 +1106,16 @@ async fn ps(all: bool, quiet: bool) -> Result<()> {
         ]);
     }
     if !quiet {
-        let header = ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
-            .map(String::from);
+        let header = [
+            "CONTAINER ID",
+            "IMAGE",
+            "COMMAND",
+            "CREATED",
+            "STATUS",
+            "PORTS",
+            "NAMES",
+        ]
+        .map(String::from);
         images::print_table(&header, &rows);
     }
     Ok(())
@@ -1140,7 +1171,9 @@ async fn start(ids: Vec<String>) -> Result<()> {
         }
         let rec = d.record()?;
         d.save_state(&containers::RunState::default())?;
-        start_monitor(&cfg, &d, &rec).await.with_context(|| format!("starting {id}"))?;
+        start_monitor(&cfg, &d, &rec)
+            .await
+            .with_context(|| format!("starting {id}"))?;
         println!("{id}");
     }
     Ok(())
@@ -1155,7 +1188,10 @@ async fn logs(id: String, follow: bool, tail: Option<usize>) -> Result<()> {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => return Ok(()),
         Err(_) => {
-            std::fs::OpenOptions::new().create(true).append(true).open(d.log())?;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(d.log())?;
             std::fs::File::open(d.log())?
         }
     };

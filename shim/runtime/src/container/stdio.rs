@@ -124,9 +124,9 @@ impl Relays {
                 Endpoint::Inherit => Box::new(tokio::io::stderr()),
                 Endpoint::Log(path) => {
                     let log = open_log(path)?;
-                    relays
-                        .outputs
-                        .push(tokio::spawn(relay_logged(stream, None, log, name)));
+                    relays.outputs.push(tokio::spawn(relay_logged(
+                        stream, None, log, name, LOG_LIMIT,
+                    )));
                     continue;
                 }
                 Endpoint::InheritAndLog(path) => {
@@ -136,9 +136,13 @@ impl Relays {
                     } else {
                         Box::new(tokio::io::stderr())
                     };
-                    relays
-                        .outputs
-                        .push(tokio::spawn(relay_logged(stream, Some(own), log, name)));
+                    relays.outputs.push(tokio::spawn(relay_logged(
+                        stream,
+                        Some(own),
+                        log,
+                        name,
+                        LOG_LIMIT,
+                    )));
                     continue;
                 }
             };
@@ -232,13 +236,14 @@ fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
 }
 
 /// Output to the log file (and to `own`, when given), the log bounded by
-/// [`LOG_LIMIT`]: past it one note, then the log takes no more while `own`
-/// still gets everything.
+/// `limit` ([`LOG_LIMIT`]): past it one note, then the log takes no more
+/// while `own` still gets everything.
 async fn relay_logged(
     mut stream: UnixStream,
     mut own: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     mut log: std::fs::File,
     name: Stream,
+    limit: u64,
 ) {
     use std::io::Write;
     use tokio::io::AsyncReadExt;
@@ -256,8 +261,8 @@ async fn relay_logged(
         }
         if !full {
             // Both streams append to one file: its length is the bound.
-            let len = log.metadata().map(|m| m.len()).unwrap_or(LOG_LIMIT);
-            if len + n as u64 > LOG_LIMIT {
+            let len = log.metadata().map(|m| m.len()).unwrap_or(limit);
+            if len + n as u64 > limit {
                 let _ = log.write_all(b"\n[husk: log limit reached; later output is not kept]\n");
                 full = true;
             } else if log.write_all(&buf[..n]).is_err() {
@@ -304,4 +309,38 @@ fn unblock_open(fifo: &Path) {
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(fifo);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_log_stops_at_its_limit_with_a_note_and_the_terminal_gets_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let (own_w, mut own_r) = tokio::io::duplex(1 << 20);
+        let relay = tokio::spawn(relay_logged(
+            host,
+            Some(Box::new(own_w)),
+            open_log(&path).unwrap(),
+            Stream::Stdout,
+            1000,
+        ));
+        for _ in 0..50 {
+            guest.write_all(&[b'x'; 100]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(guest);
+        relay.await.unwrap();
+        let mut seen = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut own_r, &mut seen)
+            .await
+            .unwrap();
+        assert_eq!(seen.len(), 5000, "the terminal gets everything");
+        let log = std::fs::read(&path).unwrap();
+        assert!(log.len() < 1100, "the log is bounded: {}", log.len());
+        assert!(String::from_utf8_lossy(&log).contains("log limit reached"));
+    }
 }

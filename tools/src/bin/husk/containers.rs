@@ -109,7 +109,10 @@ impl Dir {
     }
 
     pub fn save_record(&self, r: &Record) -> Result<()> {
-        write_atomic(&self.0.join("container.json"), &serde_json::to_vec_pretty(r)?)
+        write_atomic(
+            &self.0.join("container.json"),
+            &serde_json::to_vec_pretty(r)?,
+        )
     }
 
     pub fn state(&self) -> RunState {
@@ -196,7 +199,8 @@ pub fn reap(cfg: &Config) {
             s.status = Status::Exited;
             s.exit_code = s.exit_code.or(Some(137));
             s.finished = Some(now());
-            s.error.get_or_insert_with(|| "its husk process was killed".into());
+            s.error
+                .get_or_insert_with(|| "its husk process was killed".into());
             let _ = d.save_state(&s);
         }
     }
@@ -235,7 +239,10 @@ pub fn inspect(d: &Dir) -> Result<serde_json::Value> {
     let r = d.record()?;
     let s = d.state();
     let running = d.running();
-    let time = |t: Option<u64>| t.map(rfc3339).unwrap_or_else(|| "0001-01-01T00:00:00Z".into());
+    let time = |t: Option<u64>| {
+        t.map(rfc3339)
+            .unwrap_or_else(|| "0001-01-01T00:00:00Z".into())
+    };
     Ok(serde_json::json!({
         "Id": r.id,
         "Name": format!("/{}", r.id),
@@ -319,7 +326,10 @@ mod tests {
     fn times_print_as_rfc3339_and_read_back() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_709_294_400), "2024-03-01T12:00:00Z");
-        assert_eq!(super::super::images::parse_rfc3339(&rfc3339(1_800_000_123)), Some(1_800_000_123));
+        assert_eq!(
+            super::super::images::parse_rfc3339(&rfc3339(1_800_000_123)),
+            Some(1_800_000_123)
+        );
     }
 
     #[test]
