@@ -255,7 +255,9 @@ async fn relay_logged(
             Ok(n) => n,
         };
         if let Some(w) = own.as_mut() {
-            if w.write_all(&buf[..n]).await.is_err() {
+            // Flushed at once: a prompt without a newline must show
+            // (tokio's stdout writes from a blocking thread, on flush).
+            if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
                 own = None;
             }
         }
