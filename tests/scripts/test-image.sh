@@ -13,7 +13,7 @@ umoci unpack --rootless --image "$out:bb" "$work/b" >/dev/null
 r=$work/b/rootfs
 mkdir -p "$r/bin" "$r/etc" "$r/opq" "$r/data" "$r/tmp"
 cp /bin/busybox "$r/bin/busybox"
-for c in sh ls cat echo id test stat readlink touch rm mkdir sleep grep wc head env pwd; do
+for c in sh ls cat echo id test stat readlink touch rm mkdir sleep grep wc head env pwd true false; do
     ln -s busybox "$r/bin/$c"
 done
 printf 'root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/data:/bin/sh\n' > "$r/etc/passwd"
