@@ -1003,7 +1003,14 @@ async fn run_in(
     let _raw = RawMode::enter(attached.is_some_and(|p| p.tty));
     if let Err(e) = c.start(INIT).await {
         if let Some(code) = start_failure_code(&e) {
-            eprintln!("husk: {e}");
+            let cmd = rec.command.first().map(String::as_str).unwrap_or("");
+            // docker's words; the agent's own error under --debug.
+            if code == 127 {
+                eprintln!("husk: exec: {cmd:?}: executable file not found in $PATH");
+            } else {
+                eprintln!("husk: exec: {cmd:?}: permission denied");
+            }
+            tracing::debug!(error = %e, "the command did not start");
             let _ = sb.delete_container(CONTAINER).await;
             return Ok(code);
         }
