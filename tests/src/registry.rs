@@ -22,14 +22,45 @@ fn free_port() -> Result<u16> {
 
 impl Registry {
     pub fn start() -> Result<Registry> {
+        Self::start_with(None)
+    }
+
+    /// A registry that wants basic auth (htpasswd, bcrypt as it requires).
+    pub fn start_with_auth(user: &str, password: &str) -> Result<Registry> {
+        Self::start_with(Some((user, password)))
+    }
+
+    fn start_with(auth: Option<(&str, &str)>) -> Result<Registry> {
         let dir = tempfile::tempdir()?;
+        let mut auth_cfg = String::new();
+        if let Some((user, password)) = auth {
+            let out = Command::new("python3")
+                .args([
+                    "-W",
+                    "ignore",
+                    "-c",
+                    "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                ])
+                .arg(password)
+                .output()?;
+            let hash = String::from_utf8(out.stdout)?.trim().to_string();
+            if !hash.starts_with("$2") {
+                bail!("no bcrypt from python3's crypt");
+            }
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+            auth_cfg = format!(
+                "auth:\n  htpasswd:\n    realm: husk-test\n    path: {}\n",
+                htpasswd.display()
+            );
+        }
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let cfg = dir.path().join("config.yml");
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_cfg}",
                 dir.path().join("data").display()
             ),
         )?;
@@ -63,14 +94,30 @@ impl Registry {
 
     /// Pushes `layout:tag` (an OCI layout) as `name`, in `format` (`oci` or `v2s2`).
     pub fn push(&self, layout: &Path, tag: &str, name: &str, format: &str) -> Result<()> {
-        let out = Command::new("skopeo")
-            .args([
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                "--format",
-                format,
-            ])
+        self.push_as(layout, tag, name, format, None)
+    }
+
+    /// The same with `user:password` credentials.
+    pub fn push_as(
+        &self,
+        layout: &Path,
+        tag: &str,
+        name: &str,
+        format: &str,
+        creds: Option<&str>,
+    ) -> Result<()> {
+        let mut cmd = Command::new("skopeo");
+        cmd.args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--format",
+            format,
+        ]);
+        if let Some(c) = creds {
+            cmd.arg(format!("--dest-creds={c}"));
+        }
+        let out = cmd
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{name}", self.addr))
             .output()

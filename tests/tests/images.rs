@@ -321,3 +321,47 @@ with tarfile.open({evil:?}, "w") as t:
     );
     assert_eq!(cli.ok(&["images", "-q"]).trim(), "");
 }
+
+#[test]
+fn a_registry_with_basic_auth_takes_husk_login_credentials() {
+    let reg = Registry::start_with_auth("tester", "s3cret").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = build_test_image(work.path()).unwrap();
+    reg.push_as(
+        &layout,
+        "bb",
+        "private:latest",
+        "oci",
+        Some("tester:s3cret"),
+    )
+    .unwrap();
+    let cli = Cli::new();
+    let image = format!("{}/private", reg.addr);
+    let o = cli.husk(&["pull", &image]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("refused the credentials") || err.contains("uthoriz"),
+        "{err}"
+    );
+    let o = cli.husk(&["login", "-u", "tester", "-p", "wrong", &reg.addr]);
+    assert_eq!(o.status.code(), Some(125), "a wrong password is refused");
+    let kept = cli._dir.path().join(".docker/config.json");
+    assert!(!kept.exists(), "and not kept");
+    let mut child = Command::new(husk_tests::workspace_root().join("target/debug/husk"))
+        .args(["login", "-u", "tester", "--password-stdin", &reg.addr])
+        .env("HUSK_CONFIG", &cli.config)
+        .env("HOME", cli._dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Login Succeeded"));
+    assert_eq!(std::fs::metadata(&kept).unwrap().mode() & 0o777, 0o600);
+    let out = cli.ok(&["pull", &image]);
+    assert!(out.contains("Pull complete"), "{out}");
+}

@@ -7,6 +7,7 @@
 //!                              be run / is not found)
 //!   husk run --rootfs DIR [OPTIONS] -- CMD ARGS    the same from a root filesystem directory
 //!   husk pull IMAGE            pull an image from its registry into the store
+//!   husk login -u USER [--password-stdin] REGISTRY   check and keep credentials
 //!   husk images [-q]           list the images in the store
 //!   husk rmi [-f] IMAGE...     remove images (refused while a container uses one)
 //!   husk image prune           remove what no image or container needs
@@ -139,6 +140,17 @@ enum Cmd {
         force: bool,
         #[arg(required = true)]
         images: Vec<String>,
+    },
+    /// Check credentials for a registry and keep them (~/.docker/config.json).
+    Login {
+        #[arg(short, long)]
+        username: String,
+        #[arg(short, long, conflicts_with = "password_stdin")]
+        password: Option<String>,
+        /// Read the password from stdin.
+        #[arg(long)]
+        password_stdin: bool,
+        registry: String,
     },
     /// Images, as docker's `image` verbs.
     #[command(subcommand)]
@@ -1412,6 +1424,20 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Image(ImageCmd::Pull { image }) => images::pull(&Config::load_cli()?, &image, false)
             .await
             .map(|_| 0),
+        Cmd::Login {
+            username,
+            password,
+            password_stdin,
+            registry,
+        } => images::login(
+            &Config::load_cli()?,
+            &registry,
+            &username,
+            password,
+            password_stdin,
+        )
+        .await
+        .map(|()| 0),
         Cmd::Images { quiet } | Cmd::Image(ImageCmd::Ls { quiet }) => {
             images::list(&Config::load_cli()?, quiet).map(|()| 0)
         }

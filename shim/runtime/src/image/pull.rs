@@ -536,6 +536,114 @@ impl Puller<'_> {
     }
 }
 
+/// Checks `user`/`password` against `registry` (docker's `login`): a
+/// manifest request with them must get past authentication (a 404 for the
+/// made-up repository is a pass; 401 is not).
+pub async fn login(
+    registry: &str,
+    user: &str,
+    password: &str,
+    registries: &Registries,
+) -> Result<(), ImageError> {
+    let reference: Reference = format!("{registry}/husk-login-check:latest")
+        .parse()
+        .map_err(|e| ImageError::Invalid(format!("{registry:?}: {e}")))?;
+    let mut plain = registries.insecure.clone();
+    if is_loopback(registry) {
+        plain.push(registry.to_string());
+    }
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(plain),
+        connect_timeout: Some(Duration::from_secs(10)),
+        user_agent: concat!("husk/", env!("CARGO_PKG_VERSION")),
+        platform_resolver: None,
+        ..Default::default()
+    });
+    let auth = RegistryAuth::Basic(user.to_string(), password.to_string());
+    match retry(|| client.pull_manifest_raw(&reference, &auth, MEDIA_TYPES)).await {
+        Ok(_) => Ok(()),
+        Err(OciDistributionError::UnauthorizedError { .. })
+        | Err(OciDistributionError::AuthenticationFailure(_)) => Err(ImageError::Registry {
+            image: registry.to_string(),
+            message: "unauthorized: incorrect username or password".into(),
+        }),
+        Err(OciDistributionError::ImageManifestNotFoundError(_)) => Ok(()),
+        Err(OciDistributionError::RegistryError { envelope, .. })
+            if envelope.errors.iter().all(|e| {
+                !matches!(
+                    e.code,
+                    oci_client::errors::OciErrorCode::Unauthorized
+                        | oci_client::errors::OciErrorCode::Denied
+                )
+            }) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(ImageError::Registry {
+            image: registry.to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Records credentials for `registry` in a docker config file (created
+/// 0600 in a 0700 directory; other entries and keys kept).
+pub fn save_credentials(
+    file: &Path,
+    registry: &str,
+    user: &str,
+    password: &str,
+) -> Result<(), ImageError> {
+    use base64::Engine;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let io = |what, source| ImageError::Io {
+        what,
+        path: file.to_path_buf(),
+        source,
+    };
+    let mut cfg: serde_json::Value = match std::fs::read(file) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| ImageError::Invalid(format!("{}: {e}", file.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err(io("reading", e)),
+    };
+    if !cfg.is_object() {
+        return Err(ImageError::Invalid(format!(
+            "{}: not a JSON object",
+            file.display()
+        )));
+    }
+    if !cfg["auths"].is_object() {
+        cfg["auths"] = serde_json::json!({});
+    }
+    let key = if registry == "docker.io" {
+        "https://index.docker.io/v1/"
+    } else {
+        registry
+    };
+    cfg["auths"][key] = serde_json::json!({
+        "auth": base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")),
+    });
+    if let Some(dir) = file.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io("creating the directory of", e))?;
+    }
+    let tmp = file.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(&cfg).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io("writing", e))?;
+    std::io::Write::write_all(&mut f, &bytes).map_err(|e| io("writing", e))?;
+    std::fs::rename(&tmp, file).map_err(|e| io("writing", e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,6 +661,25 @@ mod tests {
         for r in ["docker.io", "10.0.0.1:5000", "localhost.evil.com"] {
             assert!(!is_loopback(r), "{r}");
         }
+    }
+
+    #[test]
+    fn saved_credentials_are_read_back_and_other_entries_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("docker/config.json");
+        save_credentials(&f, "localhost:5001", "u", "p").unwrap();
+        save_credentials(&f, "quay.io", "q", "r").unwrap();
+        assert!(
+            matches!(auth_for(Some(&f), "localhost:5001").unwrap(), RegistryAuth::Basic(u, p) if u == "u" && p == "p")
+        );
+        assert!(
+            matches!(auth_for(Some(&f), "quay.io").unwrap(), RegistryAuth::Basic(u, _) if u == "q")
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

@@ -316,6 +316,37 @@ pub fn rmi(cfg: &Config, names: &[String], force: bool) -> Result<()> {
     Ok(())
 }
 
+/// `husk login`: checks the credentials against the registry, then keeps
+/// them where docker keeps them (`$DOCKER_CONFIG/config.json`, else
+/// `~/.docker/config.json`).
+pub async fn login(
+    cfg: &Config,
+    registry: &str,
+    user: &str,
+    password: Option<String>,
+    from_stdin: bool,
+) -> Result<()> {
+    let password = match (password, from_stdin) {
+        (Some(p), _) => p,
+        (None, true) => {
+            let mut p = String::new();
+            std::io::stdin()
+                .read_line(&mut p)
+                .context("reading the password")?;
+            p.trim_end_matches(['\n', '\r']).to_string()
+        }
+        (None, false) => anyhow::bail!("give the password with --password-stdin (or -p)"),
+    };
+    let regs = registries(cfg);
+    pull::login(registry, user, &password, &regs).await?;
+    let file = regs
+        .auth_file
+        .context("no HOME or DOCKER_CONFIG to keep the credentials in")?;
+    husk_runtime::image::pull::save_credentials(&file, registry, user, &password)?;
+    println!("Login Succeeded");
+    Ok(())
+}
+
 pub fn prune(cfg: &Config) -> Result<()> {
     let images = open(cfg)?;
     let freed = images.prune()?;
