@@ -653,12 +653,7 @@ async fn image_rootfs(
                 Arc::new(husk_runtime::image::pull::NoProgress),
             )
             .await
-            .map_err(|e| match e {
-                ImageError::NotFound(m) => {
-                    anyhow::anyhow!("pull access denied or image not found: {m}")
-                }
-                e => anyhow::Error::new(e).context(format!("pulling {image}")),
-            })?;
+            .map_err(|e| images::pull_error(image, e))?;
             eprintln!("Pulled {} ({})", r.name, r.config.short());
             r
         }
@@ -785,7 +780,7 @@ async fn run(a: RunArgs) -> Result<i32> {
     cleanup.keep();
     if a.detach {
         drop(lock);
-        return start_monitor(&cfg, &dir, &rec).await.map(|()| {
+        return start_monitor(&dir, &rec).await.map(|()| {
             println!("{id}");
             0
         });
@@ -801,11 +796,7 @@ async fn run(a: RunArgs) -> Result<i32> {
 
 /// Starts `husk monitor ID` in a session of its own to run a detached
 /// container, and returns once it runs (or says why it did not).
-async fn start_monitor(
-    cfg: &Config,
-    dir: &containers::Dir,
-    rec: &containers::Record,
-) -> Result<()> {
+async fn start_monitor(dir: &containers::Dir, rec: &containers::Record) -> Result<()> {
     let exe = std::env::current_exe().context("finding the husk binary")?;
     let err = std::fs::File::create(dir.0.join("monitor.log"))?;
     let mut cmd = tokio::process::Command::new(exe);
@@ -855,7 +846,6 @@ async fn start_monitor(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = cfg;
     Ok(())
 }
 
@@ -1190,7 +1180,7 @@ async fn start(ids: Vec<String>) -> Result<()> {
         }
         let rec = d.record()?;
         d.save_state(&containers::RunState::default())?;
-        start_monitor(&cfg, &d, &rec)
+        start_monitor(&d, &rec)
             .await
             .with_context(|| format!("starting {id}"))?;
         println!("{id}");

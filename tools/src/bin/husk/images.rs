@@ -99,6 +99,14 @@ impl Progress for Lines {
     }
 }
 
+/// A failed pull as the user reads it (docker's words for a missing image).
+pub fn pull_error(image: &str, e: ImageError) -> anyhow::Error {
+    match e {
+        ImageError::NotFound(m) => anyhow::anyhow!("pull access denied or image not found: {m}"),
+        e => anyhow::Error::new(e).context(format!("pulling {image}")),
+    }
+}
+
 /// Pulls `image` with docker's output on stdout.
 pub async fn pull(cfg: &Config, image: &str, quiet: bool) -> Result<ImageRecord> {
     let images = open(cfg)?;
@@ -115,12 +123,7 @@ pub async fn pull(cfg: &Config, image: &str, quiet: bool) -> Result<ImageRecord>
     };
     let rec = pull::pull(&images, image, &registries(cfg), progress)
         .await
-        .map_err(|e| match e {
-            ImageError::NotFound(m) => {
-                anyhow::anyhow!("pull access denied or image not found: {m}")
-            }
-            e => anyhow::Error::new(e).context(format!("pulling {image}")),
-        })?;
+        .map_err(|e| pull_error(image, e))?;
     if !quiet {
         println!("Digest: {}", rec.index.as_ref().unwrap_or(&rec.manifest));
         if before.is_some_and(|b| b.manifest == rec.manifest) {
