@@ -6,6 +6,12 @@
 //!   "vsock_socket": "/run/husk/x/vsock.sock", "api_socket": "/run/husk/x/api.sock" }
 //! ```
 //!
+//! `log_limit_bytes` (`--log-limit-bytes`) bounds husk-vmm's own log, its
+//! stderr (the runtime's `vmm.log`): whole lines up to that many bytes, then one
+//! line saying the rest is dropped ([`crate::logging`]); 16 MiB when absent.
+//! What is logged is chosen with `HUSK_VMM_LOG` (a tracing filter, `warn` when
+//! unset).
+//!
 //! The ready fd (`--ready-fd`) is a flag only: an fd number means something only
 //! to the process that inherited it, never in a file.
 
@@ -63,6 +69,9 @@ fn default_cid() -> u64 {
 fn default_true() -> bool {
     true
 }
+fn default_log_limit() -> u64 {
+    crate::logging::DEFAULT_LOG_LIMIT
+}
 
 /// A VM as the shim (or a person) describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +118,10 @@ pub struct VmConfig {
     /// The virtio-fs tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
     #[serde(default = "default_fs_tag")]
     pub fs_tag: String,
+    /// Bytes of husk-vmm's own log (stderr) before the rest is dropped: a
+    /// guest that makes husk-vmm complain without end must not fill `/run`.
+    #[serde(default = "default_log_limit")]
+    pub log_limit_bytes: u64,
 }
 
 /// The tag of the sandbox share (architecture: one share per sandbox).
@@ -135,6 +148,7 @@ impl Default for VmConfig {
             ready_fd: None,
             shared_dir: None,
             fs_tag: default_fs_tag(),
+            log_limit_bytes: default_log_limit(),
         }
     }
 }
@@ -221,6 +235,7 @@ mod tests {
         assert_eq!(c.memory_mib, 128);
         assert!(c.seccomp);
         assert_eq!(c.guest_cid, 3);
+        assert_eq!(c.log_limit_bytes, 16 << 20);
         let v = c.validate().unwrap();
         assert_eq!(v.kernel, PathBuf::from("/k"));
         assert!(c.base_cmdline().contains("console=ttyS0"));
@@ -243,6 +258,7 @@ mod tests {
             ready_fd: None,
             shared_dir: Some("/run/husk/x/shared".into()),
             fs_tag: "other-tag".into(),
+            log_limit_bytes: 4096,
         };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(VmConfig::from_json_str(&s, "t").unwrap(), c);

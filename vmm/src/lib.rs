@@ -5,7 +5,8 @@
 //! 8250 console and an i8042 reset line ([`devices::legacy`]) and virtio-mmio
 //! devices on virtio-queue rings ([`devices::virtio`]). [`vmm`] wires them into an
 //! epoll event loop; [`seccomp`] jails every thread. [`api`] is the shim's
-//! control socket and ready signal.
+//! control socket and ready signal. [`logging`] bounds husk-vmm's own log and
+//! rate-limits what the guest can make it say.
 //!
 //! The guest is hostile: everything read from guest memory or device registers
 //! is validated before use, and a bad ring puts its device into the virtio
@@ -18,6 +19,7 @@ pub mod cmdline;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod logging;
 pub mod memory;
 pub mod seccomp;
 pub mod vcpu;

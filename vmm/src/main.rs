@@ -5,12 +5,14 @@
 //! a vCPU fails (KVM cannot run the guest); 159 when seccomp denies a syscall.
 //! A `{"op":"shutdown"}` on the control socket (`--api-socket`) exits 0.
 
+use std::io::{Stderr, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use husk_vmm::config::VmConfig;
+use husk_vmm::logging::BoundedLog;
 
 #[derive(Parser, Debug)]
 #[command(name = "husk-vmm", about = "Husk's KVM micro-VM monitor", version)]
@@ -57,6 +59,10 @@ struct Args {
     /// An inherited fd that gets one byte, then is closed, once the guest runs.
     #[arg(long = "ready-fd")]
     ready_fd: Option<i32>,
+    /// Bytes of this process's own log (stderr) before the rest is dropped
+    /// (default 16 MiB).
+    #[arg(long = "log-limit-bytes")]
+    log_limit_bytes: Option<u64>,
 }
 
 fn build_config(args: Args) -> anyhow::Result<VmConfig> {
@@ -103,33 +109,67 @@ fn build_config(args: Args) -> anyhow::Result<VmConfig> {
     if args.api_socket.is_some() {
         c.api_socket = args.api_socket;
     }
+    if let Some(n) = args.log_limit_bytes {
+        c.log_limit_bytes = n;
+    }
     c.ready_fd = args.ready_fd;
     Ok(c)
 }
 
-fn run() -> anyhow::Result<husk_vmm::exit::ExitReason> {
-    let config = build_config(Args::parse())?;
-    let valid = config.validate()?;
-    husk_vmm::vmm::run(&valid).context("running the VM")
-}
-
-fn main() -> ExitCode {
+/// The log: tracing to stderr, bounded (see husk_vmm::logging).
+fn init_log(limit: u64) -> BoundedLog<Stderr> {
+    let log = BoundedLog::new(std::io::stderr(), limit);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HUSK_VMM_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log.clone())
         .init();
-    match run() {
+    log
+}
+
+/// The last word, outside the limit (it is one line), and never a panic if
+/// stderr is gone (`eprintln!` would panic).
+fn last_line(log: Option<&BoundedLog<Stderr>>, line: std::fmt::Arguments) {
+    let write = |o: &mut Stderr| {
+        let _ = writeln!(o, "husk-vmm: {line}");
+        if let Some((lines, bytes)) = log.map(BoundedLog::dropped).filter(|d| d.0 > 0) {
+            let _ = writeln!(
+                o,
+                "husk-vmm: {lines} log lines ({bytes} bytes) were dropped past the log limit"
+            );
+        }
+    };
+    match log {
+        Some(l) => l.with_output(write),
+        None => write(&mut std::io::stderr()),
+    }
+}
+
+fn main() -> ExitCode {
+    // The config first: its log limit sizes the log. Nothing before logs.
+    let config = match build_config(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            last_line(None, format_args!("error: {e:#}"));
+            return ExitCode::from(1);
+        }
+    };
+    let log = init_log(config.log_limit_bytes);
+    let run = config
+        .validate()
+        .map_err(anyhow::Error::from)
+        .and_then(|valid| husk_vmm::vmm::run(&valid).context("running the VM"));
+    match run {
         Ok(reason) => {
             let code = reason.exit_code();
-            eprintln!("husk-vmm: {reason}");
+            last_line(Some(&log), format_args!("{reason}"));
             // vCPU threads may still be inside KVM_RUN; exiting the process ends them.
             std::process::exit(code);
         }
         Err(e) => {
-            eprintln!("husk-vmm: error: {e:#}");
+            last_line(Some(&log), format_args!("error: {e:#}"));
             ExitCode::from(1)
         }
     }

@@ -116,7 +116,7 @@ impl Vcpu {
                         // Linux reboots through the i8042 here (`reboot=k`), so
                         // a triple fault is a guest that crashed without a
                         // panic message; where it stood is all there is to go on.
-                        tracing::warn!(
+                        crate::warn_limited!(
                             vcpu = self.index,
                             state = %self.state(),
                             "triple fault (KVM_EXIT_SHUTDOWN)"

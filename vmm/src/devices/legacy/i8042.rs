@@ -52,7 +52,7 @@ impl BusDevice for I8042 {
         if offset == COMMAND && data == [CMD_RESET_CPU] {
             // Said apart from a triple fault: a reset the guest asked for (its
             // `reboot=k` path) and one it fell into read the same otherwise.
-            tracing::warn!("the guest pulsed the i8042 reset line");
+            crate::warn_limited!("the guest pulsed the i8042 reset line");
             self.exit.exit(ExitReason::GuestReset);
         }
     }

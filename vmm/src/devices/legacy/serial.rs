@@ -150,7 +150,7 @@ impl BusDevice for SerialConsole {
             return;
         }
         if let Err(e) = self.uart.write(offset as u8, data[0]) {
-            tracing::warn!(error = ?e, "serial write failed");
+            crate::warn_limited!(error = ?e, "serial write failed");
         }
     }
 }

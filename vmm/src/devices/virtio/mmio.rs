@@ -166,7 +166,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn activate(&mut self) {
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                tracing::warn!(queue = i, "driver set up a queue outside guest memory");
+                crate::warn_limited!(queue = i, "driver set up a queue outside guest memory");
                 self.interrupt.set_needs_reset();
                 return;
             }
@@ -178,7 +178,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 Ok(q) => queues.push(q),
                 Err(_) => {
                     self.interrupt.set_needs_reset();
-                    tracing::warn!(queue = i, "queue state not usable");
+                    crate::warn_limited!(queue = i, "queue state not usable");
                     return;
                 }
             }
@@ -192,7 +192,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match self.device.activate(activation) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::warn!(error = %e, "virtio device activation failed");
+                crate::warn_limited!(error = %e, "virtio device activation failed");
                 self.interrupt.set_needs_reset();
             }
         }

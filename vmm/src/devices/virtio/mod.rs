@@ -71,7 +71,7 @@ impl Interrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
-            tracing::warn!(error = %e, "raising a virtio interrupt failed");
+            crate::warn_limited!(error = %e, "raising a virtio interrupt failed");
         }
     }
 

@@ -288,7 +288,7 @@ impl VirtioDevice for Fs {
             self.fs.destroy();
         }
         if let Err(e) = self.process_requests(index) {
-            tracing::warn!(error = %e, queue = index, "virtio-fs: malformed queue; device needs reset");
+            crate::warn_limited!(error = %e, queue = index, "virtio-fs: malformed queue; device needs reset");
         }
     }
 }

@@ -51,7 +51,7 @@ impl Rng {
             let n = (w.available().min(budget as u64) as usize).min(buf.len());
             if let Err(e) = self.source.read_exact(&mut buf[..n]) {
                 // Host entropy is gone: return what we have rather than fake bytes.
-                tracing::error!(error = %e, "reading host entropy failed");
+                crate::error_limited!(error = %e, "reading host entropy failed");
                 break;
             }
             w.write(&buf[..n])?;
@@ -110,7 +110,7 @@ impl VirtioDevice for Rng {
             return;
         }
         if let Err(e) = self.process_requests() {
-            tracing::warn!(error = %e, "virtio-rng: malformed request queue; device needs reset");
+            crate::warn_limited!(error = %e, "virtio-rng: malformed request queue; device needs reset");
         }
     }
 }

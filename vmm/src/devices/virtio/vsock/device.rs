@@ -130,7 +130,7 @@ impl<B: VsockBackend> Vsock<B> {
             },
         );
         if let Err(e) = r {
-            tracing::warn!(error = %e, "virtio-vsock: malformed ring; device needs reset");
+            crate::warn_limited!(error = %e, "virtio-vsock: malformed ring; device needs reset");
         }
     }
 

@@ -165,7 +165,7 @@ impl UnixMuxer {
             fd,
             EpollEvent::new(events, fd as u64),
         ) {
-            tracing::warn!(error = %e, "vsock: watching a host socket failed");
+            crate::warn_limited!(error = %e, "vsock: watching a host socket failed");
         }
     }
 
@@ -283,7 +283,7 @@ impl UnixMuxer {
         };
         match r {
             Ok(()) => self.timer_deadline = next,
-            Err(e) => tracing::error!(error = %e, "vsock: setting the deadline timer failed"),
+            Err(e) => crate::error_limited!(error = %e, "vsock: setting the deadline timer failed"),
         }
     }
 
@@ -293,7 +293,7 @@ impl UnixMuxer {
         if self.accept_paused_until.is_some_and(|at| at <= now) {
             self.accept_paused_until = None;
             if let Err(e) = watch_listener(&self.epoll, &self.listener) {
-                tracing::error!(error = %e, "vsock: watching the listener again failed");
+                crate::error_limited!(error = %e, "vsock: watching the listener again failed");
             }
         }
         let stale: Vec<RawFd> = self
@@ -314,7 +314,7 @@ impl UnixMuxer {
             .map(|(k, _)| *k)
             .collect();
         for key in stale {
-            tracing::warn!(
+            crate::warn_limited!(
                 guest_port = key.1,
                 "vsock: the guest did not answer a host connection in time; closing it"
             );
@@ -337,7 +337,7 @@ impl UnixMuxer {
             .collect();
         for fd in stale {
             if let Some(d) = self.draining.remove(&fd) {
-                tracing::warn!(
+                crate::warn_limited!(
                     lost = d.conn.tx_pending(),
                     "vsock: host did not read a closed stream's data in time; dropped"
                 );
@@ -425,7 +425,7 @@ impl UnixMuxer {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 // The listener is not accepting: refusing now keeps the event
                 // loop (and every other device on it) running.
-                tracing::warn!(
+                crate::warn_limited!(
                     port = h.dst_port,
                     "vsock: host listener's backlog is full; RST"
                 );
@@ -463,7 +463,7 @@ impl UnixMuxer {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    tracing::warn!(error = %e, "vsock: out of descriptors; accepting again shortly");
+                    crate::warn_limited!(error = %e, "vsock: out of descriptors; accepting again shortly");
                     self.unwatch(self.listener.as_raw_fd());
                     self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                     self.rearm_timer();
