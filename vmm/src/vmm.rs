@@ -118,6 +118,26 @@ impl MutEventSubscriber for ExitSubscriber {
     }
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard one (as virtiofsd does): a
+/// shell's soft limit of 1024 would leave a share a few hundred files. Failure
+/// only leaves the share a smaller budget.
+fn raise_nofile() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own; results checked.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0
+        }
+    };
+    if !raised {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "raising RLIMIT_NOFILE failed");
+    }
+}
+
 /// Blocks SIGTERM and SIGINT in this thread (and every thread it spawns later)
 /// and returns a signalfd that receives them, so a stop request is handled in
 /// the event loop, not in a signal handler.
@@ -311,6 +331,9 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     // agent's API and every stdio stream) or the other devices.
     let mut fs_em = None;
     if let Some(dir) = &cfg.shared_dir {
+        // The share's budget of descriptors is sized from the limit (see
+        // FsLimits), so take all the hard limit allows first.
+        raise_nofile();
         // Before seccomp: the passthrough opens /proc/self/fd and mountinfo.
         let fs = Fs::new(&cfg.fs_tag, dir, FsConfig::default()).map_err(DeviceError::from)?;
         let mut own = event_loop("virtio-fs event manager")?;

@@ -39,3 +39,19 @@ pub const FUSE_FORGET: u32 = 2;
 pub const FUSE_INTERRUPT: u32 = 36;
 pub const FUSE_DESTROY: u32 = 38;
 pub const FUSE_BATCH_FORGET: u32 = 42;
+
+/// Descriptors kept back from the share's budget for everything else husk-vmm
+/// holds: vsock's 256 guest streams and 256 host clients
+/// (`vsock::defs::{MAX_GUEST_CONNS, MAX_HOST_CONNS}`) and their pending
+/// connects, the control socket and its clients, KVM and eventfds, the
+/// console and log files. At most half the limit when the limit is small.
+pub const RESERVED_FDS: u64 = 1024;
+
+/// Ceilings on what one guest holds open through its share, whatever the
+/// descriptor limit: each inode pins an `O_PATH` file, its dentry and inode in
+/// the host kernel and an entry in the passthrough (about 1.5 KiB together),
+/// so 256 Ki inodes cost a host some 400 MiB at worst. That is more than a
+/// guest's own inode cache keeps for a large container image (a node or
+/// python image has 30 to 100 thousand files); open files are fewer.
+pub const MAX_INODES: usize = 1 << 18;
+pub const MAX_HANDLES: usize = 1 << 16;

@@ -13,7 +13,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::ByteValued;
 
 use super::defs::*;
-use super::jail::{FsConfig, Jail};
+use super::jail::{FsConfig, FsLimits, Jail};
 use crate::devices::virtio::chain::{self, ChainError};
 use crate::devices::virtio::defs::F_VERSION_1;
 use crate::devices::virtio::state::DeviceState;
@@ -116,7 +116,7 @@ impl Fs {
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
 
-        tracing::info!(tag, dir = %canonical.display(), ?cfg, "virtio-fs share");
+        tracing::info!(tag, dir = %canonical.display(), ?cfg, limits = ?fs.limits(), "virtio-fs share");
         Ok(Fs {
             tag: tag.to_owned(),
             shared_dir: canonical,
@@ -136,6 +136,16 @@ impl Fs {
     /// The canonical path of the shared directory.
     pub fn shared_dir(&self) -> &Path {
         &self.shared_dir
+    }
+
+    /// What the guest may hold open on the host through this share.
+    pub fn limits(&self) -> FsLimits {
+        self.fs.limits()
+    }
+
+    /// Inodes and open files the guest holds now (at most [`Fs::limits`]).
+    pub fn held(&self) -> (usize, usize) {
+        self.fs.held()
     }
 
     /// Serves one request; returns the bytes written into the chain.

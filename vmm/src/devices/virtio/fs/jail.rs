@@ -2,8 +2,10 @@
 //! refuses what could reach outside the shared directory (the module doc of
 //! [`super`] explains why each rule is there).
 
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::io;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -14,6 +16,8 @@ use fuse_backend_rs::api::filesystem::{
     ZeroCopyWriter,
 };
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+use super::defs::{MAX_HANDLES, MAX_INODES, RESERVED_FDS};
 
 /// How the guest may cache what it reads from the share.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -35,6 +39,60 @@ pub struct FsConfig {
     pub cache: Cache,
     /// Let the guest coalesce writes in its page cache (needs exclusive access).
     pub writeback: bool,
+    /// What the guest may hold open on the host; [`FsLimits::for_this_process`]
+    /// when `None`.
+    pub limits: Option<FsLimits>,
+}
+
+/// How many host objects the guest may hold through a share. Each inode the
+/// guest has looked up (and not forgotten) is an `O_PATH` descriptor in
+/// husk-vmm, each open file or directory another; without a bound a guest that
+/// never sends FORGET or RELEASE would spend all of husk-vmm's descriptors, and
+/// vsock (the agent's only line to the host) could no longer accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsLimits {
+    /// Inodes held (looked up, created, linked, listed by READDIRPLUS) at once,
+    /// the root not counted. Past it a request that would reach a new inode
+    /// gets `ENFILE`; inodes already held still resolve.
+    pub inodes: usize,
+    /// Open files and directories (OPEN, OPENDIR, CREATE without RELEASE). Past
+    /// it those get `ENFILE`.
+    pub handles: usize,
+}
+
+impl FsLimits {
+    /// The budget for a process whose `RLIMIT_NOFILE` soft limit is `nofile`:
+    /// [`RESERVED_FDS`] (at most half of it) kept back for the rest of
+    /// husk-vmm, three quarters of what is left for inodes and a quarter for
+    /// open files, each at most [`MAX_INODES`] / [`MAX_HANDLES`].
+    pub fn from_nofile(nofile: u64) -> FsLimits {
+        let reserved = RESERVED_FDS.min(nofile / 2);
+        let budget = nofile - reserved;
+        let inodes = budget / 4 * 3;
+        let handles = budget - inodes;
+        let clamp = |n: u64, max: usize| usize::try_from(n).unwrap_or(usize::MAX).min(max);
+        FsLimits {
+            inodes: clamp(inodes, MAX_INODES),
+            handles: clamp(handles, MAX_HANDLES),
+        }
+    }
+
+    /// [`FsLimits::from_nofile`] of this process's soft limit now (husk-vmm
+    /// raises it to the hard limit before it makes devices, see `vmm::run`).
+    pub fn for_this_process() -> FsLimits {
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into memory we own.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 {
+            rl.rlim_cur
+        } else {
+            // The usual default; getrlimit cannot fail for a valid resource.
+            1024
+        };
+        Self::from_nofile(soft)
+    }
 }
 
 /// `__O_TMPFILE` without the `O_DIRECTORY` bit that `O_TMPFILE` includes.
@@ -46,6 +104,37 @@ fn einval() -> io::Error {
 
 fn enosys() -> io::Error {
     io::Error::from_raw_os_error(libc::ENOSYS)
+}
+
+fn eperm() -> io::Error {
+    io::Error::from_raw_os_error(libc::EPERM)
+}
+
+/// `ENFILE` ("too many open files in system"), for the share's own budget:
+/// distinct from the host's `EMFILE`, and what the guest's open(2) passes on.
+fn enfile() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENFILE)
+}
+
+/// FUSE's node id of the share root.
+const ROOT_ID: u64 = fuse_backend_rs::api::filesystem::ROOT_ID;
+
+/// SETATTR fields that change the share root: its mode, owner, size and times
+/// belong to the host (the runtime made it, with the mode it chose). `FH` and
+/// `LOCKOWNER` only say how the request is addressed.
+fn changes_attributes(valid: SetattrValid) -> bool {
+    valid.intersects(
+        SetattrValid::MODE
+            | SetattrValid::UID
+            | SetattrValid::GID
+            | SetattrValid::SIZE
+            | SetattrValid::ATIME
+            | SetattrValid::MTIME
+            | SetattrValid::ATIME_NOW
+            | SetattrValid::MTIME_NOW
+            | SetattrValid::CTIME
+            | SetattrValid::KILL_SUIDGID,
+    )
 }
 
 /// A name the guest wants to resolve or create in one directory: a single path
@@ -96,9 +185,21 @@ impl Drop for UmaskGuard {
     }
 }
 
+/// What the guest holds, mirrored from the passthrough's own books (which it
+/// does not expose): each inode's lookup count as the passthrough keeps it
+/// (+1 per entry handed to the guest, -n per FORGET of n, gone at 0), and the
+/// open handles.
+#[derive(Default)]
+struct Held {
+    inodes: HashMap<u64, u64>,
+    handles: HashSet<u64>,
+}
+
 /// The jailed passthrough file system.
 pub struct Jail {
     inner: PassthroughFs<()>,
+    limits: FsLimits,
+    held: Mutex<Held>,
 }
 
 impl Jail {
@@ -136,7 +237,105 @@ impl Jail {
         };
         Ok(Jail {
             inner: PassthroughFs::new(config)?,
+            limits: cfg.limits.unwrap_or_else(FsLimits::for_this_process),
+            held: Mutex::new(Held::default()),
         })
+    }
+
+    pub fn limits(&self) -> FsLimits {
+        self.limits
+    }
+
+    /// Inodes and handles the guest holds now.
+    pub fn held(&self) -> (usize, usize) {
+        let h = self.held_mut();
+        (h.inodes.len(), h.handles.len())
+    }
+
+    fn held_mut(&self) -> MutexGuard<'_, Held> {
+        // Held only for bookkeeping, never across a call into the passthrough.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses a request that makes a new inode when the guest holds its most.
+    fn room_for_inode(&self) -> io::Result<()> {
+        if self.held_mut().inodes.len() >= self.limits.inodes {
+            crate::warn_limited!(
+                limit = self.limits.inodes,
+                "virtio-fs: the guest holds its most inodes; ENFILE"
+            );
+            return Err(enfile());
+        }
+        Ok(())
+    }
+
+    fn room_for_handle(&self) -> io::Result<()> {
+        if self.held_mut().handles.len() >= self.limits.handles {
+            crate::warn_limited!(
+                limit = self.limits.handles,
+                "virtio-fs: the guest holds its most open files; ENFILE"
+            );
+            return Err(enfile());
+        }
+        Ok(())
+    }
+
+    /// Books an entry the passthrough is about to hand to the guest (it took
+    /// one lookup count on it). A new inode past the limit is forgotten again
+    /// at once, which closes its descriptor, and the request gets `ENFILE`.
+    fn admit(&self, ctx: &Context, inode: u64) -> io::Result<()> {
+        // The passthrough never forgets the root (and counts it on its own).
+        if inode == ROOT_ID {
+            return Ok(());
+        }
+        let mut held = self.held_mut();
+        if let Some(n) = held.inodes.get_mut(&inode) {
+            *n = n.saturating_add(1);
+            return Ok(());
+        }
+        if held.inodes.len() >= self.limits.inodes {
+            drop(held);
+            self.inner.forget(ctx, inode, 1);
+            crate::warn_limited!(
+                limit = self.limits.inodes,
+                "virtio-fs: the guest holds its most inodes; ENFILE"
+            );
+            return Err(enfile());
+        }
+        held.inodes.insert(inode, 1);
+        Ok(())
+    }
+
+    /// Takes `count` lookups off the books, as the passthrough's FORGET does.
+    fn unbook(held: &mut Held, inode: u64, count: u64) {
+        if let Some(n) = held.inodes.get_mut(&inode) {
+            *n = n.saturating_sub(count);
+            if *n == 0 {
+                held.inodes.remove(&inode);
+            }
+        }
+    }
+
+    fn opened(&self, handle: Option<u64>) {
+        if let Some(h) = handle {
+            self.held_mut().handles.insert(h);
+        }
+    }
+
+    fn closed(&self, handle: u64, res: io::Result<()>) -> io::Result<()> {
+        // The passthrough drops the handle only when it belongs to the inode
+        // (else EBADF and it stays).
+        if res.is_ok() {
+            self.held_mut().handles.remove(&handle);
+        }
+        res
+    }
+
+    /// An entry-making request (MKDIR, MKNOD, SYMLINK, LINK) past the room check.
+    fn made(&self, ctx: &Context, res: io::Result<Entry>) -> io::Result<Entry> {
+        let entry = res?;
+        self.admit(ctx, entry.inode)?;
+        Ok(entry)
     }
 }
 
@@ -159,19 +358,31 @@ impl FileSystem for Jail {
     fn destroy(&self) {
         // Drops every inode and handle, then re-imports the root (umask 0 again).
         let _umask = UmaskGuard::zero();
-        self.inner.destroy()
+        self.inner.destroy();
+        *self.held_mut() = Held::default();
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         check_name(name)?;
-        self.inner.lookup(ctx, parent, name)
+        // Served at the inode limit too: a name the guest already holds
+        // resolves, only a new inode is refused (see `admit`).
+        let entry = self.inner.lookup(ctx, parent, name)?;
+        self.admit(ctx, entry.inode)?;
+        Ok(entry)
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
-        self.inner.forget(ctx, inode, count)
+        self.inner.forget(ctx, inode, count);
+        Self::unbook(&mut self.held_mut(), inode, count);
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        {
+            let mut held = self.held_mut();
+            for &(inode, count) in &requests {
+                Self::unbook(&mut held, inode, count);
+            }
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -192,6 +403,13 @@ impl FileSystem for Jail {
         handle: Option<u64>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
+        if inode == ROOT_ID && changes_attributes(valid) {
+            crate::warn_limited!(
+                valid = valid.bits(),
+                "virtio-fs: refused SETATTR on the share root"
+            );
+            return Err(eperm());
+        }
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -209,8 +427,9 @@ impl FileSystem for Jail {
         // The target is stored verbatim: it means something only in the guest,
         // which resolves it; the host never follows it.
         check_name(name)?;
+        self.room_for_inode()?;
         let _umask = UmaskGuard::zero();
-        self.inner.symlink(ctx, linkname, parent, name)
+        self.made(ctx, self.inner.symlink(ctx, linkname, parent, name))
     }
 
     fn mknod(
@@ -233,10 +452,11 @@ impl FileSystem for Jail {
         };
         if !allowed {
             tracing::debug!(mode, rdev, "virtio-fs: refused a device node");
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
+            return Err(eperm());
         }
+        self.room_for_inode()?;
         let _umask = UmaskGuard::zero();
-        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+        self.made(ctx, self.inner.mknod(ctx, parent, name, mode, rdev, umask))
     }
 
     fn mkdir(
@@ -248,8 +468,9 @@ impl FileSystem for Jail {
         umask: u32,
     ) -> io::Result<Entry> {
         check_name(name)?;
+        self.room_for_inode()?;
         let _umask = UmaskGuard::zero();
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        self.made(ctx, self.inner.mkdir(ctx, parent, name, mode, umask))
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -279,7 +500,12 @@ impl FileSystem for Jail {
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         check_name(newname)?;
-        self.inner.link(ctx, inode, newparent, newname)
+        // Directories cannot be hard-linked anyway; the root gets a clear no.
+        if inode == ROOT_ID {
+            return Err(eperm());
+        }
+        self.room_for_inode()?;
+        self.made(ctx, self.inner.link(ctx, inode, newparent, newname))
     }
 
     fn open(
@@ -290,7 +516,10 @@ impl FileSystem for Jail {
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         check_open_flags(flags)?;
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        self.room_for_handle()?;
+        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        self.opened(opened.0);
+        Ok(opened)
     }
 
     fn create(
@@ -302,11 +531,58 @@ impl FileSystem for Jail {
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         check_name(name)?;
         check_open_flags(args.flags)?;
+        self.room_for_inode()?;
+        self.room_for_handle()?;
         // The passthrough creates with O_CREAT | O_EXCL, which already refuses a
         // final symlink; O_NOFOLLOW keeps that true whatever the flags become.
         args.flags |= libc::O_NOFOLLOW as u32;
-        let _umask = UmaskGuard::zero();
-        self.inner.create(ctx, parent, name, args)
+        let excl = libc::O_EXCL as u32;
+        let created = {
+            let _umask = UmaskGuard::zero();
+            // Always exclusive: without O_EXCL the passthrough opens an
+            // existing file after its lookup, and when that open fails the
+            // lookup count stays taken with no entry for the guest to forget
+            // (a descriptor per file, off the books). An existing file is
+            // opened below instead, as LOOKUP + OPEN, each booked.
+            self.inner.create(
+                ctx,
+                parent,
+                name,
+                CreateIn {
+                    flags: args.flags | excl,
+                    ..args
+                },
+            )
+        };
+        match created {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && args.flags & excl == 0 => {
+                let entry = self.lookup(ctx, parent, name)?;
+                let flags = args.flags & !(libc::O_CREAT as u32);
+                match self.inner.open(ctx, entry.inode, flags, args.fuse_flags) {
+                    Ok((handle, opts, passthrough)) => {
+                        self.opened(handle);
+                        Ok((entry, handle, opts, passthrough))
+                    }
+                    Err(e) => {
+                        self.forget(ctx, entry.inode, 1);
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => Err(e),
+            Ok(c) => {
+                if let Err(e) = self.admit(ctx, c.0.inode) {
+                    // Cannot happen after the room check (one thread serves the
+                    // share); if it did, the handle goes too.
+                    if let Some(h) = c.1 {
+                        let _ = self.inner.release(ctx, c.0.inode, 0, h, false, false, None);
+                    }
+                    return Err(e);
+                }
+                self.opened(c.1);
+                Ok(c)
+            }
+        }
     }
 
     fn read(
@@ -382,8 +658,10 @@ impl FileSystem for Jail {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+        let res = self
+            .inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner);
+        self.closed(handle, res)
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
@@ -428,7 +706,10 @@ impl FileSystem for Jail {
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         check_open_flags(flags)?;
-        self.inner.opendir(ctx, inode, flags)
+        self.room_for_handle()?;
+        let opened = self.inner.opendir(ctx, inode, flags)?;
+        self.opened(opened.0);
+        Ok(opened)
     }
 
     fn readdir(
@@ -453,8 +734,24 @@ impl FileSystem for Jail {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        // The passthrough looks up each entry it lists (one count each, given
+        // back by itself when the entry does not fit the reply).
         self.inner
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+            .readdirplus(ctx, inode, handle, size, offset, &mut |dirent, entry| {
+                let ino = entry.inode;
+                if self.admit(ctx, ino).is_err() {
+                    // Past the inode limit: the name without a node id (the
+                    // FUSE client then just looks it up later, when it needs
+                    // it). `admit` has forgotten the inode already, so the
+                    // passthrough's own forget on a full reply finds nothing.
+                    return add_entry(dirent, Entry { inode: 0, ..entry });
+                }
+                let res = add_entry(dirent, entry);
+                if let Ok(0) = res {
+                    Self::unbook(&mut self.held_mut(), ino, 1);
+                }
+                res
+            })
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -462,7 +759,8 @@ impl FileSystem for Jail {
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        let res = self.inner.releasedir(ctx, inode, flags, handle);
+        self.closed(handle, res)
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {

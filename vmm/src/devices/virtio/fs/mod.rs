@@ -56,6 +56,36 @@
 //!   host devices; only regular files, FIFOs, sockets and overlayfs whiteouts
 //!   (char 0:0) are made.
 //!
+//! - **The root is the host's.** Its mode, owner, size and times are what the
+//!   runtime made: SETATTR of any of them on node id 1 is `EPERM`, and so is a
+//!   LINK of it. Nothing can name the root to UNLINK, RMDIR or RENAME it (names
+//!   are single components, `.` and `..` refused), so those need no rule.
+//!
+//! # Bounds
+//!
+//! Each inode the guest holds (looked up and not yet forgotten) is an `O_PATH`
+//! descriptor in husk-vmm, each open file or directory another. A guest that
+//! never sends FORGET or RELEASE must not spend husk-vmm's descriptors (vsock,
+//! the agent's line, needs its own), so the jail keeps the books the
+//! passthrough does not show: each inode's lookup count (+1 per entry it hands
+//! out, -n per FORGET or BATCH_FORGET of n) and the open handles (+OPEN,
+//! OPENDIR, CREATE, -RELEASE, RELEASEDIR), both cleared at DESTROY and device
+//! reset. Past [`FsLimits`] (by default sized from `RLIMIT_NOFILE`, which
+//! husk-vmm raises to its hard limit, keeping 1024 back, at most 256 Ki inodes
+//! and 64 Ki open files):
+//!
+//! - a request that would make the guest hold a new inode gets `ENFILE`:
+//!   MKDIR, MKNOD, SYMLINK, LINK and CREATE before touching the host; a LOOKUP
+//!   of an inode not yet held is forgotten again at once (its descriptor
+//!   closed), while one already held still resolves; READDIRPLUS lists such
+//!   entries with node id 0, which the guest takes as "look it up later";
+//! - OPEN, OPENDIR and CREATE get `ENFILE`.
+//!
+//! CREATE is always exclusive towards the passthrough: without `O_EXCL`, and
+//! when the name exists, it is served as LOOKUP then OPEN, because the
+//! passthrough's own path keeps a lookup count (a descriptor) when the open
+//! fails, with no entry the guest could forget.
+//!
 //! What stays the host's business: hard links or bind mounts that the host itself
 //! placed inside the share, and host processes that move directories out of it
 //! while the guest runs. Files the guest makes setuid stay setuid on the host
@@ -82,7 +112,7 @@ mod device;
 mod jail;
 
 pub use device::{Fs, FsError};
-pub use jail::{Cache, FsConfig};
+pub use jail::{Cache, FsConfig, FsLimits};
 
 #[cfg(test)]
 mod tests;

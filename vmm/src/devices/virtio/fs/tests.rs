@@ -7,8 +7,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, CreateIn, EntryOut, GetattrIn, GetxattrIn, InHeader, InitIn, InitOut, MkdirIn,
-    MknodIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, SetxattrIn, WriteIn, WriteOut,
+    AttrOut, BatchForgetIn, CreateIn, EntryOut, ForgetOne, GetattrIn, GetxattrIn, InHeader, InitIn,
+    InitOut, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn,
+    SetattrIn, SetxattrIn, WriteIn, WriteOut,
 };
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -16,7 +17,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::defs::*;
-use super::{Fs, FsConfig, FsError};
+use super::{Fs, FsConfig, FsError, FsLimits};
 use crate::devices::virtio::chain::test_utils::{desc, memory, publish};
 use crate::devices::virtio::defs::F_VERSION_1;
 use crate::devices::virtio::{ActivateError, Activation, Interrupt, VirtioDevice};
@@ -26,10 +27,15 @@ use crate::memory::GuestMemoryMmap;
 const LOOKUP: u32 = 1;
 const FORGET: u32 = 2;
 const GETATTR: u32 = 3;
+const SETATTR: u32 = 4;
 const READLINK: u32 = 5;
 const SYMLINK: u32 = 6;
 const MKNOD: u32 = 8;
 const MKDIR: u32 = 9;
+const UNLINK: u32 = 10;
+const RMDIR: u32 = 11;
+const RENAME: u32 = 12;
+const LINK: u32 = 13;
 const OPEN: u32 = 14;
 const READ: u32 = 15;
 const WRITE: u32 = 16;
@@ -39,6 +45,9 @@ const GETXATTR: u32 = 22;
 const LISTXATTR: u32 = 23;
 const INIT: u32 = 26;
 const OPENDIR: u32 = 27;
+const RELEASEDIR: u32 = 29;
+const BATCH_FORGET: u32 = 42;
+const READDIRPLUS: u32 = 44;
 const IOCTL: u32 = 39;
 const CREATE: u32 = 35;
 
@@ -74,7 +83,23 @@ fn cat(parts: &[&[u8]]) -> Vec<u8> {
 
 impl<'a> Guest<'a> {
     fn new(mem: &'a GuestMemoryMmap, dir: &Path) -> Self {
-        let dev = Fs::new("share", dir, FsConfig::default()).unwrap();
+        Self::with_config(mem, dir, FsConfig::default())
+    }
+
+    fn with_limits(mem: &'a GuestMemoryMmap, dir: &Path, inodes: usize, handles: usize) -> Self {
+        let limits = Some(FsLimits { inodes, handles });
+        Self::with_config(
+            mem,
+            dir,
+            FsConfig {
+                limits,
+                ..FsConfig::default()
+            },
+        )
+    }
+
+    fn with_config(mem: &'a GuestMemoryMmap, dir: &Path, cfg: FsConfig) -> Self {
+        let dev = Fs::new("share", dir, cfg).unwrap();
         let mut g = Guest {
             _serial: SERIAL.lock().unwrap_or_else(|e| e.into_inner()),
             mem,
@@ -210,6 +235,61 @@ impl<'a> Guest<'a> {
             .as_slice(),
         )?;
         Ok(o.fh)
+    }
+
+    fn release(&mut self, node: u64, fh: u64) -> Result<(), i32> {
+        let rel = ReleaseIn {
+            fh,
+            ..Default::default()
+        };
+        self.call(RELEASE, node, rel.as_slice()).map(drop)
+    }
+
+    fn opendir(&mut self, node: u64) -> Result<u64, i32> {
+        let od = OpenIn {
+            flags: libc::O_RDONLY as u32 | libc::O_DIRECTORY as u32,
+            fuse_flags: 0,
+        };
+        let o: OpenOut = self.obj(OPENDIR, node, od.as_slice())?;
+        Ok(o.fh)
+    }
+
+    fn mkdir(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
+        let m = MkdirIn {
+            mode: 0o755,
+            umask: 0,
+        };
+        self.obj(MKDIR, parent, &cat(&[m.as_slice(), &c(name)]))
+    }
+
+    fn setattr(&mut self, node: u64, attr: SetattrIn) -> Result<AttrOut, i32> {
+        self.obj(SETATTR, node, attr.as_slice())
+    }
+
+    /// FORGET on the hiprio queue (no reply).
+    fn forget(&mut self, node: u64, n: u64) {
+        let h = self.header(FORGET, node, 8);
+        let req = cat(&[h.as_slice(), &n.to_le_bytes()]);
+        self.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        let used = self.send(0, &[desc(REQ, req.len() as u32, false, None)]);
+        assert_eq!(used, Some(0));
+    }
+
+    fn batch_forget(&mut self, nodes: &[(u64, u64)]) {
+        let mut body = BatchForgetIn {
+            count: nodes.len() as u32,
+            dummy: 0,
+        }
+        .as_slice()
+        .to_vec();
+        for &(nodeid, nlookup) in nodes {
+            body.extend_from_slice(ForgetOne { nodeid, nlookup }.as_slice());
+        }
+        let h = self.header(BATCH_FORGET, 0, body.len());
+        let req = cat(&[h.as_slice(), &body]);
+        self.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        let used = self.send(0, &[desc(REQ, req.len() as u32, false, None)]);
+        assert_eq!(used, Some(0));
     }
 
     fn read(&mut self, node: u64, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
@@ -755,4 +835,322 @@ fn malformed_chains_need_reset() {
         None
     );
     assert!(g.irq.needs_reset());
+}
+
+#[test]
+fn the_share_roots_attributes_are_the_hosts() {
+    let dir = share();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o751)).unwrap();
+    let before = std::fs::metadata(dir.path()).unwrap();
+    let mem = memory();
+    let mut g = Guest::new(&mem, dir.path());
+    g.init();
+    // FATTR_* (include/uapi/linux/fuse.h).
+    let (mode, uid, gid, size, atime, mtime, fh, atime_now, mtime_now, ctime) =
+        (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024);
+    for valid in [
+        mode,
+        uid,
+        gid,
+        uid | gid,
+        size,
+        atime,
+        mtime,
+        atime_now | mtime_now,
+        ctime,
+        mode | fh,
+    ] {
+        let a = SetattrIn {
+            valid,
+            mode: libc::S_IFDIR | 0o777,
+            uid: 1234,
+            gid: 1234,
+            atime: 1,
+            mtime: 1,
+            ..Default::default()
+        };
+        assert_eq!(g.setattr(ROOT, a).unwrap_err(), libc::EPERM, "{valid:#x}");
+    }
+    let after = std::fs::metadata(dir.path()).unwrap();
+    assert_eq!(after.permissions().mode(), before.permissions().mode());
+    assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+    assert_eq!(after.mtime(), before.mtime());
+    // A SETATTR that changes nothing is no refusal; the root stays readable.
+    g.setattr(ROOT, SetattrIn::default()).unwrap();
+    // Everything below the root is the guest's.
+    let f = g.lookup(ROOT, "hello.txt").unwrap();
+    let a = SetattrIn {
+        valid: mode,
+        mode: libc::S_IFREG | 0o600,
+        ..Default::default()
+    };
+    assert_eq!(g.setattr(f.nodeid, a).unwrap().attr.mode & 0o777, 0o600);
+    let sub = g.lookup(ROOT, "sub").unwrap();
+    let a = SetattrIn {
+        valid: mode,
+        mode: libc::S_IFDIR | 0o700,
+        ..Default::default()
+    };
+    g.setattr(sub.nodeid, a).unwrap();
+    // The root has no name to unlink, remove, rename or link it by.
+    for op in [UNLINK, RMDIR] {
+        for name in [".", "..", ""] {
+            assert_eq!(g.call(op, ROOT, &c(name)).unwrap_err(), libc::EINVAL);
+        }
+    }
+    let r = RenameIn { newdir: sub.nodeid };
+    assert_eq!(
+        g.call(RENAME, ROOT, &cat(&[r.as_slice(), &c("."), &c("moved")]))
+            .unwrap_err(),
+        libc::EINVAL
+    );
+    let l = LinkIn { oldnodeid: ROOT };
+    assert_eq!(
+        g.call(LINK, sub.nodeid, &cat(&[l.as_slice(), &c("root")]))
+            .unwrap_err(),
+        libc::EPERM
+    );
+    assert!(dir.path().join("hello.txt").exists());
+    assert!(!dir.path().join("sub/moved").exists() && !dir.path().join("sub/root").exists());
+}
+
+#[test]
+fn inodes_past_the_limit_get_enfile_and_forget_gives_them_back() {
+    let dir = share();
+    for i in 0..4 {
+        std::fs::write(dir.path().join(format!("f{i}")), b"x").unwrap();
+    }
+    let mem = memory();
+    let mut g = Guest::with_limits(&mem, dir.path(), 3, 100);
+    g.init();
+    assert_eq!(g.dev.held(), (0, 0));
+    let f0 = g.lookup(ROOT, "f0").unwrap();
+    let sub = g.lookup(ROOT, "sub").unwrap();
+    let inner = g.lookup(sub.nodeid, "inner").unwrap();
+    assert_eq!(g.dev.held(), (3, 0));
+    // At the limit: what the guest holds still resolves (no new descriptor)...
+    for _ in 0..10 {
+        assert_eq!(g.lookup(ROOT, "f0").unwrap().nodeid, f0.nodeid);
+    }
+    // ...a new inode does not, and nothing is made on the host.
+    for name in ["f1", "f2", "hello.txt"] {
+        assert_eq!(g.lookup(ROOT, name).unwrap_err(), libc::ENFILE, "{name}");
+    }
+    assert_eq!(g.mkdir(ROOT, "newdir").unwrap_err(), libc::ENFILE);
+    assert_eq!(
+        g.create(ROOT, "new", libc::O_RDWR | libc::O_CREAT, 0o100644)
+            .unwrap_err(),
+        libc::ENFILE
+    );
+    let l = LinkIn {
+        oldnodeid: f0.nodeid,
+    };
+    assert_eq!(
+        g.call(LINK, ROOT, &cat(&[l.as_slice(), &c("f0link")]))
+            .unwrap_err(),
+        libc::ENFILE
+    );
+    let s = cat(&[&c("lnk"), &c("target")]);
+    assert_eq!(g.call(SYMLINK, ROOT, &s).unwrap_err(), libc::ENFILE);
+    for p in ["newdir", "new", "f0link", "lnk"] {
+        assert!(
+            std::fs::symlink_metadata(dir.path().join(p)).is_err(),
+            "{p}"
+        );
+    }
+    assert_eq!(g.dev.held(), (3, 0));
+    // f0 was looked up 11 times: 10 FORGETs leave it held...
+    g.forget(f0.nodeid, 10);
+    assert_eq!(g.lookup(ROOT, "f1").unwrap_err(), libc::ENFILE);
+    // ...the 11th gives its room back.
+    g.forget(f0.nodeid, 1);
+    assert_eq!(g.dev.held(), (2, 0));
+    let f1 = g.lookup(ROOT, "f1").unwrap();
+    assert_eq!(g.lookup(ROOT, "f2").unwrap_err(), libc::ENFILE);
+    // BATCH_FORGET too; forgetting what the guest never held changes nothing.
+    g.batch_forget(&[(inner.nodeid, 1), (sub.nodeid, 1), (999, 5), (ROOT, 9)]);
+    assert_eq!(g.dev.held(), (1, 0));
+    g.mkdir(ROOT, "newdir").unwrap();
+    g.lookup(ROOT, "f2").unwrap();
+    assert_eq!(g.lookup(ROOT, "f3").unwrap_err(), libc::ENFILE);
+    g.forget(f1.nodeid, u64::MAX);
+    g.lookup(ROOT, "f3").unwrap();
+    assert_eq!(g.dev.held(), (3, 0));
+    // A device reset drops everything the previous driver held.
+    g.dev.reset();
+    g.irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    g.queues = [
+        MockSplitQueue::create(&mem, GuestAddress(0x1000), 16),
+        MockSplitQueue::create(&mem, GuestAddress(0x4000), 16),
+    ];
+    g.activate();
+    g.init();
+    assert_eq!(g.dev.held(), (0, 0));
+    g.lookup(ROOT, "hello.txt").unwrap();
+}
+
+#[test]
+fn open_files_past_the_limit_get_enfile_and_release_gives_them_back() {
+    let dir = share();
+    let mem = memory();
+    let mut g = Guest::with_limits(&mem, dir.path(), 100, 2);
+    g.init();
+    let f = g.lookup(ROOT, "hello.txt").unwrap();
+    let sub = g.lookup(ROOT, "sub").unwrap();
+    let a = g.open(f.nodeid, libc::O_RDONLY).unwrap();
+    let d = g.opendir(sub.nodeid).unwrap();
+    assert_eq!(g.dev.held(), (2, 2));
+    assert_eq!(g.open(f.nodeid, libc::O_RDONLY).unwrap_err(), libc::ENFILE);
+    assert_eq!(g.opendir(ROOT).unwrap_err(), libc::ENFILE);
+    assert_eq!(
+        g.create(ROOT, "new", libc::O_RDWR | libc::O_CREAT, 0o100644)
+            .unwrap_err(),
+        libc::ENFILE
+    );
+    assert!(!dir.path().join("new").exists());
+    // A RELEASE of a handle through the wrong inode releases nothing.
+    assert_eq!(g.release(sub.nodeid, a).unwrap_err(), libc::EBADF);
+    assert_eq!(g.open(f.nodeid, libc::O_RDONLY).unwrap_err(), libc::ENFILE);
+    g.release(f.nodeid, a).unwrap();
+    assert_eq!(g.dev.held(), (2, 1));
+    let b = g.open(f.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(g.read(f.nodeid, b, 100).unwrap(), b"hello world");
+    assert_eq!(g.opendir(ROOT).unwrap_err(), libc::ENFILE);
+    let rel = ReleaseIn {
+        fh: d,
+        ..Default::default()
+    };
+    g.call(RELEASEDIR, sub.nodeid, rel.as_slice()).unwrap();
+    let (e, o) = g
+        .create(ROOT, "new", libc::O_RDWR | libc::O_CREAT, 0o100644)
+        .unwrap();
+    assert_eq!(g.dev.held(), (3, 2));
+    g.release(e.nodeid, o.fh).unwrap();
+    g.release(f.nodeid, b).unwrap();
+    assert_eq!(g.dev.held(), (3, 0));
+}
+
+#[test]
+fn create_of_an_existing_name_is_booked_and_leaks_nothing() {
+    let dir = share();
+    let mem = memory();
+    let mut g = Guest::with_limits(&mem, dir.path(), 100, 100);
+    g.init();
+    // Without O_EXCL an existing file is opened (with O_TRUNC, truncated).
+    let (e, o) = g
+        .create(ROOT, "hello.txt", libc::O_RDWR | libc::O_CREAT, 0o100644)
+        .unwrap();
+    assert_eq!(e.attr.size, 11);
+    assert_eq!(g.read(e.nodeid, o.fh, 100).unwrap(), b"hello world");
+    assert_eq!(g.dev.held(), (1, 1));
+    // With O_EXCL it is EEXIST, and nothing is held.
+    assert_eq!(
+        g.create(
+            ROOT,
+            "hello.txt",
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+            0o100644
+        )
+        .unwrap_err(),
+        libc::EEXIST
+    );
+    // An existing directory cannot be opened for writing: the error, and the
+    // lookup taken on the way is given back (the passthrough alone kept it).
+    for _ in 0..20 {
+        assert_eq!(
+            g.create(ROOT, "sub", libc::O_WRONLY | libc::O_CREAT, 0o100644)
+                .unwrap_err(),
+            libc::EISDIR
+        );
+    }
+    assert_eq!(g.dev.held(), (1, 1));
+    g.release(e.nodeid, o.fh).unwrap();
+    g.forget(e.nodeid, 1);
+    assert_eq!(g.dev.held(), (0, 0));
+}
+
+/// (name, node id) of each entry in a READDIRPLUS reply.
+fn direntplus(mut p: &[u8]) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let entry = std::mem::size_of::<EntryOut>();
+    while p.len() >= entry + 24 {
+        let e = EntryOut::from_slice(&p[..entry]).unwrap();
+        let d = &p[entry..];
+        let namelen = u32::from_le_bytes(d[16..20].try_into().unwrap()) as usize;
+        let name = String::from_utf8_lossy(&d[24..24 + namelen]).into_owned();
+        out.push((name, e.nodeid));
+        let len = entry + (24 + namelen).next_multiple_of(8);
+        p = &p[len.min(p.len())..];
+    }
+    out
+}
+
+#[test]
+fn readdirplus_past_the_inode_limit_lists_names_without_node_ids() {
+    let dir = share();
+    let mem = memory();
+    let mut g = Guest::with_limits(&mem, dir.path(), 1, 10);
+    g.init();
+    let fh = g.opendir(ROOT).unwrap();
+    let r = ReadIn {
+        fh,
+        size: 4096,
+        ..Default::default()
+    };
+    let list = direntplus(&g.call(READDIRPLUS, ROOT, r.as_slice()).unwrap());
+    let mut names: Vec<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    // (The passthrough leaves out "." and "..".)
+    assert_eq!(names, ["hello.txt", "sub"]);
+    // One of the two children got a node id (the limit), the other none.
+    let ids: Vec<u64> = list
+        .iter()
+        .filter(|(n, _)| n == "hello.txt" || n == "sub")
+        .map(|(_, id)| *id)
+        .collect();
+    assert_eq!(ids.iter().filter(|id| **id != 0).count(), 1, "{list:?}");
+    assert_eq!(g.dev.held(), (1, 1));
+    let held = *ids.iter().find(|id| **id != 0).unwrap();
+    g.forget(held, 1);
+    assert_eq!(g.dev.held(), (0, 1));
+}
+
+#[test]
+fn the_descriptor_budget_follows_rlimit_nofile() {
+    // A shell's 1024: half kept back, the rest three to one.
+    assert_eq!(
+        FsLimits::from_nofile(1024),
+        FsLimits {
+            inodes: 384,
+            handles: 128
+        }
+    );
+    assert_eq!(
+        FsLimits::from_nofile(65536),
+        FsLimits {
+            inodes: 48384,
+            handles: 16128
+        }
+    );
+    // containerd's 1048576: the ceilings.
+    assert_eq!(
+        FsLimits::from_nofile(1 << 20),
+        FsLimits {
+            inodes: MAX_INODES,
+            handles: MAX_HANDLES
+        }
+    );
+    let l = FsLimits::from_nofile(u64::MAX);
+    assert_eq!((l.inodes, l.handles), (MAX_INODES, MAX_HANDLES));
+    assert_eq!(
+        FsLimits::from_nofile(0),
+        FsLimits {
+            inodes: 0,
+            handles: 0
+        }
+    );
+    // The default comes from this process's limit.
+    let dir = share();
+    let dev = Fs::new("t", dir.path(), FsConfig::default()).unwrap();
+    assert!(dev.limits().inodes > 0 && dev.limits().inodes <= MAX_INODES);
 }
