@@ -37,7 +37,9 @@ mkdir -p "$work/l3/opaque"
 echo kept > "$work/l3/opaque/kept"
 tar -C "$work/l3" --owner=0 --group=0 -cf "$work/l3.tar" opaque
 umoci raw add-layer --image "$out:bb" "$work/l3.tar"
-umoci config --image "$out:bb" \
+# A fixed creation time: `husk images` shows "2 years ago" and not "Less
+# than a second ago", whose width would depend on how fast this ran.
+umoci config --image "$out:bb" --created 2024-03-01T12:00:00Z \
     --config.cmd /bin/sh --config.cmd -c --config.cmd 'echo "hi from image $GREETING in $(pwd)"' \
     --config.env GREETING=hello --config.env PATH=/bin \
     --config.workingdir /data

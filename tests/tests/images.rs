@@ -365,3 +365,191 @@ fn a_registry_with_basic_auth_takes_husk_login_credentials() {
     let out = cli.ok(&["pull", &image]);
     assert!(out.contains("Pull complete"), "{out}");
 }
+
+/// Adds a layer of one file, `name`, to the test image at `layout`: `size`
+/// bytes, random (incompressible) or zeros (a tiny blob that unpacks big).
+fn add_file_layer(
+    layout: &std::path::Path,
+    work: &std::path::Path,
+    name: &str,
+    size: usize,
+    random: bool,
+) {
+    let tar = work.join(format!("{name}.tar"));
+    let py = format!(
+        r#"
+import tarfile, io, os
+d = os.urandom({size}) if {random} else bytes({size})
+with tarfile.open({tar:?}, "w") as t:
+    i = tarfile.TarInfo({name:?}); i.size = len(d); t.addfile(i, io.BytesIO(d))
+"#,
+        tar = tar.display().to_string(),
+        random = if random { "True" } else { "False" },
+    );
+    assert!(Command::new("python3")
+        .arg("-c")
+        .arg(py)
+        .status()
+        .unwrap()
+        .success());
+    let st = Command::new("umoci")
+        .args(["raw", "add-layer", "--image"])
+        .arg(format!("{}:bb", layout.display()))
+        .arg(&tar)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Mirrors as docker's `registry-mirrors`: tried in order before the
+/// registry itself (here a name that does not resolve, never asked), a
+/// dead mirror passed over with a warning; the image keeps its own name.
+#[test]
+fn registry_mirrors_are_tried_first_and_a_dead_one_is_passed_over() {
+    let reg = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = build_test_image(work.path()).unwrap();
+    reg.push(&layout, "bb", "team/bb:v2", "oci").unwrap();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cli = Cli::new();
+    let mut config = std::fs::read_to_string(&cli.config).unwrap();
+    config.push_str(&format!(
+        "[registry_mirrors]\n\"registry.invalid\" = [\"127.0.0.1:{dead}\", \"{}\"]\n",
+        reg.addr
+    ));
+    std::fs::write(&cli.config, config).unwrap();
+    let out = cli.ok(&["pull", "registry.invalid/team/bb:v2"]);
+    assert!(out.contains("Pull complete"), "{out}");
+    assert!(
+        out.contains(&format!("127.0.0.1:{dead}")) && out.contains("trying the next"),
+        "the dead mirror is named: {out}"
+    );
+    let list = cli.ok(&["images"]);
+    assert!(
+        list.contains("registry.invalid/team/bb") && list.contains(" v2 "),
+        "{list}"
+    );
+    // Without a mirror that has it, the registry's own error stands.
+    let o = cli.husk(&["pull", "registry.invalid/team/nope"]);
+    assert_eq!(o.status.code(), Some(125));
+}
+
+/// A pull killed while it downloads leaves no image and no stored blob
+/// for what was cut; the next pull starts that blob again and completes,
+/// and prune leaves nothing of the killed one.
+#[test]
+fn a_pull_killed_halfway_is_restarted_cleanly() {
+    let reg = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = build_test_image(work.path()).unwrap();
+    add_file_layer(&layout, work.path(), "big", 96 << 20, true);
+    reg.push(&layout, "bb", "big:latest", "oci").unwrap();
+    let cli = Cli::new();
+    let image = format!("{}/big", reg.addr);
+    let mut child = Command::new(husk_tests::workspace_root().join("target/debug/husk"))
+        .args(["pull", "-q", &image])
+        .env("HUSK_CONFIG", &cli.config)
+        .env("HOME", cli._dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ingest = cli.root.join("ingest");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let caught = loop {
+        let part = std::fs::read_dir(&ingest).ok().and_then(|d| {
+            d.flatten().find(|e| {
+                e.file_name().to_string_lossy().ends_with(".part")
+                    && e.metadata().is_ok_and(|m| m.len() > 1 << 20)
+            })
+        });
+        if part.is_some() {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        caught,
+        "the pull was killed while it downloaded the big layer"
+    );
+    assert_eq!(
+        cli.ok(&["images", "-q"]).trim(),
+        "",
+        "no image from a killed pull"
+    );
+    let out = cli.ok(&["pull", &image]);
+    assert!(out.contains("Downloaded newer image"), "{out}");
+    cli.ok(&["image", "prune"]);
+    let left: Vec<_> = std::fs::read_dir(&ingest)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "nothing left in ingest/: {left:?}");
+    let big = std::fs::read_dir(cli.root.join("layers/sha256"))
+        .unwrap()
+        .flatten()
+        .any(|e| {
+            e.path()
+                .join("diff/big")
+                .metadata()
+                .is_ok_and(|m| m.len() == 96 << 20)
+        });
+    assert!(big, "the big layer is whole after the second pull");
+}
+
+/// The disk fills while a layer unpacks (a small blob that unpacks to more
+/// than the store's file system holds): a clear error, no image, no
+/// half-unpacked layer, and the store still works.
+#[test]
+fn a_disk_full_while_unpacking_fails_clearly_and_leaves_the_store_consistent() {
+    let reg = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = build_test_image(work.path()).unwrap();
+    reg.push(&layout, "bb", "bb:latest", "oci").unwrap();
+    add_file_layer(&layout, work.path(), "zeros", 48 << 20, false);
+    reg.push(&layout, "bb", "zeros:latest", "oci").unwrap();
+    let cli = Cli::new();
+    // The store on a 16 MiB tmpfs of its own, gone with the test.
+    std::fs::create_dir_all(&cli.root).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "husk-test-full"])
+        .arg(&cli.root)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a tmpfs for the store (root needed)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _mounted = Unmount(cli.root.clone());
+
+    let o = cli.husk(&["pull", &format!("{}/zeros", reg.addr)]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(cli.ok(&["images", "-q"]).trim(), "");
+    let tmp: Vec<_> = std::fs::read_dir(cli.root.join("layers/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(tmp.is_empty(), "no half-unpacked layer: {tmp:?}");
+    // The store goes on working: prune frees what the failed pull left, and
+    // an image that fits pulls.
+    cli.ok(&["image", "prune"]);
+    let out = cli.ok(&["pull", &format!("{}/bb", reg.addr)]);
+    assert!(out.contains("Downloaded newer image"), "{out}");
+    assert_eq!(cli.count("layers/sha256"), 3);
+}

@@ -4,6 +4,7 @@
 //! means all defaults (a fresh install works without one), a file that does
 //! not parse is an error (a typo must not silently boot a different VM).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -68,6 +69,10 @@ pub struct Config {
     /// Registries (`host[:port]`) the CLI pulls from over plain HTTP;
     /// loopback registries always are.
     pub insecure_registries: Vec<String>,
+    /// Mirrors the CLI tries, in order, before a registry itself
+    /// (`"docker.io" = ["mirror.example:5000"]`, as containerd's and
+    /// docker's `registry-mirrors`); the image keeps its own name.
+    pub registry_mirrors: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for Config {
@@ -87,6 +92,7 @@ impl Default for Config {
             max_memory_mib: 16384,
             storage_root: PathBuf::from(DEFAULT_STORAGE_ROOT),
             insecure_registries: Vec::new(),
+            registry_mirrors: BTreeMap::new(),
         }
     }
 }
@@ -153,6 +159,14 @@ impl Config {
             return Err(bad(
                 "storage_root must be an absolute path without ':' ',' or '\\'",
             ));
+        }
+        for (registry, mirrors) in &c.registry_mirrors {
+            let host = |h: &str| !h.is_empty() && !h.contains(['/', ' ', '@']);
+            if !host(registry) || !mirrors.iter().all(|m| host(m)) {
+                return Err(bad(
+                    "registry_mirrors maps a registry host[:port] to mirror hosts (no scheme or path)",
+                ));
+            }
         }
         Ok(c)
     }
@@ -301,6 +315,17 @@ boot_timeout_secs = 5
         assert!(Config::parse("vcpus = 0").is_err());
         assert!(Config::parse("memory_mib = 10").is_err());
         assert!(Config::parse("vcpus = \"two\"").is_err());
+        assert!(Config::parse("[registry_mirrors]\n\"docker.io\" = [\"https://m/x\"]").is_err());
+    }
+
+    #[test]
+    fn registry_mirrors_are_read() {
+        let c = Config::parse(
+            "insecure_registries = [\"m:5000\"]\n[registry_mirrors]\n\"docker.io\" = [\"m:5000\", \"m2\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.registry_mirrors["docker.io"], ["m:5000", "m2"]);
+        assert_eq!(c.insecure_registries, ["m:5000"]);
     }
 
     #[test]

@@ -94,11 +94,15 @@ enum Cmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// A container's output (both streams), kept from every run of it.
+    /// A container's output, kept from every run of it: its stdout here on
+    /// stdout, its stderr on stderr.
     Logs {
         /// Keep following while it runs.
         #[arg(short, long)]
         follow: bool,
+        /// Each line with the time it was written (RFC 3339, nanoseconds).
+        #[arg(short, long)]
+        timestamps: bool,
         /// Only the last N lines.
         #[arg(long = "tail", short = 'n')]
         tail: Option<usize>,
@@ -155,6 +159,15 @@ enum Cmd {
     /// Images, as docker's `image` verbs.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Husk on this host, as docker's `system` verbs.
+    #[command(subcommand)]
+    System(SystemCmd),
+}
+
+#[derive(Subcommand)]
+enum SystemCmd {
+    /// Disk used by images and containers, and what could be reclaimed.
+    Df,
 }
 
 #[derive(Subcommand)]
@@ -1188,9 +1201,10 @@ async fn start(ids: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-/// `husk logs [-f] [--tail N] ID`.
-async fn logs(id: String, follow: bool, tail: Option<usize>) -> Result<()> {
-    use std::io::{Read, Seek, Write};
+/// `husk logs [-f] [-t] [--tail N] ID`: the container's stdout records to
+/// stdout, its stderr records to stderr, as docker's.
+async fn logs(id: String, follow: bool, tail: Option<usize>, timestamps: bool) -> Result<()> {
+    use std::io::{Read, Seek};
     let cfg = Config::load_cli()?;
     let d = containers::find(&cfg, &id)?;
     let mut f = match std::fs::File::open(d.log()) {
@@ -1206,17 +1220,19 @@ async fn logs(id: String, follow: bool, tail: Option<usize>) -> Result<()> {
     };
     let mut all = Vec::new();
     f.read_to_end(&mut all)?;
+    let mut pos = all.len() as u64;
+    // A record still being written waits for its newline.
+    let complete = all.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut pending = all.split_off(complete);
     let shown = match tail {
         Some(n) => containers::tail_lines(&all, n),
         None => &all,
     };
-    let mut out = std::io::stdout().lock();
-    out.write_all(shown)?;
-    out.flush()?;
+    let mut out = LogOutput { timestamps };
+    out.lines(shown)?;
     if !follow {
         return Ok(());
     }
-    let mut pos = all.len() as u64;
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let running = d.running();
@@ -1224,14 +1240,54 @@ async fn logs(id: String, follow: bool, tail: Option<usize>) -> Result<()> {
         let n = f.read(&mut buf)?;
         if n > 0 {
             pos += n as u64;
-            out.write_all(&buf[..n])?;
-            out.flush()?;
+            pending.extend_from_slice(&buf[..n]);
+            if let Some(i) = pending.iter().rposition(|&b| b == b'\n') {
+                let rest = pending.split_off(i + 1);
+                out.lines(&pending)?;
+                pending = rest;
+            }
             continue;
         }
         if !running {
-            return Ok(());
+            return out.lines(&pending);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes log records where they came from.
+struct LogOutput {
+    timestamps: bool,
+}
+
+impl LogOutput {
+    fn lines(&mut self, bytes: &[u8]) -> Result<()> {
+        use husk_runtime::container::logfile::{self, Line};
+        use std::io::Write;
+        let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
+        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            match logfile::parse(line) {
+                Line::Record(r) => {
+                    let w: &mut dyn Write = if r.is_stderr() {
+                        &mut stderr
+                    } else {
+                        &mut stdout
+                    };
+                    if self.timestamps {
+                        write!(w, "{} ", r.time)?;
+                    }
+                    w.write_all(r.log.as_bytes())?;
+                }
+                // A log kept before records (or not one of ours).
+                Line::Raw(raw) => {
+                    stdout.write_all(&raw)?;
+                    stdout.write_all(b"\n")?;
+                }
+            }
+        }
+        stdout.flush()?;
+        stderr.flush()?;
+        Ok(())
     }
 }
 
@@ -1404,7 +1460,12 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Ps { all, quiet } => ps(all, quiet).await.map(|()| 0),
         Cmd::Stop { time, ids } => stop(ids, time).await.map(|()| 0),
         Cmd::Start { ids } => start(ids).await.map(|()| 0),
-        Cmd::Logs { follow, tail, id } => logs(id, follow, tail).await.map(|()| 0),
+        Cmd::Logs {
+            follow,
+            tail,
+            timestamps,
+            id,
+        } => logs(id, follow, tail, timestamps).await.map(|()| 0),
         Cmd::Inspect { ids } => inspect(ids).map(|()| 0),
         Cmd::Monitor { id } => monitor(&id).await,
         Cmd::Rm { force, ids } => rm(ids, force).await.map(|()| 0),
@@ -1435,6 +1496,11 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             let cfg = Config::load_cli()?;
             containers::reap(&cfg);
             images::rmi(&cfg, &images, force).map(|()| 0)
+        }
+        Cmd::System(SystemCmd::Df) => {
+            let cfg = Config::load_cli()?;
+            containers::reap(&cfg);
+            images::df(&cfg).map(|()| 0)
         }
         Cmd::Image(ImageCmd::Prune) => {
             let cfg = Config::load_cli()?;

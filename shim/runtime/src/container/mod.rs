@@ -5,6 +5,7 @@
 //! and comes back to record the outcome through a state transition.
 
 pub mod fdmount;
+pub mod logfile;
 pub mod mounts;
 pub mod spec;
 pub mod state;

@@ -16,6 +16,7 @@ use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
+use super::logfile;
 use crate::agent::{Agent, Stream};
 use crate::error::{Error, Result};
 
@@ -237,7 +238,8 @@ fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
 
 /// Output to the log file (and to `own`, when given), the log bounded by
 /// `limit` ([`LOG_LIMIT`]): past it one note, then the log takes no more
-/// while `own` still gets everything.
+/// while `own` still gets everything. The log gets a record a line
+/// ([`logfile`]), so the two streams can be told apart when read back.
 async fn relay_logged(
     mut stream: UnixStream,
     mut own: Option<Box<dyn AsyncWrite + Send + Unpin>>,
@@ -245,9 +247,9 @@ async fn relay_logged(
     name: Stream,
     limit: u64,
 ) {
-    use std::io::Write;
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 32 << 10];
+    let mut lines = logfile::Lines::default();
     let mut full = false;
     loop {
         let n = match stream.read(&mut buf).await {
@@ -262,20 +264,40 @@ async fn relay_logged(
             }
         }
         if !full {
-            // Both streams append to one file: its length is the bound.
-            let len = log.metadata().map(|m| m.len()).unwrap_or(limit);
-            if len + n as u64 > limit {
-                let _ = log.write_all(b"\n[husk: log limit reached; later output is not kept]\n");
-                full = true;
-            } else if log.write_all(&buf[..n]).is_err() {
-                full = true;
-            }
+            lines.push(&buf[..n], |line| {
+                append_record(&mut log, name, line, limit, &mut full)
+            });
         }
+    }
+    if !full {
+        lines.finish(|line| append_record(&mut log, name, line, limit, &mut full));
     }
     if let Some(w) = own.as_mut() {
         let _ = w.flush().await;
     }
     tracing::debug!(stream = %name, "logged output relay done");
+}
+
+/// Appends one record, unless the log is full; the record that would take
+/// it past `limit` is replaced by a note saying the rest is not kept. One
+/// write per record: the file is opened for appending, so the two streams'
+/// records never interleave within a line.
+fn append_record(log: &mut std::fs::File, name: Stream, line: &[u8], limit: u64, full: &mut bool) {
+    use std::io::Write;
+    if *full {
+        return;
+    }
+    let now = std::time::SystemTime::now();
+    let record = logfile::encode(name, line, now);
+    // Both streams append to one file: its length is the bound.
+    let len = log.metadata().map(|m| m.len()).unwrap_or(limit);
+    if len + record.len() as u64 > limit {
+        let note = b"[husk: log limit reached; later output is not kept]\n";
+        let _ = log.write_all(&logfile::encode(Stream::Stderr, note, now));
+        *full = true;
+    } else if log.write_all(&record).is_err() {
+        *full = true;
+    }
 }
 
 async fn relay_in(mut from: impl AsyncRead + Unpin, mut stream: UnixStream) {
@@ -316,6 +338,7 @@ fn unblock_open(fifo: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use logfile::Line;
 
     #[tokio::test]
     async fn the_log_stops_at_its_limit_with_a_note_and_the_terminal_gets_all() {
@@ -330,8 +353,10 @@ mod tests {
             Stream::Stdout,
             1000,
         ));
+        let mut line = [b'x'; 100];
+        line[99] = b'\n';
         for _ in 0..50 {
-            guest.write_all(&[b'x'; 100]).await.unwrap();
+            guest.write_all(&line).await.unwrap();
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         drop(guest);
@@ -342,7 +367,24 @@ mod tests {
             .unwrap();
         assert_eq!(seen.len(), 5000, "the terminal gets everything");
         let log = std::fs::read(&path).unwrap();
-        assert!(log.len() < 1100, "the log is bounded: {}", log.len());
-        assert!(String::from_utf8_lossy(&log).contains("log limit reached"));
+        assert!(log.len() < 1200, "the log is bounded: {}", log.len());
+        let lines: Vec<_> = log
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        let last = lines.last().unwrap();
+        let Line::Record(note) = logfile::parse(last) else {
+            panic!("not a record: {last:?}")
+        };
+        assert!(note.is_stderr() && note.log.contains("log limit reached"));
+        // Every kept record is the container's stdout, whole.
+        let kept: String = lines[..lines.len() - 1]
+            .iter()
+            .map(|l| match logfile::parse(l) {
+                Line::Record(r) if !r.is_stderr() => r.log,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert!(kept.bytes().all(|b| b == b'x' || b == b'\n') && kept.ends_with('\n'));
     }
 }

@@ -9,12 +9,14 @@
 //! | [`store`] | blobs verified as they stream in, locks, layer and container dirs |
 //! | [`unpack`] | a layer's tar made into files on descriptors, whiteouts for overlayfs |
 //! | [`index`] | names -> manifests (`images.json`), image configs, garbage collection |
+//! | [`usage`] | disk used by a tree, walked on descriptors (`husk system df`) |
 //! | `pull` | the OCI distribution protocol (oci-client), feature `pull` |
 
 pub mod digest;
 pub mod index;
 pub mod store;
 pub mod unpack;
+pub mod usage;
 
 #[cfg(feature = "pull")]
 pub mod pull;

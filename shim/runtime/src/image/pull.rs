@@ -73,6 +73,8 @@ pub struct Registries {
     pub auth_file: Option<PathBuf>,
     /// Seconds without progress before a request fails.
     pub timeout: Option<Duration>,
+    /// Mirrors to try first, by the registry they stand in for.
+    pub mirrors: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -235,7 +237,9 @@ struct Puller<'a> {
     progress: Arc<dyn Progress>,
 }
 
-/// Pulls `image` into `images` and records it under its normalized name.
+/// Pulls `image` into `images` and records it under its normalized name:
+/// from the registry's mirrors first, in order (a mirror that fails, for
+/// any reason, is passed over with a warning), then from the registry.
 pub async fn pull(
     images: &Images,
     image: &str,
@@ -246,32 +250,74 @@ pub async fn pull(
     let reference: Reference = name
         .parse()
         .map_err(|e| ImageError::Invalid(format!("{image:?}: {e}")))?;
-    let registry = reference.resolve_registry().to_string();
-    let mut plain: Vec<String> = registries.insecure.clone();
-    if is_loopback(&registry) {
-        plain.push(registry.clone());
+    let mirrors = registries
+        .mirrors
+        .get(reference.registry())
+        .or_else(|| registries.mirrors.get(reference.resolve_registry()))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for mirror in mirrors {
+        let at_mirror = match reference.digest() {
+            Some(d) => Reference::with_digest(
+                mirror.clone(),
+                reference.repository().to_string(),
+                d.to_string(),
+            ),
+            None => Reference::with_tag(
+                mirror.clone(),
+                reference.repository().to_string(),
+                reference.tag().unwrap_or("latest").to_string(),
+            ),
+        };
+        let p = Puller::new(at_mirror, registries, images, &name, progress.clone())?;
+        match p.run().await {
+            Ok(rec) => return Ok(rec),
+            Err(e) => {
+                tracing::warn!(%mirror, error = %e, "pulling {name} from a mirror failed; trying the next")
+            }
+        }
     }
-    let client = Client::new(ClientConfig {
+    Puller::new(reference, registries, images, &name, progress)?
+        .run()
+        .await
+}
+
+/// A client for `registry`: plain HTTP where the config says so, and for
+/// loopback.
+fn client_for(registry: &str, registries: &Registries) -> Client {
+    let mut plain: Vec<String> = registries.insecure.clone();
+    if is_loopback(registry) {
+        plain.push(registry.to_string());
+    }
+    Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(plain),
         connect_timeout: Some(Duration::from_secs(10)),
         read_timeout: Some(registries.timeout.unwrap_or(Duration::from_secs(60))),
         user_agent: concat!("husk/", env!("CARGO_PKG_VERSION")),
         platform_resolver: None,
         ..Default::default()
-    });
-    let auth = auth_for(registries.auth_file.as_deref(), reference.registry())?;
-    let p = Puller {
-        client,
-        reference,
-        auth,
-        images,
-        name,
-        progress,
-    };
-    p.run().await
+    })
 }
 
-impl Puller<'_> {
+impl<'a> Puller<'a> {
+    fn new(
+        reference: Reference,
+        registries: &Registries,
+        images: &'a Images,
+        name: &str,
+        progress: Arc<dyn Progress>,
+    ) -> Result<Self, ImageError> {
+        let registry = reference.resolve_registry().to_string();
+        Ok(Puller {
+            client: client_for(&registry, registries),
+            auth: auth_for(registries.auth_file.as_deref(), reference.registry())?,
+            reference,
+            images,
+            name: name.to_string(),
+            progress,
+        })
+    }
+
     fn registry_error(&self, e: OciDistributionError) -> ImageError {
         use oci_client::errors::OciErrorCode;
         let unknown = matches!(&e, OciDistributionError::RegistryError { envelope, .. }
@@ -386,13 +432,17 @@ impl Puller<'_> {
                 self.name, config_desc.size
             )));
         }
-        for l in &manifest.layers {
-            if l.media_type.contains("zstd") {
-                return Err(ImageError::Invalid(format!(
-                    "{}: layer {} is zstd-compressed, which husk does not unpack yet",
-                    self.name, l.digest
-                )));
-            }
+        // Plain, gzip and zstd tars (the content says which); anything else
+        // (an artifact, a Helm chart, a wasm module) is not a container image.
+        if let Some(l) = manifest
+            .layers
+            .iter()
+            .find(|l| !l.media_type.is_empty() && !l.media_type.contains(".tar"))
+        {
+            return Err(ImageError::Invalid(format!(
+                "{}: layer {} is {:?}, not a tar layer",
+                self.name, l.digest, l.media_type
+            )));
         }
         self.blob(&config_desc.digest, None).await?;
         let config = ImageConfig::parse(&self.images.store().read_json_blob(&config_desc.digest)?)?;
@@ -548,17 +598,7 @@ pub async fn login(
     let reference: Reference = format!("{registry}/husk-login-check:latest")
         .parse()
         .map_err(|e| ImageError::Invalid(format!("{registry:?}: {e}")))?;
-    let mut plain = registries.insecure.clone();
-    if is_loopback(registry) {
-        plain.push(registry.to_string());
-    }
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(plain),
-        connect_timeout: Some(Duration::from_secs(10)),
-        user_agent: concat!("husk/", env!("CARGO_PKG_VERSION")),
-        platform_resolver: None,
-        ..Default::default()
-    });
+    let client = client_for(registry, registries);
     let auth = RegistryAuth::Basic(user.to_string(), password.to_string());
     match retry(|| client.pull_manifest_raw(&reference, &auth, MEDIA_TYPES)).await {
         Ok(_) => Ok(()),

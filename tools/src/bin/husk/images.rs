@@ -26,6 +26,7 @@ pub fn registries(cfg: &Config) -> Registries {
                 std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
             }),
         timeout: None,
+        mirrors: cfg.registry_mirrors.clone(),
     }
 }
 
@@ -348,6 +349,60 @@ pub async fn login(
     husk_runtime::image::pull::save_credentials(&file, registry, user, &password)?;
     println!("Login Succeeded");
     Ok(())
+}
+
+/// `husk system df`: what images and containers take on disk, and what
+/// `image prune`/`rmi` and `rm` would give back (docker's columns).
+pub fn df(cfg: &Config) -> Result<()> {
+    use husk_runtime::image::usage::disk_usage;
+    let images = open(cfg)?;
+    let recs = images.list()?;
+    // Layers are shared: each counts once, and is reclaimable only when
+    // no image in use needs it.
+    let mut layers = HashMap::new();
+    let mut active = 0;
+    for r in &recs {
+        let used = !used_by(&images, r).is_empty();
+        active += used as usize;
+        for chain in &r.chain {
+            *layers.entry(chain.clone()).or_insert(false) |= used;
+        }
+    }
+    let (mut size, mut free) = (0, 0);
+    for (chain, used) in &layers {
+        let n = images.layer_size(chain);
+        size += n;
+        if !used {
+            free += n;
+        }
+    }
+    let image_row = df_row("Images", recs.len(), active, size, free);
+    let (mut total, mut running, mut size, mut free) = (0, 0, 0, 0);
+    for (_, d) in super::containers::all(cfg) {
+        let n = disk_usage(&d.0).with_context(|| format!("measuring {}", d.0.display()))?;
+        total += 1;
+        size += n;
+        if d.running() {
+            running += 1;
+        } else {
+            free += n;
+        }
+    }
+    let container_row = df_row("Containers", total, running, size, free);
+    let header = ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"].map(String::from);
+    print_table(&header, &[image_row, container_row]);
+    Ok(())
+}
+
+fn df_row(kind: &str, total: usize, active: usize, size: u64, free: u64) -> [String; 5] {
+    let pct = (free * 100).checked_div(size).unwrap_or(0);
+    [
+        kind.to_string(),
+        total.to_string(),
+        active.to_string(),
+        human_size(size),
+        format!("{} ({pct}%)", human_size(free)),
+    ]
 }
 
 pub fn prune(cfg: &Config) -> Result<()> {
