@@ -36,6 +36,8 @@ pub struct FakeAgent {
     exits: Mutex<HashMap<ProcessKey, watch::Sender<Option<i32>>>>,
     /// OOM notices GetOomEvent hands out, in order; then UNIMPLEMENTED.
     pub ooms: Mutex<std::collections::VecDeque<String>>,
+    /// The VM this agent lives in: its calls fail once it has died.
+    pub vm: Mutex<Option<Arc<FakeVm>>>,
 }
 
 impl FakeAgent {
@@ -107,12 +109,26 @@ impl Agent for FakeAgent {
     }
     async fn wait_process(&self, id: &str, exec_id: &str) -> R<i32> {
         let mut rx = self.exit_tx(id, exec_id).subscribe();
+        let vm = lock(&self.vm).clone();
+        let died = async move {
+            match vm {
+                Some(vm) => FakeVmHandle(vm).wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(died);
         loop {
             if let Some(c) = *rx.borrow_and_update() {
                 return Ok(c);
             }
-            if rx.changed().await.is_err() {
-                return Err(rpc("WaitProcess", Code::NOT_FOUND, "gone"));
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() {
+                    return Err(rpc("WaitProcess", Code::NOT_FOUND, "gone"));
+                },
+                _ = &mut died => return Err(ClientError::Transport {
+                    call: "WaitProcess",
+                    source: ttrpc::Error::Others("the VM is gone".into()),
+                }),
             }
         }
     }
@@ -247,6 +263,7 @@ fn rig() -> Rig {
     std::fs::create_dir_all(layout.share()).unwrap();
     let agent = Arc::new(FakeAgent::default());
     let vm = FakeVm::new();
+    *lock(&agent.vm) = Some(vm.clone());
     let events = Arc::new(RecordedEvents::default());
     let sandbox = Sandbox::from_parts(
         layout,
@@ -317,6 +334,44 @@ async fn a_container_lives_and_is_deleted() {
     assert!(matches!(r.sandbox.container("c1"), Err(Error::NotFound(_))));
     assert!(!r.sandbox.layout().container_dir("c1").exists());
     assert!(r.agent.calls().contains(&"remove_container c1".to_string()));
+}
+
+/// A guest that ignores SIGKILL (this fake agent never ends a process it
+/// is told to kill) cannot keep its pod: after the grace the VM is stopped
+/// from the host, the process is reported killed, and it can be deleted.
+#[tokio::test(start_paused = true)]
+async fn a_guest_that_ignores_sigkill_loses_its_vm() {
+    let r = rig();
+    let c = r.sandbox.create_container(config("c1")).await.unwrap();
+    c.start(INIT).await.unwrap();
+    c.kill(INIT, libc::SIGTERM as u32, false).await.unwrap();
+    tokio::time::sleep(crate::container::KILL_GRACE * 2).await;
+    assert!(r.sandbox.vm_exited().is_none(), "SIGTERM may be ignored");
+    c.kill(INIT, libc::SIGKILL as u32, true).await.unwrap();
+    tokio::time::sleep(crate::container::KILL_GRACE - Duration::from_secs(1)).await;
+    assert!(r.sandbox.vm_exited().is_none(), "not before the grace");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        r.sandbox.vm_exited().is_some(),
+        "the VM is stopped from the host"
+    );
+    assert_eq!(c.wait(INIT).await.unwrap().status, 137);
+    eventually("the exit event", || !lock(&r.events.0).is_empty()).await;
+    assert_eq!(lock(&r.events.0)[0], ("c1".into(), "".into(), 137));
+    assert!(r.sandbox.delete_container("c1").await.is_ok());
+}
+
+/// A process that ends after SIGKILL, as a healthy guest's does, leaves the
+/// VM alone.
+#[tokio::test(start_paused = true)]
+async fn a_guest_that_ends_a_killed_process_keeps_its_vm() {
+    let r = rig();
+    let c = r.sandbox.create_container(config("c1")).await.unwrap();
+    c.start(INIT).await.unwrap();
+    c.kill(INIT, libc::SIGKILL as u32, false).await.unwrap();
+    r.agent.exit("c1", INIT, 137);
+    tokio::time::sleep(crate::container::KILL_GRACE * 2).await;
+    assert!(r.sandbox.vm_exited().is_none());
 }
 
 #[tokio::test]

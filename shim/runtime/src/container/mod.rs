@@ -30,6 +30,13 @@ use stdio::Relays;
 /// How long an exited process's output may take to reach the host side.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long a process may take to end after SIGKILL reaches its guest. A
+/// guest that lets it outlive this is not to be trusted to end anything:
+/// the sandbox stops its VM from the host (which ends every process in it,
+/// each then reported killed). Generous for a slow nested guest; a healthy
+/// guest reports an exit well within a second.
+pub const KILL_GRACE: Duration = Duration::from_secs(10);
+
 /// The highest signal number Linux has (SIGRTMAX).
 const MAX_SIGNAL: u32 = 64;
 
@@ -141,6 +148,8 @@ pub struct Container {
     events: Arc<dyn Events>,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// Told when the guest ignores a SIGKILL: the sandbox then stops the VM.
+    distrust: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Container {
@@ -160,6 +169,7 @@ impl Container {
         agent: Arc<dyn Agent>,
         events: Arc<dyn Events>,
         state: State,
+        distrust: Arc<tokio::sync::Notify>,
     ) -> Self {
         Self {
             id: cfg.id.clone(),
@@ -170,6 +180,7 @@ impl Container {
             events,
             init: Arc::new(Process::new(INIT, cfg.stdio.clone(), None, state)),
             execs: Mutex::new(HashMap::new()),
+            distrust,
         }
     }
 
@@ -350,6 +361,11 @@ impl Container {
             ))),
             State::Creating | State::Deleting(_) => Err(Error::NotFound(self.what(exec_id))),
             State::Starting | State::Running | State::Paused => {
+                if signal == libc::SIGKILL as u32 {
+                    // Watched before the call: an agent that never answers
+                    // must not keep the process alive either.
+                    self.watch_kill(p.clone(), exec_id);
+                }
                 let r = if all && exec_id == INIT {
                     self.agent.signal_all(&self.id, signal as i32).await
                 } else {
@@ -360,6 +376,20 @@ impl Container {
                 r.map_err(Error::agent("SignalProcess"))
             }
         }
+    }
+
+    /// After a SIGKILL: if the process has not ended within [`KILL_GRACE`],
+    /// the guest is ignoring kills, and the sandbox is told to stop the VM.
+    fn watch_kill(&self, p: Arc<Process>, exec_id: &str) {
+        let (distrust, what) = (self.distrust.clone(), self.what(exec_id));
+        tokio::spawn(async move {
+            if tokio::time::timeout(KILL_GRACE, p.wait()).await.is_err() {
+                tracing::error!(
+                    "{what} still runs {KILL_GRACE:?} after SIGKILL: the guest ignores kills; stopping its VM"
+                );
+                distrust.notify_one();
+            }
+        });
     }
 
     /// Waits for a process to end.

@@ -39,7 +39,7 @@ pub struct SandboxSpec {
 
 pub struct Sandbox {
     layout: SandboxLayout,
-    vm: Box<dyn VmProcess>,
+    vm: Arc<dyn VmProcess>,
     agent: Arc<dyn Agent>,
     /// The concrete client of a real VM, for callers that need RPCs the
     /// runtime does not wrap (guest details, tests).
@@ -51,6 +51,18 @@ pub struct Sandbox {
     _guest_log: Option<logs::GuestLog>,
     /// Removes the directory when the sandbox goes (not for detached VMs).
     owns_dir: AtomicBool,
+    /// Told by a container whose guest ignored a SIGKILL.
+    distrust: Arc<tokio::sync::Notify>,
+}
+
+/// Stops the VM once a container says its guest ignores kills: what the
+/// guest answers no longer matters, the host ends it (and with it every
+/// process, each then reported killed: WaitProcess fails).
+async fn stop_on_distrust(vm: Arc<dyn VmProcess>, distrust: Arc<tokio::sync::Notify>, id: String) {
+    distrust.notified().await;
+    tracing::error!(sandbox = %id, "stopping the VM of a guest that ignores kills");
+    let exit = vm.stop(Duration::ZERO).await;
+    tracing::info!(sandbox = %id, %exit, "VM stopped");
 }
 
 /// Removes a directory unless disarmed (a failed boot).
@@ -174,6 +186,13 @@ impl Sandbox {
         agent: Arc<dyn Agent>,
         events: Arc<dyn Events>,
     ) -> Sandbox {
+        let vm: Arc<dyn VmProcess> = Arc::from(vm);
+        let distrust = Arc::new(tokio::sync::Notify::new());
+        let stopper = tokio::spawn(stop_on_distrust(
+            vm.clone(),
+            distrust.clone(),
+            layout.id().to_string(),
+        ));
         Sandbox {
             layout,
             vm,
@@ -181,9 +200,10 @@ impl Sandbox {
             client: None,
             events,
             containers: Arc::new(Mutex::new(HashMap::new())),
-            helpers: Vec::new(),
+            helpers: vec![stopper],
             _guest_log: None,
             owns_dir: AtomicBool::new(true),
+            distrust,
         }
     }
 
@@ -283,6 +303,7 @@ impl Sandbox {
             self.agent.clone(),
             self.events.clone(),
             State::Running,
+            self.distrust.clone(),
         ));
         lock(&self.containers).insert(id.to_string(), c.clone());
         c
@@ -303,6 +324,7 @@ impl Sandbox {
             self.agent.clone(),
             self.events.clone(),
             State::Creating,
+            self.distrust.clone(),
         ));
         // The id is taken from here on: a second create of it is refused
         // while this one runs, without a lock held across the calls below.
