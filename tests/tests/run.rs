@@ -161,9 +161,12 @@ $B run --rm -e GREETING=override $I; echo "code env=$?"
 $B run --rm $I no-such-command 2>/dev/null; echo "code missing=$?"
 $B run --rm $I /etc/motd 2>/dev/null; echo "code noexec=$?"
 $B run --rm --read-only $I sh -c 'touch /x 2>/dev/null && echo rootfs=writable || echo rootfs=read-only'
-$B run --name kept $I sh -c 'echo kept-output; exit 4'; echo "code kept=$?"
+$B run --name kept $I sh -c 'echo kept-output; echo kept-err >&2; exit 4' 2>/dev/null; echo "code kept=$?"
 $H ps -a | grep ' kept$' | grep -o 'Exited (4)' | sed 's/^/ps-a=/'
-$H logs kept | sed 's/^/logs=/'
+$H logs kept 2>/dev/null | sed 's/^/logs=/'
+$H logs kept 2>&1 >/dev/null | sed 's/^/logs-err=/'
+$H logs -t kept 2>/dev/null | grep -c 'Z kept-output$' | sed 's/^/logs-ts=/'
+$H system df | awk 'NR>1 {print "df=" $1 " " $2 " " $3}'
 $H inspect kept | grep -o '"ExitCode": 4' | sed 's/^/inspect=/'
 $H rm kept >/dev/null; echo "code rm-kept=$?"
 $H run -d --name img1 $I sh -c 'echo started; echo persisted > /data/p; trap "echo got-term; exit 0" TERM; while true; do sleep 1; done' >/dev/null
@@ -208,7 +211,11 @@ kill $REG
         "rootfs=read-only",
         "code kept=4",
         "ps-a=Exited (4)",
-        "logs=kept-output",
+        "logs=kept-output\n",
+        "logs-err=kept-err\n",
+        "logs-ts=1\n",
+        "df=Images 1 1\n",
+        "df=Containers 1 0\n",
         "inspect=\"ExitCode\": 4",
         "code rm-kept=0",
         "logs-d=started",
@@ -231,4 +238,5 @@ kill $REG
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
+    assert!(!out.contains("logs=kept-err"), "stderr kept apart:\n{out}");
 }
