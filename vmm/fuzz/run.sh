@@ -28,6 +28,11 @@ export RUSTC_BOOTSTRAP=1
 targets=$(cargo fuzz list)
 for t in $targets; do
     mkdir -p "corpus/$t"
+    # Hand-built valid inputs (seeds/gen.py) start each run; corpus/ itself is
+    # not committed.
+    if [ -d "seeds/$t" ]; then
+        cp seeds/"$t"/* "corpus/$t/"
+    fi
     echo "== $t: ${secs}s" >&2
     # -max_len covers both guest memory regions (see fuzz_targets/common.rs);
     # -rss_limit_mb keeps a leak visible as a failure rather than a slow host.
