@@ -232,6 +232,11 @@ def fs_seeds():
     limits += [rec(RELEASE, 2, struct.pack("<QIIQ", 1, 0, 0, 0), fh=1)]
     limits += [rec(FORGET, 2, struct.pack("<Q", 1), queue=0, reply=0), rec(LOOKUP, 1, z("file"))]
     write("virtio_fs", "past_the_limits", b"\x04" + b"".join(limits))
+    # All of it in one input, with a DESTROY between (node ids then mismatch,
+    # which is fine): long inputs from the start, so libFuzzer's length limit
+    # begins near the 64 requests an input may carry.
+    destroy = [rec(38, 0, b"", reply=0x100)]
+    write("virtio_fs", "all_in_one", b"\x00" + b"".join(session + destroy + tree + destroy + limits))
     # Malformed chains and lying lengths (each puts the device into NEEDS_RESET
     # or gets an error reply; the harness resets and starts again).
     bad = []
