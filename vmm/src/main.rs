@@ -5,7 +5,7 @@
 //! a vCPU fails (KVM cannot run the guest); 159 when seccomp denies a syscall.
 //! A `{"op":"shutdown"}` on the control socket (`--api-socket`) exits 0.
 
-use std::io::{Stderr, Write};
+use std::io::{IsTerminal, Stderr, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -125,6 +125,9 @@ fn init_log(limit: u64) -> BoundedLog<Stderr> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(log.clone())
+        // Colours only for a person's terminal: vmm.log is a file, and its
+        // readers show control characters as `?`.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     log
 }
