@@ -173,6 +173,11 @@ $H run -d --name img1 $I sh -c 'echo started; echo persisted > /data/p; trap "ec
 sleep 3
 $H logs img1 | head -1 | sed 's/^/logs-d=/'
 $H ps | grep -c ' img1$' | sed 's/^/ps-running=/'
+# husk-vmm's confinement, on every thread: only the virtio-fs capabilities,
+# no new privileges, a seccomp filter; no core dumps.
+V=$(pgrep -x husk-vmm | head -1)
+for t in /proc/$V/task/*; do grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' $t/status; done | sort -u | tr '\t' ' ' | sed 's/^/vmm-/'
+awk '/Max core file size/ {print "vmm-core=" $5 "/" $6}' /proc/$V/limits
 $H rmi $I 2>&1 | grep -o 'used by a container' | sed 's/^/rmi=/'
 bounded 60 $H stop -t 30 img1 >/dev/null; echo "code stop=$?"
 $H ps | grep -c ' img1$' | sed 's/^/ps-after-stop=/'
@@ -220,6 +225,11 @@ kill $REG
         "code rm-kept=0",
         "logs-d=started",
         "ps-running=1",
+        "vmm-CapEff: 00000000080000db\n",
+        "vmm-CapBnd: 00000000080000db\n",
+        "vmm-NoNewPrivs: 1\n",
+        "vmm-Seccomp: 2\n",
+        "vmm-core=0/0\n",
         "rmi=used by a container",
         "code stop=0",
         "ps-after-stop=0",
@@ -239,4 +249,13 @@ kill $REG
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
     assert!(!out.contains("logs=kept-err"), "stderr kept apart:\n{out}");
+    assert!(
+        !out.contains("vmm-Seccomp: 0"),
+        "every husk-vmm thread has a filter:\n{out}"
+    );
+    assert_eq!(
+        out.matches("vmm-CapEff").count(),
+        1,
+        "one capability set on every thread:\n{out}"
+    );
 }

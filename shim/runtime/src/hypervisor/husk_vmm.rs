@@ -42,6 +42,38 @@ pub fn vmm_binary() -> PathBuf {
 /// The fd number husk-vmm gets the ready pipe on.
 const READY_FD: i32 = 3;
 
+/// The capabilities husk-vmm keeps (its bounding set is cut to these before
+/// exec, so root gets no others): all are its in-process virtio-fs server's,
+/// which makes and changes files in the share with the guest's ownership.
+/// KVM, vsock, memory and the console need none. Everything else, among
+/// them CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE and
+/// CAP_SETPCAP, is gone, so a memory-safety bug in device emulation does
+/// not get them.
+pub const VMM_CAPABILITIES: [libc::c_int; 7] = [
+    // chown to the guest's owners (FUSE SETATTR, files made for a guest uid).
+    0, // CAP_CHOWN
+    // Reach and write files of any owner in the share, as the guest's root can.
+    1, // CAP_DAC_OVERRIDE
+    // chmod/utimes on files the VMM's uid does not own.
+    3, // CAP_FOWNER
+    // Keep setgid bits when writing, as the guest kernel asked.
+    4, // CAP_FSETID
+    // The passthrough switches a thread's gid and uid to create as the guest's.
+    6, // CAP_SETGID
+    7, // CAP_SETUID
+    // FIFOs, sockets and overlayfs whiteouts (char 0:0) the guest makes.
+    27, // CAP_MKNOD
+];
+
+/// The highest capability this kernel knows (`/proc/sys/kernel/cap_last_cap`),
+/// read before the fork; Linux 6.1's when it cannot be read.
+fn last_capability() -> libc::c_int {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
 /// husk-vmm, started as our child.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HuskVmm;
@@ -228,11 +260,15 @@ impl Hypervisor for HuskVmm {
             .stderr(Stdio::from(log));
         let detach = spec.detach;
         let ready_w_raw = ready_w.as_raw_fd();
+        let last_cap = last_capability();
+        // Dropping capabilities needs CAP_SETPCAP; a caller that is not root
+        // has none to hand on anyway.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let drop_caps = unsafe { libc::geteuid() } == 0;
         // SAFETY: pre_exec runs in the child between fork and exec and only
         // makes raw syscalls (dup2, fcntl, setsid, prctl, unshare, mount,
-        // and mount_setattr through fdmount::set_attrs_raw, which allocates
-        // nothing) on
-        // values and C strings prepared before the fork.
+        // setrlimit, and mount_setattr through fdmount::set_attrs_raw, which
+        // allocates nothing) on values and C strings prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 if ready_w_raw == READY_FD {
@@ -297,6 +333,29 @@ impl Hypervisor for HuskVmm {
                             readonly: b.readonly,
                         },
                     )?;
+                }
+                // No core dumps: they would hold guest memory.
+                let no_core = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // After exec, root's capabilities are its bounding set: only
+                // what the VMM needs stays (VMM_CAPABILITIES).
+                if drop_caps {
+                    for cap in 0..=last_cap {
+                        if !VMM_CAPABILITIES.contains(&cap)
+                            && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                }
+                // Nothing it could exec gains privileges.
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
