@@ -282,19 +282,7 @@ with tarfile.open({evil:?}, "w") as t:
         evil = evil.display().to_string(),
         target = target.display().to_string()
     );
-    assert!(Command::new("python3")
-        .arg("-c")
-        .arg(py)
-        .status()
-        .unwrap()
-        .success());
-    let st = Command::new("umoci")
-        .args(["raw", "add-layer", "--image"])
-        .arg(format!("{}:bb", layout.display()))
-        .arg(&evil)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    add_layer_written_by(&layout, &evil, &py);
     reg.push(&layout, "bb", "evil:latest", "oci").unwrap();
     let cli = Cli::new();
     let o = cli.husk(&["pull", &format!("{}/evil", reg.addr)]);
@@ -386,6 +374,13 @@ with tarfile.open({tar:?}, "w") as t:
         tar = tar.display().to_string(),
         random = if random { "True" } else { "False" },
     );
+    add_layer_written_by(layout, &tar, &py);
+}
+
+/// Runs the Python script `py`, which writes the tar `tar`, and adds that
+/// tar to the test image as its top layer (Python's tarfile writes the
+/// hostile names GNU tar refuses).
+fn add_layer_written_by(layout: &std::path::Path, tar: &std::path::Path, py: &str) {
     assert!(Command::new("python3")
         .arg("-c")
         .arg(py)
@@ -395,7 +390,7 @@ with tarfile.open({tar:?}, "w") as t:
     let st = Command::new("umoci")
         .args(["raw", "add-layer", "--image"])
         .arg(format!("{}:bb", layout.display()))
-        .arg(&tar)
+        .arg(tar)
         .status()
         .unwrap();
     assert!(st.success());
