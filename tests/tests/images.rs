@@ -227,6 +227,60 @@ fn bad_pulls_fail_clearly_and_store_nothing() {
         "retries are bounded"
     );
 
+    // A registry that answers 500 to everything: bounded retries, then an
+    // error that says what it answered.
+    let mut server = Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        sys.stderr.write("request\n"); sys.stderr.flush()
+        self.send_response(500); self.send_header("Content-Length", "0"); self.end_headers()
+    do_HEAD = do_GET
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#,
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.trim().to_string()
+    };
+    let started = std::time::Instant::now();
+    let o = cli.husk(&["pull", &format!("127.0.0.1:{port}/bb")]);
+    let elapsed = started.elapsed();
+    server.kill().unwrap();
+    let seen = {
+        use std::io::Read;
+        let mut s = String::new();
+        server
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        server.wait().unwrap();
+        s.matches("request").count()
+    };
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("500"), "{err}");
+    assert!(
+        (2..=8).contains(&seen) && elapsed < std::time::Duration::from_secs(30),
+        "a few retries, then the error: {seen} requests in {elapsed:?}"
+    );
+
     // A layer whose bytes do not match its digest: refused, nothing stored
     // under that digest, and the store has no image.
     let index: serde_json::Value =
