@@ -57,9 +57,15 @@ pub struct Sandbox {
 
 /// Stops the VM once a container says its guest ignores kills: what the
 /// guest answers no longer matters, the host ends it (and with it every
-/// process, each then reported killed: WaitProcess fails).
-async fn stop_on_distrust(vm: Arc<dyn VmProcess>, distrust: Arc<tokio::sync::Notify>, id: String) {
+/// process, each then reported killed: WaitProcess fails). It holds the VM
+/// weakly, so that the sandbox's drop still drops (and kills) the VM at once.
+async fn stop_on_distrust(
+    vm: std::sync::Weak<dyn VmProcess>,
+    distrust: Arc<tokio::sync::Notify>,
+    id: String,
+) {
     distrust.notified().await;
+    let Some(vm) = vm.upgrade() else { return };
     tracing::error!(sandbox = %id, "stopping the VM of a guest that ignores kills");
     let exit = vm.stop(Duration::ZERO).await;
     tracing::info!(sandbox = %id, %exit, "VM stopped");
@@ -189,7 +195,7 @@ impl Sandbox {
         let vm: Arc<dyn VmProcess> = Arc::from(vm);
         let distrust = Arc::new(tokio::sync::Notify::new());
         let stopper = tokio::spawn(stop_on_distrust(
-            vm.clone(),
+            Arc::downgrade(&vm),
             distrust.clone(),
             layout.id().to_string(),
         ));
