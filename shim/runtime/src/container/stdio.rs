@@ -9,6 +9,8 @@
 //! thread), so that its end comes only when containerd's writer closes.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -103,6 +105,18 @@ impl Relays {
         io: &StdioConfig,
     ) -> Result<Relays> {
         let mut relays = Relays::default();
+        // Both streams usually log to one file: opened once, counted once.
+        let mut log: Option<(PathBuf, Arc<LogFile>)> = None;
+        let mut log_for = |path: &PathBuf| -> Result<Arc<LogFile>> {
+            match &log {
+                Some((p, l)) if p == path => Ok(l.clone()),
+                _ => {
+                    let l = LogFile::open(path, LOG_LIMIT)?;
+                    log = Some((path.clone(), l.clone()));
+                    Ok(l)
+                }
+            }
+        };
         let mut outs = vec![(Stream::Stdout, &io.stdout)];
         // A terminal process has one stream: the pty.
         if !io.terminal {
@@ -124,26 +138,22 @@ impl Relays {
                 Endpoint::Inherit if name == Stream::Stdout => Box::new(tokio::io::stdout()),
                 Endpoint::Inherit => Box::new(tokio::io::stderr()),
                 Endpoint::Log(path) => {
-                    let log = open_log(path)?;
-                    relays.outputs.push(tokio::spawn(relay_logged(
-                        stream, None, log, name, LOG_LIMIT,
-                    )));
+                    let log = log_for(path)?;
+                    relays
+                        .outputs
+                        .push(tokio::spawn(relay_logged(stream, None, log, name)));
                     continue;
                 }
                 Endpoint::InheritAndLog(path) => {
-                    let log = open_log(path)?;
+                    let log = log_for(path)?;
                     let own: Box<dyn AsyncWrite + Send + Unpin> = if name == Stream::Stdout {
                         Box::new(tokio::io::stdout())
                     } else {
                         Box::new(tokio::io::stderr())
                     };
-                    relays.outputs.push(tokio::spawn(relay_logged(
-                        stream,
-                        Some(own),
-                        log,
-                        name,
-                        LOG_LIMIT,
-                    )));
+                    relays
+                        .outputs
+                        .push(tokio::spawn(relay_logged(stream, Some(own), log, name)));
                     continue;
                 }
             };
@@ -226,31 +236,74 @@ async fn relay_out(
     }
 }
 
-fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(Error::io("opening", path))
+/// A container's log file, shared by the relays of its streams. The bytes
+/// it holds are counted here (from its length at open), so the bound costs
+/// no fstat per record; past `limit` one note, then nothing more.
+struct LogFile {
+    file: std::fs::File,
+    len: AtomicU64,
+    limit: u64,
+    full: AtomicBool,
 }
 
-/// Output to the log file (and to `own`, when given), the log bounded by
-/// `limit` ([`LOG_LIMIT`]): past it one note, then the log takes no more
-/// while `own` still gets everything. The log gets a record a line
-/// ([`logfile`]), so the two streams can be told apart when read back.
+impl LogFile {
+    fn open(path: &Path, limit: u64) -> Result<Arc<LogFile>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(Error::io("opening", path))?;
+        let len = file.metadata().map_err(Error::io("reading", path))?.len();
+        Ok(Arc::new(LogFile {
+            file,
+            len: AtomicU64::new(len),
+            limit,
+            full: AtomicBool::new(len >= limit),
+        }))
+    }
+
+    fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
+    /// Appends one record, unless the log is full; the record that would
+    /// take it past the limit is replaced by a note saying the rest is not
+    /// kept (once, whichever stream gets there first). One write per
+    /// record: the file is opened for appending, so the two streams'
+    /// records never interleave within a line.
+    fn append(&self, name: Stream, line: &[u8]) {
+        use std::io::Write;
+        if self.is_full() {
+            return;
+        }
+        let now = std::time::SystemTime::now();
+        let record = logfile::encode(name, line, now);
+        let n = record.len() as u64;
+        if self.len.fetch_add(n, Ordering::Relaxed).saturating_add(n) > self.limit {
+            if !self.full.swap(true, Ordering::Relaxed) {
+                let note = b"[husk: log limit reached; later output is not kept]\n";
+                let _ = (&self.file).write_all(&logfile::encode(Stream::Stderr, note, now));
+            }
+        } else if (&self.file).write_all(&record).is_err() {
+            self.full.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Output to the log file (and to `own`, when given), the log bounded
+/// ([`LOG_LIMIT`]) while `own` still gets everything. The log gets a record
+/// a line ([`logfile`]), so the two streams can be told apart when read back.
 async fn relay_logged(
     mut stream: UnixStream,
     mut own: Option<Box<dyn AsyncWrite + Send + Unpin>>,
-    mut log: std::fs::File,
+    log: Arc<LogFile>,
     name: Stream,
-    limit: u64,
 ) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 32 << 10];
     let mut lines = logfile::Lines::default();
-    let mut full = false;
     loop {
         let n = match stream.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -263,41 +316,15 @@ async fn relay_logged(
                 own = None;
             }
         }
-        if !full {
-            lines.push(&buf[..n], |line| {
-                append_record(&mut log, name, line, limit, &mut full)
-            });
+        if !log.is_full() {
+            lines.push(&buf[..n], |line| log.append(name, line));
         }
     }
-    if !full {
-        lines.finish(|line| append_record(&mut log, name, line, limit, &mut full));
-    }
+    lines.finish(|line| log.append(name, line));
     if let Some(w) = own.as_mut() {
         let _ = w.flush().await;
     }
     tracing::debug!(stream = %name, "logged output relay done");
-}
-
-/// Appends one record, unless the log is full; the record that would take
-/// it past `limit` is replaced by a note saying the rest is not kept. One
-/// write per record: the file is opened for appending, so the two streams'
-/// records never interleave within a line.
-fn append_record(log: &mut std::fs::File, name: Stream, line: &[u8], limit: u64, full: &mut bool) {
-    use std::io::Write;
-    if *full {
-        return;
-    }
-    let now = std::time::SystemTime::now();
-    let record = logfile::encode(name, line, now);
-    // Both streams append to one file: its length is the bound.
-    let len = log.metadata().map(|m| m.len()).unwrap_or(limit);
-    if len + record.len() as u64 > limit {
-        let note = b"[husk: log limit reached; later output is not kept]\n";
-        let _ = log.write_all(&logfile::encode(Stream::Stderr, note, now));
-        *full = true;
-    } else if log.write_all(&record).is_err() {
-        *full = true;
-    }
 }
 
 async fn relay_in(mut from: impl AsyncRead + Unpin, mut stream: UnixStream) {
@@ -349,9 +376,8 @@ mod tests {
         let relay = tokio::spawn(relay_logged(
             host,
             Some(Box::new(own_w)),
-            open_log(&path).unwrap(),
+            LogFile::open(&path, 1000).unwrap(),
             Stream::Stdout,
-            1000,
         ));
         let mut line = [b'x'; 100];
         line[99] = b'\n';
