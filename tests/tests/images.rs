@@ -80,11 +80,18 @@ fn merged_view(lowers: &[PathBuf], script: &str) -> String {
     )
 }
 
-#[test]
-fn pull_images_and_rmi_against_a_real_registry() {
+/// A registry on loopback, and the test image's OCI layout in a work
+/// directory (kept as long as the directory is).
+fn registry_and_test_image() -> (Registry, tempfile::TempDir, PathBuf) {
     let reg = Registry::start().unwrap();
     let work = tempfile::tempdir().unwrap();
     let layout = build_test_image(work.path()).unwrap();
+    (reg, work, layout)
+}
+
+#[test]
+fn pull_images_and_rmi_against_a_real_registry() {
+    let (reg, _work, layout) = registry_and_test_image();
     reg.push(&layout, "bb", "bb:latest", "oci").unwrap();
     reg.push(&layout, "bb", "team/bb-docker:v1", "v2s2")
         .unwrap();
@@ -197,9 +204,7 @@ fn pull_images_and_rmi_against_a_real_registry() {
 
 #[test]
 fn bad_pulls_fail_clearly_and_store_nothing() {
-    let reg = Registry::start().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let layout = build_test_image(work.path()).unwrap();
+    let (reg, _work, layout) = registry_and_test_image();
     reg.push(&layout, "bb", "bb:latest", "oci").unwrap();
     let cli = Cli::new();
 
@@ -316,9 +321,7 @@ s.serve_forever()
 
 #[test]
 fn a_layer_that_escapes_its_root_is_refused_and_writes_nothing_outside() {
-    let reg = Registry::start().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let layout = build_test_image(work.path()).unwrap();
+    let (reg, work, layout) = registry_and_test_image();
     // A layer with `../escaped` and an absolute symlink written through,
     // made by Python's tarfile (GNU tar refuses to write such names).
     let evil = work.path().join("evil.tar");
@@ -455,9 +458,7 @@ fn add_layer_written_by(layout: &std::path::Path, tar: &std::path::Path, py: &st
 /// dead mirror passed over with a warning; the image keeps its own name.
 #[test]
 fn registry_mirrors_are_tried_first_and_a_dead_one_is_passed_over() {
-    let reg = Registry::start().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let layout = build_test_image(work.path()).unwrap();
+    let (reg, _work, layout) = registry_and_test_image();
     reg.push(&layout, "bb", "team/bb:v2", "oci").unwrap();
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -491,9 +492,7 @@ fn registry_mirrors_are_tried_first_and_a_dead_one_is_passed_over() {
 /// and prune leaves nothing of the killed one.
 #[test]
 fn a_pull_killed_halfway_is_restarted_cleanly() {
-    let reg = Registry::start().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let layout = build_test_image(work.path()).unwrap();
+    let (reg, work, layout) = registry_and_test_image();
     add_file_layer(&layout, work.path(), "big", 96 << 20, true);
     reg.push(&layout, "bb", "big:latest", "oci").unwrap();
     let cli = Cli::new();
@@ -560,9 +559,7 @@ fn a_pull_killed_halfway_is_restarted_cleanly() {
 /// half-unpacked layer, and the store still works.
 #[test]
 fn a_disk_full_while_unpacking_fails_clearly_and_leaves_the_store_consistent() {
-    let reg = Registry::start().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let layout = build_test_image(work.path()).unwrap();
+    let (reg, work, layout) = registry_and_test_image();
     reg.push(&layout, "bb", "bb:latest", "oci").unwrap();
     add_file_layer(&layout, work.path(), "zeros", 48 << 20, false);
     reg.push(&layout, "bb", "zeros:latest", "oci").unwrap();
