@@ -5,6 +5,7 @@
 pub mod container;
 pub mod init;
 pub mod logging;
+pub mod network;
 pub mod reaper;
 pub mod service;
 pub mod shutdown;

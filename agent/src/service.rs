@@ -228,6 +228,8 @@ impl Agent for AgentService {
         check_id(&req.sandbox_id).map_err(|e| invalid("sandbox_id", e))?;
         check_hostname(&req.hostname).map_err(|e| invalid("hostname", e))?;
         let resolv = resolv_conf(&req.dns_servers, &req.dns_search)?;
+        let network = req.network.clone().unwrap_or_default();
+        crate::network::validate(&network, &req.sysctls).map_err(|e| invalid("network", e))?;
         let shared = match (
             req.shared_fs_tag.is_empty(),
             req.shared_mount_point.is_empty(),
@@ -254,6 +256,26 @@ impl Agent for AgentService {
             }
         };
 
+        let exists = || {
+            let sandbox = self.sandbox.lock().unwrap_or_else(PoisonError::into_inner);
+            sandbox.as_ref().map(|s| {
+                status(
+                    Code::ALREADY_EXISTS,
+                    format!("sandbox {} already exists in this VM", s.id),
+                )
+            })
+        };
+        if let Some(e) = exists() {
+            return Err(e);
+        }
+        // The network before the share, and not under the lock (netlink
+        // calls): a pod whose NICs cannot be set up fails whole, with
+        // nothing mounted.
+        crate::network::configure(&network)
+            .await
+            .map_err(|e| status(Code::INTERNAL, format!("pod network: {e}")))?;
+        crate::network::apply_sysctls(&req.sysctls)
+            .map_err(|e| status(Code::INTERNAL, format!("pod sysctls: {e}")))?;
         let mut sandbox = self.sandbox.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(s) = sandbox.as_ref() {
             return Err(status(

@@ -213,6 +213,8 @@ impl Service {
             },
             hostname: Some(b.hostname.clone()),
             forward_vmm_log: true,
+            netns: spec::network_namespace(&b.oci),
+            sysctls: spec::net_sysctls(&b.oci),
         };
         let events: Arc<dyn husk_runtime::Events> = Arc::new(Publisher(self.inner.events.clone()));
         let sb = Arc::new(Sandbox::boot(vm_id, &spec, &HuskVmm, events).await?);

@@ -31,6 +31,7 @@ impl Vm {
                 vm: spec.clone(),
                 hostname: None,
                 forward_vmm_log: false,
+                ..Default::default()
             },
             &HuskVmm,
             Arc::new(NoEvents),

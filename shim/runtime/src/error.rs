@@ -32,6 +32,8 @@ pub enum Error {
     Config(#[from] crate::config::ConfigError),
     #[error("husk-vmm: {0}")]
     Hypervisor(String),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetError),
     /// The agent refused or could not be reached.
     #[error("{call}: {source}")]
     Agent {
@@ -71,7 +73,9 @@ impl Error {
                 ..
             } => Code::DEADLINE_EXCEEDED,
             Error::Agent { .. } | Error::VmGone(_) => Code::UNAVAILABLE,
-            Error::Io { .. } | Error::Mount(_) | Error::Hypervisor(_) => Code::INTERNAL,
+            Error::Io { .. } | Error::Mount(_) | Error::Hypervisor(_) | Error::Network(_) => {
+                Code::INTERNAL
+            }
         }
     }
 }

@@ -9,6 +9,7 @@
 //! | [`agent`] | the guest agent's calls ([`agent::Agent`] at the seam) |
 //! | [`sandbox`] | one VM per pod: boot, agent, guest log, OOM watch, teardown, stale cleanup |
 //! | [`container`] | a container and its processes: state machine, share mounts, the guest spec, stdio relays |
+//! | [`network`] | a pod's CNI network carried into the VM: taps, tc redirects, what the agent configures |
 //! | [`image`] | the CLI's images: content store, layer unpacking, names, pulls |
 //! | [`error`] | errors, and the one place each gets its ttrpc code |
 //!
@@ -24,6 +25,7 @@ pub mod hypervisor;
 pub mod image;
 pub mod layout;
 pub mod logging;
+pub mod network;
 pub mod sandbox;
 
 #[cfg(test)]

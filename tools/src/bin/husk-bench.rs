@@ -212,6 +212,7 @@ async fn vmm_boot(runs: usize, cpus: u32, memory: u32) -> Result<serde_json::Val
             },
             hostname: None,
             forward_vmm_log: false,
+            ..Default::default()
         };
         let started = Instant::now();
         // The console is watched while the VM boots: the agent's first line

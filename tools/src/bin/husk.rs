@@ -958,6 +958,7 @@ async fn boot_and_wait(
         },
         hostname: Some(hostname(&rec.id)),
         forward_vmm_log: false,
+        ..Default::default()
     };
     let oom = Arc::new(OomSeen::default());
     let sandbox = match Sandbox::boot(&rec.id, &spec, &HuskVmm, oom.clone()).await {
@@ -1414,6 +1415,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 },
                 hostname: None,
                 forward_vmm_log: false,
+                ..Default::default()
             };
             let id = layout::random_id();
             let started = std::time::Instant::now();

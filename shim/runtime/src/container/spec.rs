@@ -58,6 +58,32 @@ pub fn role(annotations: &BTreeMap<String, String>) -> Role {
     }
 }
 
+/// The network namespace the spec names by path (CRI's pod namespace,
+/// `/var/run/netns/cni-*`); `None` for a new one or none (a plain `ctr run`).
+pub fn network_namespace(spec: &Value) -> Option<PathBuf> {
+    spec.pointer("/linux/namespaces")?
+        .as_array()?
+        .iter()
+        .find(|ns| ns.get("type").and_then(Value::as_str) == Some("network"))?
+        .get("path")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The spec's `net.*` sysctls: the pod's, set once in the guest.
+pub fn net_sysctls(spec: &Value) -> std::collections::HashMap<String, String> {
+    spec.pointer("/linux/sysctl")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| k.starts_with("net."))
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A host path to show the guest: bound on the host to `share/<target>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
@@ -195,6 +221,22 @@ pub fn for_guest(mut spec: Value, id: &str) -> Result<GuestSpec, SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pods_network_namespace_and_sysctls_are_found() {
+        let spec = serde_json::json!({"linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}],
+            "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "1"}
+        }});
+        assert_eq!(
+            network_namespace(&spec),
+            Some(PathBuf::from("/var/run/netns/cni-1"))
+        );
+        assert_eq!(net_sysctls(&spec).len(), 1);
+        let fresh = serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}});
+        assert_eq!(network_namespace(&fresh), None);
+        assert_eq!(network_namespace(&serde_json::json!({})), None);
+    }
     use serde_json::json;
 
     fn containerd_spec() -> Value {

@@ -4,7 +4,7 @@
 //! process; the control socket (`api.sock`) stops it cleanly.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -258,6 +258,25 @@ impl Hypervisor for HuskVmm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
+        // Each tap is inherited under the number its --net flag names:
+        // a duplicate numbered 10 or more (never the ready fd's 3), whose
+        // close-on-exec is cleared in the child only; ours close after spawn.
+        let mut tap_dups: Vec<OwnedFd> = Vec::new();
+        for n in &spec.nics {
+            let dup =
+                nix::fcntl::fcntl(n.tap.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
+                    .map_err(|e| Error::Hypervisor(format!("duplicating a tap fd: {e}")))?;
+            // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+            let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+            cmd.arg("--net").arg(format!(
+                "fd={},mac={},mtu={}",
+                dup.as_raw_fd(),
+                n.mac,
+                n.mtu
+            ));
+            tap_dups.push(dup);
+        }
+        let taps: Vec<i32> = tap_dups.iter().map(|d| d.as_raw_fd()).collect();
         let detach = spec.detach;
         let ready_w_raw = ready_w.as_raw_fd();
         let last_cap = last_capability();
@@ -278,6 +297,11 @@ impl Hypervisor for HuskVmm {
                     }
                 } else if libc::dup2(ready_w_raw, READY_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for &t in &taps {
+                    if libc::fcntl(t, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 if detach {
                     // Its own session: it outlives us and our terminal.
@@ -364,6 +388,7 @@ impl Hypervisor for HuskVmm {
             .spawn()
             .map_err(|e| Error::Hypervisor(format!("starting {}: {e}", vmm.display())))?;
         drop(ready_w);
+        drop(tap_dups);
         let pid = child
             .id()
             .ok_or_else(|| Error::Hypervisor("exited at once".into()))?;

@@ -44,6 +44,18 @@ pub struct VmSpec {
     pub share: bool,
     /// The husk-vmm binary; `None`: [`vmm_binary`].
     pub vmm: Option<PathBuf>,
+    /// virtio-net devices, each on a tap the runtime made
+    /// ([`crate::network`]); husk-vmm inherits the fds.
+    pub nics: Vec<NetDevice>,
+}
+
+/// A guest NIC: a tap fd (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) and the MAC
+/// and MTU the guest sees.
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    pub tap: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub mac: String,
+    pub mtu: u32,
 }
 
 impl Default for VmSpec {
@@ -61,6 +73,7 @@ impl Default for VmSpec {
             overlays: Vec::new(),
             share: false,
             vmm: None,
+            nics: Vec::new(),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use husk_agent_client::agent::{CreateContainerRequest, CreateSandboxRequest};
+use husk_agent_client::agent::{CreateContainerRequest, CreateSandboxRequest, Network};
 use husk_agent_client::{Client, ClientError, ConnectOptions};
 use tokio::task::JoinHandle;
 
@@ -24,9 +24,10 @@ use crate::container::{self, lock, Container, ContainerConfig, Events, Exit, Sta
 use crate::error::{Error, Result};
 use crate::hypervisor::{HuskVmm, Hypervisor, VmExit, VmProcess, VmSpec};
 use crate::layout::{self, SandboxLayout, GUEST_SHARE, SHARE_TAG};
+use crate::network::PodNetwork;
 
 /// What a sandbox is.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SandboxSpec {
     pub vm: VmSpec,
     /// The pod's hostname; `None`: a bare VM, no sandbox created in the
@@ -35,6 +36,11 @@ pub struct SandboxSpec {
     /// Forward husk-vmm's own log into ours (the shim; the CLI leaves it
     /// in `vmm.log`).
     pub forward_vmm_log: bool,
+    /// The pod's network namespace (CRI's `/var/run/netns/cni-*`): its
+    /// links are carried into the VM ([`PodNetwork`]). `None`: only `lo`.
+    pub netns: Option<PathBuf>,
+    /// The pod's `net.*` sysctls, set in the guest.
+    pub sysctls: HashMap<String, String>,
 }
 
 pub struct Sandbox {
@@ -53,6 +59,9 @@ pub struct Sandbox {
     owns_dir: AtomicBool,
     /// Told by a container whose guest ignored a SIGKILL.
     distrust: Arc<tokio::sync::Notify>,
+    /// The pod's NICs, detached at shutdown (taken then: never held
+    /// across the netlink calls).
+    network: Mutex<Option<PodNetwork>>,
 }
 
 /// Stops the VM once a container says its guest ignores kills: what the
@@ -92,10 +101,37 @@ impl Drop for DirGuard {
 
 impl Sandbox {
     /// Boots the VM of sandbox `id` with `hypervisor`, waits for its agent,
-    /// creates the sandbox in the guest (unless `spec.hostname` is `None`).
+    /// creates the sandbox in the guest (unless `spec.hostname` is `None`),
+    /// with the pod's network when `spec.netns` names one.
     pub async fn boot(
         id: &str,
         spec: &SandboxSpec,
+        hypervisor: &dyn Hypervisor,
+        events: Arc<dyn Events>,
+    ) -> Result<Sandbox> {
+        layout::check_id("sandbox", id)?;
+        let network = match &spec.netns {
+            Some(ns) => Some(PodNetwork::attach(ns).await?),
+            None => None,
+        };
+        match Self::boot_vm(id, spec, network.as_ref(), hypervisor, events).await {
+            Ok(sb) => {
+                *lock(&sb.network) = network;
+                Ok(sb)
+            }
+            Err(e) => {
+                if let Some(n) = network {
+                    n.detach().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot_vm(
+        id: &str,
+        spec: &SandboxSpec,
+        network: Option<&PodNetwork>,
         hypervisor: &dyn Hypervisor,
         events: Arc<dyn Events>,
     ) -> Result<Sandbox> {
@@ -120,7 +156,11 @@ impl Sandbox {
                 Error::io("listening for the guest log at", layout.vsock_socket()),
             )?;
         let started = std::time::Instant::now();
-        let vm = hypervisor.launch(&spec.vm, &layout).await?;
+        let vm_spec = VmSpec {
+            nics: network.map(PodNetwork::devices).unwrap_or_default(),
+            ..spec.vm.clone()
+        };
+        let vm = hypervisor.launch(&vm_spec, &layout).await?;
         let mut opts = ConnectOptions::new(layout.vsock_socket());
         opts.boot_timeout = spec.vm.boot_timeout;
         opts.console_log = Some(layout.console_log());
@@ -153,7 +193,8 @@ impl Sandbox {
         sb.client = Some(client);
         sb._guest_log = Some(guest_log);
         if let Some(hostname) = &spec.hostname {
-            if let Err(e) = sb.create_in_guest(hostname).await {
+            let guest_net = network.map(PodNetwork::guest_network);
+            if let Err(e) = sb.create_in_guest(hostname, guest_net, &spec.sysctls).await {
                 sb.shutdown().await;
                 return Err(e);
             }
@@ -210,6 +251,7 @@ impl Sandbox {
             _guest_log: None,
             owns_dir: AtomicBool::new(true),
             distrust,
+            network: Mutex::new(None),
         }
     }
 
@@ -232,13 +274,20 @@ impl Sandbox {
         Ok(sb)
     }
 
-    async fn create_in_guest(&self, hostname: &str) -> Result<()> {
+    async fn create_in_guest(
+        &self,
+        hostname: &str,
+        network: Option<Network>,
+        sysctls: &HashMap<String, String>,
+    ) -> Result<()> {
         self.agent
             .create_sandbox(CreateSandboxRequest {
                 sandbox_id: self.layout.id().to_string(),
                 hostname: hostname.to_string(),
                 shared_fs_tag: SHARE_TAG.into(),
                 shared_mount_point: GUEST_SHARE.into(),
+                network: network.into(),
+                sysctls: sysctls.clone(),
                 ..Default::default()
             })
             .await
@@ -428,6 +477,10 @@ impl Sandbox {
             }
         };
         tracing::info!(sandbox = %self.id(), %exit, "VM stopped");
+        let network = lock(&self.network).take();
+        if let Some(n) = network {
+            n.detach().await;
+        }
         if self.owns_dir.load(Ordering::SeqCst) {
             let _ = container::mounts::unmount_below(self.layout.dir());
             let _ = std::fs::remove_dir_all(self.layout.dir());
