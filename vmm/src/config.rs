@@ -13,9 +13,12 @@
 //! unset).
 //!
 //! The ready fd (`--ready-fd`) is a flag only: an fd number means something only
-//! to the process that inherited it, never in a file.
+//! to the process that inherited it, never in a file. The same holds for the
+//! NICs (`--net fd=N,mac=..`, repeatable): their taps are inherited fds, so
+//! `net` is never read from or written to JSON.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +58,122 @@ pub enum ConfigError {
     ApiSocketPath(String),
     #[error("ready fd must be 3 or more (not stdin, stdout or stderr), got {0}")]
     ReadyFd(i32),
+    #[error("--net {spec:?}: {why}")]
+    Net { spec: String, why: String },
+    #[error("fd {0} is named twice (--net and --ready-fd fds must all differ)")]
+    FdTwice(i32),
+    #[error("at most {MAX_NICS} NICs, got {0}")]
+    TooManyNics(usize),
+}
+
+/// The most NICs one VM gets: each is a virtio-mmio device with an IRQ line of
+/// its own, and rng, vsock and virtio-fs take three of the 19.
+pub const MAX_NICS: usize = 16;
+
+/// One guest NIC: `--net fd=N,mac=AA:BB:CC:DD:EE:FF[,mtu=M][,rx-bps=B][,tx-bps=B]`.
+///
+/// `fd` is a tap the runtime opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`
+/// and let husk-vmm inherit; `rx-bps`/`tx-bps` turn on a token-bucket rate
+/// limit for that direction (bytes per second, guest-relative: RX is what the
+/// guest receives).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub fd: i32,
+    pub mac: [u8; 6],
+    pub mtu: Option<u16>,
+    pub rx_bps: Option<u64>,
+    pub tx_bps: Option<u64>,
+}
+
+/// The smallest MTU IPv4 allows (RFC 791).
+pub const MIN_MTU: u16 = 68;
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::Net {
+            spec: spec.to_string(),
+            why,
+        };
+        let (mut fd, mut mac, mut mtu, mut rx_bps, mut tx_bps) = (None, None, None, None, None);
+        for kv in spec.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{kv:?} is not key=value")))?;
+            let num = |what: &str| -> Result<u64, ConfigError> {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("{what} {v:?} is not a number")))
+            };
+            let dup = |k: &str| bad(format!("{k} given twice"));
+            match k {
+                "fd" => {
+                    let n = v
+                        .parse::<i32>()
+                        .map_err(|_| bad(format!("fd {v:?} is not a number")))?;
+                    if n < 3 {
+                        return Err(bad(format!(
+                            "fd must be 3 or more (not stdin, stdout or stderr), got {n}"
+                        )));
+                    }
+                    fd.replace(n).map_or(Ok(()), |_| Err(dup(k)))?;
+                }
+                "mac" => {
+                    let m = parse_mac(v)
+                        .ok_or_else(|| bad(format!("mac {v:?} is not AA:BB:CC:DD:EE:FF")))?;
+                    if m[0] & 1 != 0 {
+                        return Err(bad(format!("mac {v} is a multicast address")));
+                    }
+                    if m == [0; 6] {
+                        return Err(bad("mac is all zeros".into()));
+                    }
+                    mac.replace(m).map_or(Ok(()), |_| Err(dup(k)))?;
+                }
+                "mtu" => {
+                    let n = num("mtu")?;
+                    if !(u64::from(MIN_MTU)..=65535).contains(&n) {
+                        return Err(bad(format!("mtu must be {MIN_MTU}..=65535, got {n}")));
+                    }
+                    mtu.replace(n as u16).map_or(Ok(()), |_| Err(dup(k)))?;
+                }
+                "rx-bps" | "tx-bps" => {
+                    let n = num(k)?;
+                    if n == 0 {
+                        return Err(bad(format!(
+                            "{k} must be at least 1 (leave it out for no limit)"
+                        )));
+                    }
+                    let slot = if k == "rx-bps" {
+                        &mut rx_bps
+                    } else {
+                        &mut tx_bps
+                    };
+                    slot.replace(n).map_or(Ok(()), |_| Err(dup(k)))?;
+                }
+                _ => return Err(bad(format!("unknown key {k:?}"))),
+            }
+        }
+        Ok(NetConfig {
+            fd: fd.ok_or_else(|| bad("fd=N is required".into()))?,
+            mac: mac.ok_or_else(|| bad("mac=AA:BB:CC:DD:EE:FF is required".into()))?,
+            mtu,
+            rx_bps,
+            tx_bps,
+        })
+    }
 }
 
 fn default_vcpus() -> u64 {
@@ -122,6 +241,9 @@ pub struct VmConfig {
     /// guest that makes husk-vmm complain without end must not fill `/run`.
     #[serde(default = "default_log_limit")]
     pub log_limit_bytes: u64,
+    /// The guest's NICs, from `--net` flags only (their taps are inherited fds).
+    #[serde(skip)]
+    pub net: Vec<NetConfig>,
 }
 
 /// The tag of the sandbox share (architecture: one share per sandbox).
@@ -149,6 +271,7 @@ impl Default for VmConfig {
             shared_dir: None,
             fs_tag: default_fs_tag(),
             log_limit_bytes: default_log_limit(),
+            net: Vec::new(),
         }
     }
 }
@@ -208,6 +331,22 @@ impl VmConfig {
                 return Err(ConfigError::ReadyFd(fd));
             }
         }
+        if self.net.len() > MAX_NICS {
+            return Err(ConfigError::TooManyNics(self.net.len()));
+        }
+        let mut fds: Vec<i32> = self.ready_fd.into_iter().collect();
+        for n in &self.net {
+            if n.fd < 3 {
+                return Err(ConfigError::Net {
+                    spec: format!("fd={}", n.fd),
+                    why: "fd must be 3 or more".into(),
+                });
+            }
+            if fds.contains(&n.fd) {
+                return Err(ConfigError::FdTwice(n.fd));
+            }
+            fds.push(n.fd);
+        }
         Ok(ValidConfig {
             kernel,
             vcpus: self.vcpus as u8,
@@ -259,6 +398,7 @@ mod tests {
             shared_dir: Some("/run/husk/x/shared".into()),
             fs_tag: "other-tag".into(),
             log_limit_bytes: 4096,
+            net: Vec::new(),
         };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(VmConfig::from_json_str(&s, "t").unwrap(), c);
@@ -377,5 +517,90 @@ mod tests {
         assert!(VmConfig::from_json_str(r#"{"kernel": "/k", "ready_fd": 5}"#, "t").is_err());
         let c = VmConfig::from_json_str(r#"{"api_socket": "/run/a.sock"}"#, "t").unwrap();
         assert_eq!(c.api_socket, Some("/run/a.sock".into()));
+        // NICs are flags, never config fields.
+        assert!(VmConfig::from_json_str(r#"{"kernel": "/k", "net": []}"#, "t").is_err());
+    }
+
+    #[test]
+    fn net_flags_parse_and_bad_ones_name_the_problem() {
+        let n: NetConfig = "fd=5,mac=02:00:00:aa:BB:0c".parse().unwrap();
+        assert_eq!(
+            n,
+            NetConfig {
+                fd: 5,
+                mac: [2, 0, 0, 0xaa, 0xbb, 0x0c],
+                mtu: None,
+                rx_bps: None,
+                tx_bps: None
+            }
+        );
+        let n: NetConfig = "mac=02:00:00:00:00:01,fd=9,mtu=9000,rx-bps=1000,tx-bps=2000"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (n.fd, n.mtu, n.rx_bps, n.tx_bps),
+            (9, Some(9000), Some(1000), Some(2000))
+        );
+        for (spec, why) in [
+            ("fd=2,mac=02:00:00:00:00:01", "3 or more"),
+            ("fd=-1,mac=02:00:00:00:00:01", "3 or more"),
+            ("fd=x,mac=02:00:00:00:00:01", "not a number"),
+            ("mac=02:00:00:00:00:01", "fd=N is required"),
+            ("fd=3", "mac=AA:BB:CC:DD:EE:FF is required"),
+            ("fd=3,mac=01:00:5e:00:00:01", "multicast"),
+            ("fd=3,mac=00:00:00:00:00:00", "all zeros"),
+            ("fd=3,mac=02:00:00:00:00", "not AA:BB"),
+            ("fd=3,mac=02:00:00:00:00:01:02", "not AA:BB"),
+            ("fd=3,mac=2:00:00:00:00:001", "not AA:BB"),
+            ("fd=3,mac=02:00:00:00:00:zz", "not AA:BB"),
+            ("fd=3,mac=02:00:00:00:00:01,mtu=67", "68..=65535"),
+            ("fd=3,mac=02:00:00:00:00:01,mtu=65536", "68..=65535"),
+            ("fd=3,mac=02:00:00:00:00:01,rx-bps=0", "at least 1"),
+            ("fd=3,mac=02:00:00:00:00:01,tx-bps=-5", "not a number"),
+            ("fd=3,mac=02:00:00:00:00:01,fd=4", "twice"),
+            ("fd=3,mac=02:00:00:00:00:01,speed=10", "unknown key"),
+            ("fd=3,mac=02:00:00:00:00:01,", "not key=value"),
+            ("", "not key=value"),
+        ] {
+            let e = spec.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(e.contains(why), "{spec:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn nic_fds_must_differ_from_each_other_and_the_ready_fd() {
+        let nic = |fd| NetConfig {
+            fd,
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: None,
+            rx_bps: None,
+            tx_bps: None,
+        };
+        let base = VmConfig {
+            kernel: Some("/k".into()),
+            ..Default::default()
+        };
+        let ok = VmConfig {
+            net: vec![nic(4), nic(5)],
+            ready_fd: Some(3),
+            ..base.clone()
+        };
+        assert!(ok.validate().is_ok());
+        let twice = VmConfig {
+            net: vec![nic(4), nic(4)],
+            ..base.clone()
+        };
+        assert!(matches!(twice.validate(), Err(ConfigError::FdTwice(4))));
+        let ready = VmConfig {
+            net: vec![nic(3)],
+            ready_fd: Some(3),
+            ..base.clone()
+        };
+        assert!(matches!(ready.validate(), Err(ConfigError::FdTwice(3))));
+        let many = VmConfig {
+            net: (10..10 + MAX_NICS as i32 + 1).map(nic).collect(),
+            ..base
+        };
+        assert!(matches!(many.validate(), Err(ConfigError::TooManyNics(_))));
     }
 }

@@ -63,6 +63,10 @@ struct Args {
     /// (default 16 MiB).
     #[arg(long = "log-limit-bytes")]
     log_limit_bytes: Option<u64>,
+    /// A guest NIC (repeatable): `fd=N,mac=AA:BB:CC:DD:EE:FF[,mtu=M][,rx-bps=B][,tx-bps=B]`,
+    /// N an inherited tap fd opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
+    #[arg(long = "net")]
+    net: Vec<husk_vmm::config::NetConfig>,
 }
 
 fn build_config(args: Args) -> anyhow::Result<VmConfig> {
@@ -113,6 +117,7 @@ fn build_config(args: Args) -> anyhow::Result<VmConfig> {
         c.log_limit_bytes = n;
     }
     c.ready_fd = args.ready_fd;
+    c.net = args.net;
     Ok(c)
 }
 

@@ -1,8 +1,10 @@
 //! Seccomp filters for the VMM's threads (seccompiler), on by default.
 //!
-//! Three filters: the main event-loop thread (epoll, sockets for vsock and the
+//! Four filters: the main event-loop thread (epoll, sockets for vsock and the
 //! control socket, eventfds, memory allocation), the virtio-fs thread (its own
-//! event loop and the file system calls of the passthrough, no sockets) and the
+//! event loop and the file system calls of the passthrough, no sockets), each
+//! virtio-net thread (its event loop, the tap's reads and writes, a timerfd;
+//! no ioctl, sockets or files) and the
 //! vCPU threads (KVM_RUN and the device work a vCPU exit does: console writes,
 //! eventfd writes). Each is installed by the thread itself once its
 //! setup is done, so setup (opening /dev/kvm, mapping memory) is not constrained.
@@ -155,6 +157,17 @@ fn fs_syscalls() -> Vec<i64> {
     v
 }
 
+/// A virtio-net thread: its event loop, the tap's frames (`read`/`write`
+/// from [`common`]) and re-arming the rate limiter's timerfd. No ioctl:
+/// TUNSETOFFLOAD runs at activation and reset, on the vCPU thread that
+/// writes the status register. No sockets, no file system calls.
+fn net_syscalls() -> Vec<i64> {
+    let mut v = common();
+    v.extend(event_loop());
+    v.push(libc::SYS_timerfd_settime);
+    v
+}
+
 /// A vCPU thread.
 fn vcpu_syscalls() -> Vec<i64> {
     let mut v = common();
@@ -189,6 +202,7 @@ fn build(which: &'static str, syscalls: Vec<i64>) -> Result<BpfProgram, SeccompE
 pub struct Filters {
     pub vmm: BpfProgram,
     pub fs: BpfProgram,
+    pub net: BpfProgram,
     pub vcpu: BpfProgram,
 }
 
@@ -197,6 +211,7 @@ impl Filters {
         Ok(Filters {
             vmm: build("VMM", vmm_syscalls())?,
             fs: build("virtio-fs", fs_syscalls())?,
+            net: build("virtio-net", net_syscalls())?,
             vcpu: build("vCPU", vcpu_syscalls())?,
         })
     }
@@ -261,6 +276,7 @@ mod tests {
         let f = Filters::new().unwrap();
         assert!(!f.vmm.is_empty());
         assert!(!f.fs.is_empty());
+        assert!(!f.net.is_empty());
         assert!(!f.vcpu.is_empty());
     }
 
@@ -302,6 +318,32 @@ mod tests {
             assert!(!fs.contains(&s), "fs thread allows {s}");
         }
         assert!(!fs.contains(&libc::SYS_execve));
+    }
+
+    #[test]
+    fn the_net_thread_has_no_ioctl_sockets_or_files() {
+        let net = net_syscalls();
+        for s in [
+            libc::SYS_ioctl,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_accept4,
+            libc::SYS_sendmsg,
+            libc::SYS_openat,
+            libc::SYS_unlinkat,
+            libc::SYS_execve,
+            libc::SYS_timerfd_create,
+        ] {
+            assert!(!net.contains(&s), "net thread allows {s}");
+        }
+        for s in [
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_epoll_wait,
+            libc::SYS_timerfd_settime,
+        ] {
+            assert!(net.contains(&s), "net thread lacks {s}");
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::config::ValidConfig;
 use crate::devices::legacy::{ConsoleWriter, EventFdTrigger, SerialConsole, I8042};
 use crate::devices::virtio::fs::{Fs, FsConfig};
 use crate::devices::virtio::mmio::{regs, MmioTransport};
+use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{VirtioDevice, EXTRA_EVENT_BASE};
@@ -71,7 +72,7 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioSubscriber<D> {
                 let _ = evt.read();
                 lock(&self.transport)
                     .device_mut()
-                    .process_queue(data as usize);
+                    .process_queue_event(data as usize, ops);
             }
         } else {
             lock(&self.transport)
@@ -241,8 +242,13 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     let t0 = std::time::Instant::now();
     let phase =
         |what: &str| tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "set-up: {what}");
-    // First, so the inherited fd is ours before anything else runs.
+    // First, so the inherited fds are ours before anything else runs.
     let ready_out = cfg.ready_fd.map(crate::api::ready::take_fd).transpose()?;
+    let taps = cfg
+        .net
+        .iter()
+        .map(|n| Tap::from_inherited(n.fd).map_err(DeviceError::from))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     // Compiling the filters is pure computation (about 1 ms on hardware, a
     // tenth of a second in the nested test host): it runs on a thread of its
     // own while this one sets up KVM and loads the kernel, and is joined
@@ -340,6 +346,23 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         placed.push(add_virtio(&vm, &mem, &mut mmio, &mut own, 2, fs)?);
         fs_em = Some(own);
     }
+    // Each NIC gets an event loop and a thread of its own (`net0`, ..): its
+    // frames never wait behind vsock or the share, nor on a vCPU.
+    let mut net_ems = Vec::new();
+    for (i, (nic, tap)) in cfg.net.iter().zip(taps).enumerate() {
+        tracing::info!(tap = tap.name(), fd = nic.fd, "virtio-net: NIC {i}");
+        let net = Net::new(nic, tap).map_err(io_err("virtio-net rate limiter timer"))?;
+        let mut own = event_loop("virtio-net event manager")?;
+        placed.push(add_virtio(
+            &vm,
+            &mem,
+            &mut mmio,
+            &mut own,
+            3 + i as u32,
+            net,
+        )?);
+        net_ems.push(own);
+    }
     let (ready, vcpu_started) = ReadySignal::new(usize::from(config.vcpus), ready_out)?;
     em.add_subscriber(Arc::new(Mutex::new(ready)));
     let mut api_socket = None;
@@ -431,6 +454,29 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
                 }
             })
             .map_err(io_err("spawning the virtio-fs thread"))?;
+    }
+    for (i, mut net_em) in net_ems.into_iter().enumerate() {
+        let filter = filters.as_ref().map(|f| f.net.clone());
+        let exit = exit.clone();
+        std::thread::Builder::new()
+            .name(format!("net{i}"))
+            .spawn(move || {
+                if let Some(f) = filter {
+                    if let Err(e) = seccomp::apply("virtio-net", &f) {
+                        exit.exit(ExitReason::Internal(e.to_string()));
+                        return;
+                    }
+                }
+                loop {
+                    if let Err(e) = net_em.run() {
+                        exit.exit(ExitReason::Internal(format!(
+                            "virtio-net event loop: {e:?}"
+                        )));
+                        return;
+                    }
+                }
+            })
+            .map_err(io_err("spawning a virtio-net thread"))?;
     }
     if let Some(f) = &filters {
         seccomp::apply("VMM", &f.vmm)?;

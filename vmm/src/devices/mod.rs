@@ -22,6 +22,8 @@ pub enum DeviceError {
     NoIrq(String),
     #[error("virtio-fs: {0}")]
     Fs(#[from] crate::devices::virtio::fs::FsError),
+    #[error("virtio-net: {0}")]
+    Tap(#[from] crate::devices::virtio::net::TapError),
 }
 
 /// A device on a bus. Accesses carry the offset into the device's window; the

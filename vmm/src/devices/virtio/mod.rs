@@ -5,7 +5,7 @@
 //! - [`chain`]: the one place where descriptor chains from the guest are
 //!   validated; devices only see checked [`chain::Desc`] lists.
 //! - [`state`]: the life cycle every device shares (inactive, active, broken).
-//! - [`rng`], [`vsock`], [`fs`]: the devices.
+//! - [`rng`], [`vsock`], [`fs`], [`net`]: the devices.
 //!
 //! A device that finds a malformed ring calls [`Interrupt::set_needs_reset`]: the
 //! transport then reports `DEVICE_NEEDS_RESET` in the status register and the
@@ -14,6 +14,7 @@
 pub mod chain;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod state;
 pub mod vsock;
@@ -152,6 +153,11 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The driver notified queue `index`.
     fn process_queue(&mut self, index: usize);
+    /// The same, from the event loop, for a device that changes its epoll
+    /// interest in response (virtio-net resumes polling its tap).
+    fn process_queue_event(&mut self, index: usize, _ops: &mut EventOps) {
+        self.process_queue(index);
+    }
     /// Registers event sources beyond the queue notifications (data >= [`EXTRA_EVENT_BASE`]).
     fn init_events(&mut self, _ops: &mut EventOps) {}
     /// One of the extra event sources fired.
