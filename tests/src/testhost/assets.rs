@@ -24,6 +24,14 @@ pub const WANTED: &[(&str, &str)] = &[
     ("virtiofs", ""),
     ("overlay", ""),
     ("kvm_amd", "npt=1"),
+    // Pod networks: CNI's bridge and veths, husk's taps and the tc
+    // redirects between them (tests/tests/cri.rs).
+    ("bridge", ""),
+    ("veth", ""),
+    ("tun", ""),
+    ("sch_ingress", ""),
+    ("cls_u32", ""),
+    ("act_mirred", ""),
 ];
 
 pub const VMLINUZ: &str = "vmlinuz";

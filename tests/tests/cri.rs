@@ -1,0 +1,179 @@
+//! Kubernetes' path: containerd 1.6 with its CRI plugin, a CNI bridge
+//! network (Debian's containernetworking-plugins in /usr/lib/cni), runtime
+//! handlers `husk` and `runc`, and husk-cri standing in for the kubelet,
+//! all inside the test host. Husk pods and runc pods share one bridge.
+
+use std::time::Duration;
+
+use husk_tests::scenario;
+
+/// containerd on /tmp/ctrd with CRI, a bridge + host-local network, the
+/// busybox image (Cmd sh) and a pause image (Cmd sleep) in `k8s.io`;
+/// `K` = husk-cri on that socket. `leaks` counts what a pod could leave.
+const PRELUDE: &str = r#"set -u
+export PATH="$PWD/target/debug:$PATH:/usr/sbin:/sbin"
+export RUST_LOG=${RUST_LOG:-info}
+for f in target/debug/containerd-shim-husk-v2 target/debug/husk-cri target/husk/busybox-rootfs; do
+  [ -e "$f" ] || { echo "missing $f"; exit 1; }
+done
+# bridge, veth, tun, sch_ingress, cls_u32 and act_mirred: the test host loads them at boot.
+D=/tmp/ctrd
+mkdir -p $D/cni $D/ipam /var/run/netns
+cat > $D/cni/10-husk.conflist <<CNI
+{"cniVersion": "0.4.0", "name": "husk-test", "plugins": [
+  {"type": "bridge", "bridge": "cni-husk0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]],
+            "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$D/ipam"}}]}
+CNI
+cat > $D/config.toml <<CFG
+version = 2
+root = "$D/root"
+state = "$D/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "$D/c.sock"
+[ttrpc]
+  address = "$D/c.sock.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "husk.local/pause:latest"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
+      runtime_type = "io.containerd.husk.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$D/cni"
+CFG
+containerd --config $D/config.toml >>$D/log 2>&1 &
+for i in $(seq 200); do [ -S $D/c.sock ] && ctr -a $D/c.sock version >/dev/null 2>&1 && break; sleep 0.1; done
+C="ctr -a $D/c.sock -n k8s.io"
+K="husk-cri --socket $D/c.sock"
+IMG=husk.local/busybox:latest
+tools/shim-oci-image target/husk/busybox-rootfs /tmp/img.tar $IMG
+tools/shim-oci-image target/husk/busybox-rootfs /tmp/pause.tar husk.local/pause:latest '["sleep", "2147483647"]'
+$C images import /tmp/img.tar >/dev/null && $C images import /tmp/pause.tar >/dev/null || { echo "import failed"; tail -50 $D/log; exit 1; }
+dump() { echo "--- containerd log"; grep -v 'level=debug' $D/log | tail -n ${1:-60}; }
+leaks() {
+  echo "vmm-left=$(pgrep -c husk-vmm)"
+  echo "run-husk-left=$(ls /run/husk 2>/dev/null | wc -l)"
+  echo "mounts-left=$(grep -c /run/husk /proc/mounts)"
+  echo "netns-left=$(ls /var/run/netns | wc -l)"
+  echo "taps-left=$(ip -o link show | grep -c _husk)"
+  echo "veths-left=$(ip -o link show type veth | wc -l)"
+  echo "shims-left=$(pgrep -c -f containerd-shim-husk-v2)"
+}
+"#;
+
+fn run(body: &str, timeout: Duration) -> String {
+    scenario::run_script(&format!("{PRELUDE}\n{body}"), timeout)
+}
+
+fn assert_all(out: &str, wants: &[&str]) {
+    for w in wants {
+        assert!(out.contains(w), "missing {w:?} in:\n{out}");
+    }
+}
+
+/// Two husk pods (two VMs) and a runc pod on one CNI bridge: each husk
+/// pod's eth0 has its CNI address and the veth's MAC; pod -> gateway;
+/// pod -> pod over TCP, husk <-> runc both ways, host -> pod and
+/// pod -> host, 10 MB byte-exact; two containers of a pod over localhost;
+/// ExecSync exit codes; ContainerStats; UpdateContainerResources seen in
+/// the guest's cgroup; then nothing left: no tap, netns, veth, VM or mount.
+#[test]
+fn husk_and_runc_pods_share_a_cni_network() {
+    let out = run(
+        r#"
+# A server in each pod: 10 MB of random bytes and their sum, over HTTP.
+SERVE='mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=10 2>/dev/null && sha256sum /www/blob | cut -d" " -f1 > /www/sum && exec httpd -f -p 8080 -h /www'
+pod() { # NAME HANDLER -> pod id in $POD, serving container in $SRV
+  POD=$($K runp --name $1 --handler $2) || { echo "runp $1 failed"; dump; exit 1; }
+  SRV=$($K create $POD --name web --image $IMG -- sh -c "$SERVE") && $K start $SRV || { echo "web $1 failed"; dump; exit 1; }
+}
+pod pa husk; PA=$POD; SA=$SRV
+pod pb husk; PB=$POD; SB=$SRV
+pod pr runc; PR=$POD; SR=$SRV
+IPA=$($K ip $PA); IPB=$($K ip $PB); IPR=$($K ip $PR)
+echo "ips $IPA $IPB $IPR"
+sleep 3
+# eth0 of a husk pod: the CNI's address, the veth's MAC (seen from the host's side of the netns).
+$K exec $SA -- ip -o -4 addr show eth0 | grep -q " $IPA/16 " && echo "pa-eth0-has-its-ip"
+$K exec $SB -- ip -o -4 addr show eth0 | grep -q " $IPB/16 " && echo "pb-eth0-has-its-ip"
+$K exec $SA -- ip route | sed 's/^/pa route: /'
+# The guest NIC has the veth's MAC; the tap and the redirect sit in the pod's netns.
+for ns in $(ls /var/run/netns); do ip -n $ns -o -4 addr show eth0 2>/dev/null | grep -q " $IPA/" && NSA=$ns; done
+HM=$(ip -n $NSA -o link show eth0 | grep -o 'link/ether [0-9a-f:]*' | cut -d' ' -f2)
+GM=$($K exec $SA -- cat /sys/class/net/eth0/address)
+echo "macs host=$HM guest=$GM"
+[ -n "$HM" ] && [ "$HM" = "$GM" ] && echo "pa-mac-is-the-veths"
+ip -n $NSA -o link show tap0_husk >/dev/null && echo "pa-tap-in-its-netns"
+tc -n $NSA filter show dev eth0 ingress | grep -q "mirred (Egress Redirect to device tap0_husk)" && echo "pa-veth-redirects-to-tap"
+$K exec $SA -- ping -c 1 -W 5 10.88.0.1 >/dev/null && echo "pa-pings-gateway"
+get() { # FROM-CONTAINER IP -> "ok" when the blob's sum matches the served sum
+  want=$($K exec $1 -- sh -c "wget -q -O - http://$2:8080/sum")
+  got=$($K exec $1 -- sh -c "wget -q -O - http://$2:8080/blob | sha256sum | cut -d' ' -f1")
+  [ -n "$want" ] && [ "$want" = "$got" ] && echo ok || echo "bad want=$want got=$got"
+}
+echo "pa->pb $(get $SA $IPB)"
+echo "pa->pr $(get $SA $IPR)"
+echo "pr->pa $(get $SR $IPA)"
+# host -> pod and pod -> host
+want=$($K exec $SB -- cat /www/sum)
+got=$(busybox wget -q -O - http://$IPB:8080/blob | sha256sum | cut -d' ' -f1)
+[ "$want" = "$got" ] && echo "host->pb ok" || echo "host->pb bad $want $got"
+mkdir -p /tmp/www && echo host-says-hi > /tmp/www/hi && busybox httpd -p 10.88.0.1:9090 -h /tmp/www
+$K exec $SA -- wget -q -O - http://10.88.0.1:9090/hi | sed 's/^/pa->host: /'
+# Two containers of one pod over localhost.
+S2=$($K create $PA --name side --image $IMG -- sh -c 'mkdir -p /w && echo from-side > /w/x && exec httpd -f -p 8081 -h /w') && $K start $S2
+sleep 2
+$K exec $SA -- wget -q -O - http://127.0.0.1:8081/x | sed 's/^/localhost: /'
+$K exec $SA -- sh -c 'exit 3'; echo "execsync-code=$?"
+$K stats $SA | sed 's/^/stats: /'
+$K update $SA --memory 134217728 && echo "update-ok"
+# No cgroup namespace on a cgroup v1 host's CRI spec: the container sees
+# the guest's whole (v2) hierarchy, its own cgroup at its path there.
+$K exec $SA -- sh -c 'cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup | head -1)/memory.max' | sed 's/^/limit: /'
+for p in $PA $PB $PR; do $K stopp $p && $K rmp $p || echo "removing $p failed"; done
+sleep 2
+leaks
+dump 30
+"#,
+        Duration::from_secs(590),
+    );
+    assert_all(
+        &out,
+        &[
+            "pa-eth0-has-its-ip",
+            "pb-eth0-has-its-ip",
+            "pa-pings-gateway",
+            "pa-mac-is-the-veths",
+            "pa-tap-in-its-netns",
+            "pa-veth-redirects-to-tap",
+            "pa->pb ok",
+            "pa->pr ok",
+            "pr->pa ok",
+            "host->pb ok",
+            "pa->host: host-says-hi",
+            "localhost: from-side",
+            "execsync-code=3",
+            "update-ok",
+            "limit: 134217728",
+            "vmm-left=0",
+            "run-husk-left=0",
+            "mounts-left=0",
+            "netns-left=0",
+            "taps-left=0",
+            "veths-left=0",
+        ],
+    );
+    let mem: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("stats: memory_working_set_bytes="))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no stats line in:\n{out}"));
+    assert!(mem > 0, "{out}");
+}
