@@ -10,6 +10,14 @@
 //! reports `test-init: fs read <hello.txt>`, writes `from-guest.txt`, and
 //! reports what reading `evil/hostname` through a host-made symlink gives.
 //!
+//! With `test_init.net=ADDR` it brings up `lo` and `eth0` (ADDR/24, by ioctl:
+//! this is a test init, not the agent), reports
+//! `test-init: net eth0 mac <mac> mtu <mtu>`, connects to ADDR's .1 on TCP
+//! port 5555 and runs the host's exchange: it sends `test_init.net_bytes`
+//! bytes (10 MiB unless given) of a pattern, reads as many of another
+//! pattern back, checks them and answers `OK` or `BAD`, then reports
+//! `test-init: net exchange ok` (or what failed).
+//!
 //! It echoes every stream accepted on vsock port 5000 (one thread each),
 //! sends one line to host port 5001, and then waits to be stopped.
 //! `test_init.exit=poweroff` on the command line powers off right after the
@@ -67,6 +75,105 @@ fn share(tag: &str) {
     }
 }
 
+/// `struct ifreq`: the name, then a 24-byte union (an address or the flags).
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    data: [u8; 24],
+}
+
+fn ifreq(name: &str) -> IfReq {
+    let mut r = IfReq {
+        name: [0; 16],
+        data: [0; 24],
+    };
+    r.name[..name.len()].copy_from_slice(name.as_bytes());
+    r
+}
+
+fn ioctl(sock: i32, req: libc::c_ulong, r: &mut IfReq) -> std::io::Result<()> {
+    // SAFETY: every request used here reads or writes one `struct ifreq`,
+    // which `r` is, for the duration of the call.
+    if unsafe { libc::ioctl(sock, req as _, r as *mut IfReq) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets an IPv4 address (SIOCSIFADDR) or netmask (SIOCSIFNETMASK).
+fn set_in_addr(sock: i32, name: &str, req: libc::c_ulong, addr: [u8; 4]) -> std::io::Result<()> {
+    let mut r = ifreq(name);
+    r.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    r.data[4..8].copy_from_slice(&addr);
+    ioctl(sock, req, &mut r)
+}
+
+fn link_up(sock: i32, name: &str) -> std::io::Result<()> {
+    let mut r = ifreq(name);
+    ioctl(sock, libc::SIOCGIFFLAGS, &mut r)?;
+    let flags =
+        i16::from_ne_bytes([r.data[0], r.data[1]]) | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+    r.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    ioctl(sock, libc::SIOCSIFFLAGS, &mut r)
+}
+
+/// The exchange's bytes: `seed` tells the two directions apart.
+fn net_pattern(seed: u8, i: usize) -> u8 {
+    (i as u32)
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(u32::from(seed)) as u8
+        ^ (i >> 13) as u8
+}
+
+fn net(addr: &str, bytes: usize) -> Result<(), String> {
+    let ip: std::net::Ipv4Addr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    link_up(sock, "lo").map_err(|e| format!("lo up: {e}"))?;
+    set_in_addr(sock, "eth0", libc::SIOCSIFADDR, ip.octets())
+        .map_err(|e| format!("eth0 address: {e}"))?;
+    set_in_addr(sock, "eth0", libc::SIOCSIFNETMASK, [255, 255, 255, 0])
+        .map_err(|e| format!("eth0 netmask: {e}"))?;
+    link_up(sock, "eth0").map_err(|e| format!("eth0 up: {e}"))?;
+    // SAFETY: closing the socket made above.
+    unsafe { libc::close(sock) };
+    say(&format!(
+        "net eth0 mac {} mtu {}",
+        read("/sys/class/net/eth0/address"),
+        read("/sys/class/net/eth0/mtu")
+    ));
+    let o = ip.octets();
+    let host = std::net::SocketAddr::from(([o[0], o[1], o[2], 1], 5555));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut s = loop {
+        match std::net::TcpStream::connect_timeout(&host, std::time::Duration::from_secs(5)) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(format!("connecting to {host}: {e}"));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    };
+    let out: Vec<u8> = (0..bytes).map(|i| net_pattern(1, i)).collect();
+    s.write_all(&out).map_err(|e| format!("sending: {e}"))?;
+    let mut back = vec![0u8; bytes];
+    s.read_exact(&mut back)
+        .map_err(|e| format!("receiving: {e}"))?;
+    let good = back
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == net_pattern(2, i));
+    s.write_all(if good { b"OK\n" } else { b"BAD\n" })
+        .map_err(|e| format!("answering: {e}"))?;
+    if !good {
+        return Err("the host's bytes arrived changed".into());
+    }
+    Ok(())
+}
+
 fn echo(mut s: vsock::VsockStream) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -121,6 +228,20 @@ fn main() {
         .find_map(|p| p.strip_prefix("test_init.fs="))
     {
         share(tag);
+    }
+    if let Some(addr) = cmdline
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("test_init.net="))
+    {
+        let bytes = cmdline
+            .split_whitespace()
+            .find_map(|p| p.strip_prefix("test_init.net_bytes="))
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(10 << 20);
+        match net(addr, bytes) {
+            Ok(()) => say("net exchange ok"),
+            Err(e) => say(&format!("net failed: {e}")),
+        }
     }
     if read("/proc/cmdline")
         .split_whitespace()

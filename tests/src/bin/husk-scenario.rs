@@ -16,6 +16,9 @@ use husk_tests::vm::{runtime_root, Bind, Vm, VmSpec};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+#[path = "scenarios/net.rs"]
+mod net;
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Scenario {
     /// Check x100 in a row and x16 at once, GetGuestDetails against the
@@ -33,6 +36,9 @@ enum Scenario {
     /// vsock: the guest echoes host streams (50 concurrent, 1 MiB each,
     /// byte-exact) and its own connection reaches `<socket>_5001`.
     VmmVsock,
+    /// virtio-net: a tap with 10.0.2.1/24, the guest as 10.0.2.2; 10 MiB
+    /// each way over TCP byte-exact, ICMP echo, throughput; the rate limiter.
+    VmmNet,
     /// virtio-fs: the guest reads a host file, its write lands on the host,
     /// and a host-made symlink to /etc does not reach the host's /etc.
     VmmFs,
@@ -1100,6 +1106,10 @@ fn main() -> Result<()> {
             Scenario::VmmControl => vmm_control(&args.guest, &args.test_initramfs).await,
             Scenario::Containers => containers(&args.guest).await,
             Scenario::VmmFs => vmm_fs(&args.guest, &args.test_initramfs).await,
+            Scenario::VmmNet => {
+                let kernel = kernel(&args.guest, "vmlinux");
+                net::vmm_net(&kernel, &args.test_initramfs, 10 << 20).await
+            }
             Scenario::VmmVsock => {
                 vmm_vsock(&args.guest, &args.test_initramfs, args.streams, args.bytes).await
             }
