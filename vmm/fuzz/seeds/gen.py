@@ -3,7 +3,8 @@
 into corpus/<target>/ before fuzzing). Each is a valid conversation the
 fuzzer would take long to find alone: a vsock stream to the listening port,
 a driver bring-up through the mmio registers, FUSE sessions that open, read,
-write, list, rename and remove, and reach the inode and handle limits.
+write, list, rename and remove, and reach the inode and handle limits, and
+virtio-net rings with frames both ways, short, writable and looping chains.
 
     python3 vmm/fuzz/seeds/gen.py     (rewrites the files; they are committed)
 """
@@ -251,7 +252,48 @@ def fs_seeds():
     write("virtio_fs", "malformed", b"\x00" + b"".join(bad))
 
 
+# ------------------------------------------------------------------ virtio_net
+# Input: [tx queue size, rx queue size, rounds, frames for the guest,
+# frame length / 8 (after the 12-byte header), limits, guest memory].
+def net_image(tx_chains, rx_bufs):
+    """tx_chains: lists of (addr, length, readable?); rx_bufs: (addr, length)."""
+    img = Image()
+    heads, d = [], 0
+    for chain in tx_chains:
+        heads.append(d)
+        for i, (addr, length, readable) in enumerate(chain):
+            last = i == len(chain) - 1
+            flags = (0 if last else NEXT) | (0 if readable else WRITE_F)
+            img.desc(TXQ[0], d, addr, length, flags, 0 if last else d + 1)
+            img.put(addr, bytes([0]) * 12 + bytes(i % 256 for i in range(length - 12)) if length > 12 else bytes(length))
+            d += 1
+    img.avail(TXQ[1], heads)
+    for i, (addr, length) in enumerate(rx_bufs):
+        img.desc(RXQ[0], i, addr, length, WRITE_F, 0)
+    img.avail(RXQ[1], list(range(len(rx_bufs))))
+    return bytes(img.b)
+
+
+def net_seeds():
+    tx = [[(0x900, 12, True), (0x920, 60, True)], [(0xa00, 74, True)], [(0xb00, 1514 + 12 - 1024, True)]]
+    rx = [(0x2000, 0x200), (0x2200, 0x200), (0x2400, 0x400)]
+    write("virtio_net", "tx_and_rx", bytes([4, 4, 2, 3, 40, 0]) + net_image(tx, rx))
+    write("virtio_net", "rx_frames_too_big", bytes([4, 4, 1, 4, 64, 0]) + net_image(tx[:1], rx[:2]))
+    write("virtio_net", "limited", bytes([4, 4, 3, 5, 40, 3]) + net_image(tx, rx))
+    short = [[(0x900, 12, True)], [(0x920, 20, True)], [(0x940, 12, True), (0x960, 40, False)]]
+    write("virtio_net", "short_and_writable_tx", bytes([4, 4, 1, 1, 8, 0]) + net_image(short, rx[:1]))
+    # A TX chain that loops, and an RX buffer the device may only read.
+    img = Image()
+    img.desc(TXQ[0], 0, 0x900, 12, NEXT, 1)
+    img.desc(TXQ[0], 1, 0x920, 60, NEXT, 0)
+    img.avail(TXQ[1], [0])
+    img.desc(RXQ[0], 0, 0x2000, 0x200, 0, 0)
+    img.avail(RXQ[1], [0])
+    write("virtio_net", "malformed", bytes([4, 4, 1, 2, 8, 0]) + bytes(img.b))
+
+
 if __name__ == "__main__":
     s = vsock_seeds()
     mmio_seeds(s)
     fs_seeds()
+    net_seeds()
