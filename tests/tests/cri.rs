@@ -177,3 +177,54 @@ dump 30
         .unwrap_or_else(|| panic!("no stats line in:\n{out}"));
     assert!(mem > 0, "{out}");
 }
+
+/// Pod network namespaces that are not right, through `ctr run --with-ns`
+/// (the path CRI would pass): a missing one, a veth without an address, a
+/// tap name already taken: each a clear error with no VM, tap or qdisc
+/// left. A namespace made by hand as a CNI would works; no namespace gives
+/// a VM with only `lo`.
+#[test]
+fn bad_pod_networks_are_refused_whole() {
+    let out = run(
+        r#"
+N="$C run --rm --runtime io.containerd.husk.v2"
+$N --with-ns network:/var/run/netns/nope $IMG bad1 true 2>&1 | sed 's/^/missing: /'
+ip netns add noaddr && ip link add eth0 netns noaddr type veth peer name vx-noaddr
+$N --with-ns network:/var/run/netns/noaddr $IMG bad2 true 2>&1 | sed 's/^/noaddr: /'
+ip netns add taken && ip link add eth0 netns taken type veth peer name vx-taken
+ip -n taken addr add 10.99.0.2/24 dev eth0 && ip -n taken link set eth0 up
+ip link add tap0_husk netns taken type veth peer name vx-taken2
+$N --with-ns network:/var/run/netns/taken $IMG bad3 true 2>&1 | sed 's/^/taken: /'
+echo "taken-ingress-left=$(tc -n taken qdisc show dev eth0 | grep -c ingress)"
+ip netns add good && ip link add eth0 netns good type veth peer name vx-good
+ip addr add 10.99.1.1/24 dev vx-good && ip link set vx-good up
+ip -n good addr add 10.99.1.2/24 dev eth0 && ip -n good link set eth0 up && ip -n good route add default via 10.99.1.1
+$N --with-ns network:/var/run/netns/good $IMG ok1 sh -c 'ip -o -4 addr show eth0; ping -c 1 -W 5 10.99.1.1 >/dev/null && echo pinged-the-host; ip route' 2>&1 | sed 's/^/good: /'
+echo "good-taps-left=$(ip -n good -o link show | grep -c _husk)"
+$N $IMG lo1 ls /sys/class/net 2>&1 | sed 's/^/none: /'
+for n in noaddr taken good; do ip netns del $n; done
+sleep 1
+leaks
+dump 20
+"#,
+        Duration::from_secs(400),
+    );
+    assert_all(
+        &out,
+        &[
+            "missing: ctr: pod network namespace /var/run/netns/nope: No such file or directory",
+            "noaddr: ctr: pod network: eth0 (a veth) has no address",
+            "taken: ctr: tap tap0_husk:",
+            "taken-ingress-left=0",
+            "good: 2: eth0    inet 10.99.1.2/24",
+            "good: pinged-the-host",
+            "good: default via 10.99.1.1 dev eth0",
+            "good-taps-left=0",
+            "none: lo",
+            "vmm-left=0",
+            "run-husk-left=0",
+            "mounts-left=0",
+        ],
+    );
+    assert!(!out.contains("none: eth0"), "{out}");
+}

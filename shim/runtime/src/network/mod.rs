@@ -288,6 +288,16 @@ async fn attach_here(netns: PathBuf) -> Result<PodNetwork, NetError> {
         .try_collect()
         .await
         .map_err(netlink("listing addresses"))?;
+    // A veth is what a CNI gives a pod; one without an address is a CNI
+    // run that did not finish, and a pod started on it would be unreachable.
+    if let Some(l) = links.iter().find(|l| {
+        link_kind(l) == Some(&InfoKind::Veth) && pod_addresses(&addrs, l.header.index).is_empty()
+    }) {
+        return Err(NetError::Invalid(format!(
+            "{} (a veth) has no address: the pod's CNI setup is not finished",
+            link_name(l)
+        )));
+    }
     let pod = pod_links(&links, &addrs);
     if pod.len() > MAX_NICS {
         return Err(NetError::Invalid(format!(
