@@ -55,65 +55,6 @@ fn virtio_fs_shares_a_host_directory() {
     );
 }
 
-/// Where the L2 test host's `tun.ko` is kept, by kernel release: the test
-/// host loads only the modules it needs itself, and tun is not one of them.
-const L2_MODULES: &str = "target/husk/l2-modules";
-
-/// Extracts `tun.ko` of the kernel the test host boots (the candidate
-/// behind `linux-image-cloud-amd64`, as `husk-testhost` picks it) into
-/// [`L2_MODULES`]`/<release>/`, once.
-fn l2_tun_module() {
-    use std::process::Command;
-    let run = |c: &mut Command| {
-        let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{c:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let deps = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
-    let pkg = deps
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-"))
-        .expect("no image behind linux-image-cloud-amd64")
-        .to_string();
-    let kver = pkg.trim_start_matches("linux-image-").to_string();
-    let root = husk_tests::workspace_root();
-    let dest = root.join(L2_MODULES).join(&kver);
-    if dest.join("tun.ko").exists() {
-        return;
-    }
-    let policy = run(Command::new("apt-cache").args(["policy", &pkg]));
-    let version = policy
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate: "))
-        .expect("no candidate version")
-        .to_string();
-    let work = tempfile::tempdir().unwrap();
-    run(Command::new("apt-get")
-        .current_dir(work.path())
-        .args(["download", &format!("{pkg}={version}")]));
-    let deb = std::fs::read_dir(work.path())
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .expect("apt-get download produced no .deb");
-    let x = work.path().join("root");
-    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&x));
-    std::fs::create_dir_all(&dest).unwrap();
-    let ko = x
-        .join("lib/modules")
-        .join(&kver)
-        .join("kernel/drivers/net/tun.ko");
-    // Copied then renamed: a concurrent run never loads half a module.
-    let tmp = dest.join("tun.ko.part");
-    std::fs::copy(&ko, &tmp).unwrap_or_else(|e| panic!("{}: {e}", ko.display()));
-    std::fs::rename(&tmp, dest.join("tun.ko")).unwrap();
-}
-
 /// virtio-net: a tap in the test host (10.0.2.1/24) handed to husk-vmm as
 /// `--net fd=3,mac=..,mtu=1500`; the guest configures eth0 (10.0.2.2, the
 /// MAC and MTU as given) and exchanges 10 MiB each way with a TCP server on
@@ -121,8 +62,6 @@ fn l2_tun_module() {
 /// hold. The figures are in the output.
 #[test]
 fn virtio_net_carries_tcp_both_ways_byte_exact() {
-    l2_tun_module();
-    // husk-scenario loads it from there (the test host has no insmod).
     let out = scenario::run("vmm-net", Duration::from_secs(500));
     assert!(out.contains("MiB each way byte-exact"), "{out}");
     assert!(out.contains("vmm-net: ICMP echo"), "{out}");

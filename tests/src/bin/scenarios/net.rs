@@ -25,48 +25,11 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Loads `tun.ko` from `target/husk/l2-modules/<release>/` (which the test
-/// in tests/tests/vmm.rs extracts from the test host's kernel package) when
-/// this kernel has no tun yet; the test host has no insmod of its own.
-fn load_tun() -> Result<()> {
-    if Path::new("/dev/net/tun").exists() {
-        return Ok(());
-    }
-    let release = nix::sys::utsname::uname()?
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let ko = Path::new("target/husk/l2-modules")
-        .join(&release)
-        .join("tun.ko");
-    let f = std::fs::File::open(&ko).with_context(|| format!("opening {}", ko.display()))?;
-    // SAFETY: finit_module(2) reads the module from an open fd and takes a
-    // NUL-terminated parameter string; both live across the call.
-    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
-    let e = std::io::Error::last_os_error();
-    ensure!(
-        r == 0 || e.raw_os_error() == Some(libc::EEXIST),
-        "loading {}: {e}",
-        ko.display()
-    );
-    if !Path::new("/dev/net/tun").exists() {
-        std::fs::create_dir_all("/dev/net")?;
-        nix::sys::stat::mknod(
-            "/dev/net/tun",
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::from_bits_truncate(0o600),
-            nix::sys::stat::makedev(10, 200),
-        )?;
-    }
-    Ok(())
-}
-
 /// A new tap as the runtime makes one (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR),
 /// with HOST_ADDR/24 and up; its name.
 fn make_tap() -> Result<(OwnedFd, String)> {
-    load_tun()?;
     if !Path::new("/dev/net/tun").exists() {
-        bail!("/dev/net/tun is missing: the tun module is not loaded");
+        bail!("/dev/net/tun is missing: the test host did not load tun");
     }
     // SAFETY: open(2) of a NUL-terminated path; the result is checked.
     let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
