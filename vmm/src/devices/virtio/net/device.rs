@@ -138,7 +138,9 @@ impl<B: NetBackend> Net<B> {
             rx_no_buffers: false,
             tap_polled: false,
             tap_gone: false,
-            frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
+            // One byte over the largest frame: a read that fills it was cut
+            // short by the buffer and is dropped, never delivered truncated.
+            frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN + 1],
             stats: NetStats::default(),
         })
     }
@@ -209,7 +211,7 @@ impl<B: NetBackend> Net<B> {
                     return Ok(Pass::Done);
                 }
             };
-            if n < VNET_HDR_LEN || n as u64 > c.writable_len() {
+            if n < VNET_HDR_LEN || n >= self.frame.len() || n as u64 > c.writable_len() {
                 // Too big for what the guest gave (or no header): dropped, as a
                 // NIC drops what its ring cannot hold; the buffer is reused.
                 a.queues[RXQ].go_to_previous_position();

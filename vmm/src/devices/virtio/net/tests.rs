@@ -349,6 +349,23 @@ fn a_frame_larger_than_the_buffer_is_dropped_and_the_buffer_reused() {
 }
 
 #[test]
+fn a_tap_frame_over_the_largest_is_dropped_not_cut() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    rig.dev
+        .backend_mut()
+        .rx
+        .extend([frame(MAX_FRAME_LEN + 100, 1), frame(MAX_FRAME_LEN, 2)]);
+    rig.publish(true, 0, &[desc(BIG, 0x20000, true, None)]);
+    rig.publish(true, 1, &[desc(RX_BUFS, 0x100, true, None)]);
+    rig.dev.process_queue(RXQ);
+    // The first is dropped whole; the largest allowed fits the big buffer.
+    let used = rig.used(true);
+    assert_eq!(used, vec![(0, (VNET_HDR_LEN + MAX_FRAME_LEN) as u32)]);
+    assert_eq!(rig.dev.stats().rx_dropped, 1);
+}
+
+#[test]
 fn bad_tx_chains_are_dropped_and_the_link_goes_on() {
     let mem = memory();
     let mut rig = Rig::new(&mem);
