@@ -61,7 +61,7 @@ fn virtio_fs_shares_a_host_directory() {
 /// the host, byte-exact; ICMP echo reaches it; then 2 MB/s limits each way
 /// hold. The figures are in the output.
 #[test]
-fn virtio_net_carries_tcp_both_ways_byte_exact() {
+fn vmm_net_carries_tcp_both_ways_byte_exact() {
     let out = scenario::run("vmm-net", Duration::from_secs(500));
     assert!(out.contains("MiB each way byte-exact"), "{out}");
     assert!(out.contains("vmm-net: ICMP echo"), "{out}");
