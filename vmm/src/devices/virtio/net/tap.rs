@@ -216,13 +216,13 @@ impl NetBackend for Tap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::defs::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
     use super::*;
     use std::os::fd::FromRawFd;
 
     /// A new tap with `flags`, or None where this process may not make one.
-    fn make_tap(flags: libc::c_int) -> Option<OwnedFd> {
+    pub(in crate::devices::virtio::net) fn make_tap(flags: libc::c_int) -> Option<OwnedFd> {
         // SAFETY: open(2) of a NUL-terminated path; the result is checked.
         let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
         if fd < 0 {

@@ -577,3 +577,166 @@ fn an_inactive_device_does_nothing() {
     assert!(!dev.wants_tap());
     assert_eq!(dev.backend().rx.len(), 1);
 }
+
+/// On a real tap and a real epoll loop: frames wait in the tap while the
+/// guest has no RX buffers, and the loop does not wake for them (no spin);
+/// each RX kick with new buffers delivers what fits. Skipped where this
+/// process may not make a tap.
+#[test]
+fn a_real_tap_is_not_polled_while_the_guest_has_no_buffers() {
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+    use vmm_sys_util::epoll::EventSet;
+
+    use super::Tap;
+
+    let need = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    let Some(fd) = super::tap::tests::make_tap(need) else {
+        eprintln!("skipped: no CAP_NET_ADMIN or /dev/net/tun here");
+        return;
+    };
+    let tap = Tap::new(fd).unwrap();
+    let name = tap.name().to_string();
+    // The interface up, and a packet socket that sends frames out of it
+    // (which the tap's reader receives).
+    // SAFETY: socket(2) with constant arguments; checked.
+    let s = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    assert!(s >= 0, "{}", std::io::Error::last_os_error());
+    // No IPv6 on it: the kernel's own solicitations would mix with ours.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS/SIOCGIFINDEX read and write one
+    // 40-byte `struct ifreq`, which `req` is.
+    let index = unsafe {
+        assert_eq!(libc::ioctl(s, libc::SIOCGIFFLAGS as _, req.as_mut_ptr()), 0);
+        req[16] |= libc::IFF_UP as u8;
+        assert_eq!(libc::ioctl(s, libc::SIOCSIFFLAGS as _, req.as_mut_ptr()), 0);
+        assert_eq!(libc::ioctl(s, libc::SIOCGIFINDEX as _, req.as_mut_ptr()), 0);
+        i32::from_ne_bytes([req[16], req[17], req[18], req[19]])
+    };
+    let send = |seed: u8| {
+        let mut f = [0u8; 60];
+        f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+        f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes()); // local experimental
+        f[14..].fill(seed);
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = index;
+        to.sll_halen = 6;
+        // SAFETY: sendto(2) from `f` to `to`, both valid for the call.
+        let n = unsafe {
+            libc::sendto(
+                s,
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(n, 60, "{}", std::io::Error::last_os_error());
+    };
+
+    let mem = memory();
+    let rx = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+    let tx = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+    let mut rxq: Queue = rx.create_queue().unwrap();
+    rxq.set_used_ring_address(Some(RX_USED as u32), Some(0));
+    let mut txq: Queue = tx.create_queue().unwrap();
+    txq.set_used_ring_address(Some(TX_USED as u32), Some(0));
+    let mut dev = Net::new(&nic(), tap).unwrap();
+    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    dev.activate(Activation {
+        mem: mem.clone(),
+        queues: vec![rxq, txq],
+        interrupt: irq,
+        features: all_features(),
+    })
+    .unwrap();
+
+    /// The device and an eventfd that stands for the guest's RX kick.
+    struct Sub {
+        dev: Net,
+        kick: EventFd,
+    }
+    impl MutEventSubscriber for Sub {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.kick, EventSet::IN)).unwrap();
+            self.dev.init_events(ops);
+        }
+        fn process(&mut self, events: Events, ops: &mut EventOps) {
+            if events.fd() == self.kick.as_raw_fd() {
+                let _ = self.kick.read();
+                self.dev.process_queue_event(RXQ, ops);
+            } else {
+                self.dev.process_event(events, ops);
+            }
+        }
+    }
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let sub = Arc::new(Mutex::new(Sub {
+        dev,
+        kick: kick.try_clone().unwrap(),
+    }));
+    let mut em: EventManager<Arc<Mutex<Sub>>> = EventManager::new().unwrap();
+    em.add_subscriber(sub.clone());
+    let settle = |em: &mut EventManager<Arc<Mutex<Sub>>>| {
+        // Dispatches over ~300 ms; a tap polled while it cannot be read
+        // would wake the loop at once, every time.
+        (0..10)
+            .map(|_| em.run_with_timeout(30).unwrap())
+            .sum::<usize>()
+    };
+    let used = |mem: &GuestMemoryMmap| mem.read_obj::<u16>(GuestAddress(RX_USED + 2)).unwrap();
+
+    for seed in 1..=3 {
+        send(seed);
+    }
+    // The driver kicks with nothing posted: the tap stays out of the set.
+    kick.write(1).unwrap();
+    assert_eq!(settle(&mut em), 1, "only the kick was dispatched");
+    assert!(!sub.lock().unwrap().dev.tap_polled());
+    assert_eq!(used(&mem), 0);
+
+    // Two buffers: two frames arrive, the third waits in the tap, unpolled.
+    for i in 0..2u16 {
+        rx.desc_table()
+            .store(i, desc(RX_BUFS + u64::from(i) * 0x800, 0x800, true, None))
+            .unwrap();
+        rx.avail().ring().ref_at(usize::from(i)).unwrap().store(i);
+    }
+    rx.avail().idx().store(2);
+    kick.write(1).unwrap();
+    let n = settle(&mut em);
+    assert_eq!(used(&mem), 2);
+    assert!(n <= 3, "{n} dispatches for one kick and two frames");
+    assert!(!sub.lock().unwrap().dev.tap_polled());
+    let mut f = [0u8; 72];
+    mem.read_slice(&mut f, GuestAddress(RX_BUFS)).unwrap();
+    // A plain frame: no offload flags, no GSO; num_buffers 1; then the frame.
+    assert_eq!(&f[..VNET_HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    assert_eq!(
+        &f[VNET_HDR_LEN..VNET_HDR_LEN + 6],
+        &[0x02, 0, 0, 0, 0, 0x01]
+    );
+    assert_eq!(f[VNET_HDR_LEN + 20], 1);
+
+    // One more buffer: the frame that waited arrives.
+    rx.desc_table()
+        .store(2, desc(RX_BUFS + 0x1000, 0x800, true, None))
+        .unwrap();
+    rx.avail().ring().ref_at(2).unwrap().store(2);
+    rx.avail().idx().store(3);
+    kick.write(1).unwrap();
+    settle(&mut em);
+    assert_eq!(used(&mem), 3);
+    mem.read_slice(&mut f, GuestAddress(RX_BUFS + 0x1000))
+        .unwrap();
+    assert_eq!(f[VNET_HDR_LEN + 20], 3);
+    // SAFETY: closing the packet socket made above.
+    unsafe { libc::close(s) };
+}
