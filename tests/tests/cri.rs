@@ -182,7 +182,7 @@ dump 30
 /// (the path CRI would pass): a missing one, a veth without an address, a
 /// tap name already taken: each a clear error with no VM, tap or qdisc
 /// left. A namespace made by hand as a CNI would works; no namespace gives
-/// a VM with only `lo`.
+/// a VM with no NIC (`lo`, and the guest kernel's idle `sit0`).
 #[test]
 fn bad_pod_networks_are_refused_whole() {
     let out = run(
@@ -191,11 +191,16 @@ N="$C run --rm --runtime io.containerd.husk.v2"
 $N --with-ns network:/var/run/netns/nope $IMG bad1 true 2>&1 | sed 's/^/missing: /'
 ip netns add noaddr && ip link add eth0 netns noaddr type veth peer name vx-noaddr
 $N --with-ns network:/var/run/netns/noaddr $IMG bad2 true 2>&1 | sed 's/^/noaddr: /'
+# Two pod links; the second's tap name is taken (by a bridge), so the
+# first link's tap and qdisc, already made, must go again.
 ip netns add taken && ip link add eth0 netns taken type veth peer name vx-taken
+ip link add eth1 netns taken type veth peer name vx-taken1
 ip -n taken addr add 10.99.0.2/24 dev eth0 && ip -n taken link set eth0 up
-ip link add tap0_husk netns taken type veth peer name vx-taken2
+ip -n taken addr add 10.98.0.2/24 dev eth1 && ip -n taken link set eth1 up
+ip link add tap1_husk netns taken type bridge
 $N --with-ns network:/var/run/netns/taken $IMG bad3 true 2>&1 | sed 's/^/taken: /'
-echo "taken-ingress-left=$(tc -n taken qdisc show dev eth0 | grep -c ingress)"
+echo "taken-ingress-left=$(tc -n taken qdisc show | grep -c ingress)"
+echo "taken-taps-left=$(ip -n taken -o link show | grep -c tap0_husk)"
 ip netns add good && ip link add eth0 netns good type veth peer name vx-good
 ip addr add 10.99.1.1/24 dev vx-good && ip link set vx-good up
 ip -n good addr add 10.99.1.2/24 dev eth0 && ip -n good link set eth0 up && ip -n good route add default via 10.99.1.1
@@ -212,10 +217,11 @@ dump 20
     assert_all(
         &out,
         &[
-            "missing: ctr: pod network namespace /var/run/netns/nope: No such file or directory",
-            "noaddr: ctr: pod network: eth0 (a veth) has no address",
-            "taken: ctr: tap tap0_husk:",
+            "pod network namespace /var/run/netns/nope: No such file or directory",
+            "noaddr: ctr: failed to create shim task: pod network: eth0 (a veth) has no address",
+            "taken: ctr: failed to create shim task: tap tap1_husk:",
             "taken-ingress-left=0",
+            "taken-taps-left=0",
             "good: 2: eth0    inet 10.99.1.2/24",
             "good: pinged-the-host",
             "good: default via 10.99.1.1 dev eth0",

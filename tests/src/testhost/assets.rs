@@ -32,6 +32,11 @@ pub const WANTED: &[(&str, &str)] = &[
     ("sch_ingress", ""),
     ("cls_u32", ""),
     ("act_mirred", ""),
+    // The CLI's bridge network: husk's nftables NAT table.
+    ("nft_chain_nat", ""),
+    ("nft_nat", ""),
+    ("nft_masq", ""),
+    ("nft_fib_ipv4", ""),
 ];
 
 pub const VMLINUZ: &str = "vmlinuz";

@@ -48,6 +48,7 @@ use husk_runtime::container::Endpoint;
 use husk_runtime::hypervisor::{Bind, Overlay};
 use husk_runtime::image::{read_beneath, ImageError};
 use husk_runtime::layout;
+use husk_runtime::network::bridge;
 use husk_runtime::sandbox::stale;
 use husk_runtime::{
     Container, ContainerConfig, Exit, HuskVmm, NoEvents, Sandbox, SandboxSpec, StdioConfig, VmSpec,
@@ -247,6 +248,12 @@ struct RunArgs {
     /// Seconds to wait for the VM's agent.
     #[arg(long, default_value_t = 60)]
     boot_timeout: u64,
+    /// Publish a container port on the host: [IP:]HOST:CONTAINER[/tcp|udp].
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<String>,
+    /// "bridge" (husk0, NAT to the outside; the default) or "none" (lo only).
+    #[arg(long, default_value = "bridge")]
+    network: String,
     /// IMAGE [COMMAND [ARG...]]; with --rootfs, COMMAND [ARG...].
     #[arg(
         trailing_var_arg = true,
@@ -770,6 +777,7 @@ async fn run(a: RunArgs) -> Result<i32> {
     }
     let memory_mib =
         u32::try_from(parse_size(&a.memory, 1 << 20)? >> 20).context("--memory is too large")?;
+    let publish = network_args(&a.network, &a.publish)?;
     let process = process_json(&a.process, &command, &defaults)?;
     let spec = oci_spec(&a, process, &hostname(&id), mounts)?;
     let rec = containers::Record {
@@ -787,6 +795,8 @@ async fn run(a: RunArgs) -> Result<i32> {
         overlay,
         tty: a.process.tty,
         auto_remove: a.rm,
+        network: Some(a.network.clone()),
+        publish,
     };
     dir.save_record(&rec)?;
     dir.save_state(&containers::RunState::default())?;
@@ -922,12 +932,60 @@ async fn execute(
     result
 }
 
+/// `--network` and `-p`, checked before anything is made.
+fn network_args(network: &str, publish: &[String]) -> Result<Vec<bridge::Publish>> {
+    if network != "bridge" && network != "none" {
+        bail!("--network {network:?}: husk has \"bridge\" and \"none\"");
+    }
+    let ports = publish
+        .iter()
+        .map(|p| p.parse::<bridge::Publish>())
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if network == "none" && !ports.is_empty() {
+        bail!("-p needs a network: not with --network none");
+    }
+    Ok(ports)
+}
+
+/// Boots the container's VM on its network, runs it to its end; the
+/// network goes whatever happened.
 async fn boot_and_wait(
     cfg: &Config,
     dir: &containers::Dir,
     rec: &containers::Record,
     io: StdioConfig,
     attached: Option<&ProcessArgs>,
+) -> Result<i32> {
+    let netns = match rec.network.as_deref() {
+        Some("bridge") => Some(
+            bridge::connect(&rec.id, rec.publish.clone())
+                .await
+                .context("connecting to the bridge network")?,
+        ),
+        _ => None,
+    };
+    // 127.0.0.1:PORT, which NAT cannot reach, through a relay in this
+    // process (it lives as long as the container: the CLI or its monitor).
+    let proxies = bridge::proxy_localhost(&rec.id, &rec.publish);
+    let result = boot_on(cfg, dir, rec, io, attached, netns.clone()).await;
+    for p in proxies {
+        p.abort();
+    }
+    if netns.is_some() {
+        if let Err(e) = bridge::disconnect(&rec.id).await {
+            tracing::warn!(container = %rec.id, error = %e, "leaving the bridge network");
+        }
+    }
+    result
+}
+
+async fn boot_on(
+    cfg: &Config,
+    dir: &containers::Dir,
+    rec: &containers::Record,
+    io: StdioConfig,
+    attached: Option<&ProcessArgs>,
+    netns: Option<PathBuf>,
 ) -> Result<i32> {
     let spec = SandboxSpec {
         vm: VmSpec {
@@ -958,6 +1016,7 @@ async fn boot_and_wait(
         },
         hostname: Some(hostname(&rec.id)),
         forward_vmm_log: false,
+        netns,
         ..Default::default()
     };
     let oom = Arc::new(OomSeen::default());
@@ -1124,7 +1183,7 @@ async fn ps(all: bool, quiet: bool) -> Result<()> {
             command,
             images::ago(Some(r.created as i64)),
             containers::status_text(&d),
-            String::new(),
+            if running { ports_text(&r.publish) } else { String::new() },
             id,
         ]);
     }
@@ -1142,6 +1201,23 @@ async fn ps(all: bool, quiet: bool) -> Result<()> {
         images::print_table(&header, &rows);
     }
     Ok(())
+}
+
+/// docker's PORTS column: `0.0.0.0:8080->80/tcp, ...`.
+fn ports_text(ports: &[bridge::Publish]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            format!(
+                "{}:{}->{}/{}",
+                p.host_ip.map_or("0.0.0.0".to_string(), |ip| ip.to_string()),
+                p.host_port,
+                p.container_port,
+                if p.udp { "udp" } else { "tcp" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `husk stop [-t N] ID...`: SIGTERM, then SIGKILL after N seconds.
@@ -1326,6 +1402,8 @@ async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
                     bail!("{id} did not stop");
                 }
             }
+            // What a killed monitor left of its network.
+            bridge::disconnect(&id).await?;
             if d.0.exists() {
                 d.remove()?;
             }

@@ -18,6 +18,7 @@
 //! qdisc (and its filter) goes in [`PodNetwork::detach`], or with the veth
 //! when the CNI removes it.
 
+pub mod bridge;
 pub mod netns;
 pub mod tap;
 

@@ -59,6 +59,13 @@ pub struct Record {
     pub tty: bool,
     /// `--rm`: the record goes when the container ends.
     pub auto_remove: bool,
+    /// `--network`: "bridge" (the default) or "none"; absent in records
+    /// from before the CLI had a network, which had none.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// `-p`: ports published on the host.
+    #[serde(default)]
+    pub publish: Vec<husk_runtime::network::bridge::Publish>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,6 +281,24 @@ pub fn inspect(d: &Dir) -> Result<serde_json::Value> {
             "AutoRemove": r.auto_remove,
             "ReadonlyRootfs": r.spec["root"]["readonly"],
             "Binds": r.binds.iter().map(|b| format!("{}:{}", b.source.display(), b.target.display())).collect::<Vec<_>>(),
+        },
+        "NetworkSettings": {
+            "Networks": r.network.as_deref().filter(|n| *n != "none").map(|n| serde_json::json!({
+                n: {
+                    "IPAddress": if running {
+                        husk_runtime::network::bridge::address_of(&r.id).map(|ip| ip.to_string())
+                    } else { None }.unwrap_or_default(),
+                    "Gateway": husk_runtime::network::bridge::GATEWAY.to_string(),
+                    "IPPrefixLen": husk_runtime::network::bridge::PREFIX,
+                }
+            })).unwrap_or_else(|| serde_json::json!({})),
+            "Ports": r.publish.iter().map(|p| format!(
+                "{}/{} -> {}:{}",
+                p.container_port,
+                if p.udp { "udp" } else { "tcp" },
+                p.host_ip.map_or("0.0.0.0".to_string(), |ip| ip.to_string()),
+                p.host_port
+            )).collect::<Vec<_>>(),
         },
         "LogPath": d.log(),
     }))
