@@ -206,8 +206,12 @@ impl<B: NetBackend> Net<B> {
                     return Ok(Pass::Done);
                 }
                 Err(e) => {
+                    // Not "nothing waits": the tap is broken (detached from
+                    // its interface). Polled on, it would stay readable and
+                    // fail again at once, so the NIC goes down.
                     a.queues[RXQ].go_to_previous_position();
-                    crate::warn_limited!(error = %e, "virtio-net: reading the tap failed");
+                    self.tap_gone = true;
+                    tracing::warn!(error = %e, "virtio-net: reading the tap failed; the NIC is down");
                     return Ok(Pass::Done);
                 }
             };
@@ -343,6 +347,11 @@ impl<B: NetBackend> Net<B> {
     /// Puts the tap in or out of the epoll set and arms the limiter's timer,
     /// to match the state the last pass left.
     fn sync_events(&mut self, ops: &mut EventOps) {
+        if self.tap_gone && self.tap_polled {
+            let fd = self.backend.as_raw_fd();
+            let _ = ops.remove(Events::with_data_raw(fd, EV_TAP, EventSet::empty()));
+            self.tap_polled = false;
+        }
         let want = self.wants_tap();
         if want != self.tap_polled && !self.tap_gone {
             let set = if want {
@@ -389,10 +398,12 @@ impl<B: NetBackend> Net<B> {
             // The interface was deleted under us: level-triggered, this would
             // fire forever. The NIC carries nothing from now on.
             let fd = self.backend.as_raw_fd();
-            let _ = ops.remove(Events::with_data_raw(fd, EV_TAP, EventSet::empty()));
+            if !self.tap_gone {
+                let _ = ops.remove(Events::with_data_raw(fd, EV_TAP, EventSet::empty()));
+                tracing::warn!("virtio-net: the tap reported an error or hang-up; the NIC is down");
+            }
             self.tap_gone = true;
             self.tap_polled = false;
-            tracing::warn!("virtio-net: the tap reported an error or hang-up; the NIC is down");
             return;
         }
         self.pump(true, false);

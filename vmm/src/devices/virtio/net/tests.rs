@@ -25,6 +25,7 @@ struct FakeTap {
     tx: Vec<Vec<u8>>,
     offloads: Vec<u32>,
     refuse_writes: bool,
+    fail_reads: bool,
 }
 
 impl FakeTap {
@@ -35,6 +36,7 @@ impl FakeTap {
             tx: Vec::new(),
             offloads: Vec::new(),
             refuse_writes: false,
+            fail_reads: false,
         }
     }
 }
@@ -44,6 +46,9 @@ impl NetBackend for FakeTap {
         self.evt.as_raw_fd()
     }
     fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        if self.fail_reads {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADFD));
+        }
         Ok(self.rx.pop_front().map(|f| {
             let n = f.len().min(buf.len());
             buf[..n].copy_from_slice(&f[..n]);
@@ -565,6 +570,21 @@ fn the_rx_limit_stops_polling_the_tap() {
     assert!((1..=2).contains(&got), "{got}");
     assert!(!rig.dev.wants_tap(), "throttled RX still polls the tap");
     assert_eq!(rig.dev.backend().rx.len(), 4 - got);
+}
+
+#[test]
+fn a_tap_that_fails_to_read_takes_the_nic_down_not_the_loop() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    rig.dev.backend_mut().fail_reads = true;
+    rig.post_rx(2, 0x800);
+    rig.dev.process_queue(RXQ);
+    assert!(!rig.dev.wants_tap());
+    assert!(rig.used(true).is_empty(), "the buffer stays the guest's");
+    assert!(!rig.irq.needs_reset());
+    // TX still runs (the tap may still take frames).
+    rig.guest_send(&frame(60, 1));
+    assert_eq!(rig.dev.backend().tx.len(), 1);
 }
 
 #[test]
