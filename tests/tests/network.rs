@@ -17,6 +17,8 @@ fn husk_run_gets_a_bridge_network_and_publishes_ports() {
         r#"set -u
 export PATH="$PWD/target/debug:$PATH:/usr/sbin:/sbin"
 R=target/husk/busybox-rootfs
+# The test host's init leaves lo down.
+ip link set lo up
 leaks() {
   echo "vmm-left=$(pgrep -c husk-vmm)"
   echo "bridge-left=$(ip -o link show husk0 2>/dev/null | wc -l)"
