@@ -215,6 +215,11 @@ impl Service {
             forward_vmm_log: true,
             netns: spec::network_namespace(&b.oci),
             sysctls: spec::net_sysctls(&b.oci),
+            cgroup: b
+                .oci
+                .pointer("/linux/cgroupsPath")
+                .and_then(serde_json::Value::as_str)
+                .and_then(husk_runtime::sandbox::cgroup::cgroupfs_path),
         };
         let events: Arc<dyn husk_runtime::Events> = Arc::new(Publisher(self.inner.events.clone()));
         let sb = Arc::new(Sandbox::boot(vm_id, &spec, &HuskVmm, events).await?);

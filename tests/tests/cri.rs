@@ -59,6 +59,12 @@ echo "macs host=$HM guest=$GM"
 ip -n $NSA -o link show tap0_husk >/dev/null && echo "pa-tap-in-its-netns"
 tc -n $NSA filter show dev eth0 ingress | grep -q "mirred (Egress Redirect to device tap0_husk)" && echo "pa-veth-redirects-to-tap"
 $K exec $SA -- ping -c 1 -W 5 10.88.0.1 >/dev/null && echo "pa-pings-gateway"
+# The pod's host cost is in its cgroup: husk-vmm and the shim run in it.
+VMMS=$(pgrep -x husk-vmm | wc -l)
+INPOD=0; for v in $(pgrep -x husk-vmm); do grep -q "/k8s.io/" /proc/$v/cgroup && INPOD=$((INPOD + 1)); done
+echo "vmms-in-pod-cgroups=$INPOD/$VMMS"
+for v in $(pgrep -x husk-vmm); do cat /proc/$v/cgroup; done | sed 's/^/vmm cgroup: /'
+
 get() { # FROM-CONTAINER IP -> "ok" when the blob's sum matches the served sum
   want=$($K exec $1 -- sh -c "wget -q -O - http://$2:8080/sum")
   got=$($K exec $1 -- sh -c "wget -q -O - http://$2:8080/blob | sha256sum | cut -d' ' -f1")
@@ -85,6 +91,7 @@ $K update $SA --memory 134217728 && echo "update-ok"
 $K exec $SA -- sh -c 'cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup | head -1)/memory.max' | sed 's/^/limit: /'
 for p in $PA $PB $PR; do $K stopp $p && $K rmp $p || echo "removing $p failed"; done
 sleep 2
+echo "pod-cgroups-left=$(ls /sys/fs/cgroup/k8s.io 2>/dev/null | grep -c -e $PA -e $PB)"
 leaks
 dump 30
 "#,
@@ -96,6 +103,8 @@ dump 30
             "pa-eth0-has-its-ip",
             "pb-eth0-has-its-ip",
             "pa-pings-gateway",
+            "vmms-in-pod-cgroups=2/2",
+            "pod-cgroups-left=0",
             "pa-mac-is-the-veths",
             "pa-tap-in-its-netns",
             "pa-veth-redirects-to-tap",

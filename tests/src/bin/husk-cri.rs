@@ -27,8 +27,8 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest,
     ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerResources,
     LinuxPodSandboxConfig, ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata,
-    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
     UpdateContainerResourcesRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -59,7 +59,9 @@ enum Cmd {
         log_dir: Option<String>,
     },
     /// The pod's IP, as CRI reports it.
-    Ip { pod: String },
+    Ip {
+        pod: String,
+    },
     /// CreateContainer in POD; prints the container's id.
     Create {
         pod: String,
@@ -85,7 +87,9 @@ enum Cmd {
         command: Vec<String>,
     },
     /// ContainerStats: CPU and memory.
-    Stats { id: String },
+    Stats {
+        id: String,
+    },
     /// UpdateContainerResources.
     Update {
         id: String,

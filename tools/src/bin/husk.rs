@@ -1183,7 +1183,11 @@ async fn ps(all: bool, quiet: bool) -> Result<()> {
             command,
             images::ago(Some(r.created as i64)),
             containers::status_text(&d),
-            if running { ports_text(&r.publish) } else { String::new() },
+            if running {
+                ports_text(&r.publish)
+            } else {
+                String::new()
+            },
             id,
         ]);
     }

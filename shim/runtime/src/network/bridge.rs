@@ -69,7 +69,10 @@ impl std::str::FromStr for Publish {
         let (ip, host, container) = match parts.as_slice() {
             [h, c] => (None, *h, *c),
             [ip, h, c] => (
-                Some(ip.parse::<Ipv4Addr>().map_err(|_| bad("not an IPv4 address"))?),
+                Some(
+                    ip.parse::<Ipv4Addr>()
+                        .map_err(|_| bad("not an IPv4 address"))?,
+                ),
                 *h,
                 *c,
             ),
@@ -182,7 +185,10 @@ fn nft_ruleset(eps: &BTreeMap<String, Endpoint>) -> Option<String> {
             ));
         }
     }
-    let subnet = format!("{}/{PREFIX}", Ipv4Addr::from(u32::from(GATEWAY) & !((1u32 << (32 - PREFIX)) - 1)));
+    let subnet = format!(
+        "{}/{PREFIX}",
+        Ipv4Addr::from(u32::from(GATEWAY) & !((1u32 << (32 - PREFIX)) - 1))
+    );
     Some(format!(
         "table ip {NFT_TABLE} {{\n\
          \x20 chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{dnat}  }}\n\
@@ -232,7 +238,9 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, NetError> {
         .await
     {
         Ok(l) => Ok(l.map(|l| l.header.index)),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => {
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.map(|c| c.get()) == Some(-libc::ENODEV) =>
+        {
             Ok(None)
         }
         Err(e) => Err(netlink(format!("finding {name}"))(e)),
@@ -268,7 +276,8 @@ fn make_netns(path: &Path) -> Result<File, NetError> {
     File::create(path).map_err(io("creating the netns file"))?;
     let p = path.to_path_buf();
     let made = std::thread::spawn(move || -> Result<(), NetError> {
-        unshare(CloneFlags::CLONE_NEWNET).map_err(|e| NetError::Invalid(format!("unshare(CLONE_NEWNET): {e}")))?;
+        unshare(CloneFlags::CLONE_NEWNET)
+            .map_err(|e| NetError::Invalid(format!("unshare(CLONE_NEWNET): {e}")))?;
         mount(
             Some("/proc/thread-self/ns/net"),
             &p,
@@ -342,7 +351,11 @@ async fn connect_locked(id: String, ports: Vec<Publish>) -> Result<PathBuf, NetE
     let mut eps = endpoints();
     for (other, ep) in &eps {
         for p in &ports {
-            if ep.ports.iter().any(|q| q.host_port == p.host_port && q.udp == p.udp) {
+            if ep
+                .ports
+                .iter()
+                .any(|q| q.host_port == p.host_port && q.udp == p.udp)
+            {
                 return Err(NetError::Invalid(format!(
                     "port {} is published by container {other} already",
                     p.host_port
@@ -359,8 +372,11 @@ async fn connect_locked(id: String, ports: Vec<Publish>) -> Result<PathBuf, NetE
         ports,
     };
     // Recorded first: a failure below is undone by disconnect, which reads it.
-    fs::write(endpoint_path(&id), serde_json::to_vec(&ep).map_err(|e| NetError::Invalid(e.to_string()))?)
-        .map_err(io("recording the endpoint"))?;
+    fs::write(
+        endpoint_path(&id),
+        serde_json::to_vec(&ep).map_err(|e| NetError::Invalid(e.to_string()))?,
+    )
+    .map_err(io("recording the endpoint"))?;
     let (conn, h, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
     let conn = tokio::spawn(conn);
     let r = async {
@@ -379,12 +395,21 @@ async fn connect_locked(id: String, ports: Vec<Publish>) -> Result<PathBuf, NetE
             .await?
             .ok_or_else(|| NetError::Invalid(format!("{peer} vanished")))?;
         h.link()
-            .set(LinkUnspec::new_with_index(hi).controller(bridge).up().build())
+            .set(
+                LinkUnspec::new_with_index(hi)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
             .execute()
             .await
             .map_err(netlink(format!("putting {host_veth} on {BRIDGE}")))?;
         h.link()
-            .set(LinkUnspec::new_with_index(pi).setns_by_fd(ns.as_raw_fd()).build())
+            .set(
+                LinkUnspec::new_with_index(pi)
+                    .setns_by_fd(ns.as_raw_fd())
+                    .build(),
+            )
             .execute()
             .await
             .map_err(netlink("moving the veth into the container's netns"))?;
@@ -425,7 +450,10 @@ async fn disconnect_locked(id: String) -> Result<(), NetError> {
                     .execute()
                     .await
                     .map_err(netlink(format!("deleting {BRIDGE}")))?;
-                tracing::info!(bridge = BRIDGE, "bridge network removed (no container uses it)");
+                tracing::info!(
+                    bridge = BRIDGE,
+                    "bridge network removed (no container uses it)"
+                );
             }
         }
         Ok(())
@@ -448,7 +476,8 @@ where
         .spawn(move || {
             let r = (|| {
                 for d in ["endpoints", "netns"] {
-                    fs::create_dir_all(state().join(d)).map_err(io("creating the network's state"))?;
+                    fs::create_dir_all(state().join(d))
+                        .map_err(io("creating the network's state"))?;
                 }
                 let lock = OpenOptions::new()
                     .create(true)
@@ -558,11 +587,22 @@ mod tests {
     #[test]
     fn publish_flags_parse_as_docker_writes_them() {
         let p: Publish = "8080:80".parse().unwrap();
-        assert_eq!((p.host_port, p.container_port, p.udp, p.host_ip), (8080, 80, false, None));
+        assert_eq!(
+            (p.host_port, p.container_port, p.udp, p.host_ip),
+            (8080, 80, false, None)
+        );
         let p: Publish = "127.0.0.1:5353:53/udp".parse().unwrap();
         assert_eq!(p.host_ip, Some(Ipv4Addr::LOCALHOST));
         assert!(p.udp);
-        for bad in ["80", "0:80", "8080:70000", "8080:80/sctp", "x:1:2", "a:b", "1:2:3:4"] {
+        for bad in [
+            "80",
+            "0:80",
+            "8080:70000",
+            "8080:80/sctp",
+            "x:1:2",
+            "a:b",
+            "1:2:3:4",
+        ] {
             assert!(bad.parse::<Publish>().is_err(), "{bad}");
         }
     }
@@ -588,19 +628,28 @@ mod tests {
     fn the_nat_table_has_each_published_port_and_goes_with_the_last() {
         let mut eps = BTreeMap::new();
         assert!(nft_ruleset(&eps).is_none());
-        eps.insert("a".into(), ep([10, 89, 0, 2], &["8080:80", "127.0.0.1:5353:53/udp"]));
+        eps.insert(
+            "a".into(),
+            ep([10, 89, 0, 2], &["8080:80", "127.0.0.1:5353:53/udp"]),
+        );
         let r = nft_ruleset(&eps).unwrap();
         assert!(
-            r.contains("fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 dnat to 10.89.0.2:80"),
+            r.contains(
+                "fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 dnat to 10.89.0.2:80"
+            ),
             "{r}"
         );
         assert!(!r.contains("5353"), "loopback is the proxy's: {r}");
-        assert!(r.contains("ip saddr 10.89.0.0/16 oifname != \"husk0\" masquerade"), "{r}");
+        assert!(
+            r.contains("ip saddr 10.89.0.0/16 oifname != \"husk0\" masquerade"),
+            "{r}"
+        );
     }
 
     #[test]
     fn host_veth_names_fit_ifnamsiz() {
         let n = host_veth_name("a-very-long-container-name-indeed");
-        assert!(n.len() + 1 <= 15, "{n}");
+        // Its peer is the name and a "p" until it becomes eth0.
+        assert!(format!("{n}p").len() <= 15, "{n}");
     }
 }

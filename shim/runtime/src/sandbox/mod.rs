@@ -6,6 +6,7 @@
 //! unmounts the share before the directory goes, so a removal can never walk
 //! into a container's rootfs.
 
+pub mod cgroup;
 pub mod logs;
 pub mod stale;
 
@@ -41,6 +42,9 @@ pub struct SandboxSpec {
     pub netns: Option<PathBuf>,
     /// The pod's `net.*` sysctls, set in the guest.
     pub sysctls: HashMap<String, String>,
+    /// The pod's host cgroup (cgroupfs path): this process joins it before
+    /// the VM starts, so husk-vmm is born in it ([`cgroup::HostCgroup`]).
+    pub cgroup: Option<PathBuf>,
 }
 
 pub struct Sandbox {
@@ -62,6 +66,8 @@ pub struct Sandbox {
     /// The pod's NICs, detached at shutdown (taken then: never held
     /// across the netlink calls).
     network: Mutex<Option<PodNetwork>>,
+    /// The pod's host cgroup, left at shutdown once the VM has ended.
+    cgroup: Mutex<Option<cgroup::HostCgroup>>,
 }
 
 /// Stops the VM once a container says its guest ignores kills: what the
@@ -110,18 +116,34 @@ impl Sandbox {
         events: Arc<dyn Events>,
     ) -> Result<Sandbox> {
         layout::check_id("sandbox", id)?;
+        let mut cg = match &spec.cgroup {
+            Some(p) => Some(cgroup::HostCgroup::join(p)?),
+            None => None,
+        };
         let network = match &spec.netns {
-            Some(ns) => Some(PodNetwork::attach(ns).await?),
+            Some(ns) => match PodNetwork::attach(ns).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    if let Some(c) = cg.as_mut() {
+                        c.leave();
+                    }
+                    return Err(e.into());
+                }
+            },
             None => None,
         };
         match Self::boot_vm(id, spec, network.as_ref(), hypervisor, events).await {
             Ok(sb) => {
                 *lock(&sb.network) = network;
+                *lock(&sb.cgroup) = cg;
                 Ok(sb)
             }
             Err(e) => {
                 if let Some(n) = network {
                     n.detach().await;
+                }
+                if let Some(c) = cg.as_mut() {
+                    c.leave();
                 }
                 Err(e)
             }
@@ -252,6 +274,7 @@ impl Sandbox {
             owns_dir: AtomicBool::new(true),
             distrust,
             network: Mutex::new(None),
+            cgroup: Mutex::new(None),
         }
     }
 
@@ -480,6 +503,10 @@ impl Sandbox {
         let network = lock(&self.network).take();
         if let Some(n) = network {
             n.detach().await;
+        }
+        let cgroup = lock(&self.cgroup).take();
+        if let Some(mut c) = cgroup {
+            c.leave();
         }
         if self.owns_dir.load(Ordering::SeqCst) {
             let _ = container::mounts::unmount_below(self.layout.dir());
