@@ -214,6 +214,7 @@ impl Config {
             parse_memory_mib,
             (self.memory_mib, self.max_memory_mib, "max_memory_mib"),
         )?;
+        let (vcpus, memory_mib) = self.with_pod_resources(annotations, vcpus, memory_mib)?;
         Ok(VmSpec {
             kernel: self.kernel.clone(),
             initramfs: self.initramfs.clone(),
@@ -225,6 +226,56 @@ impl Config {
         })
     }
 }
+
+impl Config {
+    /// The pod's own resources on top of the VM's defaults, as Kata sizes
+    /// its VMs: CRI (containerd 1.7 on; 1.6 passes none) annotates the
+    /// sandbox with the sum of its containers' CPU quota and period and
+    /// memory limit. A pod that named its size with `io.husk.*` keeps it.
+    fn with_pod_resources(
+        &self,
+        a: &std::collections::BTreeMap<String, String>,
+        vcpus: u32,
+        memory_mib: u32,
+    ) -> Result<(u32, u32), crate::Error> {
+        let num = |k: &str| a.get(k).and_then(|v| v.trim().parse::<u64>().ok());
+        let refuse =
+            |what: String| crate::Error::InvalidArgument(format!("the pod's resources: {what}"));
+        let mut out = (vcpus, memory_mib);
+        if !a.contains_key(ANNOTATION_CPUS) {
+            if let (Some(q), Some(p)) = (num(CRI_CPU_QUOTA), num(CRI_CPU_PERIOD)) {
+                if q > 0 && p > 0 {
+                    let extra = u32::try_from(q.div_ceil(p)).unwrap_or(u32::MAX);
+                    out.0 = vcpus.saturating_add(extra);
+                    if out.0 > self.max_vcpus {
+                        return Err(refuse(format!(
+                            "{} vCPUs (quota {q}/{p} on {vcpus}) over max_vcpus = {}",
+                            out.0, self.max_vcpus
+                        )));
+                    }
+                }
+            }
+        }
+        if !a.contains_key(ANNOTATION_MEMORY) {
+            if let Some(bytes) = num(CRI_MEMORY).filter(|b| *b > 0) {
+                let extra = u32::try_from(bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+                out.1 = memory_mib.saturating_add(extra);
+                if out.1 > self.max_memory_mib {
+                    return Err(refuse(format!(
+                        "{} MiB ({extra} MiB on {memory_mib}) over max_memory_mib = {}",
+                        out.1, self.max_memory_mib
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// CRI's pod-level resources on the sandbox (containerd 1.7 and later).
+pub const CRI_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+pub const CRI_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
 /// The value of annotation `key` (read by `parse`, which `form` describes)
 /// if the pod set it, else `default`; over `max` (the config key `max_key`)
@@ -282,6 +333,35 @@ pub fn parse_memory_mib(v: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pods_cri_resources_add_to_the_vm_defaults() {
+        let c = Config::default();
+        let a = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let spec = c
+            .vm_spec(&a(&[
+                (CRI_CPU_QUOTA, "150000"),
+                (CRI_CPU_PERIOD, "100000"),
+                (CRI_MEMORY, "268435456"),
+            ]))
+            .unwrap();
+        assert_eq!(spec.vcpus, c.vcpus + 2);
+        assert_eq!(spec.memory_mib, c.memory_mib + 256);
+        // io.husk.* wins.
+        let spec = c
+            .vm_spec(&a(&[(CRI_MEMORY, "268435456"), (ANNOTATION_MEMORY, "512")]))
+            .unwrap();
+        assert_eq!(spec.memory_mib, 512);
+        let too_big = c.vm_spec(&a(&[
+            (CRI_CPU_QUOTA, "100000000"),
+            (CRI_CPU_PERIOD, "100000"),
+        ]));
+        assert!(too_big.unwrap_err().to_string().contains("max_vcpus"));
+    }
 
     #[test]
     fn empty_file_gives_defaults() {
