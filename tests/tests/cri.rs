@@ -36,11 +36,12 @@ fn husk_and_runc_pods_share_a_cni_network() {
         r#"
 # A server in each pod: 10 MB of random bytes and their sum, over HTTP.
 SERVE='mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=10 2>/dev/null && sha256sum /www/blob | cut -d" " -f1 > /www/sum && exec httpd -f -p 8080 -h /www'
-pod() { # NAME HANDLER -> pod id in $POD, serving container in $SRV
-  POD=$($K runp --name $1 --handler $2) || { echo "runp $1 failed"; dump; exit 1; }
-  SRV=$($K create $POD --name web --image $IMG -- sh -c "$SERVE") && $K start $SRV || { echo "web $1 failed"; dump; exit 1; }
+pod() { # NAME HANDLER [RUNP ARGS] -> pod id in $POD, serving container in $SRV
+  n=$1; h=$2; shift 2
+  POD=$($K runp --name $n --handler $h "$@") || { echo "runp $n failed"; dump; exit 1; }
+  SRV=$($K create $POD --name web --image $IMG -- sh -c "$SERVE") && $K start $SRV || { echo "web $n failed"; dump; exit 1; }
 }
-pod pa husk; PA=$POD; SA=$SRV
+pod pa husk --sysctl net.ipv4.ip_unprivileged_port_start=81; PA=$POD; SA=$SRV
 pod pb husk; PB=$POD; SB=$SRV
 pod pr runc; PR=$POD; SR=$SRV
 IPA=$($K ip $PA); IPB=$($K ip $PB); IPR=$($K ip $PR)
@@ -50,6 +51,8 @@ sleep 3
 $K exec $SA -- ip -o -4 addr show eth0 | grep -q " $IPA/16 " && echo "pa-eth0-has-its-ip"
 $K exec $SB -- ip -o -4 addr show eth0 | grep -q " $IPB/16 " && echo "pb-eth0-has-its-ip"
 $K exec $SA -- ip route | sed 's/^/pa route: /'
+echo "pa hostname=$($K exec $SA -- hostname) sysctl=$($K exec $SA -- cat /proc/sys/net/ipv4/ip_unprivileged_port_start)"
+$K exec $SA -- sh -c 'grep -c . /etc/resolv.conf >/dev/null && grep -q pa /etc/hosts' && echo "pa-hosts-and-resolv-from-cri"
 # The guest NIC has the veth's MAC; the tap and the redirect sit in the pod's netns.
 for ns in $(ls /var/run/netns); do ip -n $ns -o -4 addr show eth0 2>/dev/null | grep -q " $IPA/" && NSA=$ns; done
 HM=$(ip -n $NSA -o link show eth0 | grep -o 'link/ether [0-9a-f:]*' | cut -d' ' -f2)
@@ -103,6 +106,8 @@ dump 30
             "pa-eth0-has-its-ip",
             "pb-eth0-has-its-ip",
             "pa-pings-gateway",
+            "pa hostname=pa sysctl=81",
+            "pa-hosts-and-resolv-from-cri",
             "vmms-in-pod-cgroups=2/2",
             "pod-cgroups-left=0",
             "pa-mac-is-the-veths",
@@ -160,7 +165,11 @@ echo "taken-taps-left=$(ip -n taken -o link show | grep -c tap0_husk)"
 ip netns add good && ip link add eth0 netns good type veth peer name vx-good
 ip addr add 10.99.1.1/24 dev vx-good && ip link set vx-good up
 ip -n good addr add 10.99.1.2/24 dev eth0 && ip -n good link set eth0 up && ip -n good route add default via 10.99.1.1
-$N --with-ns network:/var/run/netns/good $IMG ok1 sh -c 'ip -o -4 addr show eth0; ping -c 1 -W 5 10.99.1.1 >/dev/null && echo pinged-the-host; ip route' 2>&1 | sed 's/^/good: /'
+# A second attachment, as a second CNI network would add.
+ip link add net1 netns good type veth peer name vx-good1
+ip addr add 10.97.0.1/24 dev vx-good1 && ip link set vx-good1 up
+ip -n good addr add 10.97.0.2/24 dev net1 && ip -n good link set net1 up
+$N --with-ns network:/var/run/netns/good $IMG ok1 sh -c 'ip -o -4 addr show eth0; ip -o -4 addr show net1; ping -c 1 -W 5 10.99.1.1 >/dev/null && echo pinged-the-host; ping -c 1 -W 5 10.97.0.1 >/dev/null && echo pinged-over-net1; ip route' 2>&1 | sed 's/^/good: /'
 echo "good-taps-left=$(ip -n good -o link show | grep -c _husk)"
 $N $IMG lo1 ls /sys/class/net 2>&1 | sed 's/^/none: /'
 for n in noaddr taken good; do ip netns del $n; done
@@ -180,6 +189,8 @@ dump 20
             "taken-taps-left=0",
             "good: 2: eth0    inet 10.99.1.2/24",
             "good: pinged-the-host",
+            "net1    inet 10.97.0.2/24",
+            "good: pinged-over-net1",
             "good: default via 10.99.1.1 dev eth0",
             "good-taps-left=0",
             "none: lo",
