@@ -13,7 +13,8 @@
 //! With `test_init.net=ADDR` it brings up `lo` and `eth0` (ADDR/24, by ioctl:
 //! this is a test init, not the agent), reports
 //! `test-init: net eth0 mac <mac> mtu <mtu>`, connects to ADDR's .1 on TCP
-//! port 5555 and runs the host's exchange: it sends `test_init.net_bytes`
+//! port 5555 and runs the host's exchange: once the host sends one byte, it
+//! sends `test_init.net_bytes`
 //! bytes (10 MiB unless given) of a pattern, reads as many of another
 //! pattern back, checks them and answers `OK` or `BAD`, then reports
 //! `test-init: net exchange ok` (or what failed).
@@ -158,6 +159,10 @@ fn net(addr: &str, bytes: usize) -> Result<(), String> {
         }
     };
     let out: Vec<u8> = (0..bytes).map(|i| net_pattern(1, i)).collect();
+    // The host says when to start, so that its clock covers every byte.
+    let mut go = [0u8; 1];
+    s.read_exact(&mut go)
+        .map_err(|e| format!("waiting for the host: {e}"))?;
     s.write_all(&out).map_err(|e| format!("sending: {e}"))?;
     let mut back = vec![0u8; bytes];
     s.read_exact(&mut back)
