@@ -20,9 +20,7 @@ use std::sync::Arc;
 use common::*;
 use husk_vmm::config::NetConfig;
 use husk_vmm::devices::virtio::defs::F_VERSION_1;
-use husk_vmm::devices::virtio::net::defs::{
-    MAX_FRAME_LEN, MIN_FRAME_LEN, RXQ, TXQ, VNET_HDR_LEN,
-};
+use husk_vmm::devices::virtio::net::defs::{MAX_FRAME_LEN, MIN_FRAME_LEN, RXQ, TXQ, VNET_HDR_LEN};
 use husk_vmm::devices::virtio::net::{Net, NetBackend};
 use husk_vmm::devices::virtio::{Activation, Interrupt, VirtioDevice};
 use libfuzzer_sys::fuzz_target;
@@ -112,7 +110,11 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     assert_eq!(tap.sent.len() as u64, s.tx_frames);
-    assert_eq!(tap.taken, s.rx_frames + s.rx_dropped, "a frame was lost uncounted");
+    assert_eq!(
+        tap.taken,
+        s.rx_frames + s.rx_dropped,
+        "a frame was lost uncounted"
+    );
     if irq.needs_reset() {
         assert!(!dev.wants_tap(), "a broken device still polls its tap");
     }
