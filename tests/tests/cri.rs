@@ -69,23 +69,24 @@ echo "vmms-in-pod-cgroups=$INPOD/$VMMS"
 for v in $(pgrep -x husk-vmm); do cat /proc/$v/cgroup; done | sed 's/^/vmm cgroup: /'
 
 get() { # FROM-CONTAINER IP -> "ok" when the blob's sum matches the served sum
-  want=$($K exec $1 -- sh -c "wget -q -O - http://$2:8080/sum")
-  got=$($K exec $1 -- sh -c "wget -q -O - http://$2:8080/blob | sha256sum | cut -d' ' -f1")
-  [ -n "$want" ] && [ "$want" = "$got" ] && echo ok || echo "bad want=$want got=$got"
+  t0=$(date +%s)
+  want=$($K exec $1 -- sh -c "timeout 60 wget -q -O - http://$2:8080/sum")
+  got=$($K exec $1 -- sh -c "timeout 60 wget -q -O - http://$2:8080/blob | sha256sum | cut -d' ' -f1")
+  [ -n "$want" ] && [ "$want" = "$got" ] && echo "ok ($(( $(date +%s) - t0 )) s)" || echo "bad want=$want got=$got"
 }
 echo "pa->pb $(get $SA $IPB)"
 echo "pa->pr $(get $SA $IPR)"
 echo "pr->pa $(get $SR $IPA)"
 # host -> pod and pod -> host
 want=$($K exec $SB -- cat /www/sum)
-got=$(busybox wget -q -O - http://$IPB:8080/blob | sha256sum | cut -d' ' -f1)
+got=$(timeout 60 busybox wget -q -O - http://$IPB:8080/blob | sha256sum | cut -d' ' -f1)
 [ "$want" = "$got" ] && echo "host->pb ok" || echo "host->pb bad $want $got"
 mkdir -p /tmp/www && echo host-says-hi > /tmp/www/hi && busybox httpd -p 10.88.0.1:9090 -h /tmp/www
-$K exec $SA -- wget -q -O - http://10.88.0.1:9090/hi | sed 's/^/pa->host: /'
+$K exec $SA -- timeout 60 wget -q -O - http://10.88.0.1:9090/hi | sed 's/^/pa->host: /'
 # Two containers of one pod over localhost.
 S2=$($K create $PA --name side --image $IMG -- sh -c 'mkdir -p /w && echo from-side > /w/x && exec httpd -f -p 8081 -h /w') && $K start $S2
 sleep 2
-$K exec $SA -- wget -q -O - http://127.0.0.1:8081/x | sed 's/^/localhost: /'
+$K exec $SA -- timeout 60 wget -q -O - http://127.0.0.1:8081/x | sed 's/^/localhost: /'
 $K exec $SA -- sh -c 'exit 3'; echo "execsync-code=$?"
 $K stats $SA | sed 's/^/stats: /'
 $K update $SA --memory 134217728 && echo "update-ok"
@@ -113,9 +114,9 @@ dump 30
             "pa-mac-is-the-veths",
             "pa-tap-in-its-netns",
             "pa-veth-redirects-to-tap",
-            "pa->pb ok",
-            "pa->pr ok",
-            "pr->pa ok",
+            "pa->pb ok (",
+            "pa->pr ok (",
+            "pr->pa ok (",
             "host->pb ok",
             "pa->host: host-says-hi",
             "localhost: from-side",
