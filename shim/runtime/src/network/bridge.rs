@@ -470,34 +470,20 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T, NetError>>,
 {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("husk-bridge".into())
-        .spawn(move || {
-            let r = (|| {
-                for d in ["endpoints", "netns"] {
-                    fs::create_dir_all(state().join(d))
-                        .map_err(io("creating the network's state"))?;
-                }
-                let lock = OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(state().join("lock"))
-                    .map_err(io("opening the network's lock"))?;
-                let _held = Flock::lock(lock, FlockArg::LockExclusive)
-                    .map_err(|(_, e)| NetError::Invalid(format!("locking the network: {e}")))?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(NetError::Socket)?;
-                rt.block_on(f())
-            })();
-            let _ = tx.send(r);
-        })
-        .map_err(NetError::Socket)?;
-    rx.await
-        .unwrap_or_else(|_| Err(NetError::Invalid("the network thread ended early".into())))
+    let lock = || {
+        for d in ["endpoints", "netns"] {
+            fs::create_dir_all(state().join(d)).map_err(io("creating the network's state"))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(state().join("lock"))
+            .map_err(io("opening the network's lock"))?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| NetError::Invalid(format!("locking the network: {e}")))
+    };
+    super::netns::on_own_thread("husk-bridge", lock, f).await
 }
 
 /// Connects container `id` to the bridge network with `ports` published;

@@ -29,15 +29,40 @@ where
         source,
     })?;
     let path: PathBuf = netns.to_path_buf();
+    on_own_thread(
+        "husk-netns",
+        move || {
+            setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| NetError::Netns {
+                path,
+                source: e.into(),
+            })
+        },
+        f,
+    )
+    .await
+}
+
+/// Runs `setup` then `f` (on a current-thread tokio runtime) on a thread
+/// made for them, which ends after: what `setup` changes for the thread (a
+/// namespace) or holds (a lock, its result kept until `f` is done) never
+/// reaches other work.
+pub(crate) async fn on_own_thread<T, G, S, F, Fut>(
+    name: &str,
+    setup: S,
+    f: F,
+) -> Result<T, NetError>
+where
+    T: Send + 'static,
+    S: FnOnce() -> Result<G, NetError> + Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, NetError>>,
+{
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
-        .name("husk-netns".into())
+        .name(name.into())
         .spawn(move || {
             let result = (|| {
-                setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| NetError::Netns {
-                    path: path.clone(),
-                    source: e.into(),
-                })?;
+                let _held = setup()?;
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -48,5 +73,5 @@ where
         })
         .map_err(NetError::Socket)?;
     rx.await
-        .unwrap_or_else(|_| Err(NetError::Invalid("the netns thread ended early".into())))
+        .unwrap_or_else(|_| Err(NetError::Invalid(format!("the {name} thread ended early"))))
 }
