@@ -52,7 +52,11 @@ $K exec $SA -- ip -o -4 addr show eth0 | grep -q " $IPA/16 " && echo "pa-eth0-ha
 $K exec $SB -- ip -o -4 addr show eth0 | grep -q " $IPB/16 " && echo "pb-eth0-has-its-ip"
 $K exec $SA -- ip route | sed 's/^/pa route: /'
 echo "pa hostname=$($K exec $SA -- hostname) sysctl=$($K exec $SA -- cat /proc/sys/net/ipv4/ip_unprivileged_port_start)"
-$K exec $SA -- sh -c 'grep -c . /etc/resolv.conf >/dev/null && grep -q pa /etc/hosts' && echo "pa-hosts-and-resolv-from-cri"
+# /etc/hosts and /etc/resolv.conf are the files CRI wrote for the pod.
+SBX=$D/root/io.containerd.grpc.v1.cri/sandboxes/$PA
+for f in hosts resolv.conf; do
+  [ -s $SBX/$f ] && [ "$(sha256sum < $SBX/$f)" = "$($K exec $SA -- sh -c "sha256sum < /etc/$f")" ] && echo "pa-$f-from-cri"
+done
 # The guest NIC has the veth's MAC; the tap and the redirect sit in the pod's netns.
 for ns in $(ls /var/run/netns); do ip -n $ns -o -4 addr show eth0 2>/dev/null | grep -q " $IPA/" && NSA=$ns; done
 HM=$(ip -n $NSA -o link show eth0 | grep -o 'link/ether [0-9a-f:]*' | cut -d' ' -f2)
@@ -108,7 +112,8 @@ dump 30
             "pb-eth0-has-its-ip",
             "pa-pings-gateway",
             "pa hostname=pa sysctl=81",
-            "pa-hosts-and-resolv-from-cri",
+            "pa-hosts-from-cri",
+            "pa-resolv.conf-from-cri",
             "vmms-in-pod-cgroups=2/2",
             "pod-cgroups-left=0",
             "pa-mac-is-the-veths",
