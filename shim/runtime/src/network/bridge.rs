@@ -198,6 +198,16 @@ fn nft_ruleset(eps: &BTreeMap<String, Endpoint>) -> Option<String> {
     ))
 }
 
+/// `nft` where Debian and others install it (root's PATH has /usr/sbin,
+/// a service's or a test's may not), else whatever PATH finds.
+fn nft_binary() -> PathBuf {
+    ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nft"))
+}
+
 /// Replaces husk's table in one transaction (or deletes it).
 fn apply_nft(eps: &BTreeMap<String, Endpoint>) -> Result<(), NetError> {
     // Declaring the table first makes the delete succeed when it is absent.
@@ -205,7 +215,7 @@ fn apply_nft(eps: &BTreeMap<String, Endpoint>) -> Result<(), NetError> {
     if let Some(r) = nft_ruleset(eps) {
         script.push_str(&r);
     }
-    let mut child = Command::new("nft")
+    let mut child = Command::new(nft_binary())
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
