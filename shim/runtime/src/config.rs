@@ -73,6 +73,10 @@ pub struct Config {
     /// (`"docker.io" = ["mirror.example:5000"]`, as containerd's and
     /// docker's `registry-mirrors`); the image keeps its own name.
     pub registry_mirrors: BTreeMap<String, Vec<String>>,
+    /// A per-NIC rate limit of what a pod's guest receives and sends, in
+    /// bytes per second (husk-vmm's token buckets); none when absent.
+    pub net_rx_bytes_per_sec: Option<u64>,
+    pub net_tx_bytes_per_sec: Option<u64>,
 }
 
 impl Default for Config {
@@ -93,6 +97,8 @@ impl Default for Config {
             storage_root: PathBuf::from(DEFAULT_STORAGE_ROOT),
             insecure_registries: Vec::new(),
             registry_mirrors: BTreeMap::new(),
+            net_rx_bytes_per_sec: None,
+            net_tx_bytes_per_sec: None,
         }
     }
 }
@@ -220,6 +226,10 @@ impl Config {
             initramfs: self.initramfs.clone(),
             vcpus,
             memory_mib,
+            net_rate: (
+                self.net_rx_bytes_per_sec.filter(|b| *b > 0),
+                self.net_tx_bytes_per_sec.filter(|b| *b > 0),
+            ),
             boot_timeout: std::time::Duration::from_secs(self.boot_timeout_secs),
             vmm: self.vmm.clone(),
             ..VmSpec::default()
@@ -333,6 +343,14 @@ pub fn parse_memory_mib(v: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nic_rate_limits_reach_the_vm_spec() {
+        let c: Config =
+            toml::from_str("net_rx_bytes_per_sec = 1000000\nnet_tx_bytes_per_sec = 0").unwrap();
+        let spec = c.vm_spec(&Default::default()).unwrap();
+        assert_eq!(spec.net_rate, (Some(1_000_000), None));
+    }
 
     #[test]
     fn a_pods_cri_resources_add_to_the_vm_defaults() {

@@ -268,12 +268,14 @@ impl Hypervisor for HuskVmm {
                     .map_err(|e| Error::Hypervisor(format!("duplicating a tap fd: {e}")))?;
             // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
             let dup = unsafe { OwnedFd::from_raw_fd(dup) };
-            cmd.arg("--net").arg(format!(
-                "fd={},mac={},mtu={}",
-                dup.as_raw_fd(),
-                n.mac,
-                n.mtu
-            ));
+            let mut flag = format!("fd={},mac={},mtu={}", dup.as_raw_fd(), n.mac, n.mtu);
+            if let Some(b) = spec.net_rate.0 {
+                flag.push_str(&format!(",rx-bps={b}"));
+            }
+            if let Some(b) = spec.net_rate.1 {
+                flag.push_str(&format!(",tx-bps={b}"));
+            }
+            cmd.arg("--net").arg(flag);
             tap_dups.push(dup);
         }
         let taps: Vec<i32> = tap_dups.iter().map(|d| d.as_raw_fd()).collect();

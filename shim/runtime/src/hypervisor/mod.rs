@@ -47,6 +47,8 @@ pub struct VmSpec {
     /// virtio-net devices, each on a tap the runtime made
     /// ([`crate::network`]); husk-vmm inherits the fds.
     pub nics: Vec<NetDevice>,
+    /// Each NIC's rate limit (received, sent), bytes per second.
+    pub net_rate: (Option<u64>, Option<u64>),
 }
 
 /// A guest NIC: a tap fd (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) and the MAC
@@ -74,6 +76,7 @@ impl Default for VmSpec {
             share: false,
             vmm: None,
             nics: Vec::new(),
+            net_rate: (None, None),
         }
     }
 }
