@@ -21,8 +21,37 @@ const ROOT: &str = "/sys/fs/cgroup";
 /// The pod's cgroup on every hierarchy this host mounts.
 #[derive(Debug)]
 pub struct HostCgroup {
-    /// (hierarchy root, the pod's directory in it, whether we made it).
+    /// (where this process was, the pod's directory, whether we made it).
     dirs: Vec<(PathBuf, PathBuf, bool)>,
+}
+
+/// Where this process is in hierarchy `h` (a directory under `root`), from
+/// `/proc/self/cgroup`: `0::/path` on v2, `N:controllers:/path` on v1 (the
+/// mount's directory is named for its controllers). The root when unknown.
+fn current_in(root: &Path, h: &Path, proc_cgroup: &str) -> PathBuf {
+    let name = h
+        .strip_prefix(root)
+        .ok()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let found = proc_cgroup.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        let hit = if name.is_empty() {
+            ctrls.is_empty()
+        } else {
+            let mut a: Vec<&str> = ctrls.split(',').collect();
+            let mut b: Vec<&str> = name.split(',').collect();
+            a.sort_unstable();
+            b.sort_unstable();
+            a == b
+        };
+        hit.then(|| path.trim_start_matches('/').to_string())
+    });
+    match found {
+        Some(p) if !p.split('/').any(|c| c == "..") => h.join(p),
+        _ => h.to_path_buf(),
+    }
 }
 
 /// A cgroupfs path from a spec: absolute, plain components only. A
@@ -38,7 +67,9 @@ pub fn cgroupfs_path(p: &str) -> Option<PathBuf> {
 
 /// The hierarchies to place a process in: the unified one on a v2 host;
 /// on v1 each mounted controller directory once (`cpu` and `cpuacct` are
-/// links to `cpu,cpuacct`).
+/// links to `cpu,cpuacct`), not systemd's own named hierarchy nor the
+/// hybrid layout's `unified` (both are the service manager's, as runc
+/// leaves them).
 fn hierarchies(root: &Path) -> Vec<PathBuf> {
     if root.join("cgroup.controllers").exists() {
         return vec![root.to_path_buf()];
@@ -50,7 +81,13 @@ fn hierarchies(root: &Path) -> Vec<PathBuf> {
             let Ok(meta) = fs::symlink_metadata(&p) else {
                 continue;
             };
-            if meta.is_dir() && p.join("cgroup.procs").exists() && !out.contains(&p) {
+            let name = e.file_name();
+            if meta.is_dir()
+                && name != "systemd"
+                && name != "unified"
+                && p.join("cgroup.procs").exists()
+                && !out.contains(&p)
+            {
                 out.push(p);
             }
         }
@@ -69,14 +106,35 @@ impl HostCgroup {
     fn join_under(root: &Path, path: &Path) -> Result<HostCgroup> {
         let rel = path.strip_prefix("/").unwrap_or(path);
         let mut cg = HostCgroup { dirs: Vec::new() };
+        let proc_cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         for h in hierarchies(root) {
+            let was = current_in(root, &h, &proc_cgroup);
             let dir = h.join(rel);
             let made = !dir.exists();
             if let Err(e) = fs::create_dir_all(&dir) {
                 cg.leave();
                 return Err(Error::io("creating the pod's cgroup", dir)(e));
             }
-            cg.dirs.push((h.clone(), dir.clone(), made));
+            cg.dirs.push((was, dir.clone(), made));
+            // A v1 cpuset child starts with no CPUs and no memory nodes and
+            // takes no process until given them: its parent's, level by level.
+            for level in rel
+                .ancestors()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .skip(1)
+            {
+                let (d, parent) = (h.join(level), h.join(level).parent().map(Path::to_path_buf));
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let empty = fs::read_to_string(d.join(f)).is_ok_and(|v| v.trim().is_empty());
+                    if let (true, Some(parent)) = (empty, &parent) {
+                        if let Ok(v) = fs::read_to_string(parent.join(f)) {
+                            let _ = fs::write(d.join(f), v.trim());
+                        }
+                    }
+                }
+            }
             if let Err(e) = fs::write(dir.join("cgroup.procs"), std::process::id().to_string()) {
                 cg.leave();
                 return Err(Error::io("joining the pod's cgroup", dir)(e));
@@ -85,12 +143,12 @@ impl HostCgroup {
         Ok(cg)
     }
 
-    /// Moves this process back to each hierarchy's root and removes the
-    /// directories it made (a directory someone else made, or one still
-    /// holding a process, stays).
+    /// Moves this process back where it was and removes the directories
+    /// it made (a directory someone else made, or one still holding a
+    /// process, stays).
     pub fn leave(&mut self) {
-        for (h, dir, made) in self.dirs.drain(..).rev() {
-            let _ = fs::write(h.join("cgroup.procs"), std::process::id().to_string());
+        for (was, dir, made) in self.dirs.drain(..).rev() {
+            let _ = fs::write(was.join("cgroup.procs"), std::process::id().to_string());
             if made {
                 if let Err(e) = fs::remove_dir(&dir) {
                     tracing::debug!(dir = %dir.display(), error = %e, "pod cgroup kept");
@@ -107,6 +165,60 @@ impl HostCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_goes_back_where_it_was() {
+        let root = Path::new("/sys/fs/cgroup");
+        let v1 = "4:memory:/process_api/a3\n2:cpu,cpuacct:/\n1:name=systemd:/x\n0::/";
+        assert_eq!(
+            current_in(root, &root.join("memory"), v1),
+            root.join("memory/process_api/a3")
+        );
+        assert_eq!(
+            current_in(root, &root.join("cpuacct,cpu"), v1),
+            root.join("cpuacct,cpu")
+        );
+        let v2 = "0::/system.slice/containerd.service\n";
+        assert_eq!(
+            current_in(root, root, v2),
+            root.join("system.slice/containerd.service")
+        );
+        assert_eq!(current_in(root, root, "0::/../x"), root.to_path_buf());
+    }
+
+    #[test]
+    fn a_v1_cpuset_child_gets_its_parents_cpus_and_nodes() {
+        let t = tempfile::tempdir().unwrap();
+        let h = t.path().join("cpuset");
+        fs::create_dir(&h).unwrap();
+        for (f, v) in [
+            ("cgroup.procs", ""),
+            ("cpuset.cpus", "0-1\n"),
+            ("cpuset.mems", "0\n"),
+        ] {
+            fs::write(h.join(f), v).unwrap();
+        }
+        // What the kernel does on mkdir there: empty cpuset files.
+        for d in ["k8s.io", "k8s.io/pod1"] {
+            fs::create_dir(h.join(d)).unwrap();
+            fs::write(h.join(d).join("cpuset.cpus"), "").unwrap();
+            fs::write(h.join(d).join("cpuset.mems"), "").unwrap();
+        }
+        let mut cg = HostCgroup::join_under(t.path(), Path::new("/k8s.io/pod1")).unwrap();
+        assert_eq!(
+            fs::read_to_string(h.join("k8s.io/pod1/cpuset.cpus")).unwrap(),
+            "0-1"
+        );
+        assert_eq!(
+            fs::read_to_string(h.join("k8s.io/cpuset.mems")).unwrap(),
+            "0"
+        );
+        assert_eq!(
+            fs::read_to_string(h.join("k8s.io/pod1/cgroup.procs")).unwrap(),
+            std::process::id().to_string()
+        );
+        cg.leave();
+    }
 
     #[test]
     fn only_plain_cgroupfs_paths_are_taken() {
@@ -137,6 +249,13 @@ mod tests {
         fs::create_dir(t.path().join("not-a-hierarchy")).unwrap();
         let h = hierarchies(t.path());
         assert_eq!(h.len(), 3, "{h:?}");
+        std::fs::create_dir(t.path().join("systemd")).unwrap();
+        fs::write(t.path().join("systemd").join("cgroup.procs"), "").unwrap();
+        assert_eq!(
+            hierarchies(t.path()).len(),
+            3,
+            "systemd's own hierarchy is not ours"
+        );
         let v2 = tempfile::tempdir().unwrap();
         fs::write(v2.path().join("cgroup.controllers"), "cpu memory").unwrap();
         assert_eq!(hierarchies(v2.path()), vec![v2.path().to_path_buf()]);
