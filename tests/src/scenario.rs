@@ -81,7 +81,7 @@ const GUEST_RESET: &str = "guest rebooted (treated as shutdown)";
 const RESET_VECTOR_SHUTDOWN: &str = "state=rip=0xfff0 rsp=0x0 rflags=0x2 cr0=0x10 ";
 
 /// What `bounded` prints when its command outlived its limit.
-const STEP_HANG: &str = "@@HUSK-STEP-HUNG@@";
+pub const STEP_HANG: &str = "@@HUSK-STEP-HUNG@@";
 
 /// Shell defined for every script: `bounded SECS CMD...` runs CMD with a
 /// deadline. A step that outlives it is killed, and the logs of every VM
