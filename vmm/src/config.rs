@@ -225,6 +225,10 @@ pub struct VmConfig {
     pub guest_cid: u64,
     #[serde(default = "default_true")]
     pub seccomp: bool,
+    /// Landlock jail once set up ([`crate::confine`]): the share and the
+    /// sockets' directories only, no TCP.
+    #[serde(default = "default_true")]
+    pub landlock: bool,
     /// The control socket for the shim (see [`crate::api`]); none when absent.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
@@ -266,6 +270,7 @@ impl Default for VmConfig {
             vsock_socket: None,
             guest_cid: default_cid(),
             seccomp: true,
+            landlock: true,
             api_socket: None,
             ready_fd: None,
             shared_dir: None,
@@ -393,6 +398,7 @@ mod tests {
             vsock_socket: Some("/tmp/v.sock".into()),
             guest_cid: 7,
             seccomp: false,
+            landlock: false,
             api_socket: Some("/tmp/api.sock".into()),
             ready_fd: None,
             shared_dir: Some("/run/husk/x/shared".into()),

@@ -17,6 +17,7 @@ pub mod arch;
 pub mod boot;
 pub mod cmdline;
 pub mod config;
+pub mod confine;
 pub mod devices;
 pub mod exit;
 pub mod logging;
@@ -42,6 +43,8 @@ pub enum Error {
     Device(#[from] devices::DeviceError),
     #[error("seccomp: {0}")]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("jail: {0}")]
+    Confine(#[from] confine::ConfineError),
     #[error("ready signal: {0}")]
     Ready(#[from] api::ready::ReadyError),
     #[error("KVM: {what}: {source}")]

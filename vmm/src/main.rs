@@ -53,6 +53,9 @@ struct Args {
     /// Run without seccomp filters (debugging only).
     #[arg(long = "no-seccomp")]
     no_seccomp: bool,
+    /// Run without the Landlock jail (debugging only).
+    #[arg(long = "no-landlock")]
+    no_landlock: bool,
     /// The control socket for the shim: line-oriented JSON (ping, info, shutdown).
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
@@ -109,6 +112,9 @@ fn build_config(args: Args) -> anyhow::Result<VmConfig> {
     }
     if args.no_seccomp {
         c.seccomp = false;
+    }
+    if args.no_landlock {
+        c.landlock = false;
     }
     if args.api_socket.is_some() {
         c.api_socket = args.api_socket;

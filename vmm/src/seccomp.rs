@@ -16,7 +16,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -183,9 +186,37 @@ fn vcpu_syscalls() -> Vec<i64> {
     v
 }
 
-fn build(which: &'static str, syscalls: Vec<i64>) -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+/// Argument checks on the main thread's calls: `socket` only for AF_UNIX
+/// (vsock's host side; husk-vmm has no use for any other family, and its
+/// network namespace and Landlock say the same), and `ioctl` only FIONBIO
+/// (std's `set_nonblocking` on an accepted stream).
+fn vmm_arg_rules() -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
+    let eq = |arg: u8, value: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+    };
+    Ok(vec![
+        (
+            libc::SYS_socket,
+            SeccompRule::new(vec![eq(0, libc::AF_UNIX as u64)?])?,
+        ),
+        (
+            libc::SYS_ioctl,
+            SeccompRule::new(vec![eq(1, libc::FIONBIO)?])?,
+        ),
+    ])
+}
+
+fn build(
+    which: &'static str,
+    syscalls: Vec<i64>,
+    arg_rules: Vec<(i64, SeccompRule)>,
+) -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         syscalls.into_iter().map(|s| (s, vec![])).collect();
+    // A syscall with rules is allowed only when one of them matches.
+    for (nr, rule) in arg_rules {
+        rules.entry(nr).or_default().push(rule);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -209,10 +240,17 @@ pub struct Filters {
 impl Filters {
     pub fn new() -> Result<Self, SeccompError> {
         Ok(Filters {
-            vmm: build("VMM", vmm_syscalls())?,
-            fs: build("virtio-fs", fs_syscalls())?,
-            net: build("virtio-net", net_syscalls())?,
-            vcpu: build("vCPU", vcpu_syscalls())?,
+            vmm: build(
+                "VMM",
+                vmm_syscalls(),
+                vmm_arg_rules().map_err(|source| SeccompError::Build {
+                    which: "VMM",
+                    source,
+                })?,
+            )?,
+            fs: build("virtio-fs", fs_syscalls(), vec![])?,
+            net: build("virtio-net", net_syscalls(), vec![])?,
+            vcpu: build("vCPU", vcpu_syscalls(), vec![])?,
         })
     }
 }
@@ -375,7 +413,7 @@ mod tests {
             return;
         }
         install_sigsys_handler().unwrap();
-        let f = build("test", vmm_syscalls()).unwrap();
+        let f = Filters::new().unwrap().vmm;
         apply("test", &f).unwrap();
         // SAFETY: mknodat with a NUL-terminated path; it never reaches the
         // kernel's file system code (the filter traps it).
@@ -413,10 +451,56 @@ mod tests {
             return;
         }
         install_sigsys_handler().unwrap();
-        let f = build("test", vmm_syscalls()).unwrap();
+        let f = build("test", vmm_syscalls(), vec![]).unwrap();
         apply("test", &f).unwrap();
         // SAFETY: getppid has no preconditions.
         unsafe { libc::getppid() };
         unreachable!("getppid was allowed");
+    }
+
+    #[test]
+    fn main_filter_allows_unix_sockets_and_fionbio_only() {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "seccomp::tests::child_main_filter_inet_socket",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("HUSK_SECCOMP_CHILD", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(DENIED_EXIT_STATUS), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("unix socket and FIONBIO allowed"), "{err}");
+        assert!(
+            err.contains(&format!("seccomp denied syscall {}\n", libc::SYS_socket)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    #[ignore = "run by main_filter_allows_unix_sockets_and_fionbio_only in a child process"]
+    fn child_main_filter_inet_socket() {
+        if std::env::var_os("HUSK_SECCOMP_CHILD").is_none() {
+            return;
+        }
+        install_sigsys_handler().unwrap();
+        let f = Filters::new().unwrap().vmm;
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        apply("test", &f).unwrap();
+        a.set_nonblocking(true).unwrap();
+        let s = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        );
+        assert!(s.is_ok());
+        eprintln!("unix socket and FIONBIO allowed");
+        // SAFETY: socket(2) with constant arguments; the filter traps it.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        unreachable!("an AF_INET socket was allowed");
     }
 }

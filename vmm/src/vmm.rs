@@ -24,6 +24,7 @@ use crate::api::{ControlServer, ReadySignal, VmInfo};
 use crate::arch::x86_64::{self as arch, layout, mptable};
 use crate::boot;
 use crate::config::ValidConfig;
+use crate::confine;
 use crate::devices::legacy::{ConsoleWriter, EventFdTrigger, SerialConsole, I8042};
 use crate::devices::virtio::fs::{Fs, FsConfig};
 use crate::devices::virtio::mmio::{regs, MmioTransport};
@@ -137,6 +138,44 @@ fn raise_nofile() {
     if !raised {
         tracing::warn!(error = %std::io::Error::last_os_error(), "raising RLIMIT_NOFILE failed");
     }
+}
+
+/// Puts this thread, and every thread it starts later, in the Landlock jail
+/// ([`confine`]): the share, and unlinking in the sockets' directories.
+fn enter_jail(
+    cfg: &crate::config::VmConfig,
+    sockets: [&Option<std::path::PathBuf>; 2],
+) -> Result<()> {
+    let jail = confine::Jail {
+        shares: cfg.shared_dir.iter().cloned().collect(),
+        removable_in: sockets
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                p.parent().map(|d| {
+                    if d.as_os_str().is_empty() {
+                        ".".into()
+                    } else {
+                        d.to_owned()
+                    }
+                })
+            })
+            .collect(),
+    };
+    // A thread started before this one entered would run unconfined: there
+    // must be none (the loaders and the seccomp compiler were joined).
+    let threads = confine::thread_count();
+    match jail.enter()? {
+        confine::Confined::Fully => tracing::info!(?threads, "Landlock jail entered"),
+        confine::Confined::Partly => tracing::info!(
+            ?threads,
+            "Landlock jail entered as far as this kernel's Landlock ABI goes"
+        ),
+        confine::Confined::Not => {
+            tracing::warn!("this kernel has no Landlock: no file-system jail")
+        }
+    }
+    Ok(())
 }
 
 /// Blocks SIGTERM and SIGINT in this thread (and every thread it spawns later)
@@ -372,6 +411,9 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
             memory_mib: cfg.memory_mib,
             pid: std::process::id(),
             vsock_socket: vsock_socket.as_ref().map(|p| p.display().to_string()),
+            // Entered below, before the guest runs; a failure to enter it
+            // ends husk-vmm before this is ever answered.
+            jail: confine::describe(cfg.landlock),
         };
         let server = ControlServer::new(path, info, exit.clone())
             .map_err(io_err(format!("control socket {}", path.display())))?;
@@ -395,6 +437,12 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         None => None,
     };
     phase("seccomp filters compiled");
+    if cfg.landlock {
+        // Everything is open now; every thread from here on (vCPUs, device
+        // loops) inherits the jail from this one.
+        enter_jail(cfg, [&vsock_socket, &api_socket])?;
+        phase("Landlock jail entered");
+    }
     let mmio = Arc::new(mmio);
     let pio = Arc::new(pio);
     let mut vcpus = Vec::new();

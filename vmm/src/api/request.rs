@@ -32,6 +32,11 @@ pub struct VmInfo {
     pub pid: u32,
     /// The host side of vsock; null without a vsock device.
     pub vsock_socket: Option<String>,
+    /// husk-vmm's Landlock jail: `landlock-abi-N` when it runs in one (the
+    /// kernel's ABI, which says what it covers), `unsupported` on a kernel
+    /// without Landlock, `off` when configured away.
+    #[serde(default)]
+    pub jail: String,
 }
 
 /// One response line.
@@ -122,6 +127,7 @@ mod tests {
             memory_mib: 256,
             pid: 42,
             vsock_socket: Some("/run/husk/x/vsock.sock".into()),
+            jail: "landlock-abi-6".into(),
         }
     }
 
@@ -150,7 +156,7 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"ok": true, "vcpus": 2, "memory_mib": 256, "pid": 42,
-                               "vsock_socket": "/run/husk/x/vsock.sock"})
+                               "vsock_socket": "/run/husk/x/vsock.sock", "jail": "landlock-abi-6"})
         );
         let no_vsock = VmInfo {
             vsock_socket: None,

@@ -316,6 +316,7 @@ mod tests {
             memory_mib: 256,
             pid: std::process::id(),
             vsock_socket: Some("/run/husk/x/vsock.sock".into()),
+            jail: "off".into(),
         };
         let server = ControlServer::new(&dir.path().join("api.sock"), info, exit.clone()).unwrap();
         Rig {

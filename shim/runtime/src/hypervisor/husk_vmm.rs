@@ -65,6 +65,10 @@ pub const VMM_CAPABILITIES: [libc::c_int; 7] = [
     27, // CAP_MKNOD
 ];
 
+/// The environment husk-vmm keeps from its caller: its log filter and Rust's
+/// backtrace switch; everything else is cleared.
+const VMM_ENV: [&str; 2] = ["HUSK_VMM_LOG", "RUST_BACKTRACE"];
+
 /// The highest capability this kernel knows (`/proc/sys/kernel/cap_last_cap`),
 /// read before the fork; Linux 6.1's when it cannot be read.
 fn last_capability() -> libc::c_int {
@@ -252,6 +256,14 @@ impl Hypervisor for HuskVmm {
                 .map_err(|e| Error::Hypervisor(format!("ready pipe: {e}")))?;
         let vmm = spec.vmm.clone().unwrap_or_else(vmm_binary);
         let mut cmd = tokio::process::Command::new(&vmm);
+        // A clean environment: nothing of the caller's (containerd's, a
+        // user's shell) reaches the VMM but what tunes its own log.
+        cmd.env_clear();
+        for keep in VMM_ENV {
+            if let Some(v) = std::env::var_os(keep) {
+                cmd.env(keep, v);
+            }
+        }
         cmd.arg("--config")
             .arg(layout.vmm_config())
             .args(["--ready-fd", &READY_FD.to_string()])
@@ -287,7 +299,7 @@ impl Hypervisor for HuskVmm {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let drop_caps = unsafe { libc::geteuid() } == 0;
         // SAFETY: pre_exec runs in the child between fork and exec and only
-        // makes raw syscalls (dup2, fcntl, setsid, prctl, unshare, mount,
+        // makes raw syscalls (dup2, close_range, fcntl, setsid, prctl, unshare, mount,
         // setrlimit, and mount_setattr through fdmount::set_attrs_raw, which
         // allocates nothing) on values and C strings prepared before the fork.
         unsafe {
@@ -300,6 +312,19 @@ impl Hypervisor for HuskVmm {
                 } else if libc::dup2(ready_w_raw, READY_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Nothing inherited by accident: every descriptor above the
+                // ready fd is marked close-on-exec (the caller's, containerd's,
+                // a library's that forgot O_CLOEXEC); the taps are then let
+                // through by name.
+                if libc::syscall(
+                    libc::SYS_close_range,
+                    READY_FD as libc::c_uint + 1,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 for &t in &taps {
                     if libc::fcntl(t, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
@@ -309,6 +334,17 @@ impl Hypervisor for HuskVmm {
                     // Its own session: it outlives us and our terminal.
                     libc::setsid();
                 } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // No network, SysV IPC or host name of the host's: husk-vmm
+                // speaks only over Unix sockets named by path (which cross
+                // network namespaces), inherited taps and KVM, so a
+                // compromised VMM reaches no host address, not even
+                // loopback.
+                if drop_caps
+                    && libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)
+                        != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 let null = std::ptr::null::<libc::c_char>();
