@@ -20,6 +20,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tokio::sync::mpsc;
 
 use crate::container::cgroup::CgroupError;
+use crate::container::devices::DeviceError;
 use crate::container::manager::{Manager, ManagerError};
 use crate::init;
 
@@ -69,7 +70,10 @@ fn container_code(e: &ManagerError) -> Code {
         ManagerError::Spec(_)
         | ManagerError::BadId { .. }
         | ManagerError::BadSignal(_)
-        | ManagerError::Cgroup(CgroupError::Invalid { .. }) => Code::INVALID_ARGUMENT,
+        | ManagerError::Cgroup(CgroupError::Invalid { .. })
+        | ManagerError::Cgroup(CgroupError::Devices(DeviceError::Invalid(_))) => {
+            Code::INVALID_ARGUMENT
+        }
         ManagerError::Start(_) | ManagerError::Io(_) | ManagerError::Cgroup(_) => Code::INTERNAL,
     }
 }

@@ -64,7 +64,7 @@ test -e /tmp/rootfs/etc/new && echo rootfs=changed || echo rootfs=untouched
 $B run --rootfs /tmp/rootfs -- sh -c 'grep CapEff /proc/self/status' | sed 's/\t/ /g' 
 cp target/x86_64-unknown-linux-musl/release/husk-test-init /tmp/rootfs/bin/ 2>/dev/null || cp target/x86_64-unknown-linux-gnu/release/husk-test-init /tmp/rootfs/bin/
 $B run --rootfs /tmp/rootfs -- husk-test-init vsock-probe
-$B run --rootfs /tmp/rootfs -- sh -c 'mknod /dev/ttyS0 c 4 64 && echo made-node; (echo "reboot: Power down" > /dev/ttyS0) 2>/dev/null; echo "forge=$?"; echo x > /dev/null && echo devnull-ok; sleep 3; echo still-running'
+$B run --rootfs /tmp/rootfs -- sh -c 'mknod /dev/ttyS0 c 4 64 2>/dev/null && echo made-node || echo ttyS0-refused; mknod /dev/kmsg c 1 11 2>/dev/null || echo kmsg-refused; mknod /dev/null2 c 1 3 && echo null-node-made; (echo "reboot: Power down" > /dev/ttyS0) 2>/dev/null; test -c /dev/ttyS0 || echo no-console-node; echo x > /dev/null && echo devnull-ok; sleep 3; echo still-running'
 echo piped-input | $B run -i --rootfs /tmp/rootfs -- sh -c 'read x; echo "stdin=$x"'
 $B run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /dev/zero | tr "\0" a); echo survived' 2>/tmp/oom.err; echo "code oom=$?"; grep -o 'OOM' /tmp/oom.err | head -1 | sed 's/^/notice=/'
 $B run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c '(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done) 2>/tmp/forks; sleep 3; echo "refused=$(grep -c "can.t fork" /tmp/forks)"' 
@@ -97,7 +97,7 @@ pgrep -c husk-vmm | sed 's/^/vmms=/'
         "vsock-probe: 97",
         // CAP_MKNOD makes a node, but /dev is nodev: the console line
         // husk-vmm would take for the kernel's power-down is never written.
-        "made-node\nforge=1\ndevnull-ok\nstill-running",
+        "ttyS0-refused\nkmsg-refused\nnull-node-made\nno-console-node\ndevnull-ok\nstill-running",
         "stdin=piped-input",
         "code oom=137",
         "notice=OOM",
@@ -178,6 +178,13 @@ $H ps | grep -c ' img1$' | sed 's/^/ps-running=/'
 V=$(pgrep -x husk-vmm | head -1)
 for t in /proc/$V/task/*; do grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' $t/status; done | sort -u | tr '\t' ' ' | sed 's/^/vmm-/'
 awk '/Max core file size/ {print "vmm-core=" $5 "/" $6}' /proc/$V/limits
+# Its own network, IPC and UTS namespaces; its Landlock jail, as its control
+# socket reports it, matches what this kernel has.
+tr '\0' '\n' < /proc/$V/environ | grep -cvE '^(HUSK_VMM_LOG|RUST_BACKTRACE)=' | sed 's/^/vmm-foreign-env=/'
+for n in net ipc uts; do [ "$(readlink /proc/$V/ns/$n)" != "$(readlink /proc/self/ns/$n)" ] && echo "vmm-own-$n"; done
+A=$(ls /run/husk/*/api.sock | head -1)
+python3 -c 'import socket,sys,json; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"{\"op\":\"info\"}\n"); print("vmm-jail=" + json.loads(s.makefile().readline())["jail"])' "$A"
+python3 -c 'import ctypes; n=ctypes.CDLL(None).syscall(444, None, 0, 1); print("host-jail=" + ("landlock-abi-%d" % n if n > 0 else "unsupported"))'
 $H rmi $I 2>&1 | grep -o 'used by a container' | sed 's/^/rmi=/'
 bounded 60 $H stop -t 30 img1 >/dev/null; echo "code stop=$?"
 $H ps | grep -c ' img1$' | sed 's/^/ps-after-stop=/'
@@ -230,6 +237,10 @@ kill $REG
         "vmm-NoNewPrivs: 1\n",
         "vmm-Seccomp: 2\n",
         "vmm-core=0/0\n",
+        "vmm-foreign-env=0\n",
+        "vmm-own-net\n",
+        "vmm-own-ipc\n",
+        "vmm-own-uts\n",
         "rmi=used by a container",
         "code stop=0",
         "ps-after-stop=0",
@@ -252,6 +263,17 @@ kill $REG
     assert!(
         !out.contains("vmm-Seccomp: 0"),
         "every husk-vmm thread has a filter:\n{out}"
+    );
+    let line = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+            .to_string()
+    };
+    assert_eq!(
+        line("vmm-jail="),
+        line("host-jail="),
+        "husk-vmm is in the Landlock jail this kernel offers:\n{out}"
     );
     assert_eq!(
         out.matches("vmm-CapEff").count(),

@@ -1,5 +1,6 @@
 //! cgroup v2 for containers: one cgroup per container under
-//! `/sys/fs/cgroup/husk/<id>`, the spec's resources written as v2 files,
+//! `/sys/fs/cgroup/husk/<id>`, the spec's resources written as v2 files and
+//! its device rules as an eBPF program ([`super::devices`]),
 //! figures read back for StatsContainer, the freezer for pause/resume, and
 //! the OOM-kill counter for OOM events.
 //!
@@ -31,6 +32,8 @@ pub enum CgroupError {
     },
     #[error("linux.resources.{field}: {problem}")]
     Invalid { field: String, problem: String },
+    #[error(transparent)]
+    Devices(#[from] super::devices::DeviceError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
@@ -200,11 +203,17 @@ impl Cgroup {
     /// Creates the cgroup for container `id` and applies `resources`.
     pub fn create(id: &str, resources: Option<&LinuxResources>) -> Result<Self, CgroupError> {
         let settings = resources.map(settings).transpose()?.unwrap_or_default();
+        let devices = super::devices::rules(resources.and_then(|r| r.devices().as_deref()))?;
         let parent = prepared_parent(Path::new(CGROUP_ROOT))?;
         let path = parent.join(id);
         std::fs::create_dir(&path).map_err(io_err(&path))?;
         let cg = Self { path };
-        if let Err(e) = cg.apply(&settings) {
+        // The device program before any process joins: none ever runs
+        // without it.
+        let applied = super::devices::apply(&cg.path, &devices)
+            .map_err(CgroupError::from)
+            .and_then(|()| cg.apply(&settings));
+        if let Err(e) = applied {
             cg.destroy();
             return Err(e);
         }

@@ -4,6 +4,7 @@
 //! that keeps track of them all ([`manager`]).
 
 pub mod cgroup;
+pub mod devices;
 pub mod manager;
 pub mod process;
 pub mod pty;
