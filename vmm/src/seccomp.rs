@@ -206,6 +206,41 @@ fn vmm_arg_rules() -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError>
     ])
 }
 
+// The vCPU threads' ioctl requests (include/uapi/linux/kvm.h).
+vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_REGS,
+    kvm_bindings::KVMIO,
+    0x81,
+    kvm_bindings::kvm_regs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_SREGS,
+    kvm_bindings::KVMIO,
+    0x83,
+    kvm_bindings::kvm_sregs
+);
+
+/// Argument checks on a vCPU thread's calls: `ioctl` only for what a vCPU
+/// does after set-up: KVM_RUN, reading its registers for the triple-fault
+/// report, and TUNSETOFFLOAD when the guest activates or resets a NIC (an
+/// MMIO write handled on the vCPU thread). No VM-level KVM request (new
+/// memory slots, irqfds, vCPUs) and no other device's.
+fn vcpu_arg_rules() -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
+    [
+        KVM_RUN(),
+        KVM_GET_REGS(),
+        KVM_GET_SREGS(),
+        crate::devices::virtio::net::defs::TUNSETOFFLOAD as libc::c_ulong,
+    ]
+    .into_iter()
+    .map(|req| {
+        let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, req)?;
+        Ok((libc::SYS_ioctl, SeccompRule::new(vec![c])?))
+    })
+    .collect()
+}
+
 fn build(
     which: &'static str,
     syscalls: Vec<i64>,
@@ -250,7 +285,14 @@ impl Filters {
             )?,
             fs: build("virtio-fs", fs_syscalls(), vec![])?,
             net: build("virtio-net", net_syscalls(), vec![])?,
-            vcpu: build("vCPU", vcpu_syscalls(), vec![])?,
+            vcpu: build(
+                "vCPU",
+                vcpu_syscalls(),
+                vcpu_arg_rules().map_err(|source| SeccompError::Build {
+                    which: "vCPU",
+                    source,
+                })?,
+            )?,
         })
     }
 }
@@ -384,22 +426,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn main_filter_denies_a_file_system_call() {
-        // In a child process, as below: the main filter installed, mknodat traps.
+    /// Runs the ignored test `name` of this binary in a child process (a
+    /// filter, once applied, stays for the thread's life) and returns its
+    /// stderr, once it has checked that a denied call ended it.
+    fn trapped_child(name: &str) -> String {
         let exe = std::env::current_exe().unwrap();
         let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "seccomp::tests::child_main_filter_mknodat",
-                "--ignored",
-                "--nocapture",
-            ])
+            .args(["--exact", name, "--ignored", "--nocapture"])
             .env("HUSK_SECCOMP_CHILD", "1")
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(DENIED_EXIT_STATUS), "{out:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    #[test]
+    fn main_filter_denies_a_file_system_call() {
+        // In a child process, as below: the main filter installed, mknodat traps.
+        let err = trapped_child("seccomp::tests::child_main_filter_mknodat");
         assert!(
             err.contains(&format!("seccomp denied syscall {}\n", libc::SYS_mknodat)),
             "{err}"
@@ -425,19 +469,7 @@ mod tests {
     fn denied_syscall_is_reported_with_its_number() {
         // In a child process: install the handler and a filter without getppid,
         // call it, and check the exit status and message.
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "seccomp::tests::child_denied_syscall",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env("HUSK_SECCOMP_CHILD", "1")
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(DENIED_EXIT_STATUS), "{out:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = trapped_child("seccomp::tests::child_denied_syscall");
         assert!(
             err.contains(&format!("seccomp denied syscall {}\n", libc::SYS_getppid)),
             "{err}"
@@ -460,19 +492,7 @@ mod tests {
 
     #[test]
     fn main_filter_allows_unix_sockets_and_fionbio_only() {
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "seccomp::tests::child_main_filter_inet_socket",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env("HUSK_SECCOMP_CHILD", "1")
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(DENIED_EXIT_STATUS), "{out:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = trapped_child("seccomp::tests::child_main_filter_inet_socket");
         assert!(err.contains("unix socket and FIONBIO allowed"), "{err}");
         assert!(
             err.contains(&format!("seccomp denied syscall {}\n", libc::SYS_socket)),
@@ -502,5 +522,45 @@ mod tests {
         // SAFETY: socket(2) with constant arguments; the filter traps it.
         unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         unreachable!("an AF_INET socket was allowed");
+    }
+
+    #[test]
+    fn vcpu_filter_allows_its_four_ioctls_only() {
+        let err = trapped_child("seccomp::tests::child_vcpu_filter_ioctls");
+        assert!(err.contains("the vCPU requests passed"), "{err}");
+        assert!(
+            err.contains(&format!("seccomp denied syscall {}\n", libc::SYS_ioctl)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    #[ignore = "run by vcpu_filter_allows_its_four_ioctls_only in a child process"]
+    fn child_vcpu_filter_ioctls() {
+        if std::env::var_os("HUSK_SECCOMP_CHILD").is_none() {
+            return;
+        }
+        install_sigsys_handler().unwrap();
+        let f = Filters::new().unwrap().vcpu;
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&r);
+        apply("test", &f).unwrap();
+        // On a pipe each allowed request fails with ENOTTY, but is let through.
+        for req in [
+            KVM_RUN(),
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            crate::devices::virtio::net::defs::TUNSETOFFLOAD as libc::c_ulong,
+        ] {
+            // SAFETY: an ioctl on a pipe the kernel rejects before reading
+            // the (null) argument.
+            let rc = unsafe { libc::ioctl(fd, req as _, std::ptr::null_mut::<u8>()) };
+            assert_eq!(rc, -1);
+        }
+        eprintln!("the vCPU requests passed");
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int into `n`; the filter traps it first.
+        unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+        unreachable!("FIONREAD was allowed");
     }
 }
