@@ -251,6 +251,13 @@ macro_rules! error_limited {
     ($($arg:tt)+) => { $crate::log_limited!(::tracing::Level::ERROR, $($arg)+) };
 }
 
+/// `tracing::debug!` through this call site's [`RateLimit`]: what a guest
+/// can trigger at will still cannot flood a debug log.
+#[macro_export]
+macro_rules! debug_limited {
+    ($($arg:tt)+) => { $crate::log_limited!(::tracing::Level::DEBUG, $($arg)+) };
+}
+
 /// `tracing::info!` through this call site's [`RateLimit`].
 #[macro_export]
 macro_rules! info_limited {
@@ -418,5 +425,25 @@ mod tests {
         });
         let text = String::from_utf8(lock(&out.0).clone()).unwrap();
         assert!(text.contains("another site") && text.contains("a third"));
+    }
+
+    #[test]
+    fn a_guest_cannot_flood_a_debug_log_either() {
+        let out = Buf::default();
+        let log = BoundedLog::new(out.clone(), 1 << 20);
+        let sub = tracing_subscriber::fmt()
+            .with_writer(log)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            for i in 0..10_000 {
+                crate::debug_limited!(i, "MMIO write outside any device");
+            }
+        });
+        let text = String::from_utf8(lock(&out.0).clone()).unwrap();
+        let n = text.lines().count() as u32;
+        assert!((BURST..=BURST + 3).contains(&n), "{n} lines:\n{text}");
+        assert!(text.lines().all(|l| l.contains("DEBUG")));
     }
 }

@@ -64,14 +64,14 @@ pub fn handle_exit(exit: VcpuExit<'_>, index: u8, mmio: &Bus, pio: &Bus) -> Next
         }
         VcpuExit::MmioRead(addr, data) => {
             if !mmio.read(addr, data) {
-                tracing::debug!(vcpu = index, addr, "MMIO read outside any device");
+                crate::debug_limited!(vcpu = index, addr, "MMIO read outside any device");
                 data.fill(0);
             }
             Next::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
             if !mmio.write(addr, data) {
-                tracing::debug!(vcpu = index, addr, "MMIO write outside any device");
+                crate::debug_limited!(vcpu = index, addr, "MMIO write outside any device");
             }
             Next::Continue
         }

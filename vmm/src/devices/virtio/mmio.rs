@@ -205,7 +205,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         // Bits are only ever added by the driver (a reset clears them).
         if value & self.status != self.status {
-            tracing::debug!(
+            crate::debug_limited!(
                 old = self.status,
                 new = value,
                 "driver cleared status bits without reset"
@@ -250,7 +250,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             // The configuration never changes under the driver.
             CONFIG_GENERATION => 0,
             _ => {
-                tracing::debug!(
+                crate::debug_limited!(
                     offset,
                     "read of a write-only or unknown virtio-mmio register"
                 );
@@ -312,7 +312,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             INTERRUPT_ACK => self.interrupt.ack(v),
             STATUS => self.write_status(v),
             SHM_SEL => {}
-            _ => tracing::debug!(offset, value = v, "ignored virtio-mmio register write"),
+            _ => crate::debug_limited!(offset, value = v, "ignored virtio-mmio register write"),
         }
     }
 
@@ -330,7 +330,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         if data.len() != 4 || offset & 3 != 0 {
-            tracing::debug!(offset, size = data.len(), "bad virtio-mmio register read");
+            crate::debug_limited!(offset, size = data.len(), "bad virtio-mmio register read");
             data.fill(0);
             return;
         }
@@ -347,7 +347,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!(offset, size = data.len(), "bad virtio-mmio register write");
+            crate::debug_limited!(offset, size = data.len(), "bad virtio-mmio register write");
             return;
         };
         if offset & 3 != 0 {

@@ -203,7 +203,7 @@ impl Fs {
                 // The server could not decode the request or write its reply (a
                 // `len` that lies, a missing name, a reply buffer too small...).
                 // Answer with an error so the guest's request does not hang.
-                tracing::debug!(
+                crate::debug_limited!(
                     error = %e,
                     opcode = in_header.opcode,
                     unique = in_header.unique,

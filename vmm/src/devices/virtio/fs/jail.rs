@@ -144,7 +144,7 @@ fn changes_attributes(valid: SetattrValid) -> bool {
 fn check_name(name: &CStr) -> io::Result<()> {
     let b = name.to_bytes();
     if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
-        tracing::debug!(name = ?name, "virtio-fs: refused a name that is not one path component");
+        crate::debug_limited!(name = ?name, "virtio-fs: refused a name that is not one path component");
         return Err(einval());
     }
     Ok(())
@@ -156,7 +156,7 @@ fn check_name(name: &CStr) -> io::Result<()> {
 /// Linux FUSE client sends.
 fn check_open_flags(flags: u32) -> io::Result<()> {
     if flags & (libc::O_PATH as u32) != 0 || flags & O_TMPFILE_BIT != 0 {
-        tracing::debug!(flags, "virtio-fs: refused O_PATH or O_TMPFILE");
+        crate::debug_limited!(flags, "virtio-fs: refused O_PATH or O_TMPFILE");
         return Err(einval());
     }
     Ok(())
@@ -451,7 +451,7 @@ impl FileSystem for Jail {
             _ => false,
         };
         if !allowed {
-            tracing::debug!(mode, rdev, "virtio-fs: refused a device node");
+            crate::debug_limited!(mode, rdev, "virtio-fs: refused a device node");
             return Err(eperm());
         }
         self.room_for_inode()?;

@@ -246,7 +246,7 @@ impl Connection {
             }
             (OP_RW, State::Established { peer }) => {
                 if peer.send || self.push_tx(&pkt.data).is_err() {
-                    tracing::debug!(
+                    crate::debug_limited!(
                         port = self.local_port,
                         "vsock: guest overran its credit (or sent after SHUTDOWN)"
                     );

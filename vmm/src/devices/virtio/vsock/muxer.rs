@@ -223,7 +223,7 @@ impl UnixMuxer {
         self.rx_ctrl.push_back(h);
         if c.close() {
             // Stays in the epoll set; EPOLLOUT continues the flush.
-            tracing::debug!(
+            crate::debug_limited!(
                 ?key,
                 pending = c.tx_pending(),
                 "vsock: draining a closed stream"
@@ -362,7 +362,7 @@ impl UnixMuxer {
         // Anything not addressed from our guest to the host is dropped: the guest
         // cannot speak for other CIDs.
         if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
-            tracing::debug!(?h, "vsock: packet with foreign CIDs dropped");
+            crate::debug_limited!(?h, "vsock: packet with foreign CIDs dropped");
             return;
         }
         if h.type_ != TYPE_STREAM {
@@ -432,7 +432,7 @@ impl UnixMuxer {
                 self.rx_ctrl.push_back(h.rst_reply());
             }
             Err(e) => {
-                tracing::debug!(port = h.dst_port, error = %e, "vsock: no host listener; RST");
+                crate::debug_limited!(port = h.dst_port, error = %e, "vsock: no host listener; RST");
                 self.rx_ctrl.push_back(h.rst_reply());
             }
         }
