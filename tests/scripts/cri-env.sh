@@ -49,7 +49,13 @@ IMG=husk.local/busybox:latest
 tools/shim-oci-image target/husk/busybox-rootfs /tmp/img.tar $IMG
 tools/shim-oci-image target/husk/busybox-rootfs /tmp/pause.tar husk.local/pause:latest '["sleep", "2147483647"]'
 $C images import /tmp/img.tar >/dev/null && $C images import /tmp/pause.tar >/dev/null || { echo "import failed"; tail -50 $D/log; exit 1; }
-dump() { echo "--- containerd log"; grep -v 'level=debug' $D/log | tail -n ${1:-60}; }
+dump() {
+  # What ended a VM or a shim early, from the whole run (the tail below may
+  # have scrolled past it), then the log's tail.
+  echo "--- husk warnings, errors and VM ends"
+  grep -E ' (WARN|ERROR) |VM stopped|husk-vmm exited|process exited|OOM|seccomp' $D/log | grep -v 'level=' | tail -n 40
+  echo "--- containerd log"; grep -v 'level=debug' $D/log | tail -n ${1:-60}
+}
 leaks() {
   echo "vmm-left=$(pgrep -c husk-vmm)"
   echo "run-husk-left=$(ls /run/husk 2>/dev/null | wc -l)"
