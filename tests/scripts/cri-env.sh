@@ -53,7 +53,9 @@ dump() {
   # What ended a VM or a shim early, from the whole run (the tail below may
   # have scrolled past it), then the log's tail.
   echo "--- husk warnings, errors and VM ends"
-  grep -E ' (WARN|ERROR) |VM stopped|husk-vmm exited|process exited|OOM|seccomp' $D/log | grep -v 'level=' | tail -n 40
+  # A VM that ended unasked is followed by its VMM's and console's last
+  # lines, indented with "  | " (the sandbox's directory and logs are gone).
+  grep -E ' (WARN|ERROR) |VM stopped|husk-vmm exited|process exited|OOM|seccomp|^  \| ' $D/log | grep -v 'level=' | tail -n 80
   echo "--- containerd log"; grep -v 'level=debug' $D/log | tail -n ${1:-60}
 }
 leaks() {

@@ -86,6 +86,39 @@ async fn stop_on_distrust(
     tracing::info!(sandbox = %id, %exit, "VM stopped");
 }
 
+/// How often [`report_unasked_exit`] looks at the VM. It holds the VM weakly
+/// (as [`stop_on_distrust`] does), so it polls instead of waiting on it.
+const EXIT_POLL: Duration = Duration::from_secs(1);
+
+/// Warns, with the VMM's and the console's last lines, when the VM ends
+/// without the host asking (shutdown aborts this first): a guest that
+/// powered off, reset or crashed, or a VMM that died. Both files go with
+/// the sandbox's directory, so this is the only record of why. The console
+/// is the guest's text: `file_tail` defangs it and every line is indented
+/// under the host's own line, so it cannot pass for one.
+async fn report_unasked_exit(vm: std::sync::Weak<dyn VmProcess>, layout: SandboxLayout) {
+    let exit = loop {
+        tokio::time::sleep(EXIT_POLL).await;
+        let Some(vm) = vm.upgrade() else { return };
+        if let Some(exit) = vm.exited() {
+            break exit;
+        }
+    };
+    let indent = |text: String| {
+        text.lines()
+            .map(|l| format!("  | {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    tracing::warn!(
+        sandbox = %layout.id(),
+        %exit,
+        "the VM ended unasked; husk-vmm's last lines:\n{}\nthe console's last lines:\n{}",
+        indent(husk_agent_client::client::file_tail(&layout.vmm_log(), 20)),
+        indent(husk_agent_client::client::file_tail(&layout.console_log(), 15)),
+    );
+}
+
 /// Removes a directory unless disarmed (a failed boot).
 struct DirGuard(Option<PathBuf>);
 
@@ -225,6 +258,12 @@ impl Sandbox {
             let oom = tokio::spawn(sb.oom_watcher());
             sb.helpers.push(oom);
         }
+        // Only the process that booted the VM reports its end (a CLI
+        // command that opened a running one has no say in it).
+        sb.helpers.push(tokio::spawn(report_unasked_exit(
+            Arc::downgrade(&sb.vm),
+            sb.layout.clone(),
+        )));
         if spec.forward_vmm_log {
             sb.helpers.push(tokio::spawn(logs::forward_vmm_log(
                 sb.layout.vmm_log(),
