@@ -43,8 +43,9 @@ start_containerd() {
 dump() { echo "--- containerd log"; tail -n ${1:-80} $D/log; }
 # What every test ends with: the leak counts, then containerd's log.
 finish() { sleep 1; leaks; dump "$@"; }
-# Waits (up to 10 s) until task $1 is listed as stopped.
 C="ctr -a $D/c.sock"
+# Waits (up to 10 s) until task $1 is listed as stopped.
+stopped() { for i in $(seq 50); do $C task ls | grep -q "^$1 .*STOPPED" && return; sleep 0.2; done; }
 R="--runtime io.containerd.husk.v2"
 IMG=husk.local/busybox:latest
 start_containerd
@@ -309,7 +310,9 @@ finish 20
 /// directories there and to chmod its root. All fail (the share's own
 /// directories are a read-only bind of a host-only tree), while writing to
 /// its own rootfs works. A read-only volume with a submount is read-only,
-/// nosuid and nodev on the host all the way down, and read-only inside.
+/// nosuid and nodev on the host all the way down, and read-only inside. A
+/// read-only rootfs (`root.readonly`) is read-only on the host too: a
+/// privileged container that reaches it through the share cannot write it.
 #[test]
 fn the_share_resists_planted_symlinks_and_ro_volumes_stay_ro_below() {
     let out = run(
@@ -329,8 +332,14 @@ $C run -d $R --mount type=bind,src=/tmp/vol,dst=/v,options=rbind:ro $IMG g2 slee
 grep " /run/husk/g2/shared/g2/volumes/" /proc/self/mountinfo | awk '{print "share-vol " $5 " " $6}' | sed 's#/run/husk/g2/shared/g2/volumes/[0-9]*#VOL#'
 grep " /run/husk/g2/shared " /proc/self/mountinfo | awk '{print "share-root " $6}'
 $C task exec --exec-id p2 g2 sh -c 'touch /v/sub/x 2>/dev/null; echo "write-ro-sub=$?"; cat /v/sub/f'
-for c in g1 g2; do $C task kill -s KILL $c; done
-for c in g1 g2; do stopped $c; $C task delete $c >/dev/null; $C container rm $c; done
+$C run -d $R --privileged --read-only $IMG g3 sleep 300; echo "code g3=$?"
+grep " /run/husk/g3/shared/g3/rootfs " /proc/self/mountinfo | awk '{print "share-rootfs-g3 " $6}'
+$C task exec --exec-id p3 g3 sh -c '
+  mkdir /dev/s && mount -t virtiofs husk-share /dev/s; echo "code mount3=$?"
+  touch /dev/s/g3/rootfs/tmp/x 2>/dev/null; echo "write-ro-rootfs-through-share=$?"
+  touch /tmp/y 2>/dev/null; echo "write-ro-rootfs=$?"'
+for c in g1 g2 g3; do $C task kill -s KILL $c; done
+for c in g1 g2 g3; do stopped $c; $C task delete $c >/dev/null; $C container rm $c; done
 umount /tmp/vol/sub
 finish 60
 "#,
@@ -353,6 +362,11 @@ finish 60
             "share-root ro,nosuid,nodev",
             "write-ro-sub=1",
             "below",
+            "code g3=0",
+            "share-rootfs-g3 ro,nosuid,nodev",
+            "code mount3=0",
+            "write-ro-rootfs-through-share=1",
+            "write-ro-rootfs=1",
         ],
     );
     assert!(!out.contains("PLANTED-ON-HOST"), "{out}");

@@ -189,6 +189,44 @@ pub fn set_attrs_at(path: &Path, attrs: Attrs) -> io::Result<()> {
     set_attrs(&fd, attrs)
 }
 
+/// Sets `attrs` on the mount rooted at `root/rel` and everything below it.
+/// `rel` is resolved beneath `root` without following a symlink, and must
+/// name a mount's root: `root` may be a tree the guest sees, and the call
+/// must never reach the mount `root` itself is on, or leave it.
+pub fn set_attrs_beneath(root: &Path, rel: &Path, attrs: Attrs) -> io::Result<()> {
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(invalid(rel));
+    }
+    let dir = openat2(
+        CWD,
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::empty(),
+    )?;
+    let fd = openat2(
+        &dir,
+        rel,
+        OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        BENEATH,
+    )?;
+    let st = rustix::fs::statx(
+        &fd,
+        "",
+        rustix::fs::AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::empty(),
+    )?;
+    let root = rustix::fs::StatxAttributes::MOUNT_ROOT;
+    if !st.stx_attributes_mask.contains(root) || !st.stx_attributes.contains(root) {
+        return Err(io::Error::other(format!(
+            "{}: not a mount point",
+            rel.display()
+        )));
+    }
+    set_attrs(&fd, attrs)
+}
+
 /// The path the kernel resolves back to `fd` itself, for the mount(2)
 /// calls that take no fd (a new overlay).
 pub fn proc_path(fd: &OwnedFd) -> std::path::PathBuf {
@@ -249,5 +287,24 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join("a/b")).unwrap();
         assert!(ensure_beneath(t.path(), Path::new("a/b"), Kind::File).is_err());
+    }
+
+    /// Making a rootfs read-only must land on its mount and nowhere else:
+    /// a plain directory (the share's own mount would take the flags), a
+    /// symlink (the guest's), or a path that climbs out are refused.
+    #[test]
+    fn attrs_beneath_only_reach_a_mount_root_beneath() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("c1/rootfs")).unwrap();
+        std::os::unix::fs::symlink("/proc", t.path().join("c1/link")).unwrap();
+        let ro = Attrs { readonly: true };
+        let e = set_attrs_beneath(t.path(), Path::new("c1/rootfs"), ro).unwrap_err();
+        assert!(e.to_string().contains("not a mount point"), "{e}");
+        for rel in ["c1/link", "../x", "/proc", "c1/../../x"] {
+            assert!(
+                set_attrs_beneath(t.path(), Path::new(rel), ro).is_err(),
+                "{rel}"
+            );
+        }
     }
 }

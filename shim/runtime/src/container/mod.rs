@@ -150,6 +150,11 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Told when the guest ignores a SIGKILL: the sandbox then stops the VM.
     distrust: Arc<tokio::sync::Notify>,
+    /// The share whose copy of this container's rootfs becomes read-only
+    /// on the host once its init has started (`root.readonly`): the agent
+    /// makes the mount points the spec needs in it while it starts, as runc
+    /// does before its own read-only remount.
+    seal_rootfs: Mutex<Option<PathBuf>>,
 }
 
 impl std::fmt::Debug for Container {
@@ -181,6 +186,7 @@ impl Container {
             init: Arc::new(Process::new(INIT, cfg.stdio.clone(), None, state)),
             execs: Mutex::new(HashMap::new()),
             distrust,
+            seal_rootfs: Mutex::new(None),
         }
     }
 
@@ -232,6 +238,11 @@ impl Container {
         Ok(())
     }
 
+    /// Makes the rootfs in `share` read-only on the host once init starts.
+    pub(crate) fn seal_rootfs_at_start(&self, share: PathBuf) {
+        *lock(&self.seal_rootfs) = Some(share);
+    }
+
     /// Starts a process: the container's init, or an exec added before.
     pub async fn start(self: &Arc<Self>, exec_id: &str) -> Result<()> {
         let p = self.process(exec_id)?;
@@ -263,11 +274,21 @@ impl Container {
 
     async fn start_in_guest(&self, p: &Process) -> Result<()> {
         match &p.exec_spec {
-            None => self
-                .agent
-                .start_container(&self.id)
-                .await
-                .map_err(Error::agent("StartContainer")),
+            None => {
+                self.agent
+                    .start_container(&self.id)
+                    .await
+                    .map_err(Error::agent("StartContainer"))?;
+                let share = lock(&self.seal_rootfs).take();
+                if let Some(share) = share {
+                    if let Err(e) = mounts::make_rootfs_readonly(&share, &self.id) {
+                        // Its promise cannot be kept: it does not run.
+                        let _ = self.agent.signal_all(&self.id, libc::SIGKILL).await;
+                        return Err(e.into());
+                    }
+                }
+                Ok(())
+            }
             Some(spec) => {
                 let relays = Relays::attach(&*self.agent, &self.id, &p.exec_id, &p.stdio).await?;
                 self.agent

@@ -94,6 +94,19 @@ fn errno_of(e: &std::io::Error) -> nix::Error {
     nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
+/// Makes a container's rootfs, as the guest sees it in `share`, read-only
+/// on the host (the spec's `root.readonly`), all the way down. Called once
+/// the container's init has started: its agent first makes the mount points
+/// the spec needs in the rootfs, as runc does before its own read-only
+/// remount, and that remount guards the rootfs until then. From here on it
+/// is no longer the only thing between a guest and the rootfs: the host
+/// refuses the write too.
+pub fn make_rootfs_readonly(share: &Path, id: &str) -> Result<(), MountError> {
+    let target = crate::layout::in_share::rootfs(id);
+    fdmount::set_attrs_beneath(share, &target, Attrs { readonly: true })
+        .map_err(|e| mount_err("read-only", "rootfs", &share.join(&target), errno_of(&e)))
+}
+
 /// Mounts one containerd mount at `root/target` (a directory made here,
 /// beneath `root` without following symlinks), nosuid and nodev.
 pub fn mount_one(m: &HostMount, root: &Path, target: &Path) -> Result<(), MountError> {

@@ -485,6 +485,15 @@ impl Sandbox {
             })
             .await
             .map_err(Error::agent("CreateContainer"))?;
+        // Only a rootfs mounted here, in the host's namespace: the CLI's are
+        // in husk-vmm's own (the images' overlay, the read-only bind of
+        // `--rootfs`).
+        let rootfs = layout::in_share::rootfs(&cfg.id);
+        if cfg.spec["root"]["readonly"].as_bool() == Some(true)
+            && cfg.share_mounts.iter().any(|m| m.target() == rootfs)
+        {
+            c.seal_rootfs_at_start(self.layout.share());
+        }
         if let Err(e) = c.attach_init().await {
             let _ = self.agent.remove_container(&cfg.id).await;
             return Err(e);
