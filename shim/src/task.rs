@@ -220,6 +220,8 @@ impl Service {
                 .pointer("/linux/cgroupsPath")
                 .and_then(serde_json::Value::as_str)
                 .and_then(husk_runtime::sandbox::cgroup::cgroupfs_path),
+            // The pod's cgroup is the kubelet's to limit.
+            cgroup_limits: None,
         };
         let events: Arc<dyn husk_runtime::Events> = Arc::new(Publisher(self.inner.events.clone()));
         let sb = Arc::new(Sandbox::boot(vm_id, &spec, &HuskVmm, events).await?);

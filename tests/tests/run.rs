@@ -72,6 +72,8 @@ mkdir -p /tmp/vol/sub && mount -t tmpfs -o size=1m clitest /tmp/vol/sub
 $H run -d --name bg --rootfs /tmp/rootfs -v /tmp/vol:/ro:ro -- sleep 1000
 grep ' /run/husk/[^ ]*/shared/[^ ]*/sub ' /proc/$(pgrep -n husk-vmm)/mountinfo | awk '{print "cli-ro-sub " $6}'
 $H ps | grep ' bg$' | grep -q ' Up ' && echo ps=bg,running
+sed -n 's#.*:/husk/#vmm-cgroup=/husk/#p' /proc/$(pgrep -n husk-vmm)/cgroup | sort -u
+cat /sys/fs/cgroup/husk/bg/memory.max /sys/fs/cgroup/memory/husk/bg/memory.limit_in_bytes 2>/dev/null | sed 's/^/cg-mem=/'
 $B exec bg -- sh -c 'echo exec-ran; exit 5'; echo "code exec=$?"
 echo via-exec-stdin | $B exec -i bg -- cat
 $H rm bg 2>&1 | grep -o 'is running' | sed 's/^/rm=/'
@@ -82,6 +84,7 @@ $H run --name killed --rootfs /tmp/rootfs -- sleep 100 & sleep 12; kill -9 $!; s
 $H ps >/dev/null
 ls /run/husk | wc -l | sed 's/^/left=/'
 pgrep -c husk-vmm | sed 's/^/vmms=/'
+find /sys/fs/cgroup -mindepth 2 -maxdepth 3 -type d -path '*/husk/*' | wc -l | sed 's/^/cgroups-left=/'
 "#,
         Duration::from_secs(580),
     );
@@ -102,6 +105,10 @@ pgrep -c husk-vmm | sed 's/^/vmms=/'
         "code oom=137",
         "notice=OOM",
         "ps=bg,running",
+        // Its VM runs in a cgroup of its own, limited to guest RAM (256
+        // MiB) and husk's overhead (256 MiB).
+        "vmm-cgroup=/husk/bg\n",
+        "cg-mem=536870912\n",
         // A read-only volume's submount, in husk-vmm's own namespace.
         "cli-ro-sub ro,nosuid,nodev",
         "exec-ran",
@@ -112,6 +119,7 @@ pgrep -c husk-vmm | sed 's/^/vmms=/'
         "tty-session: exit 7",
         "left=0",
         "vmms=0",
+        "cgroups-left=0",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }

@@ -49,7 +49,7 @@ use husk_runtime::hypervisor::{Bind, Overlay};
 use husk_runtime::image::{read_beneath, ImageError};
 use husk_runtime::layout;
 use husk_runtime::network::bridge;
-use husk_runtime::sandbox::stale;
+use husk_runtime::sandbox::{cgroup, stale};
 use husk_runtime::{
     Container, ContainerConfig, Exit, HuskVmm, NoEvents, Sandbox, SandboxSpec, StdioConfig, VmSpec,
     INIT,
@@ -1017,6 +1017,10 @@ async fn boot_on(
         hostname: Some(hostname(&rec.id)),
         forward_vmm_log: false,
         netns,
+        // The host's cost of the VM is bounded, as docker bounds a
+        // container's: guest RAM and husk's own overhead, no more.
+        cgroup: Some(cgroup::cli_vm_path(&rec.id)),
+        cgroup_limits: Some(cgroup::Limits::for_vm(rec.memory_mib)),
         ..Default::default()
     };
     let oom = Arc::new(OomSeen::default());
@@ -1406,8 +1410,9 @@ async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
                     bail!("{id} did not stop");
                 }
             }
-            // What a killed monitor left of its network.
+            // What a killed monitor left of its network and cgroup.
             bridge::disconnect(&id).await?;
+            cgroup::remove_stale(&cgroup::cli_vm_path(&id));
             if d.0.exists() {
                 d.remove()?;
             }

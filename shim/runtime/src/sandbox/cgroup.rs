@@ -18,6 +18,37 @@ use crate::error::{Error, Result};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
+/// What the runtime limits in a cgroup of its own making: the CLI's VMs,
+/// which have no kubelet to size their cgroup (a pod's cgroup is the
+/// kubelet's to limit, and husk only joins it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory of every process in it (husk-vmm with guest RAM, the CLI or
+    /// monitor that runs it), page cache included; the kernel reclaims the
+    /// cache before it kills.
+    pub memory_bytes: u64,
+}
+
+/// Host memory a CLI VM's cgroup allows beyond its guest RAM: husk-vmm
+/// itself (a few MiB), the CLI or monitor that runs it, and the page cache
+/// they keep (reclaimed first).
+pub const VM_OVERHEAD_MIB: u64 = 256;
+
+impl Limits {
+    /// The limits of a VM of `memory_mib` guest RAM.
+    pub fn for_vm(memory_mib: u32) -> Limits {
+        Limits {
+            memory_bytes: (u64::from(memory_mib) + VM_OVERHEAD_MIB) << 20,
+        }
+    }
+}
+
+/// The cgroup (cgroupfs path) of the CLI's VM `id`, on every hierarchy:
+/// `/husk/<id>`, as docker's are `/docker/<id>`.
+pub fn cli_vm_path(id: &str) -> PathBuf {
+    Path::new("/husk").join(id)
+}
+
 /// The pod's cgroup on every hierarchy this host mounts.
 #[derive(Debug)]
 pub struct HostCgroup {
@@ -99,13 +130,14 @@ fn hierarchies(root: &Path) -> Vec<PathBuf> {
 impl HostCgroup {
     /// Moves this process into `path` (made where missing) on every
     /// hierarchy; what it started after this is born there.
-    pub fn join(path: &Path) -> Result<HostCgroup> {
-        Self::join_under(Path::new(ROOT), path)
+    pub fn join(path: &Path, limits: Option<Limits>) -> Result<HostCgroup> {
+        Self::join_under(Path::new(ROOT), path, limits)
     }
 
-    fn join_under(root: &Path, path: &Path) -> Result<HostCgroup> {
+    fn join_under(root: &Path, path: &Path, limits: Option<Limits>) -> Result<HostCgroup> {
         let rel = path.strip_prefix("/").unwrap_or(path);
         let mut cg = HostCgroup { dirs: Vec::new() };
+        let mut limited = false;
         let proc_cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         for h in hierarchies(root) {
             let was = current_in(root, &h, &proc_cgroup);
@@ -135,6 +167,25 @@ impl HostCgroup {
                     }
                 }
             }
+            if let Some(l) = limits {
+                match set_limits(&h, rel, l) {
+                    Ok(set) => limited |= set,
+                    Err(e) => {
+                        cg.leave();
+                        return Err(Error::io("limiting the VM's cgroup", dir)(e));
+                    }
+                }
+            }
+        }
+        // Before any process is in it: a limit that could not be set is an
+        // error, never a VM run without it.
+        if limits.is_some() && !limited {
+            cg.leave();
+            return Err(Error::io("limiting the VM's cgroup", root.join(rel))(
+                std::io::Error::other("this host mounts no cgroup memory controller"),
+            ));
+        }
+        for (_, dir, _) in cg.dirs.clone() {
             if let Err(e) = fs::write(dir.join("cgroup.procs"), std::process::id().to_string()) {
                 cg.leave();
                 return Err(Error::io("joining the pod's cgroup", dir)(e));
@@ -159,6 +210,43 @@ impl HostCgroup {
 
     pub fn dirs(&self) -> impl Iterator<Item = &Path> {
         self.dirs.iter().map(|(_, d, _)| d.as_path())
+    }
+}
+
+/// Sets `l` on `h/rel`. On v2 the memory controller is first enabled for
+/// the children of every level above it, from the hierarchy's root down
+/// (the levels below the root are the runtime's own, holding no process,
+/// as v2 requires of a level that hands controllers down).
+/// Whether this hierarchy holds the limit (v1's others have no memory).
+fn set_limits(h: &Path, rel: &Path, l: Limits) -> std::io::Result<bool> {
+    let dir = h.join(rel);
+    if h.join("cgroup.controllers").exists() {
+        let mut level = h.to_path_buf();
+        for c in rel.components() {
+            let have = fs::read_to_string(level.join("cgroup.subtree_control")).unwrap_or_default();
+            if !have.split_whitespace().any(|c| c == "memory") {
+                fs::write(level.join("cgroup.subtree_control"), "+memory")?;
+            }
+            level.push(c);
+        }
+        fs::write(dir.join("memory.max"), l.memory_bytes.to_string())?;
+        return Ok(true);
+    }
+    // v1: only the memory hierarchy has the file.
+    let v1 = dir.join("memory.limit_in_bytes");
+    if !v1.exists() {
+        return Ok(false);
+    }
+    fs::write(v1, l.memory_bytes.to_string())?;
+    Ok(true)
+}
+
+/// Removes what a VM's cgroup left at `path` on every hierarchy (the CLI's
+/// `rm` after a monitor was killed): only empty directories go.
+pub fn remove_stale(path: &Path) {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    for h in hierarchies(Path::new(ROOT)) {
+        let _ = fs::remove_dir(h.join(rel));
     }
 }
 
@@ -204,7 +292,7 @@ mod tests {
             fs::write(h.join(d).join("cpuset.cpus"), "").unwrap();
             fs::write(h.join(d).join("cpuset.mems"), "").unwrap();
         }
-        let mut cg = HostCgroup::join_under(t.path(), Path::new("/k8s.io/pod1")).unwrap();
+        let mut cg = HostCgroup::join_under(t.path(), Path::new("/k8s.io/pod1"), None).unwrap();
         assert_eq!(
             fs::read_to_string(h.join("k8s.io/pod1/cpuset.cpus")).unwrap(),
             "0-1"
@@ -259,5 +347,75 @@ mod tests {
         let v2 = tempfile::tempdir().unwrap();
         fs::write(v2.path().join("cgroup.controllers"), "cpu memory").unwrap();
         assert_eq!(hierarchies(v2.path()), vec![v2.path().to_path_buf()]);
+    }
+
+    /// A v2 host: the memory controller is handed down to the VM's cgroup
+    /// level by level, then its limit set, before this process joins.
+    #[test]
+    fn a_v2_limit_enables_memory_down_the_path_and_is_set() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        fs::write(r.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        fs::write(r.join("cgroup.procs"), "").unwrap();
+        fs::write(r.join("cgroup.subtree_control"), "cpu").unwrap();
+        // What the kernel makes on mkdir.
+        for d in ["husk", "husk/c1"] {
+            fs::create_dir(r.join(d)).unwrap();
+            fs::write(r.join(d).join("cgroup.subtree_control"), "").unwrap();
+        }
+        let l = Limits {
+            memory_bytes: 300 << 20,
+        };
+        let mut cg = HostCgroup::join_under(r, Path::new("/husk/c1"), Some(l)).unwrap();
+        assert_eq!(
+            fs::read_to_string(r.join("cgroup.subtree_control")).unwrap(),
+            "+memory"
+        );
+        assert_eq!(
+            fs::read_to_string(r.join("husk/cgroup.subtree_control")).unwrap(),
+            "+memory"
+        );
+        assert_eq!(
+            fs::read_to_string(r.join("husk/c1/memory.max")).unwrap(),
+            (300u64 << 20).to_string()
+        );
+        assert_eq!(
+            fs::read_to_string(r.join("husk/c1/cgroup.procs")).unwrap(),
+            std::process::id().to_string()
+        );
+        cg.leave();
+    }
+
+    /// A v1 host sets the limit in its memory hierarchy; a host without a
+    /// memory controller refuses to run the VM unlimited.
+    #[test]
+    fn a_v1_limit_is_set_in_the_memory_hierarchy_or_refused_without_one() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for h in ["memory", "pids"] {
+            fs::create_dir_all(r.join(h).join("husk/c1")).unwrap();
+            fs::write(r.join(h).join("cgroup.procs"), "").unwrap();
+        }
+        fs::write(r.join("memory/husk/c1/memory.limit_in_bytes"), "").unwrap();
+        let l = Limits {
+            memory_bytes: 64 << 20,
+        };
+        let mut cg = HostCgroup::join_under(r, Path::new("/husk/c1"), Some(l)).unwrap();
+        assert_eq!(
+            fs::read_to_string(r.join("memory/husk/c1/memory.limit_in_bytes")).unwrap(),
+            (64u64 << 20).to_string()
+        );
+        assert!(!r.join("pids/husk/c1/memory.limit_in_bytes").exists());
+        cg.leave();
+
+        let none = tempfile::tempdir().unwrap();
+        fs::create_dir_all(none.path().join("pids")).unwrap();
+        fs::write(none.path().join("pids/cgroup.procs"), "").unwrap();
+        let e = HostCgroup::join_under(none.path(), Path::new("/husk/c2"), Some(l)).unwrap_err();
+        assert!(e.to_string().contains("no cgroup memory controller"), "{e}");
+        assert!(
+            !none.path().join("pids/husk/c2").exists(),
+            "made, then removed"
+        );
     }
 }

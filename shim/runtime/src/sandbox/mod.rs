@@ -45,6 +45,9 @@ pub struct SandboxSpec {
     /// The pod's host cgroup (cgroupfs path): this process joins it before
     /// the VM starts, so husk-vmm is born in it ([`cgroup::HostCgroup`]).
     pub cgroup: Option<PathBuf>,
+    /// Limits set on `cgroup` before joining it (a cgroup of the runtime's
+    /// own; a pod's is the kubelet's to limit).
+    pub cgroup_limits: Option<cgroup::Limits>,
 }
 
 pub struct Sandbox {
@@ -150,7 +153,7 @@ impl Sandbox {
     ) -> Result<Sandbox> {
         layout::check_id("sandbox", id)?;
         let mut cg = match &spec.cgroup {
-            Some(p) => Some(cgroup::HostCgroup::join(p)?),
+            Some(p) => Some(cgroup::HostCgroup::join(p, spec.cgroup_limits)?),
             None => None,
         };
         let network = match &spec.netns {

@@ -211,6 +211,10 @@ pub fn reap(cfg: &Config) {
             s.error
                 .get_or_insert_with(|| "its husk process was killed".into());
             let _ = d.save_state(&s);
+            // Its VM died with it (the death signal): the cgroup is empty.
+            husk_runtime::sandbox::cgroup::remove_stale(
+                &husk_runtime::sandbox::cgroup::cli_vm_path(&id),
+            );
         }
     }
 }
