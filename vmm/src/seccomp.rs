@@ -65,7 +65,6 @@ fn common() -> Vec<i64> {
         libc::SYS_sched_yield,
         libc::SYS_getpid,
         libc::SYS_gettid,
-        libc::SYS_tgkill,
         libc::SYS_clock_gettime,
         libc::SYS_clock_nanosleep,
         libc::SYS_nanosleep,
@@ -241,6 +240,20 @@ fn vcpu_arg_rules() -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError
     .collect()
 }
 
+/// `tgkill` on every thread, for this process's own threads only (a vCPU's
+/// kick, an abort): husk-vmm runs as root, so without the check a thread
+/// taken over through a device bug could signal any root process on the
+/// host. The pid is this process's, read when the filters are compiled,
+/// before any thread starts.
+fn own_process_only() -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        u64::from(std::process::id()),
+    )?])
+}
+
 fn build(
     which: &'static str,
     syscalls: Vec<i64>,
@@ -248,6 +261,10 @@ fn build(
 ) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         syscalls.into_iter().map(|s| (s, vec![])).collect();
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![own_process_only().map_err(|source| SeccompError::Build { which, source })?],
+    );
     // A syscall with rules is allowed only when one of them matches.
     for (nr, rule) in arg_rules {
         rules.entry(nr).or_default().push(rule);
@@ -430,10 +447,16 @@ mod tests {
     /// filter, once applied, stays for the thread's life) and returns its
     /// stderr, once it has checked that a denied call ended it.
     fn trapped_child(name: &str) -> String {
+        trapped_child_with(name, &[])
+    }
+
+    /// [`trapped_child`] with more environment for the child.
+    fn trapped_child_with(name: &str, env: &[(&str, &str)]) -> String {
         let exe = std::env::current_exe().unwrap();
         let out = std::process::Command::new(exe)
             .args(["--exact", name, "--ignored", "--nocapture"])
             .env("HUSK_SECCOMP_CHILD", "1")
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(DENIED_EXIT_STATUS), "{out:?}");
@@ -522,6 +545,49 @@ mod tests {
         // SAFETY: socket(2) with constant arguments; the filter traps it.
         unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         unreachable!("an AF_INET socket was allowed");
+    }
+
+    #[test]
+    fn every_filter_lets_tgkill_reach_this_process_only() {
+        for which in ["vmm", "fs", "net", "vcpu"] {
+            let err = trapped_child_with(
+                "seccomp::tests::child_tgkill_of_another_process",
+                &[("HUSK_SECCOMP_FILTER", which)],
+            );
+            assert!(err.contains("own thread signalled"), "{which}: {err}");
+            assert!(
+                err.contains(&format!("seccomp denied syscall {}\n", libc::SYS_tgkill)),
+                "{which}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    #[ignore = "run by every_filter_lets_tgkill_reach_this_process_only in a child process"]
+    fn child_tgkill_of_another_process() {
+        if std::env::var_os("HUSK_SECCOMP_CHILD").is_none() {
+            return;
+        }
+        install_sigsys_handler().unwrap();
+        let all = Filters::new().unwrap();
+        let f = match std::env::var("HUSK_SECCOMP_FILTER").as_deref() {
+            Ok("fs") => all.fs,
+            Ok("net") => all.net,
+            Ok("vcpu") => all.vcpu,
+            _ => all.vmm,
+        };
+        // SAFETY: getpid/gettid/getppid have no preconditions.
+        let (pid, tid, parent) = unsafe { (libc::getpid(), libc::gettid(), libc::getppid()) };
+        apply("test", &f).unwrap();
+        // Signal 0 checks that the target exists and may be signalled, and
+        // delivers nothing.
+        // SAFETY: tgkill with signal 0 delivers no signal.
+        let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, 0) };
+        assert_eq!(rc, 0);
+        eprintln!("own thread signalled");
+        // SAFETY: as above; the filter traps it before the kernel looks.
+        unsafe { libc::syscall(libc::SYS_tgkill, parent, parent, 0) };
+        unreachable!("tgkill of another process was allowed");
     }
 
     #[test]
