@@ -84,6 +84,7 @@ $H run --name killed --rootfs /tmp/rootfs -- sleep 100 & sleep 12; kill -9 $!; s
 $H ps >/dev/null
 ls /run/husk | wc -l | sed 's/^/left=/'
 pgrep -c husk-vmm | sed 's/^/vmms=/'
+find /sys/fs/cgroup -mindepth 2 -maxdepth 3 -type d -path '*/husk/*' | sed 's/^/cgroup-left: /'
 find /sys/fs/cgroup -mindepth 2 -maxdepth 3 -type d -path '*/husk/*' | wc -l | sed 's/^/cgroups-left=/'
 "#,
         Duration::from_secs(580),

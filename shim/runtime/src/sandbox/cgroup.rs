@@ -241,12 +241,35 @@ fn set_limits(h: &Path, rel: &Path, l: Limits) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// How long [`remove_stale`] waits for a dying VM to leave its cgroup.
+const STALE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Removes what a VM's cgroup left at `path` on every hierarchy (the CLI's
-/// `rm` after a monitor was killed): only empty directories go.
+/// `rm`, or its next command, after the process that ran the VM was
+/// killed): only empty directories go. The VM got SIGKILL with its parent
+/// (the death signal) but may still be tearing its guest memory down, which
+/// keeps the cgroup busy for a moment: a busy one is retried for up to
+/// `STALE_GRACE`, then left to the next command.
 pub fn remove_stale(path: &Path) {
     let rel = path.strip_prefix("/").unwrap_or(path);
+    let deadline = std::time::Instant::now() + STALE_GRACE;
     for h in hierarchies(Path::new(ROOT)) {
-        let _ = fs::remove_dir(h.join(rel));
+        let dir = h.join(rel);
+        loop {
+            match fs::remove_dir(&dir) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "stale cgroup kept");
+                    break;
+                }
+                _ => break,
+            }
+        }
     }
 }
 

@@ -196,26 +196,33 @@ pub fn all(cfg: &Config) -> Vec<(String, Dir)> {
 /// one holding its lock is marked exited; a directory without a record
 /// (a `husk run` that died while making it) and unlocked is removed.
 pub fn reap(cfg: &Config) {
+    let mut idle = Vec::new();
     for (id, d) in all(cfg) {
         let Some(_held) = d.try_lock() else { continue };
         if !d.exists() {
             tracing::info!(id, "removing a container left half-made");
             let _ = std::fs::remove_dir_all(&d.0);
-            continue;
+        } else {
+            let mut s = d.state();
+            if s.status == Status::Running {
+                s.status = Status::Exited;
+                s.exit_code = s.exit_code.or(Some(137));
+                s.finished = Some(now());
+                s.error
+                    .get_or_insert_with(|| "its husk process was killed".into());
+                let _ = d.save_state(&s);
+            }
         }
-        let mut s = d.state();
-        if s.status == Status::Running {
-            s.status = Status::Exited;
-            s.exit_code = s.exit_code.or(Some(137));
-            s.finished = Some(now());
-            s.error
-                .get_or_insert_with(|| "its husk process was killed".into());
-            let _ = d.save_state(&s);
-            // Its VM died with it (the death signal): the cgroup is empty.
-            husk_runtime::sandbox::cgroup::remove_stale(
-                &husk_runtime::sandbox::cgroup::cli_vm_path(&id),
-            );
-        }
+        idle.push(id);
+    }
+    // No process holds these containers, so no VM of theirs runs: a VM
+    // whose husk was killed (booting or running) dies with it (the death
+    // signal) and leaves its cgroup; the cgroups go once it has (after the
+    // locks: this may wait a moment; an absent cgroup costs one rmdir).
+    for id in idle {
+        husk_runtime::sandbox::cgroup::remove_stale(&husk_runtime::sandbox::cgroup::cli_vm_path(
+            &id,
+        ));
     }
 }
 
