@@ -57,7 +57,8 @@ fn husk_vm_boot_and_keep() {
 }
 
 /// Containers through the agent API: shared network and IPC namespaces,
-/// 200 orphans reaped, an OOM event, stats/update/pause/resume, malformed
+/// 200 orphans reaped, an OOM event, stats/update/pause/resume, device
+/// nodes and rules (and their update), malformed
 /// specs, and no way out of the root from inside.
 #[test]
 fn containers_in_one_sandbox() {
@@ -68,6 +69,7 @@ fn containers_in_one_sandbox() {
         "OOM event for \"oom\"",
         "kill all -> 137",
         "malformed specs refused",
+        "device rules replaced by an update",
         "stay in the container's root",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");

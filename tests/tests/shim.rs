@@ -59,7 +59,7 @@ fn run(body: &str, timeout: Duration) -> String {
 }
 
 /// The first milestone: `ctr run --rm ... echo hello`, exit codes, stdout
-/// and stderr apart, and the task events containerd receives.
+/// and stderr apart, `--device`, and the task events containerd receives.
 #[test]
 fn ctr_run_echo_exit_codes_and_events() {
     let out = run(
@@ -70,6 +70,9 @@ t1=$(date +%s%N)
 echo "run-ms=$(( (t1 - t0) / 1000000 ))"
 $C run --rm $R $IMG t2 sh -c 'echo out; echo err >&2; exit 7' 2>/tmp/err; echo "code seven=$?"; echo "stderr=$(cat /tmp/err)"
 $C run --rm $R $IMG t3 sh -c 'sleep 30 & kill -9 $!; wait $!'; echo "code killed=$?"
+# --device: the node made in the guest (the guest kernel's kmsg), opened
+# as its allow rule says; nodes the rules do not name cannot be made.
+$C run --rm $R --device /dev/kmsg $IMG t4 sh -c 'stat -c "node %n %t:%T" /dev/kmsg; (exec 3<>/dev/kmsg) && echo kmsg-opened; mknod /dev/s c 4 64 2>/dev/null && echo mknod-made || echo mknod-denied'
 sleep 1
 grep -o '/tasks/[a-z-]*' $D/events | sort | uniq -c | sed 's/^ */event /'
 $C task ls; $C containers ls -q | sed 's/^/container-left=/'
@@ -83,6 +86,9 @@ dump 60
         "out\ncode seven=7",
         "stderr=err",
         "code killed=137",
+        "node /dev/kmsg 1:b",
+        "kmsg-opened",
+        "mknod-denied",
         "/tasks/create",
         "/tasks/start",
         "/tasks/exit",

@@ -8,7 +8,9 @@
 //! converted the way runc and crun convert them (cpu shares to weight,
 //! blkio weight to io weight).
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oci_spec::runtime::LinuxResources;
@@ -167,6 +169,9 @@ pub fn settings(r: &LinuxResources) -> Result<Vec<Setting>, CgroupError> {
 #[derive(Debug, Clone)]
 pub struct Cgroup {
     path: PathBuf,
+    /// The device program attached now (a clone shares it), kept to be
+    /// swapped when an update brings new device rules.
+    devices: Arc<Mutex<Option<OwnedFd>>>,
 }
 
 /// Enables the controllers for the children of `husk/`, once per agent:
@@ -207,12 +212,18 @@ impl Cgroup {
         let parent = prepared_parent(Path::new(CGROUP_ROOT))?;
         let path = parent.join(id);
         std::fs::create_dir(&path).map_err(io_err(&path))?;
-        let cg = Self { path };
+        let cg = Self {
+            path,
+            devices: Arc::default(),
+        };
         // The device program before any process joins: none ever runs
         // without it.
         let applied = super::devices::apply(&cg.path, &devices)
             .map_err(CgroupError::from)
-            .and_then(|()| cg.apply(&settings));
+            .and_then(|prog| {
+                *cg.devices.lock().unwrap_or_else(|p| p.into_inner()) = Some(prog);
+                cg.apply(&settings)
+            });
         if let Err(e) = applied {
             cg.destroy();
             return Err(e);
@@ -237,8 +248,23 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Applies an update: the limits it names, and its device rules when it
+    /// has any (containerd sends the container's whole `linux.resources`,
+    /// rules included; an update without `devices` keeps the rules).
     pub fn update(&self, r: &LinuxResources) -> Result<(), CgroupError> {
-        self.apply(&settings(r)?)
+        let settings = settings(r)?;
+        if let Some(list) = r.devices() {
+            let rules = super::devices::rules(Some(list))?;
+            // Held across two bpf(2) calls (no I/O that can block): two
+            // updates at once must not both detach the same program.
+            let mut prog = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+            let new = match prog.as_ref() {
+                Some(old) => super::devices::replace(&self.path, old, &rules)?,
+                None => super::devices::apply(&self.path, &rules)?,
+            };
+            *prog = Some(new);
+        }
+        self.apply(&settings)
     }
 
     fn read(&self, file: &str) -> String {

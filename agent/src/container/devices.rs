@@ -225,6 +225,7 @@ pub fn program(rules: &[Rule]) -> Vec<Insn> {
 /// `bpf(2)` commands, program and attach types used.
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
 const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
 const BPF_CGROUP_DEVICE: u32 = 6;
 /// Programs of the cgroup's ancestors run too, and all must allow.
@@ -293,33 +294,64 @@ pub fn load(prog: &[Insn]) -> Result<OwnedFd, DeviceError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Loads the program for `rules` and attaches it to the cgroup directory
-/// `cgroup`. The attachment holds the program for the cgroup's life.
-pub fn apply(cgroup: &Path, rules: &[Rule]) -> Result<(), DeviceError> {
+/// Loads the program for `rules` and attaches it to `cgroup` beside any
+/// already there (`BPF_F_ALLOW_MULTI`: a request must pass every attached
+/// program). Returns the program, which [`replace`] needs to take it off.
+pub fn apply(cgroup: &Path, rules: &[Rule]) -> Result<OwnedFd, DeviceError> {
     let prog = load(&program(rules))?;
-    let attach_err = |source| DeviceError::Attach {
+    let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(cgroup, e))?;
+    attach_call(BPF_PROG_ATTACH, &dir, &prog, BPF_F_ALLOW_MULTI)
+        .map_err(|e| attach_err(cgroup, e))?;
+    Ok(prog)
+}
+
+/// Swaps `old` for a program of `rules`: the new one is attached before
+/// the old one is taken off, so no device request is ever judged by
+/// neither (for a moment, by both: the stricter).
+pub fn replace(cgroup: &Path, old: &OwnedFd, rules: &[Rule]) -> Result<OwnedFd, DeviceError> {
+    let new = apply(cgroup, rules)?;
+    let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(cgroup, e))?;
+    if let Err(e) = attach_call(BPF_PROG_DETACH, &dir, old, 0) {
+        // Both stay attached, which only denies more; the old rules must
+        // not be reported as replaced.
+        let _ = attach_call(BPF_PROG_DETACH, &dir, &new, 0);
+        return Err(attach_err(cgroup, e));
+    }
+    Ok(new)
+}
+
+fn attach_err(cgroup: &Path, source: std::io::Error) -> DeviceError {
+    DeviceError::Attach {
         path: cgroup.display().to_string(),
         source,
-    };
-    let dir = std::fs::File::open(cgroup).map_err(attach_err)?;
+    }
+}
+
+/// `bpf(BPF_PROG_ATTACH | BPF_PROG_DETACH)` of `prog` on the cgroup `dir`.
+fn attach_call(
+    cmd: libc::c_long,
+    dir: &std::fs::File,
+    prog: &OwnedFd,
+    flags: u32,
+) -> std::io::Result<()> {
     let attr = ProgAttach {
         target_fd: dir.as_raw_fd() as u32,
         attach_bpf_fd: prog.as_raw_fd() as u32,
         attach_type: BPF_CGROUP_DEVICE,
-        attach_flags: BPF_F_ALLOW_MULTI,
+        attach_flags: flags,
     };
-    // SAFETY: bpf(BPF_PROG_ATTACH) reads `attr` (size given); both fds are
-    // open for the duration of the call.
+    // SAFETY: bpf(2) with a PROG_ATTACH/PROG_DETACH attribute that lives
+    // across the call and whose size is passed; both fds are open.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_PROG_ATTACH,
+            cmd,
             &attr as *const ProgAttach,
             std::mem::size_of::<ProgAttach>() as u32,
         )
     };
     if r != 0 {
-        return Err(attach_err(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -260,8 +260,11 @@ const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 struct RootfsPlan {
     root: CString,
     dev: CString,
-    /// (path in the new /dev, the guest's node bound over it)
+    /// (path in the new /dev, the guest's node bound over it): the default
+    /// devices, then the spec's (staged, see nodes.rs).
     devices: Vec<(CString, CString)>,
+    /// Directories the spec's nodes need in the new /dev, parents first.
+    dev_dirs: Vec<CString>,
     dev_pts: CString,
     dev_shm: CString,
     ptmx: CString,
@@ -467,12 +470,31 @@ pub fn start(
     plan.seccomp = seccomp.to_vec();
     // Paths inside the container, used after pivot_root.
     let inside = |p: &Path| cpath(&Path::new("/").join(p));
+    // Made before the clone and removed when this function returns: by
+    // then the child has bound them (or failed).
+    let staged = if spec.devices.is_empty() {
+        None
+    } else {
+        Some(super::nodes::stage(&spec.devices)?)
+    };
+    let mut devices = DEVICES
+        .iter()
+        .map(|n| Ok((cpath(&dev.join(n))?, cpath(&Path::new("/dev").join(n))?)))
+        .collect::<Result<Vec<_>, ContainerError>>()?;
+    for (n, node) in spec
+        .devices
+        .iter()
+        .zip(staged.iter().flat_map(|s| s.nodes.iter()))
+    {
+        devices.push((cpath(&dev.join(&n.path))?, cpath(node)?));
+    }
     plan.rootfs = Some(RootfsPlan {
         root: cpath(&root)?,
-        devices: DEVICES
+        devices,
+        dev_dirs: super::nodes::parent_dirs(&spec.devices)
             .iter()
-            .map(|n| Ok((cpath(&dev.join(n))?, cpath(&Path::new("/dev").join(n))?)))
-            .collect::<Result<_, ContainerError>>()?,
+            .map(|d| cpath(&dev.join(d)))
+            .collect::<Result<_, _>>()?,
         dev_pts: cpath(&dev.join("pts"))?,
         dev_shm: cpath(&dev.join("shm"))?,
         ptmx: cpath(&dev.join("ptmx"))?,
@@ -515,9 +537,9 @@ pub fn start(
         (lines(&spec.uid_mappings), lines(&spec.gid_mappings))
     });
     plan.userns_root = id_maps.is_some();
-    let pid = spawn(&mut plan, flags, None, err_r, err_w, stdio, id_maps)?;
-    drop(cg);
-    Ok(pid)
+    let pid = spawn(&mut plan, flags, None, err_r, err_w, stdio, id_maps);
+    drop((cg, staged));
+    pid
 }
 
 /// Starts another process in the running container whose init is
@@ -679,6 +701,11 @@ fn spawn(
             .as_ref()
             .and_then(|r| r.mounts.get(item))
             .map(|m| format!("mounts[{item}] on {:?}", m.target)),
+        Stage::Dev => plan
+            .rootfs
+            .as_ref()
+            .and_then(|r| r.devices.get(item))
+            .map(|(path, _)| format!("{path:?}")),
         Stage::Sysctl => plan
             .rootfs
             .as_ref()
@@ -1107,6 +1134,11 @@ unsafe fn setup_rootfs(r: &RootfsPlan) -> Result<(), (Stage, usize)> {
     ) != 0
     {
         return Err((Stage::Dev, 0));
+    }
+    for d in &r.dev_dirs {
+        if libc::mkdir(d.as_ptr(), 0o755) != 0 && nix::errno::Errno::last_raw() != libc::EEXIST {
+            return Err((Stage::Dev, 0));
+        }
     }
     for (i, (path, guest_node)) in r.devices.iter().enumerate() {
         let fd = libc::open(

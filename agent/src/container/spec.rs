@@ -67,6 +67,46 @@ pub struct ValidProcess {
     pub oom_score_adj: Option<i32>,
 }
 
+/// What kind of node a `linux.devices` entry makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Char,
+    Block,
+    Fifo,
+}
+
+/// A node `linux.devices` asks for in the container's `/dev`, checked.
+/// The numbers are the guest kernel's: a device whose driver the guest has
+/// (fuse, tun, kmsg) works as it does under runc; any other node is made
+/// and opening it fails (ENXIO), as on a host without that driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceNode {
+    /// Below `/dev`, e.g. `net/tun`.
+    pub path: PathBuf,
+    pub kind: NodeKind,
+    pub major: u32,
+    pub minor: u32,
+    /// Permission bits only.
+    pub mode: u32,
+    /// In the agent's (the guest's) user namespace: mapped already when the
+    /// container has its own.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// At most this many `linux.devices` entries (a privileged container on a
+/// big host lists a few hundred).
+pub const MAX_DEVICE_NODES: usize = 1024;
+
+/// `/dev` entries every container gets from the agent (process.rs): a spec
+/// that lists one (as `ctr run --privileged` lists every host node) keeps
+/// the agent's, as runc keeps its defaults. Subtrees the agent mounts
+/// (`pts`, `shm`) are left alone the same way.
+const AGENT_DEV_ENTRIES: &[&str] = &[
+    "null", "zero", "full", "random", "urandom", "tty", "ptmx", "console", "pts", "shm", "fd",
+    "stdin", "stdout", "stderr",
+];
+
 /// The parts of a spec the agent acts on, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidSpec {
@@ -88,6 +128,8 @@ pub struct ValidSpec {
     /// (container id, host id, size) for a user namespace; empty without.
     pub uid_mappings: Vec<(u32, u32, u32)>,
     pub gid_mappings: Vec<(u32, u32, u32)>,
+    /// `linux.devices`, less the agent's own entries.
+    pub devices: Vec<DeviceNode>,
 }
 
 /// Sysctls a container may set: the ones its own namespaces scope (the
@@ -396,6 +438,15 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
         }
     }
 
+    let devices = match spec.linux() {
+        Some(linux) => device_nodes(
+            linux.devices().as_deref().unwrap_or_default(),
+            &uid_mappings,
+            &gid_mappings,
+        )?,
+        None => Vec::new(),
+    };
+
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
     if let Some(h) = &hostname {
         if h.len() > 64 || h.contains(['/', '\0', '\n']) {
@@ -422,7 +473,94 @@ pub fn validate(json: &[u8]) -> Result<ValidSpec, SpecError> {
             .is_some_and(|v| v == "allow"),
         uid_mappings,
         gid_mappings,
+        devices,
     })
+}
+
+/// `id` of the container's user namespace in the agent's, through
+/// `mappings` (container id, host id, size); itself without a user
+/// namespace.
+fn map_id(id: u32, mappings: &[(u32, u32, u32)]) -> Option<u32> {
+    if mappings.is_empty() {
+        return Some(id);
+    }
+    mappings
+        .iter()
+        .find(|(c, _, n)| id >= *c && id - c < *n)
+        .map(|(c, h, _)| h + (id - c))
+}
+
+/// Checks `linux.devices`.
+fn device_nodes(
+    list: &[oci_spec::runtime::LinuxDevice],
+    uid_mappings: &[(u32, u32, u32)],
+    gid_mappings: &[(u32, u32, u32)],
+) -> Result<Vec<DeviceNode>, SpecError> {
+    use oci_spec::runtime::LinuxDeviceType as T;
+    if list.len() > MAX_DEVICE_NODES {
+        return Err(err(
+            "linux.devices",
+            format!("{} entries; at most {MAX_DEVICE_NODES}", list.len()),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, d) in list.iter().enumerate() {
+        let field = |f: &str| format!("linux.devices[{i}].{f}");
+        absolute_clean(&field("path"), d.path())?;
+        let rel = match d.path().strip_prefix("/dev") {
+            Ok(rel) if rel.components().all(|c| matches!(c, Component::Normal(_))) && rel.components().next().is_some() => rel.to_path_buf(),
+            _ => {
+                return Err(err(
+                    field("path"),
+                    format!(
+                        "{}: only nodes below /dev are made (the rest of the rootfs is the host's share)",
+                        d.path().display()
+                    ),
+                ))
+            }
+        };
+        if !seen.insert(rel.clone()) {
+            return Err(err(
+                field("path"),
+                format!("{} is listed twice", d.path().display()),
+            ));
+        }
+        let first = rel
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
+        if first.is_some_and(|f| AGENT_DEV_ENTRIES.contains(&f.as_str())) {
+            continue;
+        }
+        let kind = match d.typ() {
+            T::C | T::U => NodeKind::Char,
+            T::B => NodeKind::Block,
+            T::P => NodeKind::Fifo,
+            T::A => return Err(err(field("type"), "a node is c, u, b or p")),
+        };
+        let number = |n: i64, what: &str| {
+            u32::try_from(n).map_err(|_| err(field(what), format!("{n} is out of range")))
+        };
+        let (major, minor) = match kind {
+            NodeKind::Fifo => (0, 0),
+            _ => (number(d.major(), "major")?, number(d.minor(), "minor")?),
+        };
+        let uid = d.uid().unwrap_or(0);
+        let gid = d.gid().unwrap_or(0);
+        out.push(DeviceNode {
+            path: rel,
+            kind,
+            major,
+            minor,
+            mode: d.file_mode().unwrap_or(0o666) & 0o777,
+            uid: map_id(uid, uid_mappings)
+                .ok_or_else(|| err(field("uid"), format!("{uid} is not mapped")))?,
+            gid: map_id(gid, gid_mappings)
+                .ok_or_else(|| err(field("gid"), format!("{gid} is not mapped")))?,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -477,6 +615,96 @@ mod tests {
         assert_eq!(s.hostname.as_deref(), Some("pod"));
         assert_eq!(s.mounts[1].kind, "bind");
         assert_eq!(s.namespaces.len(), 3);
+    }
+
+    #[test]
+    fn device_nodes_are_checked_and_the_agents_own_kept() {
+        let mut v = good();
+        v["linux"]["devices"] = json!([
+            {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o4666, "uid": 1000},
+            {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200},
+            {"path": "/dev/null", "type": "c", "major": 1, "minor": 3},
+            {"path": "/dev/pts/0", "type": "c", "major": 136, "minor": 0},
+            {"path": "/dev/pipe", "type": "p"}
+        ]);
+        let d = check(&v).unwrap().devices;
+        let paths: Vec<_> = d.iter().map(|n| n.path.display().to_string()).collect();
+        assert_eq!(
+            paths,
+            ["fuse", "net/tun", "pipe"],
+            "the agent's own entries stay its own"
+        );
+        assert_eq!(
+            (d[0].kind, d[0].major, d[0].minor),
+            (NodeKind::Char, 10, 229)
+        );
+        assert_eq!(
+            (d[0].mode, d[0].uid, d[0].gid),
+            (0o666, 1000, 0),
+            "no set-id bits"
+        );
+        assert_eq!((d[1].mode, d[1].uid), (0o666, 0), "runc's defaults");
+        assert_eq!(d[2].kind, NodeKind::Fifo);
+
+        // In a user namespace the owner is mapped to the guest's ids.
+        v["linux"]["namespaces"] = json!([{"type": "user"}, {"type": "mount"}]);
+        v["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        v["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        let d = check(&v).unwrap().devices;
+        assert_eq!((d[0].uid, d[0].gid), (101000, 100000));
+        refused(
+            v,
+            |v| v["linux"]["devices"][0]["uid"] = json!(70000),
+            "linux.devices[0].uid",
+        );
+
+        for (bad, field) in [
+            (
+                json!({"path": "/etc/passwd", "type": "c", "major": 1, "minor": 3}),
+                "path",
+            ),
+            (
+                json!({"path": "/dev", "type": "c", "major": 1, "minor": 3}),
+                "path",
+            ),
+            (
+                json!({"path": "/dev/../etc/x", "type": "c", "major": 1, "minor": 3}),
+                "path",
+            ),
+            (
+                json!({"path": "dev/x", "type": "c", "major": 1, "minor": 3}),
+                "path",
+            ),
+            (json!({"path": "/dev/x", "type": "a"}), "type"),
+            (
+                json!({"path": "/dev/x", "type": "c", "major": -1, "minor": 3}),
+                "major",
+            ),
+            (
+                json!({"path": "/dev/x", "type": "b", "major": 8, "minor": 1u64 << 33}),
+                "minor",
+            ),
+        ] {
+            refused(
+                good(),
+                |v| v["linux"]["devices"] = json!([bad]),
+                &format!("linux.devices[0].{field}"),
+            );
+        }
+        let twice = json!({"path": "/dev/x", "type": "c", "major": 1, "minor": 3});
+        refused(
+            good(),
+            |v| v["linux"]["devices"] = json!([twice, twice]),
+            "linux.devices[1].path",
+        );
+        let many: Vec<Value> = (0..=MAX_DEVICE_NODES)
+            .map(|i| json!({"path": format!("/dev/n{i}"), "type": "c", "major": 1, "minor": 3}))
+            .collect();
+        refused(
+            good(),
+            |v| v["linux"]["devices"] = json!(many),
+            "linux.devices",
+        );
     }
 
     #[test]

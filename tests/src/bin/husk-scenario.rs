@@ -747,6 +747,99 @@ async fn run_container(c: &Client, id: &str, spec: Vec<u8>) -> Result<(i32, Stri
     Ok((code, out))
 }
 
+/// `linux.devices` and the device cgroup: the spec's nodes are made with
+/// its mode and owner, opened as the rules say, and an update's rules
+/// replace the container's.
+async fn devices(c: &Client) -> Result<()> {
+    let open = "for d in fuse kmsg; do if (exec 3<>/dev/$d) 2>/dev/null; \
+                then echo $d-opened; else echo $d-denied; fi; done";
+    let spec = busybox_spec(
+        &["sleep", "600"],
+        serde_json::json!({"linux": {
+        "namespaces": [{"type": "pid"}, {"type": "mount"}],
+        "devices": [
+            {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
+             "fileMode": 0o640, "uid": 7, "gid": 8},
+            {"path": "/dev/misc/kmsg", "type": "c", "major": 1, "minor": 11},
+            {"path": "/dev/kmsg", "type": "c", "major": 1, "minor": 11},
+            {"path": "/dev/null", "type": "c", "major": 1, "minor": 3}
+        ],
+        "resources": {"devices": [
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 10, "minor": 229, "access": "rw"}
+        ]}}}),
+    );
+    c.create_container("nodes", spec, false).await?;
+    for stream in [Stream::Stdout, Stream::Stderr] {
+        let mut s = c.attach("nodes", "", stream).await?;
+        tokio::spawn(async move { tokio::io::copy(&mut s, &mut tokio::io::sink()).await });
+    }
+    c.start_container("nodes").await?;
+    let exec = |e: &'static str, script: String| async move {
+        let process = serde_json::json!({"user": {"uid": 0, "gid": 0},
+            "args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/"});
+        let out = c.attach("nodes", e, Stream::Stdout).await?;
+        let err = c.attach("nodes", e, Stream::Stderr).await?;
+        c.exec_process("nodes", e, serde_json::to_vec(&process)?, false)
+            .await?;
+        let (mut text, mut etext) = (String::new(), String::new());
+        let (mut out, mut err) = (out, err);
+        let _ = tokio::join!(
+            out.read_to_string(&mut text),
+            err.read_to_string(&mut etext)
+        );
+        let code = c.wait_process("nodes", e).await?;
+        c.remove_process("nodes", e).await?;
+        ensure!(code == 0, "{e}: exit {code}: {text} {etext}");
+        anyhow::Ok(text)
+    };
+    let first = exec(
+        "d1",
+        format!(
+            "stat -c '%n %F %t:%T %a %u:%g' /dev/fuse /dev/misc/kmsg; {open}; \
+                 mknod /dev/x c 10 229 2>/dev/null && echo mknod-made || echo mknod-denied"
+        ),
+    )
+    .await?;
+    for want in [
+        "/dev/fuse character special file a:e5 640 7:8",
+        "/dev/misc/kmsg character special file 1:b 666 0:0",
+        "fuse-opened",
+        "kmsg-denied",
+        "mknod-denied",
+    ] {
+        ensure!(first.contains(want), "devices: missing {want:?} in {first}");
+    }
+    // An update brings new rules: kmsg allowed, fuse no longer.
+    c.update(
+        "nodes",
+        br#"{"devices": [{"allow": false, "access": "rwm"},
+                         {"allow": true, "type": "c", "major": 1, "minor": 11, "access": "rw"}]}"#
+            .to_vec(),
+    )
+    .await?;
+    let second = exec("d2", open.to_string()).await?;
+    ensure!(
+        second.contains("fuse-denied") && second.contains("kmsg-opened"),
+        "devices after the update: {second}"
+    );
+    // An update without device rules keeps them.
+    c.update("nodes", br#"{"pids": {"limit": 64}}"#.to_vec())
+        .await?;
+    let third = exec("d3", open.to_string()).await?;
+    ensure!(
+        third == second,
+        "an update without rules changed them: {third}"
+    );
+    c.signal_all("nodes", 9).await?;
+    c.wait_process("nodes", "").await?;
+    c.remove_container("nodes").await?;
+    println!(
+        "containers: linux.devices made with mode and owner; device rules replaced by an update"
+    );
+    Ok(())
+}
+
 async fn containers(guest: &Option<PathBuf>) -> Result<()> {
     use husk_agent_client::agent::CreateSandboxRequest;
     let rootfs = Path::new("target/husk/busybox-rootfs").canonicalize()?;
@@ -930,6 +1023,8 @@ async fn containers(guest: &Option<PathBuf>) -> Result<()> {
         "containers: stats, update, pause (CPU {} us in 0.5 s), resume, kill all -> 137",
         after - before
     );
+
+    devices(&c).await?;
 
     // Malformed specs: refused, naming the field; nothing left behind.
     for (spec, field) in [

@@ -212,8 +212,10 @@ pub fn for_guest(mut spec: Value, id: &str) -> Result<GuestSpec, SpecError> {
                 }
             }
         }
-        // Host device nodes and the host's cgroup path mean nothing inside.
-        linux.remove("devices");
+        // `linux.devices` goes as it is: the agent makes the nodes in the
+        // guest with the same numbers, which name the guest kernel's
+        // drivers (fuse, kmsg: what runc would give on a host with them).
+        // Nothing of the host's device is passed through.
     }
     Ok(GuestSpec { spec, volumes })
 }
@@ -325,7 +327,11 @@ mod tests {
             g.spec["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "ipc"}])
         );
-        assert!(g.spec["linux"].get("devices").is_none());
+        assert_eq!(
+            g.spec["linux"]["devices"],
+            json!([{"path": "/dev/fuse"}]),
+            "device nodes are the guest's to make"
+        );
     }
 
     #[test]
