@@ -158,6 +158,50 @@ finish 80
     assert_all(&out, NO_LEAKS);
 }
 
+/// A guest that no longer answers cannot keep its pod: its VM is frozen
+/// from the host (SIGSTOP to husk-vmm: to the host this is what a guest
+/// kernel or agent that ignores every kill looks like, with no exit ever
+/// reported), then containerd kills the task. After the kill grace the
+/// runtime ends the VM itself, the task is reported killed (137), delete
+/// works, and nothing is left.
+#[test]
+fn a_guest_that_stops_answering_loses_its_vm() {
+    let out = run(
+        r#"
+$C run -d $R $IMG h1 sleep 600; echo "code hung-run=$?"
+v=$(pgrep -x husk-vmm); echo "vmm-count=$(echo $v | wc -w)"
+kill -STOP $v
+t0=$(date +%s)
+$C task kill -s KILL h1; echo "code hung-kill=$?"
+for i in $(seq 80); do $C task ls | grep -q "^h1 .*STOPPED" && break; sleep 0.5; done
+echo "stopped-after=$(( $(date +%s) - t0 ))s"
+$C task ls | awk '$1=="h1"{print "state-hung="$3}'
+$C task delete h1 2>&1 | grep -o 'exit code [0-9]*' | sed 's/^/hung-/'
+$C container rm h1
+finish 80
+"#,
+        Duration::from_secs(300),
+    );
+    assert_all(
+        &out,
+        &[
+            "code hung-run=0",
+            "vmm-count=1",
+            "state-hung=STOPPED",
+            "hung-exit code 137",
+        ],
+    );
+    assert!(
+        out.contains("stopping the VM of a guest that ignores kills"),
+        "the runtime did not say why it ended the VM:\n{out}"
+    );
+    assert!(
+        !out.contains("the VM ended unasked"),
+        "the host's own stop was reported as unasked:\n{out}"
+    );
+    assert_all(&out, NO_LEAKS);
+}
+
 /// `ctr run -t` and `ctr task exec -t` through a pty (script(1)): the
 /// process has a terminal from the container's own /dev/pts (`tty` names
 /// it) and its exit code comes back. A NUL reaching the pty's input is

@@ -66,6 +66,8 @@ pub struct Sandbox {
     owns_dir: AtomicBool,
     /// Told by a container whose guest ignored a SIGKILL.
     distrust: Arc<tokio::sync::Notify>,
+    /// Set once the host ends the VM for that: its end is then asked for.
+    distrusted: Arc<AtomicBool>,
     /// The pod's NICs, detached at shutdown (taken then: never held
     /// across the netlink calls).
     network: Mutex<Option<PodNetwork>>,
@@ -80,10 +82,12 @@ pub struct Sandbox {
 async fn stop_on_distrust(
     vm: std::sync::Weak<dyn VmProcess>,
     distrust: Arc<tokio::sync::Notify>,
+    distrusted: Arc<AtomicBool>,
     id: String,
 ) {
     distrust.notified().await;
     let Some(vm) = vm.upgrade() else { return };
+    distrusted.store(true, Ordering::SeqCst);
     tracing::error!(sandbox = %id, "stopping the VM of a guest that ignores kills");
     let exit = vm.stop(Duration::ZERO).await;
     tracing::info!(sandbox = %id, %exit, "VM stopped");
@@ -99,7 +103,11 @@ const EXIT_POLL: Duration = Duration::from_secs(1);
 /// the sandbox's directory, so this is the only record of why. The console
 /// is the guest's text: `file_tail` defangs it and every line is indented
 /// under the host's own line, so it cannot pass for one.
-async fn report_unasked_exit(vm: std::sync::Weak<dyn VmProcess>, layout: SandboxLayout) {
+async fn report_unasked_exit(
+    vm: std::sync::Weak<dyn VmProcess>,
+    layout: SandboxLayout,
+    distrusted: Arc<AtomicBool>,
+) {
     let exit = loop {
         tokio::time::sleep(EXIT_POLL).await;
         let Some(vm) = vm.upgrade() else { return };
@@ -107,6 +115,10 @@ async fn report_unasked_exit(vm: std::sync::Weak<dyn VmProcess>, layout: Sandbox
             break exit;
         }
     };
+    if distrusted.load(Ordering::SeqCst) {
+        // Ended by the host (stop_on_distrust said so).
+        return;
+    }
     let indent = |text: String| {
         text.lines()
             .map(|l| format!("  | {l}"))
@@ -266,6 +278,7 @@ impl Sandbox {
         sb.helpers.push(tokio::spawn(report_unasked_exit(
             Arc::downgrade(&sb.vm),
             sb.layout.clone(),
+            sb.distrusted.clone(),
         )));
         if spec.forward_vmm_log {
             sb.helpers.push(tokio::spawn(logs::forward_vmm_log(
@@ -299,9 +312,11 @@ impl Sandbox {
     ) -> Sandbox {
         let vm: Arc<dyn VmProcess> = Arc::from(vm);
         let distrust = Arc::new(tokio::sync::Notify::new());
+        let distrusted = Arc::new(AtomicBool::new(false));
         let stopper = tokio::spawn(stop_on_distrust(
             Arc::downgrade(&vm),
             distrust.clone(),
+            distrusted.clone(),
             layout.id().to_string(),
         ));
         Sandbox {
@@ -315,6 +330,7 @@ impl Sandbox {
             _guest_log: None,
             owns_dir: AtomicBool::new(true),
             distrust,
+            distrusted,
             network: Mutex::new(None),
             cgroup: Mutex::new(None),
         }
