@@ -169,7 +169,15 @@ $B run --rm -u app:group7 $I id -g | sed 's/^/group=/'
 $B run --rm -e GREETING=override $I; echo "code env=$?"
 $B run --rm $I no-such-command 2>/dev/null; echo "code missing=$?"
 $B run --rm $I /etc/motd 2>/dev/null; echo "code noexec=$?"
-$B run --rm --read-only $I sh -c 'touch /x 2>/dev/null && echo rootfs=writable || echo rootfs=read-only'
+# --read-only: the guest's remount, and once the container has started the
+# image's overlay in husk-vmm's namespace (what virtio-fs serves) is
+# read-only on the host too.
+rootfs_mount() { awk '$5 ~ /\/rootfs$/ {for (i = 7; i <= NF; i++) if ($i == "-") t = $(i + 1); split($6, o, ","); print t " " o[1]}' /proc/$1/mountinfo 2>/dev/null; }
+$B run --rm --read-only $I sh -c 'touch /x 2>/dev/null && echo rootfs=writable || echo rootfs=read-only; sleep 8' &
+RO=$!
+for i in $(seq 80); do V=$(pgrep -x husk-vmm | head -1); [ -n "$V" ] && rootfs_mount $V | grep -q ' ro$' && break; sleep 0.5; done
+echo "ro-rootfs-mount=$(rootfs_mount $V)"
+wait $RO
 $B run --name kept $I sh -c 'echo kept-output; echo kept-err >&2; exit 4' 2>/dev/null; echo "code kept=$?"
 $H ps -a | grep ' kept$' | grep -o 'Exited (4)' | sed 's/^/ps-a=/'
 $H logs kept 2>/dev/null | sed 's/^/logs=/'
@@ -185,6 +193,7 @@ $H ps | grep -c ' img1$' | sed 's/^/ps-running=/'
 # husk-vmm's confinement, on every thread: only the virtio-fs capabilities,
 # no new privileges, a seccomp filter; no core dumps.
 V=$(pgrep -x husk-vmm | head -1)
+echo "rw-rootfs-mount=$(rootfs_mount $V)"
 for t in /proc/$V/task/*; do grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' $t/status; done | sort -u | tr '\t' ' ' | sed 's/^/vmm-/'
 awk '/Max core file size/ {print "vmm-core=" $5 "/" $6}' /proc/$V/limits
 # Its own network, IPC and UTS namespaces; its Landlock jail, as its control
@@ -230,6 +239,8 @@ kill $REG
         "code missing=127",
         "code noexec=126",
         "rootfs=read-only",
+        "ro-rootfs-mount=overlay ro\n",
+        "rw-rootfs-mount=overlay rw\n",
         "code kept=4",
         "ps-a=Exited (4)",
         "logs=kept-output\n",

@@ -703,9 +703,10 @@ async fn image_rootfs(
         lower: layers.clone(),
         upper: dir.0.join("upper"),
         work: dir.0.join("work"),
-        // Writable on the host even for --read-only: the agent makes the
-        // mount points an image lacks (/proc, /sys) before its own
-        // read-only remount (root.readonly in the spec), as runc does.
+        // Mounted writable even for --read-only: the agent makes the mount
+        // points an image lacks (/proc, /sys) before its own read-only
+        // remount (root.readonly in the spec), as runc does; the runtime
+        // then makes the overlay read-only in husk-vmm's namespace.
         readonly: false,
     };
     let defaults = ImageDefaults {

@@ -35,6 +35,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 /// the sandbox stops its VM from the host (which ends every process in it,
 /// each then reported killed). Generous for a slow nested guest; a healthy
 /// guest reports an exit well within a second.
+/// Makes a container's rootfs read-only on the host (see
+/// [`Container::seal_rootfs_at_start`]): a few syscalls, no I/O that waits.
+pub(crate) type Seal = Box<dyn FnOnce() -> Result<()> + Send>;
+
 pub const KILL_GRACE: Duration = Duration::from_secs(10);
 
 /// The highest signal number Linux has (SIGRTMAX).
@@ -150,11 +154,11 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Told when the guest ignores a SIGKILL: the sandbox then stops the VM.
     distrust: Arc<tokio::sync::Notify>,
-    /// The share whose copy of this container's rootfs becomes read-only
-    /// on the host once its init has started (`root.readonly`): the agent
-    /// makes the mount points the spec needs in it while it starts, as runc
-    /// does before its own read-only remount.
-    seal_rootfs: Mutex<Option<PathBuf>>,
+    /// What makes this container's rootfs read-only on the host once its
+    /// init has started (`root.readonly`): the agent makes the mount points
+    /// the spec needs in it while it starts, as runc does before its own
+    /// read-only remount.
+    seal_rootfs: Mutex<Option<Seal>>,
 }
 
 impl std::fmt::Debug for Container {
@@ -238,9 +242,9 @@ impl Container {
         Ok(())
     }
 
-    /// Makes the rootfs in `share` read-only on the host once init starts.
-    pub(crate) fn seal_rootfs_at_start(&self, share: PathBuf) {
-        *lock(&self.seal_rootfs) = Some(share);
+    /// Makes the rootfs read-only on the host, with `seal`, once init starts.
+    pub(crate) fn seal_rootfs_at_start(&self, seal: Seal) {
+        *lock(&self.seal_rootfs) = Some(seal);
     }
 
     /// Starts a process: the container's init, or an exec added before.
@@ -279,12 +283,12 @@ impl Container {
                     .start_container(&self.id)
                     .await
                     .map_err(Error::agent("StartContainer"))?;
-                let share = lock(&self.seal_rootfs).take();
-                if let Some(share) = share {
-                    if let Err(e) = mounts::make_rootfs_readonly(&share, &self.id) {
+                let seal = lock(&self.seal_rootfs).take();
+                if let Some(seal) = seal {
+                    if let Err(e) = seal() {
                         // Its promise cannot be kept: it does not run.
                         let _ = self.agent.signal_all(&self.id, libc::SIGKILL).await;
-                        return Err(e.into());
+                        return Err(e);
                     }
                 }
                 Ok(())

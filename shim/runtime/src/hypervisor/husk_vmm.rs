@@ -526,10 +526,85 @@ struct ChildVm {
     released: AtomicBool,
 }
 
+/// Makes the mount at `target` in husk-vmm `pid`'s mount namespace (where
+/// its launch mounted the images' overlays) read-only, recursively. The
+/// runtime is multi-threaded and setns(CLONE_NEWNS) wants a process that
+/// shares no file system state, so a forked child enters the namespace and
+/// makes the one call; it makes only raw syscalls, as a pre_exec hook does.
+/// The path is resolved from husk-vmm's own root (`/proc/PID/root`, opened
+/// before the fork), not the namespace's: the two differ where the host
+/// runs chrooted (the nested test host does). Its last component is not
+/// followed (it is the mount point, made by the launch in the host-only
+/// tree the guest sees read-only).
+fn readonly_in_vmm_namespace(pid: u32, target: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
+    let root = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(format!("/proc/{pid}/root"))?;
+    let relative = target
+        .strip_prefix("/")
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let target = CString::new(relative.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: fork in a threaded process: the child makes only raw syscalls
+    // (setns, mount_setattr) on data prepared before the fork, then _exit.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if child == 0 {
+        // SAFETY: raw syscalls on fds and a C string the parent made.
+        let code = unsafe {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) != 0 {
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO)
+            } else {
+                match fdmount::set_attrs_raw(
+                    root.as_raw_fd(),
+                    &target,
+                    libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW,
+                    Attrs { readonly: true },
+                ) {
+                    Ok(()) => 0,
+                    Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
+                }
+            }
+        };
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for the child forked above, with a live out-pointer.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        if r == child {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+        (true, 0) => Ok(()),
+        (true, errno) => Err(std::io::Error::from_raw_os_error(errno)),
+        _ => Err(std::io::Error::other(format!(
+            "the helper entering husk-vmm's mount namespace ended with status {status:#x}"
+        ))),
+    }
+}
+
 #[async_trait]
 impl VmProcess for ChildVm {
     fn pid(&self) -> u32 {
         self.pid
+    }
+
+    fn make_readonly(&self, target: &Path) -> std::io::Result<()> {
+        readonly_in_vmm_namespace(self.pid, target)
     }
 
     fn exited(&self) -> Option<VmExit> {
@@ -600,6 +675,10 @@ impl VmProcess for ExternalVm {
         self.pid
     }
 
+    fn make_readonly(&self, target: &Path) -> std::io::Result<()> {
+        readonly_in_vmm_namespace(self.pid, target)
+    }
+
     fn exited(&self) -> Option<VmExit> {
         self.pidfd.has_exited().then_some(VmExit::Gone)
     }
@@ -630,6 +709,57 @@ impl VmProcess for ExternalVm {
 mod tests {
     use super::*;
     use crate::hypervisor::Bind;
+
+    /// The options of the mount at `dir` as process `pid` sees it.
+    fn mount_options(pid: u32, dir: &Path) -> Option<String> {
+        let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+        info.lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .find(|f| f.get(4) == Some(&dir.to_str().unwrap_or_default()))
+            .and_then(|f| f.get(5).map(|o| o.to_string()))
+    }
+
+    /// A process in a mount namespace of its own, as husk-vmm is, with a
+    /// tmpfs and a submount in it that only it sees: both become read-only
+    /// there, and nothing changes in ours. (Needs root, as the VM tests do.)
+    #[test]
+    fn a_mount_in_another_namespace_becomes_read_only_all_the_way_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, sub) = (dir.path().to_path_buf(), dir.path().join("sub"));
+        let script = format!(
+            "mount -t tmpfs t {d} && mkdir {sub} && mount -t tmpfs s {sub} && echo ready && exec sleep 60",
+            d = d.display(),
+            sub = sub.display()
+        );
+        let mut child = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("unshare(1)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready", "needs root to make mounts");
+        let pid = child.id();
+        assert!(mount_options(pid, &sub).unwrap().starts_with("rw"));
+        readonly_in_vmm_namespace(pid, &d).unwrap();
+        let (top, below) = (mount_options(pid, &d), mount_options(pid, &sub));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(top.unwrap().starts_with("ro,"), "the mount itself");
+        assert!(below.unwrap().starts_with("ro,"), "its submount");
+        assert_eq!(
+            mount_options(std::process::id(), &d),
+            None,
+            "ours untouched"
+        );
+        // A path that is not there is an error, not a silent success.
+        let e = readonly_in_vmm_namespace(std::process::id(), &d.join("missing")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+    }
 
     #[test]
     fn the_vmm_config_names_the_layout() {

@@ -126,6 +126,16 @@ pub trait VmProcess: Send + Sync {
     async fn stop(&self, grace: Duration) -> VmExit;
     /// Leaves the VM running when this handle goes (detached VMs).
     fn release(&self);
+    /// Makes a mount the launch made in the VMM's own mount namespace (an
+    /// image's overlay at `target`, an absolute path as the launch saw it)
+    /// read-only on every mount below it. A VMM without such mounts has
+    /// nothing to change.
+    fn make_readonly(&self, target: &std::path::Path) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("{}: this VM has no mounts of its own", target.display()),
+        ))
+    }
 }
 
 /// How a VM ended.

@@ -68,6 +68,9 @@ pub struct Sandbox {
     distrust: Arc<tokio::sync::Notify>,
     /// Set once the host ends the VM for that: its end is then asked for.
     distrusted: Arc<AtomicBool>,
+    /// Where the VM's launch mounted images' overlays in husk-vmm's own
+    /// namespace (relative to the share).
+    vm_overlays: Vec<PathBuf>,
     /// The pod's NICs, detached at shutdown (taken then: never held
     /// across the netlink calls).
     network: Mutex<Option<PodNetwork>>,
@@ -262,6 +265,7 @@ impl Sandbox {
         let mut sb = Sandbox::from_parts(layout, vm, Arc::new(client.clone()), events);
         sb.client = Some(client);
         sb._guest_log = Some(guest_log);
+        sb.vm_overlays = spec.vm.overlays.iter().map(|o| o.target.clone()).collect();
         if let Some(hostname) = &spec.hostname {
             let guest_net = network.map(PodNetwork::guest_network);
             if let Err(e) = sb.create_in_guest(hostname, guest_net, &spec.sysctls).await {
@@ -331,6 +335,7 @@ impl Sandbox {
             owns_dir: AtomicBool::new(true),
             distrust,
             distrusted,
+            vm_overlays: Vec::new(),
             network: Mutex::new(None),
             cgroup: Mutex::new(None),
         }
@@ -504,14 +509,26 @@ impl Sandbox {
             })
             .await
             .map_err(Error::agent("CreateContainer"))?;
-        // Only a rootfs mounted here, in the host's namespace: the CLI's are
-        // in husk-vmm's own (the images' overlay, the read-only bind of
-        // `--rootfs`).
-        let rootfs = layout::in_share::rootfs(&cfg.id);
-        if cfg.spec["root"]["readonly"].as_bool() == Some(true)
-            && cfg.share_mounts.iter().any(|m| m.target() == rootfs)
-        {
-            c.seal_rootfs_at_start(self.layout.share());
+        if cfg.spec["root"]["readonly"].as_bool() == Some(true) {
+            // A rootfs mounted here, in the host's namespace (containerd's),
+            // or an image's overlay the VM's launch mounted in husk-vmm's
+            // own (the CLI's; its `--rootfs` is a read-only bind already).
+            let rootfs = layout::in_share::rootfs(&cfg.id);
+            let root_path = cfg.spec["root"]["path"].as_str().map(PathBuf::from);
+            if cfg.share_mounts.iter().any(|m| m.target() == rootfs) {
+                let (share, id) = (self.layout.share(), cfg.id.clone());
+                c.seal_rootfs_at_start(Box::new(move || {
+                    Ok(container::mounts::make_rootfs_readonly(&share, &id)?)
+                }));
+            } else if let Some(p) = root_path.filter(|p| self.vm_overlays.contains(p)) {
+                let (vm, target) = (self.vm.clone(), self.layout.share().join(p));
+                c.seal_rootfs_at_start(Box::new(move || {
+                    vm.make_readonly(&target).map_err(Error::io(
+                        "making read-only in husk-vmm's namespace",
+                        target,
+                    ))
+                }));
+            }
         }
         if let Err(e) = c.attach_init().await {
             let _ = self.agent.remove_container(&cfg.id).await;
