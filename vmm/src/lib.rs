@@ -23,6 +23,7 @@ pub mod exit;
 pub mod logging;
 pub mod memory;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vmm;
 
