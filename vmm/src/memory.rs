@@ -214,6 +214,105 @@ fn reserve_aligned(len: usize, prot: i32, flags: i32) -> Result<*mut u8, MemoryE
     Ok(aligned as *mut u8)
 }
 
+/// Writes guest RAM to `path` (through a temporary file, synced, renamed
+/// over), each RAM range after the last as [`layout::ram_ranges`] orders
+/// them, so the file is exactly the guest's RAM size. Pages that are all
+/// zeros are left as holes: the file is as sparse as the guest's memory is
+/// untouched, and a restore reads zeros there as fresh memory would.
+/// The vCPUs must be paused.
+pub fn save_memory(mem: &GuestMemoryMmap, path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestMemory};
+    const CHUNK: usize = 1 << 20;
+    const PAGE: usize = 4096;
+    let tmp = path.with_extension("tmp");
+    let file = File::create(&tmp)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let (start, len) = (region.start_addr().0, region.len());
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            mem.read_slice(&mut buf[..n], GuestAddress(start + done))
+                .map_err(std::io::Error::other)?;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    file.write_all_at(page, offset + done + (i * PAGE) as u64)?;
+                }
+            }
+            done += n as u64;
+        }
+        offset += len;
+    }
+    file.set_len(offset)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Guest RAM of `size` bytes mapped copy-on-write from a file that
+/// [`save_memory`] wrote: every VM restored from one file shares its page
+/// cache until it writes a page. Each range is placed 2 MiB-aligned, as
+/// fresh RAM is. A file of another size is refused.
+pub fn restore_memory(path: &std::path::Path, size: u64) -> Result<GuestRam, MemoryError> {
+    use std::os::fd::AsRawFd;
+    if size < MIN_MEMORY || size & 0xfff != 0 {
+        return Err(MemoryError::BadSize(size));
+    }
+    let map_err = |e: std::io::Error| MemoryError::Region(format!("{}: {e}", path.display()));
+    let file = File::open(path).map_err(map_err)?;
+    let len = file.metadata().map_err(map_err)?.len();
+    if len != size {
+        return Err(MemoryError::Region(format!(
+            "{}: {len} bytes of memory for a guest of {size}",
+            path.display()
+        )));
+    }
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in layout::ram_ranges(size) {
+        let n = len as usize;
+        let addr = reserve_aligned(
+            n,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        )?;
+        // SAFETY: MAP_FIXED over [addr, addr + n), the anonymous reservation
+        // made just above and owned by nothing else; the file is open and
+        // at least offset + n long (checked above); the result is checked.
+        let mapped = unsafe {
+            libc::mmap(
+                addr.cast(),
+                n,
+                prot,
+                flags | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: [addr, addr + n) is now the private file mapping made
+        // above with these prot and flags; like fresh RAM it is never
+        // unmapped, so the region stays valid.
+        let region = unsafe { MmapRegion::<()>::build_raw(addr, n, prot, flags) }
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or_else(|| MemoryError::Region(format!("region at {start:#x} overflows")))?,
+        );
+        offset += len;
+    }
+    Ok(GuestRam {
+        memory: GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::Region(e.to_string()))?,
+        memfd: None,
+    })
+}
+
 /// The end of the RAM region that starts at guest address 0 (the "low" RAM).
 pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     use vm_memory::GuestMemory;
@@ -290,6 +389,62 @@ mod tests {
             .address_in_range(GuestAddress(layout::MMIO_HOLE_START)));
         assert!(ram.memory.address_in_range(GuestAddress(1 << 32)));
         assert_eq!(low_ram_end(&ram.memory), layout::MMIO_HOLE_START);
+    }
+
+    /// Saved RAM restores byte for byte, copy-on-write: a restored guest's
+    /// writes never reach the file, and untouched memory stays a hole.
+    #[test]
+    fn saved_memory_restores_private_and_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let size = 64 << 20;
+        let ram = create_guest_memory(size).unwrap();
+        let marks = [
+            (0x1000u64, 0x1111_u64),
+            (0x20_0000, 0x2222),
+            (size - 8, 0x3333),
+        ];
+        for (addr, v) in marks {
+            ram.memory.write_obj(v, GuestAddress(addr)).unwrap();
+        }
+        save_memory(&ram.memory, &path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), size);
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            meta.blocks() * 512 <= 64 * 1024,
+            "{} blocks: not sparse",
+            meta.blocks()
+        );
+
+        let a = restore_memory(&path, size).unwrap();
+        let b = restore_memory(&path, size).unwrap();
+        for (addr, v) in marks {
+            assert_eq!(a.memory.read_obj::<u64>(GuestAddress(addr)).unwrap(), v);
+        }
+        let host = a.memory.get_host_address(GuestAddress(0)).unwrap() as usize;
+        assert_eq!(host % HUGE_PAGE, 0);
+        a.memory
+            .write_obj(0xdead_u64, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            b.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
+            0x1111
+        );
+        let mut head = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&File::open(&path).unwrap(), &mut head, 0x1000)
+            .unwrap();
+        assert_eq!(u64::from_le_bytes(head), 0x1111, "the file is not written");
+
+        // Another size, or a file cut short, is refused.
+        assert!(restore_memory(&path, 128 << 20).is_err());
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(size - 4096)
+            .unwrap();
+        assert!(restore_memory(&path, size).is_err());
     }
 
     #[test]
