@@ -521,8 +521,13 @@ impl Sandbox {
                     Ok(container::mounts::make_rootfs_readonly(&share, &id)?)
                 }));
             } else if let Some(p) = root_path.filter(|p| self.vm_overlays.contains(p)) {
-                let (vm, target) = (self.vm.clone(), self.layout.share().join(p));
+                // Weakly, as the sandbox's other helpers hold it: a
+                // container never started must not keep the VM alive.
+                let (vm, target) = (Arc::downgrade(&self.vm), self.layout.share().join(p));
                 c.seal_rootfs_at_start(Box::new(move || {
+                    let vm = vm
+                        .upgrade()
+                        .ok_or_else(|| Error::FailedPrecondition("the VM has gone".into()))?;
                     vm.make_readonly(&target).map_err(Error::io(
                         "making read-only in husk-vmm's namespace",
                         target,
