@@ -160,14 +160,30 @@ fn anonymous_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         let addr = reserve_aligned(len, prot, flags)?;
         // SAFETY: [addr, addr + len) is the private anonymous mapping that
         // reserve_aligned just made with exactly these prot and flags; it is
-        // never unmapped (see above), so the region stays valid.
-        let region = unsafe { MmapRegion::<()>::build_raw(addr, len, prot, flags) }
-            .map_err(|e| MemoryError::Region(e.to_string()))?;
-        let region = GuestRegionMmap::new(region, GuestAddress(start))
-            .ok_or_else(|| MemoryError::Region(format!("region at {start:#x} overflows")))?;
-        regions.push(region);
+        // never unmapped (see above).
+        regions.push(unsafe { region_at(addr, len, prot, flags, start) }?);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Region(e.to_string()))
+}
+
+/// The guest region at guest address `start` over the host mapping
+/// [`addr`, `addr + len`).
+///
+/// # Safety
+/// The range must be a live mapping made with `prot` and `flags` that is
+/// never unmapped while the region (or guest memory built from it) lives.
+unsafe fn region_at(
+    addr: *mut u8,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    start: u64,
+) -> Result<GuestRegionMmap<()>, MemoryError> {
+    // SAFETY: the caller's promise above is what build_raw asks for.
+    let region = unsafe { MmapRegion::<()>::build_raw(addr, len, prot, flags) }
+        .map_err(|e| MemoryError::Region(e.to_string()))?;
+    GuestRegionMmap::new(region, GuestAddress(start))
+        .ok_or_else(|| MemoryError::Region(format!("region at {start:#x} overflows")))
 }
 
 /// Maps `len` bytes at a 2 MiB-aligned address: maps `len + 2 MiB`, then
@@ -297,13 +313,8 @@ pub fn restore_memory(path: &std::path::Path, size: u64) -> Result<GuestRam, Mem
         }
         // SAFETY: [addr, addr + n) is now the private file mapping made
         // above with these prot and flags; like fresh RAM it is never
-        // unmapped, so the region stays valid.
-        let region = unsafe { MmapRegion::<()>::build_raw(addr, n, prot, flags) }
-            .map_err(|e| MemoryError::Region(e.to_string()))?;
-        regions.push(
-            GuestRegionMmap::new(region, GuestAddress(start))
-                .ok_or_else(|| MemoryError::Region(format!("region at {start:#x} overflows")))?,
-        );
+        // unmapped.
+        regions.push(unsafe { region_at(addr, n, prot, flags, start) }?);
         offset += len;
     }
     Ok(GuestRam {
