@@ -11,7 +11,8 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::defs::*;
@@ -57,6 +58,93 @@ pub const MMIO_MAGIC: u32 = 0x7472_6976;
 pub const MMIO_VERSION: u32 = 2;
 /// Our vendor ID: "HUSK" is not registered anywhere; drivers ignore it.
 pub const HUSK_VENDOR_ID: u32 = 0x4b53_5548;
+
+/// One queue in a snapshot: virtio-queue's `QueueState`, which has no
+/// serde form of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A device's transport in a snapshot: the registers the driver wrote and
+/// each queue as the device had walked it. Device-internal state is not
+/// kept: a snapshot is taken with nothing in flight (the guest paused, each
+/// device's lock held), and what a device had on the host (vsock
+/// connections, the share's open files) does not survive into a new process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the snapshot has a device of type {snapshot} where this VM has type {this}")]
+    DeviceType { snapshot: u32, this: u32 },
+    #[error("device type {device}: the snapshot has {snapshot} queues, the device {this}")]
+    QueueCount {
+        device: u32,
+        snapshot: usize,
+        this: usize,
+    },
+    #[error("device type {device}: queue {index}: {problem}")]
+    Queue {
+        device: u32,
+        index: usize,
+        problem: String,
+    },
+    #[error("device type {device}: the snapshot's features {features:#x} are not all offered")]
+    Features { device: u32, features: u64 },
+    #[error("device type {device}: activation from the snapshot failed")]
+    Activation { device: u32 },
+}
 
 /// One virtio device as seen through its MMIO window.
 pub struct MmioTransport<D: VirtioDevice> {
@@ -127,6 +215,106 @@ impl<D: VirtioDevice> MmioTransport<D> {
         } else {
             self.status
         }
+    }
+
+    /// The transport and its device's queues, for a snapshot (the vCPUs
+    /// paused, the device not processing: the caller holds its lock).
+    pub fn save_state(&self) -> TransportSnapshot {
+        // An active device has walked its rings past what the transport's
+        // copies say; its own view is the truth.
+        let live = self.device.queue_states();
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                live.as_ref()
+                    .and_then(|l| l.get(i).copied())
+                    .unwrap_or_else(|| q.state())
+                    .into()
+            })
+            .collect();
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues,
+        }
+    }
+
+    /// Puts a fresh transport in the state `s` saved, activating the
+    /// device when the driver had, as if it had just written DRIVER_OK.
+    /// Everything the snapshot says is checked against this device first:
+    /// a state file is checksummed, not trusted to fit.
+    pub fn restore_state(&mut self, s: &TransportSnapshot) -> Result<(), RestoreError> {
+        let device = self.device.device_type();
+        if s.device_type != device {
+            return Err(RestoreError::DeviceType {
+                snapshot: s.device_type,
+                this: device,
+            });
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount {
+                device,
+                snapshot: s.queues.len(),
+                this: self.queues.len(),
+            });
+        }
+        if s.driver_features & !self.device.features() != 0 {
+            return Err(RestoreError::Features {
+                device,
+                features: s.driver_features,
+            });
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (index, (q, ours)) in s.queues.iter().zip(&self.queues).enumerate() {
+            let bad = |problem: String| RestoreError::Queue {
+                device,
+                index,
+                problem,
+            };
+            if q.max_size != ours.max_size() {
+                return Err(bad(format!(
+                    "maximum size {} where the device has {}",
+                    q.max_size,
+                    ours.max_size()
+                )));
+            }
+            let queue = Queue::try_from(QueueState::from(*q)).map_err(|e| bad(e.to_string()))?;
+            if queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(bad("outside guest memory".into()));
+            }
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.queue_select = s.queue_select;
+        self.device_features_select = s.device_features_select;
+        self.driver_features_select = s.driver_features_select;
+        self.driver_features = s.driver_features;
+        self.status = s.status & !STATUS_NEEDS_RESET;
+        self.activated = false;
+        self.interrupt.clear();
+        if s.needs_reset {
+            // The driver resets it when it sees the bit, as it would have.
+            self.interrupt.set_needs_reset();
+            return Ok(());
+        }
+        if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0 {
+            self.activate();
+            if !self.activated {
+                return Err(RestoreError::Activation { device });
+            }
+            self.device.restored();
+        }
+        // Interrupts the guest had not acknowledged yet stay pending.
+        self.interrupt.restore_status(s.interrupt_status);
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -373,6 +561,8 @@ mod tests {
         notified: Vec<usize>,
         config: [u8; 8],
         fail_activate: bool,
+        live: Option<Vec<QueueState>>,
+        restored: u32,
     }
 
     impl Dummy {
@@ -385,6 +575,8 @@ mod tests {
                 notified: Vec::new(),
                 config: [1, 2, 3, 4, 5, 6, 7, 8],
                 fail_activate: false,
+                live: None,
+                restored: 0,
             }
         }
     }
@@ -412,6 +604,7 @@ mod tests {
                 return Err(ActivateError::Device("no".into()));
             }
             self.activated = Some((a.queues.len(), a.features));
+            self.live = Some(a.queues.iter().map(|q| q.state()).collect());
             Ok(())
         }
         fn reset(&mut self) {
@@ -420,6 +613,12 @@ mod tests {
         }
         fn process_queue(&mut self, index: usize) {
             self.notified.push(index);
+        }
+        fn queue_states(&self) -> Option<Vec<QueueState>> {
+            self.live.clone()
+        }
+        fn restored(&mut self) {
+            self.restored += 1;
         }
     }
 
@@ -510,6 +709,73 @@ mod tests {
         w(&mut t, QUEUE_SEL, 0);
         w(&mut t, QUEUE_READY, 0);
         assert_eq!(r(&mut t, QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn a_live_transport_moves_to_a_fresh_one_through_its_snapshot() {
+        let mut t = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 16, 0x1_0000);
+        setup_queue(&mut t, 1, 32, 0x2_0000);
+        w(&mut t, STATUS, ALL_OK);
+        // The device has walked queue 1 further than the transport knows.
+        if let Some(live) = t.device_mut().live.as_mut() {
+            live[1].next_avail = 7;
+            live[1].next_used = 5;
+        }
+        t.interrupt().signal_used_queue();
+        let saved = t.save_state();
+        assert_eq!((saved.queues[1].next_avail, saved.queues[1].next_used), (7, 5));
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: TransportSnapshot = serde_json::from_str(&json).unwrap();
+
+        let mut fresh = transport();
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(r(&mut fresh, STATUS), ALL_OK);
+        assert_eq!(fresh.device().activated, Some((2, F_VERSION_1 | 1)));
+        assert_eq!(fresh.device().restored, 1);
+        let live = fresh.device().live.clone().unwrap();
+        assert_eq!((live[1].next_avail, live[1].next_used, live[1].size), (7, 5, 32));
+        assert_eq!(live[0].desc_table, 0x1_0000);
+        // The pending interrupt is pending again, on the line too.
+        assert_eq!(r(&mut fresh, INTERRUPT_STATUS), INT_VRING);
+        assert_eq!(fresh.interrupt().eventfd().read().unwrap(), 1);
+        assert_eq!(fresh.save_state(), saved);
+
+        // A state that does not fit this device is refused whole.
+        let mut other = saved.clone();
+        other.device_type = 19;
+        assert!(matches!(
+            transport().restore_state(&other),
+            Err(RestoreError::DeviceType { .. })
+        ));
+        let mut other = saved.clone();
+        other.queues.pop();
+        assert!(matches!(
+            transport().restore_state(&other),
+            Err(RestoreError::QueueCount { .. })
+        ));
+        let mut other = saved.clone();
+        other.queues[0].desc_table = 0xffff_0000;
+        let mut t = transport();
+        assert!(matches!(
+            t.restore_state(&other),
+            Err(RestoreError::Queue { index: 0, .. })
+        ));
+        assert_eq!(t.device().activated, None);
+        let mut other = saved.clone();
+        other.driver_features |= 1 << 40;
+        assert!(matches!(
+            transport().restore_state(&other),
+            Err(RestoreError::Features { .. })
+        ));
+        // A driver that had not finished set-up is not activated.
+        let mut t = transport();
+        negotiate(&mut t);
+        let mut fresh = transport();
+        fresh.restore_state(&t.save_state()).unwrap();
+        assert_eq!(fresh.device().activated, None);
+        assert_eq!(r(&mut fresh, STATUS) & STATUS_FEATURES_OK, STATUS_FEATURES_OK);
     }
 
     #[test]

@@ -105,6 +105,15 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Raises again the interrupts a snapshot had pending, so the guest
+    /// sees them on its next look (an edge on the line included: a level it
+    /// was about to take must not be lost across the restore).
+    pub fn restore_status(&self, bits: u32) {
+        if bits != 0 {
+            self.raise(bits);
+        }
+    }
+
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
@@ -162,6 +171,13 @@ pub trait VirtioDevice: Send {
     fn init_events(&mut self, _ops: &mut EventOps) {}
     /// One of the extra event sources fired.
     fn process_event(&mut self, _events: Events, _ops: &mut EventOps) {}
+    /// The device's own view of its queues while active (how far it has
+    /// walked each ring), for a snapshot. The transport's copies hold only
+    /// what the driver configured.
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
+    /// The device was activated from a snapshot's state in a new husk-vmm:
+    /// whatever it had on the host side is gone (vsock tells the guest so).
+    fn restored(&mut self) {}
 }
 
 /// Event data values below this are queue indices.

@@ -80,6 +80,15 @@ impl DeviceState {
         self.active.as_ref()
     }
 
+    /// Where the device stands in each of its queues (what it has taken
+    /// from the available ring and given back in the used ring), for a
+    /// snapshot; `None` while inactive.
+    pub fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+    }
+
     /// Runs `f` over the active queues of `dev`, unless the device is inactive
     /// or broken. `f` says whether it used any buffer (then the driver gets one
     /// interrupt); an error breaks the device and tells the driver

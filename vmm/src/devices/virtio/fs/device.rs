@@ -275,6 +275,10 @@ impl VirtioDevice for Fs {
         read_config_bytes(&self.config, offset, data);
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.state.queue_states()
+    }
+
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         if a.queues.len() != self.sizes.len() {
             return Err(ActivateError::BadQueue(a.queues.len()));

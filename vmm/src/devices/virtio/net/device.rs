@@ -462,6 +462,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         crate::devices::virtio::read_config_bytes(&self.config, offset, data);
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.state.queue_states()
+    }
+
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         let offloads = tap_offloads(a.features & self.features);
         // On the vCPU thread that wrote DRIVER_OK (its filter allows ioctl).

@@ -97,6 +97,10 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.state.queue_states()
+    }
+
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.state.activate(a, &[0])
     }

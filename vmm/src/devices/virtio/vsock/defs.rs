@@ -8,6 +8,10 @@ pub const RXQ: usize = 0;
 pub const TXQ: usize = 1;
 pub const EVQ: usize = 2;
 pub const QUEUE_SIZE: u16 = 256;
+/// `struct virtio_vsock_event`'s only id (virtio 1.2, 5.10.6.4): the
+/// device's transport was reset; the driver drops its connections and
+/// re-reads the guest CID.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Socket type: stream (the only one offered; no SEQPACKET feature).
 pub const TYPE_STREAM: u16 = 1;

@@ -134,6 +134,33 @@ impl<B: VsockBackend> Vsock<B> {
         }
     }
 
+    /// Tells the driver its transport was reset: one event in the event
+    /// queue, if the driver has posted a buffer for it (Linux posts all of
+    /// them at probe).
+    fn send_transport_reset(&mut self) {
+        let r = DeviceState::process(
+            self,
+            |d| &mut d.state,
+            |_, a| {
+                let Some(c) = chain::pop(&mut a.queues[EVQ], &a.mem)? else {
+                    return Ok::<_, Fault>(false);
+                };
+                let c = chain::validate(c, &a.mem, 4096)?;
+                let mut w = c.writer(&a.mem);
+                w.write(&EVENT_TRANSPORT_RESET.to_le_bytes())?;
+                let len = w.written();
+                chain::add_used(&mut a.queues[EVQ], &a.mem, c.head(), len)?;
+                Ok(true)
+            },
+        );
+        match r {
+            Err(e) => {
+                crate::warn_limited!(error = %e, "virtio-vsock: malformed event ring; device needs reset")
+            }
+            Ok(()) => tracing::debug!("virtio-vsock: transport reset sent to the guest"),
+        }
+    }
+
     /// The backend's event source fired.
     fn on_backend_event(&mut self) {
         self.backend.notify();
@@ -159,9 +186,20 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         crate::devices::virtio::read_config_bytes(&self.config, offset, data);
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.state.queue_states()
+    }
+
+    fn restored(&mut self) {
+        // The guest's connections were to a host side that no longer
+        // exists; the reset makes it drop them (listeners stay) and pick up
+        // this VM's CID from the configuration.
+        self.send_transport_reset();
+    }
+
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        // The event queue carries only transport-reset events, which we never
-        // send; it need not be ready.
+        // The event queue carries only transport-reset events (after a
+        // restore, if the driver set it up); it need not be ready.
         self.state.activate(a, &[RXQ, TXQ])?;
         // No pump here: activation runs on the vCPU thread that wrote
         // DRIVER_OK, whose seccomp filter has no socket or epoll calls. The
@@ -176,8 +214,8 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn process_queue(&mut self, index: usize) {
-        // The event queue carries only device->driver transport-reset events, which
-        // we never send; its buffers stay with us.
+        // The event queue carries only device->driver transport-reset events,
+        // sent once after a restore; its buffers stay with us until then.
         if index == RXQ || index == TXQ {
             self.pump();
             self.backend.after_work();
