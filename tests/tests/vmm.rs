@@ -67,3 +67,17 @@ fn vmm_net_carries_tcp_both_ways_byte_exact() {
     assert!(out.contains("vmm-net: ICMP echo"), "{out}");
     assert!(out.contains("vmm-net: rate limit"), "{out}");
 }
+
+/// Snapshot and restore (issue #14): a VM snapshotted through its control
+/// socket; two clones restored from it at once keep its memory and running
+/// threads and talk over vsock; restores into another memory size, kernel
+/// or command line, from a corrupt state file or a truncated memory file,
+/// are refused with the reason, leaving no sockets.
+#[test]
+fn a_snapshot_restores_into_running_clones_and_misfits_are_refused() {
+    let out = scenario::run("vmm-snapshot", Duration::from_secs(500));
+    assert!(
+        out.contains("vmm-snapshot: round trip, two clones, refusals: ok"),
+        "{out}"
+    );
+}

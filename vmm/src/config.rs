@@ -248,6 +248,17 @@ pub struct VmConfig {
     /// The guest's NICs, from `--net` flags only (their taps are inherited fds).
     #[serde(skip)]
     pub net: Vec<NetConfig>,
+    /// A directory (existing) where a `{"op":"snapshot"}` on the control
+    /// socket writes the VM's snapshot (`state` and `memory`); without it the
+    /// request is refused. Fixed at start, so the Landlock jail can allow
+    /// that directory and no other.
+    #[serde(default)]
+    pub snapshot_to: Option<PathBuf>,
+    /// A snapshot directory to resume instead of booting (`--restore-from`):
+    /// its state must have been taken with this configuration's kernel,
+    /// initramfs, command line, vCPUs and memory, on this CPU.
+    #[serde(default)]
+    pub restore_from: Option<PathBuf>,
 }
 
 /// The tag of the sandbox share (architecture: one share per sandbox).
@@ -276,6 +287,8 @@ impl Default for VmConfig {
             shared_dir: None,
             fs_tag: default_fs_tag(),
             log_limit_bytes: default_log_limit(),
+            snapshot_to: None,
+            restore_from: None,
             net: Vec::new(),
         }
     }
@@ -405,6 +418,8 @@ mod tests {
             fs_tag: "other-tag".into(),
             log_limit_bytes: 4096,
             net: Vec::new(),
+            snapshot_to: Some("/var/lib/husk/templates/t".into()),
+            restore_from: Some("/var/lib/husk/templates/u".into()),
         };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(VmConfig::from_json_str(&s, "t").unwrap(), c);

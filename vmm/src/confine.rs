@@ -46,6 +46,9 @@ pub struct Jail {
     pub shares: Vec<PathBuf>,
     /// Directories whose files husk-vmm may unlink (its sockets' parents).
     pub removable_in: Vec<PathBuf>,
+    /// Where husk-vmm writes a snapshot (`--snapshot-to`): files made,
+    /// written, truncated and renamed there.
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 /// How much of the jail the running kernel enforces.
@@ -82,9 +85,16 @@ impl Jail {
             .handle_access(AccessNet::from_all(TARGET_ABI))?
             .scope(Scope::from_all(TARGET_ABI))?
             .create()?;
+        let snapshot_access = AccessFs::MakeReg
+            | AccessFs::WriteFile
+            | AccessFs::ReadFile
+            | AccessFs::RemoveFile
+            | AccessFs::Truncate;
+        let snapshot_dir: Vec<PathBuf> = self.snapshot_dir.iter().cloned().collect();
         for (dirs, access) in [
             (&self.shares, fs_all),
             (&self.removable_in, AccessFs::RemoveFile.into()),
+            (&snapshot_dir, snapshot_access),
         ] {
             for dir in dirs {
                 let fd = open(dir)?;
@@ -161,6 +171,7 @@ mod tests {
         let jail = Jail {
             shares: vec![share.path().to_owned()],
             removable_in: vec![run.path().to_owned()],
+            snapshot_dir: None,
         };
         let (s, r, o) = (
             share.path().to_owned(),
@@ -228,6 +239,7 @@ mod tests {
         let jail = Jail {
             shares: vec!["/nonexistent/husk-share".into()],
             removable_in: vec![],
+            snapshot_dir: None,
         };
         std::thread::spawn(move || {
             let e = jail.enter().unwrap_err();

@@ -23,13 +23,19 @@ pub enum ExitReason {
     VcpuFailed(String),
     /// A VMM bug or host failure.
     Internal(String),
+    /// The control socket asked for a snapshot: the vCPUs save their state
+    /// and stop, and the VMM writes the snapshot before it exits.
+    Snapshot,
 }
 
 impl ExitReason {
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::GuestReset | ExitReason::GuestPowerOff | ExitReason::Stopped(_) => 0,
+            ExitReason::GuestReset
+            | ExitReason::GuestPowerOff
+            | ExitReason::Stopped(_)
+            | ExitReason::Snapshot => 0,
             ExitReason::Internal(_) => 1,
             ExitReason::GuestPanic => 2,
             ExitReason::VcpuFailed(_) => 3,
@@ -46,6 +52,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Stopped(why) => write!(f, "stopped by the host: {why}"),
             ExitReason::VcpuFailed(why) => write!(f, "vCPU failed: {why}"),
             ExitReason::Internal(why) => write!(f, "internal error: {why}"),
+            ExitReason::Snapshot => write!(f, "stopping for a snapshot"),
         }
     }
 }

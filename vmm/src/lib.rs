@@ -46,6 +46,10 @@ pub enum Error {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("jail: {0}")]
     Confine(#[from] confine::ConfineError),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
     #[error("ready signal: {0}")]
     Ready(#[from] api::ready::ReadyError),
     #[error("KVM: {what}: {source}")]

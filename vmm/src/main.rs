@@ -70,6 +70,14 @@ struct Args {
     /// N an inherited tap fd opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
     #[arg(long = "net")]
     net: Vec<husk_vmm::config::NetConfig>,
+    /// Where `{"op":"snapshot"}` on the control socket writes the snapshot
+    /// (an existing directory; the request is refused without it).
+    #[arg(long = "snapshot-to")]
+    snapshot_to: Option<PathBuf>,
+    /// Resume the snapshot in this directory instead of booting; the kernel,
+    /// initramfs, command line, vCPUs and memory must be the snapshot's.
+    #[arg(long = "restore-from")]
+    restore_from: Option<PathBuf>,
 }
 
 fn build_config(args: Args) -> anyhow::Result<VmConfig> {
@@ -122,6 +130,12 @@ fn build_config(args: Args) -> anyhow::Result<VmConfig> {
     if let Some(n) = args.log_limit_bytes {
         c.log_limit_bytes = n;
     }
+    if args.snapshot_to.is_some() {
+        c.snapshot_to = args.snapshot_to;
+    }
+    if args.restore_from.is_some() {
+        c.restore_from = args.restore_from;
+    }
     c.ready_fd = args.ready_fd;
     c.net = args.net;
     Ok(c)
@@ -161,6 +175,24 @@ fn last_line(log: Option<&BoundedLog<Stderr>>, line: std::fmt::Arguments) {
     }
 }
 
+/// An error and its causes, `: `-joined like `{:#}`, but without a cause
+/// its parent already ends with (our error types name their sources in
+/// their own text too).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.ends_with(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     // The config first: its log limit sizes the log. Nothing before logs.
     let config = match build_config(Args::parse()) {
@@ -183,7 +215,7 @@ fn main() -> ExitCode {
             std::process::exit(code);
         }
         Err(e) => {
-            last_line(Some(&log), format_args!("error: {e:#}"));
+            last_line(Some(&log), format_args!("error: {}", chain(&e)));
             ExitCode::from(1)
         }
     }

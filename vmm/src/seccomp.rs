@@ -185,15 +185,33 @@ fn vcpu_syscalls() -> Vec<i64> {
     v
 }
 
+/// What the main thread adds when the VM may be snapshotted
+/// (`--snapshot-to`): writing the state and memory files in the snapshot
+/// directory (Landlock allows that directory and no other).
+fn snapshot_syscalls() -> Vec<i64> {
+    vec![
+        libc::SYS_openat,
+        // Which pages of guest RAM were ever touched (/proc/self/pagemap).
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_ftruncate,
+        libc::SYS_fsync,
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+    ]
+}
+
 /// Argument checks on the main thread's calls: `socket` only for AF_UNIX
 /// (vsock's host side; husk-vmm has no use for any other family, and its
 /// network namespace and Landlock say the same), and `ioctl` only FIONBIO
-/// (std's `set_nonblocking` on an accepted stream).
-fn vmm_arg_rules() -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
+/// (std's `set_nonblocking` on an accepted stream), and, for a VM that may
+/// be snapshotted, the reads of the VM's in-kernel device state.
+fn vmm_arg_rules(snapshots: bool) -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
     let eq = |arg: u8, value: u64| {
         SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
     };
-    Ok(vec![
+    let mut rules = vec![
         (
             libc::SYS_socket,
             SeccompRule::new(vec![eq(0, libc::AF_UNIX as u64)?])?,
@@ -202,8 +220,82 @@ fn vmm_arg_rules() -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError>
             libc::SYS_ioctl,
             SeccompRule::new(vec![eq(1, libc::FIONBIO)?])?,
         ),
-    ])
+    ];
+    if snapshots {
+        for req in [KVM_GET_IRQCHIP(), KVM_GET_PIT2(), KVM_GET_CLOCK()] {
+            rules.push((libc::SYS_ioctl, SeccompRule::new(vec![eq(1, req)?])?));
+        }
+    }
+    Ok(rules)
 }
+
+// What saving the VM's and a vCPU's state asks of KVM (include/uapi/linux/kvm.h).
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_IRQCHIP,
+    kvm_bindings::KVMIO,
+    0x62,
+    kvm_bindings::kvm_irqchip
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_PIT2,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_pit_state2
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_CLOCK,
+    kvm_bindings::KVMIO,
+    0x7c,
+    kvm_bindings::kvm_clock_data
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_MSRS,
+    kvm_bindings::KVMIO,
+    0x88,
+    kvm_bindings::kvm_msrs
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_CPUID2,
+    kvm_bindings::KVMIO,
+    0x91,
+    kvm_bindings::kvm_cpuid2
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_MP_STATE,
+    kvm_bindings::KVMIO,
+    0x98,
+    kvm_bindings::kvm_mp_state
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XSAVE,
+    kvm_bindings::KVMIO,
+    0xa4,
+    kvm_bindings::kvm_xsave
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XCRS,
+    kvm_bindings::KVMIO,
+    0xa6,
+    kvm_bindings::kvm_xcrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_DEBUGREGS,
+    kvm_bindings::KVMIO,
+    0xa1,
+    kvm_bindings::kvm_debugregs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_LAPIC,
+    kvm_bindings::KVMIO,
+    0x8e,
+    kvm_bindings::kvm_lapic_state
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
 
 // The vCPU threads' ioctl requests (include/uapi/linux/kvm.h).
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
@@ -225,14 +317,30 @@ vmm_sys_util::ioctl_ior_nr!(
 /// report, and TUNSETOFFLOAD when the guest activates or resets a NIC (an
 /// MMIO write handled on the vCPU thread). No VM-level KVM request (new
 /// memory slots, irqfds, vCPUs) and no other device's.
-fn vcpu_arg_rules() -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
-    [
+///
+/// A VM that may be snapshotted adds the reads of the rest of a vCPU's
+/// state, which each vCPU thread saves itself when paused.
+fn vcpu_arg_rules(snapshots: bool) -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
+    let mut requests = vec![
         KVM_RUN(),
         KVM_GET_REGS(),
         KVM_GET_SREGS(),
         crate::devices::virtio::net::defs::TUNSETOFFLOAD as libc::c_ulong,
-    ]
-    .into_iter()
+    ];
+    if snapshots {
+        requests.extend([
+            KVM_GET_MSRS(),
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_VCPU_EVENTS(),
+        ]);
+    }
+    requests
+        .into_iter()
     .map(|req| {
         let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, req)?;
         Ok((libc::SYS_ioctl, SeccompRule::new(vec![c])?))
@@ -290,12 +398,18 @@ pub struct Filters {
 }
 
 impl Filters {
-    pub fn new() -> Result<Self, SeccompError> {
+    /// `snapshots`: the VM may be snapshotted (`--snapshot-to`), which
+    /// widens the main and vCPU filters by what saving it takes.
+    pub fn new(snapshots: bool) -> Result<Self, SeccompError> {
+        let mut vmm = vmm_syscalls();
+        if snapshots {
+            vmm.extend(snapshot_syscalls());
+        }
         Ok(Filters {
             vmm: build(
                 "VMM",
-                vmm_syscalls(),
-                vmm_arg_rules().map_err(|source| SeccompError::Build {
+                vmm,
+                vmm_arg_rules(snapshots).map_err(|source| SeccompError::Build {
                     which: "VMM",
                     source,
                 })?,
@@ -305,7 +419,7 @@ impl Filters {
             vcpu: build(
                 "vCPU",
                 vcpu_syscalls(),
-                vcpu_arg_rules().map_err(|source| SeccompError::Build {
+                vcpu_arg_rules(snapshots).map_err(|source| SeccompError::Build {
                     which: "vCPU",
                     source,
                 })?,
@@ -370,7 +484,7 @@ mod tests {
 
     #[test]
     fn filters_compile() {
-        let f = Filters::new().unwrap();
+        let f = Filters::new(false).unwrap();
         assert!(!f.vmm.is_empty());
         assert!(!f.fs.is_empty());
         assert!(!f.net.is_empty());
@@ -480,7 +594,7 @@ mod tests {
             return;
         }
         install_sigsys_handler().unwrap();
-        let f = Filters::new().unwrap().vmm;
+        let f = Filters::new(false).unwrap().vmm;
         apply("test", &f).unwrap();
         // SAFETY: mknodat with a NUL-terminated path; it never reaches the
         // kernel's file system code (the filter traps it).
@@ -530,7 +644,7 @@ mod tests {
             return;
         }
         install_sigsys_handler().unwrap();
-        let f = Filters::new().unwrap().vmm;
+        let f = Filters::new(false).unwrap().vmm;
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         apply("test", &f).unwrap();
         a.set_nonblocking(true).unwrap();
@@ -569,7 +683,7 @@ mod tests {
             return;
         }
         install_sigsys_handler().unwrap();
-        let all = Filters::new().unwrap();
+        let all = Filters::new(false).unwrap();
         let f = match std::env::var("HUSK_SECCOMP_FILTER").as_deref() {
             Ok("fs") => all.fs,
             Ok("net") => all.net,
@@ -607,7 +721,7 @@ mod tests {
             return;
         }
         install_sigsys_handler().unwrap();
-        let f = Filters::new().unwrap().vcpu;
+        let f = Filters::new(false).unwrap().vcpu;
         let (r, _w) = nix::unistd::pipe().unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&r);
         apply("test", &f).unwrap();

@@ -18,11 +18,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::arch::x86_64::state::{VcpuState, VmState};
+use crate::devices::virtio::mmio::TransportSnapshot;
+
+/// The files of a snapshot directory: the state, and guest RAM (sparse,
+/// mapped copy-on-write by every restore). The memory file is written first
+/// and the state file last, so a directory with a state file is whole.
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
 
 const MAGIC: &[u8; 8] = b"HUSKSNAP";
 /// Bumped whenever the body's form changes: an older or newer file is
 /// refused, not guessed at.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// A state file is a few hundred KiB for a few vCPUs; anything past this is
 /// not one of ours.
@@ -55,13 +62,20 @@ pub enum SnapshotError {
 }
 
 /// What a snapshot can only be restored into: the same husk-vmm, guest
-/// kernel and initramfs (by content), command line, machine shape and
-/// host CPU (the vCPUs' CPUID and MSRs are this CPU's).
+/// kernel and initramfs files, command line, machine shape and host CPU
+/// (the vCPUs' CPUID and MSRs are this CPU's).
+///
+/// The kernel and initramfs are named by [`file_stamp`], not by a digest of
+/// their content: a restore must not read 20 MB to check a kernel it never
+/// loads (in the nested test host that was over a second of each restore).
+/// A stamp changes with any change to the file (its ctime cannot be set
+/// back), so a rebuilt kernel is never resumed from an older snapshot; the
+/// runtime keys its templates by content on top (issue #14).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub vmm_version: String,
-    pub kernel_sha256: String,
-    pub initramfs_sha256: Option<String>,
+    pub kernel: String,
+    pub initramfs: Option<String>,
     pub cmdline: String,
     pub vcpus: u8,
     pub memory_mib: u32,
@@ -79,13 +93,13 @@ impl Identity {
             ),
             (
                 "kernel",
-                self.kernel_sha256.clone(),
-                this.kernel_sha256.clone(),
+                self.kernel.clone(),
+                this.kernel.clone(),
             ),
             (
                 "initramfs",
-                format!("{:?}", self.initramfs_sha256),
-                format!("{:?}", this.initramfs_sha256),
+                format!("{:?}", self.initramfs),
+                format!("{:?}", this.initramfs),
             ),
             ("command line", self.cmdline.clone(), this.cmdline.clone()),
             ("vCPUs", self.vcpus.to_string(), this.vcpus.to_string()),
@@ -123,23 +137,22 @@ pub fn host_cpu() -> String {
         .join("/")
 }
 
-/// The SHA-256 of a file, hex (the kernel and initramfs in [`Identity`]).
-pub fn file_sha256(path: &Path) -> Result<String, SnapshotError> {
-    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A file as [`Identity`] names the kernel and initramfs: the file it is
+/// (device, inode) and its version (size, modification and change times
+/// in nanoseconds), from one `stat`.
+pub fn file_stamp(path: &Path) -> Result<String, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(io_err(path))?;
+    Ok(format!(
+        "dev={} ino={} size={} mtime={}.{:09} ctime={}.{:09}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -156,6 +169,9 @@ pub struct Snapshot {
     pub vm: VmState,
     /// In vCPU index order.
     pub vcpus: Vec<VcpuState>,
+    /// The virtio devices' transports, in bus order (as the command line
+    /// announces them).
+    pub devices: Vec<TransportSnapshot>,
 }
 
 /// Writes `s` to `path` whole: to a temporary file beside it, synced, then
@@ -241,8 +257,8 @@ mod tests {
     fn identity() -> Identity {
         Identity {
             vmm_version: "0.1.0".into(),
-            kernel_sha256: "ab".repeat(32),
-            initramfs_sha256: Some("cd".repeat(32)),
+            kernel: "dev=1 ino=2 size=3 mtime=4.000000000 ctime=5.000000000".into(),
+            initramfs: Some("dev=1 ino=3 size=3 mtime=4.000000000 ctime=5.000000000".into()),
             cmdline: "console=ttyS0".into(),
             vcpus: 1,
             memory_mib: 256,
@@ -263,6 +279,7 @@ mod tests {
             identity: identity(),
             vm: save_vm(&vm).unwrap(),
             vcpus: vec![save_vcpu(&vcpu, &msrs).unwrap()],
+            devices: Vec::new(),
         };
         let path = dir.join("state");
         write(&path, &s).unwrap();
@@ -279,7 +296,7 @@ mod tests {
 
         for (edit, field) in [
             (
-                Box::new(|i: &mut Identity| i.kernel_sha256 = "00".repeat(32))
+                Box::new(|i: &mut Identity| i.kernel = "dev=1 ino=2 size=4 mtime=4.000000000 ctime=6.000000000".into())
                     as Box<dyn Fn(&mut Identity)>,
                 "kernel",
             ),

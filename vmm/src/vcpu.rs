@@ -3,10 +3,14 @@
 //! With the in-kernel irqchip and ioeventfds, the exits that reach us are port
 //! I/O to the console and i8042, MMIO to virtio registers, and the ways a VM ends.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::x86_64::state::{self, VcpuState};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 
@@ -31,6 +35,88 @@ pub enum VcpuError {
     },
 }
 
+/// The signal that kicks a vCPU thread out of KVM_RUN (the first real-time
+/// signal glibc leaves to programs, as Firecracker and Cloud Hypervisor use).
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: being delivered is the point (KVM_RUN returns EINTR).
+}
+
+/// Installs the kick's handler (without SA_RESTART), process-wide, before
+/// any vCPU thread starts; without a handler the signal would end the process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Where the vCPU threads leave their state for a snapshot: each thread owns
+/// its vCPU fd, so each saves its own and reports here.
+pub struct Pause {
+    msr_indices: Vec<u32>,
+    states: Mutex<Vec<Option<Result<VcpuState, String>>>>,
+    reported: Condvar,
+}
+
+impl Pause {
+    /// For `vcpus` vCPUs whose MSRs to save are `msr_indices` (probed once,
+    /// before the vCPUs start: [`state::saved_msr_indices`]).
+    pub fn new(vcpus: usize, msr_indices: Vec<u32>) -> Arc<Self> {
+        Arc::new(Pause {
+            msr_indices,
+            states: Mutex::new((0..vcpus).map(|_| None).collect()),
+            reported: Condvar::new(),
+        })
+    }
+
+    fn report(&self, index: u8, r: Result<VcpuState, String>) {
+        let mut s = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = s.get_mut(usize::from(index)) {
+            *slot = Some(r);
+        }
+        self.reported.notify_all();
+    }
+
+    /// Kicks every vCPU thread until each has saved its state (the exit
+    /// reason must already be [`ExitReason::Snapshot`]), and returns the
+    /// states in index order. A kick can land just before a thread enters
+    /// KVM_RUN, where it does nothing; so it is repeated until every thread
+    /// has answered, for at most `timeout`.
+    pub fn collect(
+        &self,
+        threads: &[JoinHandle<()>],
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, String> {
+        let start = Instant::now();
+        let mut s = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        while s.iter().any(Option::is_none) {
+            if start.elapsed() > timeout {
+                let missing: Vec<usize> = (0..s.len()).filter(|i| s[*i].is_none()).collect();
+                return Err(format!("vCPUs {missing:?} did not pause within {timeout:?}"));
+            }
+            for t in threads {
+                // A thread that has already ended cannot be signalled; it
+                // reported before it did, or it never will (the timeout).
+                let _ = t.kill(kick_signal());
+            }
+            s = self
+                .reported
+                .wait_timeout(s, Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        s.drain(..)
+            .enumerate()
+            .map(|(i, r)| match r {
+                Some(r) => r.map_err(|e| format!("vCPU {i}: {e}")),
+                None => Err(format!("vCPU {i}: no state")),
+            })
+            .collect()
+    }
+}
+
 /// What the run loop does after an exit.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
@@ -45,6 +131,8 @@ pub struct Vcpu {
     pub mmio: Arc<Bus>,
     pub pio: Arc<Bus>,
     pub exit: ExitSignal,
+    /// Present when this VM may be snapshotted.
+    pub pause: Option<Arc<Pause>>,
 }
 
 /// Routes one exit. Split from the loop so it can be tested without KVM.
@@ -105,7 +193,13 @@ impl Vcpu {
     /// process exits once the event loop has a reason, taking every vCPU with it.
     pub fn run(mut self) {
         loop {
-            if self.exit.reason().is_some() {
+            if let Some(reason) = self.exit.reason() {
+                if reason == ExitReason::Snapshot {
+                    if let Some(p) = self.pause.clone() {
+                        let r = self.save(&p.msr_indices);
+                        p.report(self.index, r);
+                    }
+                }
                 return;
             }
             let next = match self.fd.run() {
@@ -135,6 +229,22 @@ impl Vcpu {
                 return;
             }
         }
+    }
+
+    /// This vCPU's state, out of KVM_RUN. The exit just handled may have
+    /// been port or MMIO I/O that KVM completes only on the next KVM_RUN
+    /// (Documentation/virt/kvm/api.rst, KVM_RUN): one more entry with
+    /// `immediate_exit` set finishes it without running the guest.
+    fn save(&mut self, msr_indices: &[u32]) -> Result<VcpuState, String> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match r {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(format!("completing the last exit: {e}")),
+            Ok(()) => return Err("KVM_RUN with immediate_exit entered the guest".into()),
+        }
+        state::save_vcpu(&self.fd, msr_indices).map_err(|e| e.to_string())
     }
 
     /// The registers that say where a vCPU stopped, for a crash report.

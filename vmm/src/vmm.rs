@@ -11,7 +11,10 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::kvm_userspace_memory_region;
@@ -20,23 +23,27 @@ use vm_memory::{GuestMemory, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::{ControlServer, ReadySignal, VmInfo};
+use crate::api::{ControlServer, ReadySignal, Response, SnapshotReply, VmInfo};
 use crate::arch::x86_64::{self as arch, layout, mptable};
 use crate::boot;
 use crate::config::ValidConfig;
 use crate::confine;
 use crate::devices::legacy::{ConsoleWriter, EventFdTrigger, SerialConsole, I8042};
 use crate::devices::virtio::fs::{Fs, FsConfig};
-use crate::devices::virtio::mmio::{regs, MmioTransport};
+use crate::devices::virtio::mmio::{regs, MmioTransport, SnapshotTransport};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{VirtioDevice, EXTRA_EVENT_BASE};
 use crate::devices::{lock, Bus, DeviceError};
 use crate::exit::{ExitReason, ExitSignal};
-use crate::memory::{create_guest_memory, GuestMemoryMmap};
+use crate::memory::{
+    create_guest_memory, restore_memory, save_memory, GuestMemoryMmap, Populated,
+};
+use crate::arch::x86_64::state;
 use crate::seccomp;
-use crate::vcpu::{Vcpu, VcpuError};
+use crate::snapshot::{self, Identity, Snapshot};
+use crate::vcpu::{self, Pause, Vcpu, VcpuError};
 use crate::{Error, Result};
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -161,6 +168,7 @@ fn enter_jail(
                 })
             })
             .collect(),
+        snapshot_dir: cfg.snapshot_to.clone(),
     };
     // A thread started before this one entered would run unconfined: there
     // must be none (the loaders and the seccomp compiler were joined).
@@ -221,6 +229,18 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
+/// The sockets husk-vmm made, removed when it is done with them.
+#[derive(Default)]
+struct SocketFiles(Vec<std::path::PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// The event loops' type: subscribers shared with the buses, on any thread.
 type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
@@ -232,6 +252,7 @@ fn event_loop(what: &'static str) -> Result<EventLoop> {
 struct Placed {
     addr: u64,
     irq: u32,
+    transport: Arc<Mutex<dyn SnapshotTransport>>,
 }
 
 /// Puts a virtio device on the bus, with its irqfd and ioeventfds, and adds its
@@ -268,10 +289,74 @@ fn add_virtio<D: VirtioDevice + 'static>(
     let transport = Arc::new(Mutex::new(transport));
     mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
     em.add_subscriber(Arc::new(Mutex::new(VirtioSubscriber {
-        transport,
+        transport: transport.clone(),
         queue_evts,
     })));
-    Ok(Placed { addr, irq })
+    Ok(Placed {
+        addr,
+        irq,
+        transport,
+    })
+}
+
+/// What this VM's snapshot is taken from, or what a snapshot must have been
+/// taken from to resume here ([`snapshot::Identity`]).
+fn identity(config: &ValidConfig, cmdline: &linux_loader::cmdline::Cmdline) -> Result<Identity> {
+    let cfg = &config.config;
+    Ok(Identity {
+        vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+        kernel: snapshot::file_stamp(&config.kernel)?,
+        initramfs: cfg
+            .initramfs
+            .as_deref()
+            .map(snapshot::file_stamp)
+            .transpose()?,
+        cmdline: cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .map_err(|e| Error::Restore(format!("command line: {e}")))?,
+        vcpus: config.vcpus,
+        memory_mib: u32::try_from(cfg.memory_mib).unwrap_or(u32::MAX),
+        host_cpu: snapshot::host_cpu(),
+    })
+}
+
+/// How long the vCPUs have to leave KVM_RUN and save their state.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a snapshot reads, once the event loop has stopped for it.
+struct TakeSnapshot<'a> {
+    dir: &'a Path,
+    identity: Identity,
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    pause: &'a Pause,
+    /// Fresh anonymous RAM only (not a restored VM's).
+    populated: Option<&'a Populated>,
+    vcpu_threads: &'a [JoinHandle<()>],
+    devices: &'a [Arc<Mutex<dyn SnapshotTransport>>],
+}
+
+/// Pauses the vCPUs, saves them, the VM and every device, and writes guest
+/// memory then the state file to `dir`. The devices' locks are held from
+/// their save to the end of the memory write: the virtio-fs and net threads
+/// still run and must not write guest memory under the copy.
+fn take_snapshot(t: TakeSnapshot) -> std::result::Result<(), String> {
+    let vcpus = t.pause.collect(t.vcpu_threads, PAUSE_TIMEOUT)?;
+    let guards: Vec<_> = t.devices.iter().map(|d| lock(d)).collect();
+    let devices = guards.iter().map(|g| g.save_state()).collect();
+    let vm = state::save_vm(t.vm).map_err(|e| e.to_string())?;
+    let memory = t.dir.join(snapshot::MEMORY_FILE);
+    save_memory(t.mem, &memory, t.populated)
+        .map_err(|e| format!("{}: {e}", memory.display()))?;
+    drop(guards);
+    let s = Snapshot {
+        identity: t.identity,
+        vm,
+        vcpus,
+        devices,
+    };
+    snapshot::write(&t.dir.join(snapshot::STATE_FILE), &s).map_err(|e| e.to_string())
 }
 
 /// Builds the VM from `config`, runs it, and returns why it stopped.
@@ -292,12 +377,21 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     // tenth of a second in the nested test host): it runs on a thread of its
     // own while this one sets up KVM and loads the kernel, and is joined
     // before the first thread that needs a filter starts.
+    let snapshots = cfg.snapshot_to.is_some();
+    if let Some(dir) = &cfg.snapshot_to {
+        // Found missing now, not after the guest has run for a while.
+        if !dir.is_dir() {
+            return Err(io_err(format!("--snapshot-to {}", dir.display()))(
+                std::io::Error::other("not a directory"),
+            ));
+        }
+    }
     let compiling = if cfg.seccomp {
         seccomp::install_sigsys_handler()?;
         Some(
             std::thread::Builder::new()
                 .name("seccomp-build".into())
-                .spawn(seccomp::Filters::new)
+                .spawn(move || seccomp::Filters::new(snapshots))
                 .map_err(io_err("spawning the seccomp compiler thread"))?,
         )
     } else {
@@ -318,7 +412,12 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     arch::setup_vm(&vm)?;
 
     phase("VM created");
-    let ram = create_guest_memory(cfg.memory_mib << 20)?;
+    let ram = match &cfg.restore_from {
+        // Copy-on-write from the snapshot's file: nothing is read until the
+        // guest touches it, and restores of one snapshot share its pages.
+        Some(dir) => restore_memory(&dir.join(snapshot::MEMORY_FILE), cfg.memory_mib << 20)?,
+        None => create_guest_memory(cfg.memory_mib << 20)?,
+    };
     let mem = ram.memory.clone();
     register_memory(&vm, &mem)?;
     phase("guest memory mapped");
@@ -365,10 +464,13 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     let rng = Rng::new().map_err(io_err("opening /dev/urandom"))?;
     placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 0, rng)?);
     let mut vsock_socket = None;
+    // Removed however run() ends, a failed set-up or restore included.
+    let mut socket_files = SocketFiles::default();
     if let Some(path) = &cfg.vsock_socket {
         let vsock = Vsock::new(cfg.guest_cid, path)
             .map_err(io_err(format!("vsock socket {}", path.display())))?;
         vsock_socket = Some(path.clone());
+        socket_files.0.push(path.clone());
         placed.push(add_virtio(&vm, &mem, &mut mmio, &mut em, 1, vsock)?);
     }
     // virtio-fs gets an event loop and a thread of its own: a slow disk
@@ -405,6 +507,8 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     let (ready, vcpu_started) = ReadySignal::new(usize::from(config.vcpus), ready_out)?;
     em.add_subscriber(Arc::new(Mutex::new(ready)));
     let mut api_socket = None;
+    // The connection that asked for a snapshot, answered once it is taken.
+    let snapshot_reply: SnapshotReply = Arc::default();
     if let Some(path) = &cfg.api_socket {
         let info = VmInfo {
             vcpus: config.vcpus,
@@ -415,9 +519,13 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
             // ends husk-vmm before this is ever answered.
             jail: confine::describe(cfg.landlock),
         };
-        let server = ControlServer::new(path, info, exit.clone())
+        let mut server = ControlServer::new(path, info, exit.clone())
             .map_err(io_err(format!("control socket {}", path.display())))?;
+        if snapshots {
+            server.take_snapshots(snapshot_reply.clone());
+        }
         api_socket = Some(path.clone());
+        socket_files.0.push(path.clone());
         em.add_subscriber(Arc::new(Mutex::new(server)));
     }
     let devices: Vec<(u64, u32)> = placed.iter().map(|p| (p.addr, p.irq)).collect();
@@ -425,9 +533,37 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
 
     phase("devices ready");
-    let entry = boot::prepare(&mem, &config.kernel, cfg.initramfs.as_deref(), &cmdline)?;
-    mptable::setup(&mem, config.vcpus).map_err(arch::ArchError::from)?;
-    phase("kernel and initramfs loaded");
+    // What a snapshot of this VM is, or what one must be to resume here.
+    let identity = if cfg.restore_from.is_some() || snapshots {
+        Some(identity(config, &cmdline)?)
+    } else {
+        None
+    };
+    let restoring = match (&cfg.restore_from, &identity) {
+        (Some(dir), Some(this)) => {
+            let s = snapshot::read(&dir.join(snapshot::STATE_FILE), this)?;
+            if s.devices.len() != placed.len() {
+                return Err(Error::Restore(format!(
+                    "the snapshot has {} virtio devices, this VM {}",
+                    s.devices.len(),
+                    placed.len()
+                )));
+            }
+            phase("snapshot state read and checked");
+            Some(s)
+        }
+        _ => None,
+    };
+    let entry = match &restoring {
+        // The kernel is already in the snapshot's memory, running.
+        Some(_) => None,
+        None => {
+            let entry = boot::prepare(&mem, &config.kernel, cfg.initramfs.as_deref(), &cmdline)?;
+            mptable::setup(&mem, config.vcpus).map_err(arch::ArchError::from)?;
+            phase("kernel and initramfs loaded");
+            Some(entry)
+        }
+    };
 
     let supported = arch::supported_cpuid(&kvm)?;
     let filters = match compiling {
@@ -437,6 +573,11 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         None => None,
     };
     phase("seccomp filters compiled");
+    // Before the jail, which would refuse /proc later.
+    let populated = match (snapshots, &cfg.restore_from) {
+        (true, None) => Some(Populated::open().map_err(io_err("opening /proc/self/pagemap"))?),
+        _ => None,
+    };
     if cfg.landlock {
         // Everything is open now; every thread from here on (vCPUs, device
         // loops) inherits the jail from this one.
@@ -445,27 +586,72 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     }
     let mmio = Arc::new(mmio);
     let pio = Arc::new(pio);
+    if let Some(s) = &restoring {
+        // The in-kernel PICs, IOAPIC, PIT and clock before the vCPUs, whose
+        // LAPICs take interrupts from them.
+        state::restore_vm(&vm, &s.vm).map_err(|e| Error::Restore(e.to_string()))?;
+    }
     let mut vcpus = Vec::new();
     for index in 0..config.vcpus {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|source| VcpuError::Create { index, source })?;
-        arch::configure_vcpu(&kvm, &fd, &supported, index, config.vcpus, &mem, entry)?;
+        match (&restoring, entry) {
+            (Some(s), _) => {
+                let saved = s.vcpus.get(usize::from(index)).ok_or_else(|| {
+                    Error::Restore(format!("the snapshot has no state for vCPU {index}"))
+                })?;
+                state::restore_vcpu(&fd, saved)
+                    .map_err(|e| Error::Restore(format!("vCPU {index}: {e}")))?;
+            }
+            (None, Some(entry)) => {
+                arch::configure_vcpu(&kvm, &fd, &supported, index, config.vcpus, &mem, entry)?
+            }
+            (None, None) => unreachable!("a VM that is not restored has a kernel entry"),
+        }
         vcpus.push(Vcpu {
             fd,
             index,
             mmio: mmio.clone(),
             pio: pio.clone(),
             exit: exit.clone(),
+            pause: None,
         });
     }
+    if let Some(s) = &restoring {
+        // Last: activating a device may raise its interrupt (vsock's
+        // transport reset), which must land in the restored LAPICs, not
+        // be overwritten by them.
+        for (p, saved) in placed.iter().zip(&s.devices) {
+            lock(&p.transport)
+                .restore_state(saved)
+                .map_err(|e| Error::Restore(e.to_string()))?;
+        }
+        phase("state restored");
+    }
+    let pause = match (snapshots, vcpus.first()) {
+        (true, Some(first)) => {
+            // Which MSRs this host lets us read back, probed once now: the
+            // probe is an ioctl per MSR, too slow for the moment of pausing.
+            let msrs = state::saved_msr_indices(&kvm, &first.fd)
+                .map_err(|e| io_err("probing the MSRs to save")(std::io::Error::other(e)))?;
+            let p = Pause::new(vcpus.len(), msrs);
+            for v in &mut vcpus {
+                v.pause = Some(p.clone());
+            }
+            Some(p)
+        }
+        _ => None,
+    };
+    vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
     phase("vCPUs configured");
+    let mut vcpu_threads = Vec::new();
     for vcpu in vcpus {
         let index = vcpu.index;
         let filter = filters.as_ref().map(|f| f.vcpu.clone());
         let exit = exit.clone();
         let started = vcpu_started.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 if let Some(f) = filter {
@@ -478,6 +664,7 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
                 vcpu.run();
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
+        vcpu_threads.push(thread);
     }
     if let Some(mut fs_em) = fs_em {
         // Its own filter: the file system calls the passthrough makes,
@@ -536,7 +723,7 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         "guest started"
     );
 
-    let reason = loop {
+    let mut reason = loop {
         if let Err(e) = em.run() {
             break ExitReason::Internal(format!("event loop: {e:?}"));
         }
@@ -544,9 +731,46 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
             break r;
         }
     };
-    for p in [vsock_socket, api_socket].into_iter().flatten() {
-        let _ = std::fs::remove_file(p);
+    if let Some(reply) = lock(&snapshot_reply).take() {
+        let result = match (&reason, &pause, &cfg.snapshot_to, identity) {
+            (ExitReason::Snapshot, Some(pause), Some(dir), Some(identity)) => {
+                let devices: Vec<_> = placed.iter().map(|p| p.transport.clone()).collect();
+                let taken = Instant::now();
+                take_snapshot(TakeSnapshot {
+                    dir,
+                    identity,
+                    vm: &vm,
+                    mem: &mem,
+                    pause,
+                    populated: populated.as_ref(),
+                    vcpu_threads: &vcpu_threads,
+                    devices: &devices,
+                })
+                .map(|()| taken.elapsed())
+            }
+            (ExitReason::Snapshot, ..) => Err("this VM takes no snapshots".to_string()),
+            (other, ..) => Err(format!("the VM stopped before the snapshot: {other}")),
+        };
+        let answer = match &result {
+            Ok(took) => {
+                tracing::info!(?took, "snapshot taken");
+                reason = ExitReason::Stopped(format!(
+                    "snapshot taken to {}",
+                    cfg.snapshot_to.as_deref().unwrap_or(Path::new("")).display()
+                ));
+                Response::ok()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "snapshot failed");
+                if reason == ExitReason::Snapshot {
+                    reason = ExitReason::Internal(format!("snapshot failed: {e}"));
+                }
+                Response::error(format!("snapshot failed: {e}"))
+            }
+        };
+        crate::api::answer_late(reply, &answer);
     }
+    drop(socket_files);
     // Keep the memory mapped (and KVM's view of it valid) until the process ends.
     std::mem::forget(ram);
     Ok(reason)

@@ -19,6 +19,12 @@
 //! pattern back, checks them and answers `OK` or `BAD`, then reports
 //! `test-init: net exchange ok` (or what failed).
 //!
+//! On vsock port 5002 it answers each connection with one line,
+//! `token=<hex> ticks=<n> random=<hex>`, and closes it: a token drawn once at
+//! boot, a counter a thread advances every 10 ms, and 16 fresh bytes of
+//! getrandom (the snapshot tests: a restored guest keeps its memory and its
+//! running threads; `test-init: state on vsock port 5002` says it listens).
+//!
 //! It echoes every stream accepted on vsock port 5000 (one thread each),
 //! sends one line to host port 5001, and then waits to be stopped.
 //! `test_init.exit=poweroff` on the command line powers off right after the
@@ -28,6 +34,7 @@ use std::io::{Read, Write};
 
 const ECHO_PORT: u32 = 5000;
 const DIAL_PORT: u32 = 5001;
+const STATE_PORT: u32 = 5002;
 const HOST_CID: u32 = 2;
 
 fn mount(src: &str, target: &str, fstype: &str) {
@@ -193,6 +200,46 @@ fn echo(mut s: vsock::VsockStream) {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random16() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    b
+}
+
+/// The state port (see the module comment).
+fn serve_state() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let token = hex(&random16());
+    let ticks = Arc::new(AtomicU64::new(0));
+    let t = ticks.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        t.fetch_add(1, Ordering::Relaxed);
+    });
+    match vsock::VsockListener::bind(&vsock::VsockAddr::new(libc::VMADDR_CID_ANY, STATE_PORT)) {
+        Ok(l) => {
+            say(&format!("state on vsock port {STATE_PORT}"));
+            std::thread::spawn(move || {
+                for mut s in l.incoming().flatten() {
+                    let line = format!(
+                        "token={token} ticks={} random={}\n",
+                        ticks.load(Ordering::Relaxed),
+                        hex(&random16())
+                    );
+                    let _ = s.write_all(line.as_bytes());
+                }
+            });
+        }
+        Err(e) => say(&format!("state: bind failed: {e}")),
+    }
+}
+
 fn main() {
     // As a container process (not /init): tries to open an AF_VSOCK socket
     // and reach the host's log port, and says what happened.
@@ -266,6 +313,7 @@ fn main() {
         }
         Err(e) => say(&format!("echo: bind failed: {e}")),
     }
+    serve_state();
     match vsock::VsockStream::connect(&vsock::VsockAddr::new(HOST_CID, DIAL_PORT)) {
         Ok(mut s) => {
             let _ = s.write_all(b"hello from the guest\n");

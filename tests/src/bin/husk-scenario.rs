@@ -18,6 +18,8 @@ use tokio::net::{UnixListener, UnixStream};
 
 #[path = "scenarios/net.rs"]
 mod net;
+#[path = "scenarios/snapshot.rs"]
+mod snapshot;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Scenario {
@@ -46,6 +48,10 @@ enum Scenario {
     /// info and garbage are answered, shutdown stops the VM with 0 and the
     /// sockets are removed.
     VmmControl,
+    /// Snapshot and restore: a template snapshotted through the control
+    /// socket, two clones restored from it at once (same memory, running
+    /// threads, vsock), and restores that do not fit refused.
+    VmmSnapshot,
     /// Containers through the agent API in one VM: two containers share the
     /// sandbox's network and IPC namespaces; 200 children all reaped; an
     /// OOM kill arrives as an event and exit 137; stats, update, pause and
@@ -1272,6 +1278,10 @@ fn main() -> Result<()> {
             Scenario::VmmControl => vmm_control(&args.guest, &args.test_initramfs).await,
             Scenario::Containers => containers(&args.guest).await,
             Scenario::VmmFs => vmm_fs(&args.guest, &args.test_initramfs).await,
+            Scenario::VmmSnapshot => {
+                snapshot::vmm_snapshot(&kernel(&args.guest, "vmlinux"), &args.test_initramfs)
+                    .await
+            }
             Scenario::VmmNet => {
                 let kernel = kernel(&args.guest, "vmlinux");
                 net::vmm_net(&kernel, &args.test_initramfs, 10 << 20).await

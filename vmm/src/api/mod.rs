@@ -17,6 +17,7 @@
 //! | `{"op":"ping"}` | `{"ok":true}` |
 //! | `{"op":"info"}` | `{"ok":true,"vcpus":2,"memory_mib":256,"pid":4242,"vsock_socket":"/run/husk/x/vsock.sock"}` |
 //! | `{"op":"shutdown"}` | `{"ok":true}`, then the VM stops and husk-vmm exits 0 |
+//! | `{"op":"snapshot"}` | once written to `--snapshot-to`: `{"ok":true}`, and husk-vmm exits 0; without `--snapshot-to`, an error |
 //! | anything else | `{"ok":false,"error":"..."}`; the connection stays usable |
 //!
 //! Lines longer than [`request::MAX_LINE`] are refused with an error and skipped
@@ -28,4 +29,4 @@ pub mod server;
 
 pub use ready::ReadySignal;
 pub use request::{Request, Response, VmInfo};
-pub use server::ControlServer;
+pub use server::{answer_late, ControlServer, SnapshotReply};

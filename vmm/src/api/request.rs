@@ -21,6 +21,11 @@ pub enum Request {
     Shutdown {},
     /// The VM's shape: [`VmInfo`].
     Info {},
+    /// Pauses the VM, writes its snapshot to the directory configured at
+    /// start (`--snapshot-to`; a client names no path), answers, and stops.
+    /// The VM is not resumed: a snapshot is a template's last act, and its
+    /// copies run from `--restore-from`.
+    Snapshot {},
 }
 
 /// What `info` reports.
@@ -83,6 +88,8 @@ pub enum Action {
     None,
     /// Stop the VM.
     Shutdown,
+    /// Stop the VM for a snapshot; the answer comes once it is written.
+    Snapshot,
 }
 
 /// Parses one request line (without its newline; a trailing `\r` is allowed).
@@ -106,6 +113,7 @@ pub fn handle(line: &[u8], info: &VmInfo) -> (Response, Action) {
     match parse(line) {
         Ok(Request::Ping {}) => (Response::ok(), Action::None),
         Ok(Request::Shutdown {}) => (Response::ok(), Action::Shutdown),
+        Ok(Request::Snapshot {}) => (Response::ok(), Action::Snapshot),
         Ok(Request::Info {}) => (
             Response {
                 info: Some(info.clone()),

@@ -10,6 +10,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -40,6 +41,35 @@ struct Client {
     out: Vec<u8>,
 }
 
+/// Where the server leaves the connection that asked for a snapshot, for
+/// the VMM to answer once the snapshot is written (the event loop has
+/// stopped by then).
+pub type SnapshotReply = Arc<Mutex<Option<UnixStream>>>;
+
+/// Answers a snapshot request after the event loop has ended: one line on
+/// the (non-blocking) stream, retried for at most a few seconds, so a
+/// client that never reads cannot hold husk-vmm's exit. No socket options:
+/// the main thread's seccomp filter has no setsockopt.
+pub fn answer_late(mut stream: UnixStream, r: &Response) {
+    let line = r.to_line();
+    let mut done = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while done < line.len() {
+        match stream.write(&line[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(_) => break,
+        }
+    }
+    if done < line.len() {
+        tracing::warn!("control socket: the snapshot's answer was not delivered");
+    }
+}
+
 /// The control socket server.
 pub struct ControlServer {
     path: PathBuf,
@@ -48,6 +78,8 @@ pub struct ControlServer {
     clients: HashMap<RawFd, Client>,
     info: VmInfo,
     exit: ExitSignal,
+    /// Present when snapshots are configured (`--snapshot-to`).
+    snapshot_reply: Option<SnapshotReply>,
 }
 
 impl ControlServer {
@@ -72,7 +104,13 @@ impl ControlServer {
             clients: HashMap::new(),
             info,
             exit,
+            snapshot_reply: None,
         })
+    }
+
+    /// Accepts `{"op":"snapshot"}`, leaving the asking connection in `reply`.
+    pub fn take_snapshots(&mut self, reply: SnapshotReply) {
+        self.snapshot_reply = Some(reply);
     }
 
     pub fn path(&self) -> &Path {
@@ -231,6 +269,27 @@ impl ControlServer {
             return; // blank lines (a person at socat) get no answer
         }
         let (resp, action) = request::handle(&line, &self.info);
+        if action == Action::Snapshot {
+            let handed = match (&self.snapshot_reply, c.stream.try_clone()) {
+                (None, _) => Err("this VM takes no snapshots (husk-vmm was started without --snapshot-to)".to_string()),
+                (Some(_), Err(e)) => Err(format!("snapshot: {e}")),
+                (Some(slot), Ok(stream)) => {
+                    let mut slot = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if slot.is_some() {
+                        Err("a snapshot is already being taken".to_string())
+                    } else {
+                        *slot = Some(stream);
+                        Ok(())
+                    }
+                }
+            };
+            match handed {
+                // Answered by the VMM once written; the loop stops now.
+                Ok(()) => self.exit.exit(ExitReason::Snapshot),
+                Err(e) => c.out.extend_from_slice(&Response::error(e).to_line()),
+            }
+            return;
+        }
         c.out.extend_from_slice(&resp.to_line());
         if action == Action::Shutdown {
             // Answer first, so the client sees its request accepted before the

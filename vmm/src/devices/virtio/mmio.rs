@@ -146,6 +146,23 @@ pub enum RestoreError {
     Activation { device: u32 },
 }
 
+/// A transport behind a lock, whatever its device: what a snapshot needs of
+/// every device on the bus.
+pub trait SnapshotTransport: Send {
+    fn save_state(&self) -> TransportSnapshot;
+    fn restore_state(&mut self, s: &TransportSnapshot) -> Result<(), RestoreError>;
+}
+
+impl<D: VirtioDevice> SnapshotTransport for MmioTransport<D> {
+    fn save_state(&self) -> TransportSnapshot {
+        MmioTransport::save_state(self)
+    }
+
+    fn restore_state(&mut self, s: &TransportSnapshot) -> Result<(), RestoreError> {
+        MmioTransport::restore_state(self, s)
+    }
+}
+
 /// One virtio device as seen through its MMIO window.
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
