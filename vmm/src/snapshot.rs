@@ -77,6 +77,12 @@ pub struct Identity {
     pub kernel: String,
     pub initramfs: Option<String>,
     pub cmdline: String,
+    /// The guest's vsock CID, when it has vsock: a guest reads it once at
+    /// probe and again only after a transport reset, which it handles in
+    /// its own time; until then it answers from the old CID, and the host
+    /// side drops those answers. With hybrid vsock a CID is private to one
+    /// VM, so clones keep their template's.
+    pub guest_cid: Option<u64>,
     pub vcpus: u8,
     pub memory_mib: u32,
     pub host_cpu: String,
@@ -85,7 +91,7 @@ pub struct Identity {
 impl Identity {
     /// The first field in which `self` (the snapshot's) differs from `this`.
     pub fn check(&self, this: &Identity) -> Result<(), SnapshotError> {
-        let fields: [(&'static str, String, String); 7] = [
+        let fields: [(&'static str, String, String); 8] = [
             (
                 "husk-vmm version",
                 self.vmm_version.clone(),
@@ -102,6 +108,11 @@ impl Identity {
                 format!("{:?}", this.initramfs),
             ),
             ("command line", self.cmdline.clone(), this.cmdline.clone()),
+            (
+                "guest CID",
+                format!("{:?}", self.guest_cid),
+                format!("{:?}", this.guest_cid),
+            ),
             ("vCPUs", self.vcpus.to_string(), this.vcpus.to_string()),
             (
                 "memory (MiB)",
@@ -260,6 +271,7 @@ mod tests {
             kernel: "dev=1 ino=2 size=3 mtime=4.000000000 ctime=5.000000000".into(),
             initramfs: Some("dev=1 ino=3 size=3 mtime=4.000000000 ctime=5.000000000".into()),
             cmdline: "console=ttyS0".into(),
+            guest_cid: Some(3),
             vcpus: 1,
             memory_mib: 256,
             host_cpu: host_cpu(),
@@ -301,6 +313,10 @@ mod tests {
                 "kernel",
             ),
             (Box::new(|i: &mut Identity| i.vcpus = 2), "vCPUs"),
+            (
+                Box::new(|i: &mut Identity| i.guest_cid = Some(4)),
+                "guest CID",
+            ),
             (
                 Box::new(|i: &mut Identity| i.memory_mib = 512),
                 "memory (MiB)",

@@ -315,6 +315,7 @@ fn identity(config: &ValidConfig, cmdline: &linux_loader::cmdline::Cmdline) -> R
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .map_err(|e| Error::Restore(format!("command line: {e}")))?,
+        guest_cid: cfg.vsock_socket.as_ref().map(|_| cfg.guest_cid),
         vcpus: config.vcpus,
         memory_mib: u32::try_from(cfg.memory_mib).unwrap_or(u32::MAX),
         host_cpu: snapshot::host_cpu(),

@@ -34,6 +34,12 @@ pub struct Vsock<B: VsockBackend = UnixMuxer> {
     state: DeviceState,
     sizes: [u16; 3],
     config: [u8; 8],
+    /// A transport reset was sent and the driver has not yet handed its
+    /// event buffer back. Until it does, nothing goes to the guest: a
+    /// connection request that reached it before it handled the reset
+    /// would be accepted, then dropped by the reset without a word to the
+    /// host, which would wait on it for nothing.
+    reset_pending: bool,
 }
 
 impl Vsock<UnixMuxer> {
@@ -63,6 +69,7 @@ impl<B: VsockBackend> Vsock<B> {
             state: DeviceState::new(),
             sizes: [QUEUE_SIZE; 3],
             config: guest_cid.to_le_bytes(),
+            reset_pending: false,
         }
     }
 
@@ -73,6 +80,9 @@ impl<B: VsockBackend> Vsock<B> {
     /// Fills guest RX buffers with what the backend has (control packets first).
     fn fill_rx(&mut self, a: &mut ActiveQueues) -> Result<bool, Fault> {
         let mut used = false;
+        if self.reset_pending {
+            return Ok(false);
+        }
         loop {
             if !self.backend.has_pending_rx() {
                 return Ok(used);
@@ -138,6 +148,7 @@ impl<B: VsockBackend> Vsock<B> {
     /// queue, if the driver has posted a buffer for it (Linux posts all of
     /// them at probe).
     fn send_transport_reset(&mut self) {
+        let mut sent = false;
         let r = DeviceState::process(
             self,
             |d| &mut d.state,
@@ -150,6 +161,7 @@ impl<B: VsockBackend> Vsock<B> {
                 w.write(&EVENT_TRANSPORT_RESET.to_le_bytes())?;
                 let len = w.written();
                 chain::add_used(&mut a.queues[EVQ], &a.mem, c.head(), len)?;
+                sent = true;
                 Ok(true)
             },
         );
@@ -157,7 +169,11 @@ impl<B: VsockBackend> Vsock<B> {
             Err(e) => {
                 crate::warn_limited!(error = %e, "virtio-vsock: malformed event ring; device needs reset")
             }
-            Ok(()) => tracing::debug!("virtio-vsock: transport reset sent to the guest"),
+            Ok(()) if sent => {
+                self.reset_pending = true;
+                tracing::debug!("virtio-vsock: transport reset sent to the guest");
+            }
+            Ok(()) => tracing::debug!("virtio-vsock: no event buffer for a transport reset"),
         }
     }
 
@@ -211,12 +227,19 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn reset(&mut self) {
         self.backend.reset();
         self.state.reset();
+        self.reset_pending = false;
     }
 
     fn process_queue(&mut self, index: usize) {
         // The event queue carries only device->driver transport-reset events,
         // sent once after a restore; its buffers stay with us until then.
-        if index == RXQ || index == TXQ {
+        if index == EVQ && self.reset_pending {
+            // Linux handles the event, then gives the buffer back and kicks:
+            // the reset is done, and what waited can go.
+            self.reset_pending = false;
+            tracing::debug!("virtio-vsock: the guest handled the transport reset");
+        }
+        if index == RXQ || index == TXQ || index == EVQ {
             self.pump();
             self.backend.after_work();
         }
