@@ -3,6 +3,7 @@
 //!
 //!   husk-bench initramfs --runs 20     boot to /init, gzip vs uncompressed initramfs
 //!   husk-bench vmm-boot --runs 20      husk-vmm start -> guest /init -> agent ready; VMM RSS/PSS
+//!   husk-bench vmm-restore --runs 20   restore from a snapshot vs cold boot -> agent ready; PSS
 //!
 //! Later issues add their measurements here as subcommands.
 
@@ -77,10 +78,30 @@ enum Cmd {
         #[arg(long, allow_hyphen_values = true, requires = "firecracker")]
         husk_args: Option<String>,
     },
+    /// husk-vmm restored from a snapshot against its cold boot, alternated:
+    /// start -> the agent's first answered Check (the real agent
+    /// initramfs); then the PSS, guest RAM included, of `--idle` idle VMs
+    /// restored from the one snapshot against as many cold ones. Needs KVM
+    /// that boots stock guests (the test host here).
+    VmmRestore {
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
+        runs: usize,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        #[arg(long, default_value_t = 10)]
+        idle: usize,
+        /// The husk-vmm (default: the release build, else the one beside this program).
+        #[arg(long)]
+        husk_vmm: Option<PathBuf>,
+    },
 }
 
 #[path = "husk-bench/compare.rs"]
 mod compare;
+#[path = "husk-bench/restore.rs"]
+mod restore;
 
 /// A sample count: a median of nothing is no figure.
 fn at_least_one(s: &str) -> Result<usize, String> {
@@ -295,6 +316,21 @@ fn main() -> Result<()> {
         Cmd::VmmBoot {
             runs, cpus, memory, ..
         } => tokio::runtime::Runtime::new()?.block_on(vmm_boot(runs, cpus, memory))?,
+        Cmd::VmmRestore {
+            runs,
+            cpus,
+            memory,
+            idle,
+            husk_vmm,
+        } => tokio::runtime::Runtime::new()?.block_on(restore::run(&restore::Setup {
+            husk_vmm: husk_vmm.unwrap_or_else(compare::default_husk_vmm),
+            kernel: install_dir().join("vmlinux"),
+            initramfs: install_dir().join("initramfs.cpio"),
+            runs,
+            cpus,
+            memory,
+            idle,
+        }))?,
     };
     if let Some(p) = cli.json {
         std::fs::write(&p, serde_json::to_string_pretty(&result)?)?;

@@ -631,6 +631,57 @@ mod tests {
         assert!(rig.dev.backend.conns.is_empty());
     }
 
+    /// After a restore the guest is told its transport was reset (one event,
+    /// id 0), and nothing reaches it until it has handed the event buffer
+    /// back: a request it took before handling the reset would be dropped
+    /// by the reset with the host left waiting.
+    #[test]
+    fn a_restored_device_resets_the_transport_and_holds_rx_until_handled() {
+        let mem = memory();
+        let mut rig = Rig::new(&mem);
+        let ev = MockSplitQueue::create(&mem, GuestAddress(0xc000), 16);
+        const EV_BUF: u64 = 0x9_0000;
+        const EV_USED: u64 = 0x3c00;
+        ev.desc_table().store(0, desc(EV_BUF, 4, true, None)).unwrap();
+        ev.avail().ring().ref_at(0).unwrap().store(0);
+        ev.avail().idx().store(1);
+        mem.write_obj(0xffff_ffff_u32, GuestAddress(EV_BUF)).unwrap();
+        let mut evq: Queue = ev.create_queue().unwrap();
+        evq.set_used_ring_address(Some(EV_USED as u32), Some(0));
+        let mut rxq: Queue = rig.rx.create_queue().unwrap();
+        rxq.set_used_ring_address(Some(RX_USED as u32), Some(0));
+        let mut txq: Queue = rig.tx.create_queue().unwrap();
+        txq.set_used_ring_address(Some(TX_USED as u32), Some(0));
+        rig.dev
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![rxq, txq, evq],
+                interrupt: rig.irq.clone(),
+                features: F_VERSION_1,
+            })
+            .unwrap();
+
+        rig.dev.restored();
+        assert_eq!(used_idx(&mem, EV_USED), 1);
+        assert_eq!(used_elem(&mem, EV_USED, 0), (0, 4));
+        let id: u32 = mem.read_obj(GuestAddress(EV_BUF)).unwrap();
+        assert_eq!(id, EVENT_TRANSPORT_RESET);
+        assert_eq!(rig.irq.status(), crate::devices::virtio::defs::INT_VRING);
+
+        // A host connection waits while the reset is being handled...
+        let mut host = UnixStream::connect(&rig.path).unwrap();
+        rig.post_rx();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        rig.host_events();
+        rig.host_events();
+        assert!(rig.guest_recv().is_empty(), "delivered before the reset was handled");
+        // ...and goes once the driver gives the event buffer back.
+        rig.dev.process_queue(EVQ);
+        let r = rig.guest_recv();
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].0.op, r[0].0.dst_port), (OP_REQUEST, 1024));
+    }
+
     #[test]
     fn host_connect_handshake() {
         let mem = memory();
