@@ -507,7 +507,10 @@ mod tests {
         let again = dir.path().join("again");
         save_memory(&a.memory, &again, None).unwrap();
         let c = restore_memory(&again, size).unwrap();
-        assert_eq!(c.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xdead);
+        assert_eq!(
+            c.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
+            0xdead
+        );
         for (addr, v) in &marks[1..] {
             assert_eq!(c.memory.read_obj::<u64>(GuestAddress(*addr)).unwrap(), *v);
         }

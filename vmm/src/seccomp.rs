@@ -341,11 +341,11 @@ fn vcpu_arg_rules(snapshots: bool) -> Result<Vec<(i64, SeccompRule)>, seccompile
     }
     requests
         .into_iter()
-    .map(|req| {
-        let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, req)?;
-        Ok((libc::SYS_ioctl, SeccompRule::new(vec![c])?))
-    })
-    .collect()
+        .map(|req| {
+            let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, req)?;
+            Ok((libc::SYS_ioctl, SeccompRule::new(vec![c])?))
+        })
+        .collect()
 }
 
 /// `tgkill` on every thread, for this process's own threads only (a vCPU's

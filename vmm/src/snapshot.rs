@@ -97,11 +97,7 @@ impl Identity {
                 self.vmm_version.clone(),
                 this.vmm_version.clone(),
             ),
-            (
-                "kernel",
-                self.kernel.clone(),
-                this.kernel.clone(),
-            ),
+            ("kernel", self.kernel.clone(), this.kernel.clone()),
             (
                 "initramfs",
                 format!("{:?}", self.initramfs),
@@ -308,8 +304,9 @@ mod tests {
 
         for (edit, field) in [
             (
-                Box::new(|i: &mut Identity| i.kernel = "dev=1 ino=2 size=4 mtime=4.000000000 ctime=6.000000000".into())
-                    as Box<dyn Fn(&mut Identity)>,
+                Box::new(|i: &mut Identity| {
+                    i.kernel = "dev=1 ino=2 size=4 mtime=4.000000000 ctime=6.000000000".into()
+                }) as Box<dyn Fn(&mut Identity)>,
                 "kernel",
             ),
             (Box::new(|i: &mut Identity| i.vcpus = 2), "vCPUs"),

@@ -94,7 +94,9 @@ impl Pause {
         while s.iter().any(Option::is_none) {
             if start.elapsed() > timeout {
                 let missing: Vec<usize> = (0..s.len()).filter(|i| s[*i].is_none()).collect();
-                return Err(format!("vCPUs {missing:?} did not pause within {timeout:?}"));
+                return Err(format!(
+                    "vCPUs {missing:?} did not pause within {timeout:?}"
+                ));
             }
             for t in threads {
                 // A thread that has already ended cannot be signalled; it

@@ -24,6 +24,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::{ControlServer, ReadySignal, Response, SnapshotReply, VmInfo};
+use crate::arch::x86_64::state;
 use crate::arch::x86_64::{self as arch, layout, mptable};
 use crate::boot;
 use crate::config::ValidConfig;
@@ -37,10 +38,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{VirtioDevice, EXTRA_EVENT_BASE};
 use crate::devices::{lock, Bus, DeviceError};
 use crate::exit::{ExitReason, ExitSignal};
-use crate::memory::{
-    create_guest_memory, restore_memory, save_memory, GuestMemoryMmap, Populated,
-};
-use crate::arch::x86_64::state;
+use crate::memory::{create_guest_memory, restore_memory, save_memory, GuestMemoryMmap, Populated};
 use crate::seccomp;
 use crate::snapshot::{self, Identity, Snapshot};
 use crate::vcpu::{self, Pause, Vcpu, VcpuError};
@@ -348,8 +346,7 @@ fn take_snapshot(t: TakeSnapshot) -> std::result::Result<(), String> {
     let devices = guards.iter().map(|g| g.save_state()).collect();
     let vm = state::save_vm(t.vm).map_err(|e| e.to_string())?;
     let memory = t.dir.join(snapshot::MEMORY_FILE);
-    save_memory(t.mem, &memory, t.populated)
-        .map_err(|e| format!("{}: {e}", memory.display()))?;
+    save_memory(t.mem, &memory, t.populated).map_err(|e| format!("{}: {e}", memory.display()))?;
     drop(guards);
     let s = Snapshot {
         identity: t.identity,
@@ -757,7 +754,10 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
                 tracing::info!(?took, "snapshot taken");
                 reason = ExitReason::Stopped(format!(
                     "snapshot taken to {}",
-                    cfg.snapshot_to.as_deref().unwrap_or(Path::new("")).display()
+                    cfg.snapshot_to
+                        .as_deref()
+                        .unwrap_or(Path::new(""))
+                        .display()
                 ));
                 Response::ok()
             }

@@ -1279,8 +1279,7 @@ fn main() -> Result<()> {
             Scenario::Containers => containers(&args.guest).await,
             Scenario::VmmFs => vmm_fs(&args.guest, &args.test_initramfs).await,
             Scenario::VmmSnapshot => {
-                snapshot::vmm_snapshot(&kernel(&args.guest, "vmlinux"), &args.test_initramfs)
-                    .await
+                snapshot::vmm_snapshot(&kernel(&args.guest, "vmlinux"), &args.test_initramfs).await
             }
             Scenario::VmmNet => {
                 let kernel = kernel(&args.guest, "vmlinux");

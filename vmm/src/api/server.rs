@@ -271,10 +271,15 @@ impl ControlServer {
         let (resp, action) = request::handle(&line, &self.info);
         if action == Action::Snapshot {
             let handed = match (&self.snapshot_reply, c.stream.try_clone()) {
-                (None, _) => Err("this VM takes no snapshots (husk-vmm was started without --snapshot-to)".to_string()),
+                (None, _) => Err(
+                    "this VM takes no snapshots (husk-vmm was started without --snapshot-to)"
+                        .to_string(),
+                ),
                 (Some(_), Err(e)) => Err(format!("snapshot: {e}")),
                 (Some(slot), Ok(stream)) => {
-                    let mut slot = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut slot = slot
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     if slot.is_some() {
                         Err("a snapshot is already being taken".to_string())
                     } else {
@@ -487,6 +492,35 @@ mod tests {
         let v = c.answer();
         assert!(!v["error"].as_str().unwrap().contains("longer"), "{v}");
         assert_eq!(c.ask(&mut rig, b"{\"op\":\"ping\"}\n")["ok"], true);
+    }
+
+    /// Without `--snapshot-to` a snapshot is refused and the VM runs on;
+    /// with it, the asking connection is kept for the answer, the VM stops
+    /// for the snapshot, and a second request is refused meanwhile.
+    #[test]
+    fn snapshot_needs_a_directory_and_is_answered_late() {
+        let mut rig = rig();
+        let mut c = Client::connect(&mut rig);
+        let r = c.ask(&mut rig, b"{\"op\":\"snapshot\"}\n");
+        assert_eq!(r["ok"], false);
+        assert!(
+            r["error"].as_str().unwrap().contains("--snapshot-to"),
+            "{r}"
+        );
+        assert_eq!(rig.exit.reason(), None);
+
+        let slot = SnapshotReply::default();
+        rig.server.take_snapshots(slot.clone());
+        c.w.write_all(b"{\"op\":\"snapshot\"}\n").unwrap();
+        rig.server.poll();
+        assert_eq!(rig.exit.reason(), Some(ExitReason::Snapshot));
+        let kept = slot.lock().unwrap().take().expect("the connection is kept");
+        *slot.lock().unwrap() = Some(kept.try_clone().unwrap());
+        let mut other = Client::connect(&mut rig);
+        let r = other.ask(&mut rig, b"{\"op\":\"snapshot\"}\n");
+        assert!(r["error"].as_str().unwrap().contains("already"), "{r}");
+        answer_late(kept, &Response::ok());
+        assert_eq!(c.answer()["ok"], true);
     }
 
     #[test]

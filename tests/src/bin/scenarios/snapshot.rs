@@ -92,12 +92,9 @@ async fn control(api: &Path, request: &str, timeout: Duration) -> Result<serde_j
     let (r, mut w) = s.into_split();
     w.write_all(format!("{request}\n").as_bytes()).await?;
     let mut answer = String::new();
-    tokio::time::timeout(
-        timeout,
-        tokio::io::BufReader::new(r).read_line(&mut answer),
-    )
-    .await
-    .context("no answer")??;
+    tokio::time::timeout(timeout, tokio::io::BufReader::new(r).read_line(&mut answer))
+        .await
+        .context("no answer")??;
     serde_json::from_str(&answer).with_context(|| format!("answer {answer:?}"))
 }
 
@@ -151,7 +148,11 @@ impl Launch<'_> {
 }
 
 /// A restored VM: up, the same guest, vsock working, then stopped.
-async fn restored(l: Launch<'_>, snap: &Path, template: &GuestState) -> Result<(Duration, GuestState)> {
+async fn restored(
+    l: Launch<'_>,
+    snap: &Path,
+    template: &GuestState,
+) -> Result<(Duration, GuestState)> {
     let start = Instant::now();
     let mut child = l
         .command()
@@ -200,12 +201,7 @@ async fn restored(l: Launch<'_>, snap: &Path, template: &GuestState) -> Result<(
 
 /// A restore that must be refused; returns husk-vmm's last words.
 async fn refused(l: Launch<'_>, snap: &Path, expect: &str) -> Result<String> {
-    let out = l
-        .command()
-        .arg("--restore-from")
-        .arg(snap)
-        .output()
-        .await?;
+    let out = l.command().arg("--restore-from").arg(snap).output().await?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     ensure!(
         out.status.code() == Some(1),

@@ -67,7 +67,10 @@ async fn agent_ready(vm: &Vm, start: Instant) -> Result<Duration> {
     // The client backs off up to 250 ms between attempts while the socket
     // is missing; a restore is faster than that, so wait for the socket here.
     while !vm.vsock.exists() {
-        ensure!(start.elapsed() < Duration::from_secs(120), "no vsock socket");
+        ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "no vsock socket"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let mut opts = ConnectOptions::new(&vm.vsock);
@@ -112,14 +115,22 @@ pub async fn run(s: &Setup) -> Result<serde_json::Value> {
     std::fs::create_dir(&snap)?;
 
     let start = Instant::now();
-    let template = launch(s, dir.path(), "template", &["--snapshot-to".as_ref(), snap.as_os_str()])?;
+    let template = launch(
+        s,
+        dir.path(),
+        "template",
+        &["--snapshot-to".as_ref(), snap.as_os_str()],
+    )?;
     let boot = agent_ready(&template, start).await?;
     let asked = Instant::now();
     let answer = control(&template.api, r#"{"op":"snapshot"}"#).await?;
     ensure!(answer["ok"] == true, "snapshot: {answer}");
     let took = asked.elapsed();
     let mut t = template;
-    ensure!(t.child.wait().await?.success(), "the template's husk-vmm failed");
+    ensure!(
+        t.child.wait().await?.success(),
+        "the template's husk-vmm failed"
+    );
     eprintln!("template: agent ready in {boot:?}, snapshot written in {took:?}");
 
     let restore_args = ["--restore-from".as_ref(), snap.as_os_str()];

@@ -742,7 +742,10 @@ mod tests {
         }
         t.interrupt().signal_used_queue();
         let saved = t.save_state();
-        assert_eq!((saved.queues[1].next_avail, saved.queues[1].next_used), (7, 5));
+        assert_eq!(
+            (saved.queues[1].next_avail, saved.queues[1].next_used),
+            (7, 5)
+        );
         let json = serde_json::to_string(&saved).unwrap();
         let saved: TransportSnapshot = serde_json::from_str(&json).unwrap();
 
@@ -752,7 +755,10 @@ mod tests {
         assert_eq!(fresh.device().activated, Some((2, F_VERSION_1 | 1)));
         assert_eq!(fresh.device().restored, 1);
         let live = fresh.device().live.clone().unwrap();
-        assert_eq!((live[1].next_avail, live[1].next_used, live[1].size), (7, 5, 32));
+        assert_eq!(
+            (live[1].next_avail, live[1].next_used, live[1].size),
+            (7, 5, 32)
+        );
         assert_eq!(live[0].desc_table, 0x1_0000);
         // The pending interrupt is pending again, on the line too.
         assert_eq!(r(&mut fresh, INTERRUPT_STATUS), INT_VRING);
@@ -792,7 +798,10 @@ mod tests {
         let mut fresh = transport();
         fresh.restore_state(&t.save_state()).unwrap();
         assert_eq!(fresh.device().activated, None);
-        assert_eq!(r(&mut fresh, STATUS) & STATUS_FEATURES_OK, STATUS_FEATURES_OK);
+        assert_eq!(
+            r(&mut fresh, STATUS) & STATUS_FEATURES_OK,
+            STATUS_FEATURES_OK
+        );
     }
 
     #[test]

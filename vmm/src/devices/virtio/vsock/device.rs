@@ -642,10 +642,13 @@ mod tests {
         let ev = MockSplitQueue::create(&mem, GuestAddress(0xc000), 16);
         const EV_BUF: u64 = 0x9_0000;
         const EV_USED: u64 = 0x3c00;
-        ev.desc_table().store(0, desc(EV_BUF, 4, true, None)).unwrap();
+        ev.desc_table()
+            .store(0, desc(EV_BUF, 4, true, None))
+            .unwrap();
         ev.avail().ring().ref_at(0).unwrap().store(0);
         ev.avail().idx().store(1);
-        mem.write_obj(0xffff_ffff_u32, GuestAddress(EV_BUF)).unwrap();
+        mem.write_obj(0xffff_ffff_u32, GuestAddress(EV_BUF))
+            .unwrap();
         let mut evq: Queue = ev.create_queue().unwrap();
         evq.set_used_ring_address(Some(EV_USED as u32), Some(0));
         let mut rxq: Queue = rig.rx.create_queue().unwrap();
@@ -674,7 +677,10 @@ mod tests {
         host.write_all(b"CONNECT 1024\n").unwrap();
         rig.host_events();
         rig.host_events();
-        assert!(rig.guest_recv().is_empty(), "delivered before the reset was handled");
+        assert!(
+            rig.guest_recv().is_empty(),
+            "delivered before the reset was handled"
+        );
         // ...and goes once the driver gives the event buffer back.
         rig.dev.process_queue(EVQ);
         let r = rig.guest_recv();
