@@ -7,6 +7,7 @@ pub mod init;
 pub mod logging;
 pub mod network;
 pub mod reaper;
+pub mod restored;
 pub mod service;
 pub mod shutdown;
 

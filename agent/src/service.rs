@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use husk_agent_api::agent::{
     CheckRequest, CheckResponse, ContainerRequest, CreateContainerRequest, CreateSandboxRequest,
     DestroySandboxRequest, Empty, ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse,
-    ListProcessesResponse, OomEventRequest, OomEventResponse, ProcessRequest, ShutdownRequest,
-    SignalProcessRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
-    WaitProcessResponse,
+    ListProcessesResponse, OomEventRequest, OomEventResponse, ProcessRequest, RestoredRequest,
+    ShutdownRequest, SignalProcessRequest, StatsContainerResponse, TtyWinResizeRequest,
+    UpdateContainerRequest, WaitProcessResponse,
 };
 use husk_agent_api::agent_ttrpc::Agent;
 use husk_agent_api::ttrpc::{self, r#async::TtrpcContext, Code};
@@ -222,6 +222,16 @@ impl Agent for AgentService {
         _req: GuestDetailsRequest,
     ) -> ttrpc::Result<GuestDetailsResponse> {
         Ok(guest_details())
+    }
+
+    async fn restored(&self, _ctx: &TtrpcContext, req: RestoredRequest) -> ttrpc::Result<Empty> {
+        // Entropy first: nothing of the template's CRNG output should be
+        // handed out once the host has said this is a clone.
+        crate::restored::reseed(&req.entropy).map_err(|e| invalid("entropy", e))?;
+        crate::restored::set_clock(req.realtime_ns)
+            .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        tracing::info!("restored from a snapshot: clock set, CRNG reseeded");
+        Ok(Empty::default())
     }
 
     async fn create_sandbox(

@@ -222,6 +222,7 @@ impl Service {
                 .and_then(husk_runtime::sandbox::cgroup::cgroupfs_path),
             // The pod's cgroup is the kubelet's to limit.
             cgroup_limits: None,
+            template: cfg.template,
         };
         let events: Arc<dyn husk_runtime::Events> = Arc::new(Publisher(self.inner.events.clone()));
         let sb = Arc::new(Sandbox::boot(vm_id, &spec, &HuskVmm, events).await?);

@@ -19,11 +19,19 @@ pub struct Vm {
     pub id: String,
     pub dir: PathBuf,
     pub client: Client,
+    /// The template the VM was resumed from; `None` when it booted.
+    pub from_template: Option<PathBuf>,
     sandbox: Sandbox,
 }
 
 impl Vm {
     pub async fn boot(spec: &VmSpec) -> Result<Vm> {
+        Self::boot_from(spec, false).await
+    }
+
+    /// Boots, or with `template` resumes from the template of `spec`'s
+    /// shape (built first if there is none; see husk_runtime::template).
+    pub async fn boot_from(spec: &VmSpec, template: bool) -> Result<Vm> {
         let id = layout::random_id();
         let sandbox = Sandbox::boot(
             &id,
@@ -31,6 +39,7 @@ impl Vm {
                 vm: spec.clone(),
                 hostname: None,
                 forward_vmm_log: false,
+                template,
                 ..Default::default()
             },
             &HuskVmm,
@@ -39,6 +48,7 @@ impl Vm {
         .await?;
         let client = sandbox.client().context("no agent client")?.clone();
         Ok(Vm {
+            from_template: sandbox.from_template().map(Path::to_path_buf),
             dir: sandbox.layout().dir().to_path_buf(),
             id,
             client,

@@ -75,3 +75,15 @@ fn containers_in_one_sandbox() {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
 }
+
+/// Templates (issue #14): the first sandbox that asks builds the template
+/// (a VM booted to its agent and snapshotted) and is resumed from it; two
+/// more are resumed from it at once. Each clone's containers see the host's
+/// clock (within 2 s) and their own hostname, UUID and random bytes; a
+/// damaged template is refused by husk-vmm, removed, and its sandbox boots
+/// cold; a changed kernel gets a template of its own.
+#[test]
+fn templates_resume_clones_with_their_own_clock_randomness_and_names() {
+    let out = scenario::run("template", Duration::from_secs(500));
+    assert!(out.contains("template: a cold boot took"), "{out}");
+}

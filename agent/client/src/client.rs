@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use husk_agent_api::agent::{
     CheckRequest, ContainerRequest, CreateContainerRequest, CreateSandboxRequest,
     DestroySandboxRequest, ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse,
-    OomEventRequest, ProcessRequest, ShutdownRequest, SignalProcessRequest, StatsContainerResponse,
-    TtyWinResizeRequest, UpdateContainerRequest,
+    OomEventRequest, ProcessRequest, RestoredRequest, ShutdownRequest, SignalProcessRequest,
+    StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
 };
 use husk_agent_api::agent_ttrpc::AgentClient as RawClient;
 use husk_agent_api::stdio::{self, Stream};
@@ -260,6 +260,22 @@ impl Client {
                 .await
         })
         .await
+    }
+
+    /// Tells a guest restored from a snapshot the time and gives it fresh
+    /// entropy (see the agent's `restored` module).
+    pub async fn restored(&self, realtime_ns: u64, entropy: Vec<u8>) -> Result<(), ClientError> {
+        let t = self.opts.call_timeout;
+        let req = RestoredRequest {
+            realtime_ns,
+            entropy,
+            ..Default::default()
+        };
+        self.call("Restored", t, |c, ctx| async move {
+            c.restored(ctx, &req).await
+        })
+        .await
+        .map(drop)
     }
 
     pub async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<(), ClientError> {

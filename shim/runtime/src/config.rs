@@ -77,6 +77,9 @@ pub struct Config {
     /// bytes per second (husk-vmm's token buckets); none when absent.
     pub net_rx_bytes_per_sec: Option<u64>,
     pub net_tx_bytes_per_sec: Option<u64>,
+    /// Resume sandboxes' VMs from templates ([`crate::template`]) instead of
+    /// booting each; off until the whole test suite runs on it.
+    pub template: bool,
 }
 
 impl Default for Config {
@@ -99,6 +102,7 @@ impl Default for Config {
             registry_mirrors: BTreeMap::new(),
             net_rx_bytes_per_sec: None,
             net_tx_bytes_per_sec: None,
+            template: false,
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod layout;
 pub mod logging;
 pub mod network;
 pub mod sandbox;
+pub mod template;
 
 #[cfg(test)]
 mod fake;

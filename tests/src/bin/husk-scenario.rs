@@ -20,6 +20,8 @@ use tokio::net::{UnixListener, UnixStream};
 mod net;
 #[path = "scenarios/snapshot.rs"]
 mod snapshot;
+#[path = "scenarios/template.rs"]
+mod template;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Scenario {
@@ -52,6 +54,11 @@ enum Scenario {
     /// socket, two clones restored from it at once (same memory, running
     /// threads, vsock), and restores that do not fit refused.
     VmmSnapshot,
+    /// The runtime's templates with the real agent: built on first use,
+    /// clones resumed at once with the host's clock and their own
+    /// randomness and hostnames, a damaged template refused and removed, a
+    /// changed kernel given a template of its own.
+    Template,
     /// Containers through the agent API in one VM: two containers share the
     /// sandbox's network and IPC namespaces; 200 children all reaped; an
     /// OOM kill arrives as an event and exit 137; stats, update, pause and
@@ -1278,6 +1285,7 @@ fn main() -> Result<()> {
             Scenario::VmmControl => vmm_control(&args.guest, &args.test_initramfs).await,
             Scenario::Containers => containers(&args.guest).await,
             Scenario::VmmFs => vmm_fs(&args.guest, &args.test_initramfs).await,
+            Scenario::Template => template::template(&args.guest).await,
             Scenario::VmmSnapshot => {
                 snapshot::vmm_snapshot(&kernel(&args.guest, "vmlinux"), &args.test_initramfs).await
             }

@@ -1022,6 +1022,7 @@ async fn boot_on(
         // container's: guest RAM and husk's own overhead, no more.
         cgroup: Some(cgroup::cli_vm_path(&rec.id)),
         cgroup_limits: Some(cgroup::Limits::for_vm(rec.memory_mib)),
+        template: cfg.template,
         ..Default::default()
     };
     let oom = Arc::new(OomSeen::default());

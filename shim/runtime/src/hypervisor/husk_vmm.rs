@@ -97,6 +97,8 @@ impl HuskVmm {
             api_socket: Some(layout.api_socket()),
             shared_dir: shared.then(|| layout.share()),
             fs_tag: SHARE_TAG.to_string(),
+            snapshot_to: spec.snapshot_to.clone(),
+            restore_from: spec.restore_from.clone(),
             ..VmConfig::default()
         }
     }
@@ -499,6 +501,25 @@ impl Hypervisor for HuskVmm {
 fn failed_status() -> Option<ExitStatus> {
     use std::os::unix::process::ExitStatusExt;
     Some(ExitStatus::from_raw(libc::SIGKILL))
+}
+
+/// Asks husk-vmm (started with a `snapshot_to`) for its snapshot over its
+/// control socket; `Ok` once written (the VM then ends by itself).
+pub async fn control_snapshot(api_socket: &Path, timeout: Duration) -> std::io::Result<()> {
+    let mut s = tokio::net::UnixStream::connect(api_socket).await?;
+    s.write_all(b"{\"op\":\"snapshot\"}\n").await?;
+    let mut line = String::new();
+    let mut r = tokio::io::BufReader::new(s).take(husk_vmm::api::request::MAX_LINE as u64);
+    tokio::time::timeout(timeout, r.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::other(format!("no answer within {timeout:?}")))??;
+    match serde_json::from_str::<husk_vmm::api::Response>(&line) {
+        Ok(resp) if resp.ok => Ok(()),
+        Ok(resp) => Err(std::io::Error::other(
+            resp.error.unwrap_or_else(|| "refused".into()),
+        )),
+        Err(e) => Err(std::io::Error::other(format!("answer {line:?}: {e}"))),
+    }
 }
 
 /// Asks husk-vmm to stop over its control socket; `Ok` once it accepted.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use husk_vmm::{vmm_binary, HuskVmm};
+pub use husk_vmm::{control_snapshot, vmm_binary, HuskVmm};
 pub use pidfd::PidFd;
 
 use crate::error::Result;
@@ -49,6 +49,10 @@ pub struct VmSpec {
     pub nics: Vec<NetDevice>,
     /// Each NIC's rate limit (received, sent), bytes per second.
     pub net_rate: (Option<u64>, Option<u64>),
+    /// Where husk-vmm writes its snapshot when asked (a template's VM).
+    pub snapshot_to: Option<PathBuf>,
+    /// A snapshot to resume instead of booting ([`crate::template`]).
+    pub restore_from: Option<PathBuf>,
 }
 
 /// A guest NIC: a tap fd (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) and the MAC
@@ -77,6 +81,8 @@ impl Default for VmSpec {
             vmm: None,
             nics: Vec::new(),
             net_rate: (None, None),
+            snapshot_to: None,
+            restore_from: None,
         }
     }
 }

@@ -11,7 +11,7 @@ pub mod logs;
 pub mod stale;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::hypervisor::{HuskVmm, Hypervisor, VmExit, VmProcess, VmSpec};
 use crate::layout::{self, SandboxLayout, GUEST_SHARE, SHARE_TAG};
 use crate::network::PodNetwork;
+use crate::template::Templates;
 
 /// What a sandbox is.
 #[derive(Debug, Clone, Default)]
@@ -48,6 +49,10 @@ pub struct SandboxSpec {
     /// Limits set on `cgroup` before joining it (a cgroup of the runtime's
     /// own; a pod's is the kubelet's to limit).
     pub cgroup_limits: Option<cgroup::Limits>,
+    /// Resume the VM from a template of its shape ([`crate::template`]),
+    /// built first if there is none, instead of booting it; a VM with NICs
+    /// or a template that does not restore boots cold (the log says why).
+    pub template: bool,
 }
 
 pub struct Sandbox {
@@ -76,6 +81,8 @@ pub struct Sandbox {
     network: Mutex<Option<PodNetwork>>,
     /// The pod's host cgroup, left at shutdown once the VM has ended.
     cgroup: Mutex<Option<cgroup::HostCgroup>>,
+    /// The template the VM was resumed from; `None`: it booted.
+    from_template: Option<PathBuf>,
 }
 
 /// Stops the VM once a container says its guest ignores kills: what the
@@ -167,6 +174,24 @@ impl Sandbox {
         events: Arc<dyn Events>,
     ) -> Result<Sandbox> {
         layout::check_id("sandbox", id)?;
+        // Before the cgroup is joined: a template's VM is nobody's pod.
+        let template = match (spec.template, &spec.netns) {
+            (false, _) => None,
+            (true, Some(_)) => {
+                tracing::info!(sandbox = id, "no template for a VM with NICs: booting cold");
+                None
+            }
+            (true, None) => match Templates::default()
+                .get_or_build(&spec.vm, hypervisor)
+                .await
+            {
+                Ok(dir) => Some(dir),
+                Err(why) => {
+                    tracing::warn!(sandbox = id, %why, "no template: booting cold");
+                    None
+                }
+            },
+        };
         let mut cg = match &spec.cgroup {
             Some(p) => Some(cgroup::HostCgroup::join(p, spec.cgroup_limits)?),
             None => None,
@@ -183,7 +208,28 @@ impl Sandbox {
             },
             None => None,
         };
-        match Self::boot_vm(id, spec, network.as_ref(), hypervisor, events).await {
+        let mut booted = Self::boot_vm(
+            id,
+            spec,
+            network.as_ref(),
+            hypervisor,
+            events.clone(),
+            template.as_deref(),
+        )
+        .await;
+        if let (Err(e), Some(dir)) = (&booted, &template) {
+            // Refused by husk-vmm (stale, corrupt), or a clone that did not
+            // come up: the template goes, this sandbox boots cold.
+            if matches!(
+                e,
+                Error::VmGone(_) | Error::Agent { .. } | Error::Hypervisor(_)
+            ) {
+                tracing::warn!(sandbox = id, error = %e, "restoring the template failed: booting cold");
+                Templates::default().discard(dir);
+                booted = Self::boot_vm(id, spec, network.as_ref(), hypervisor, events, None).await;
+            }
+        }
+        match booted {
             Ok(sb) => {
                 *lock(&sb.network) = network;
                 *lock(&sb.cgroup) = cg;
@@ -207,6 +253,7 @@ impl Sandbox {
         network: Option<&PodNetwork>,
         hypervisor: &dyn Hypervisor,
         events: Arc<dyn Events>,
+        template: Option<&Path>,
     ) -> Result<Sandbox> {
         let layout = SandboxLayout::new(id)?;
         let root = layout::runtime_root();
@@ -231,6 +278,7 @@ impl Sandbox {
         let started = std::time::Instant::now();
         let vm_spec = VmSpec {
             nics: network.map(PodNetwork::devices).unwrap_or_default(),
+            restore_from: template.map(Path::to_path_buf),
             ..spec.vm.clone()
         };
         let vm = hypervisor.launch(&vm_spec, &layout).await?;
@@ -254,11 +302,26 @@ impl Sandbox {
                 husk_agent_client::client::file_tail(&layout.console_log(), 15)
             ))),
         };
+        if template.is_some() {
+            // A clone: the time and fresh entropy before anything else.
+            let seeded = match crate::template::clone_seed() {
+                Ok((now, entropy)) => client
+                    .restored(now, entropy)
+                    .await
+                    .map_err(Error::agent("Restored")),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = seeded {
+                vm.stop(Duration::ZERO).await;
+                return Err(e);
+            }
+        }
         tracing::info!(
             sandbox = id,
             vcpus = spec.vm.vcpus,
             memory_mib = spec.vm.memory_mib,
             ms = started.elapsed().as_millis() as u64,
+            from_template = template.is_some(),
             "VM ready"
         );
         let detach = spec.vm.detach;
@@ -266,6 +329,7 @@ impl Sandbox {
         sb.client = Some(client);
         sb._guest_log = Some(guest_log);
         sb.vm_overlays = spec.vm.overlays.iter().map(|o| o.target.clone()).collect();
+        sb.from_template = template.map(Path::to_path_buf);
         if let Some(hostname) = &spec.hostname {
             let guest_net = network.map(PodNetwork::guest_network);
             if let Err(e) = sb.create_in_guest(hostname, guest_net, &spec.sysctls).await {
@@ -338,6 +402,7 @@ impl Sandbox {
             vm_overlays: Vec::new(),
             network: Mutex::new(None),
             cgroup: Mutex::new(None),
+            from_template: None,
         }
     }
 
@@ -388,6 +453,10 @@ impl Sandbox {
     }
     pub fn vmm_pid(&self) -> u32 {
         self.vm.pid()
+    }
+    /// The template the VM was resumed from; `None` when it booted.
+    pub fn from_template(&self) -> Option<&Path> {
+        self.from_template.as_deref()
     }
     pub fn agent(&self) -> &Arc<dyn Agent> {
         &self.agent
