@@ -299,6 +299,35 @@ mod tests {
         assert_eq!(exit.reason(), Some(ExitReason::GuestReset));
     }
 
+    /// vCPU threads that never report are named once the pause times out;
+    /// the kicks reach them harmlessly (the handler does nothing).
+    #[test]
+    fn a_pause_that_no_vcpu_answers_times_out_naming_them() {
+        install_kick_handler().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let t = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let p = Pause::new(2, Vec::new());
+        let started = Instant::now();
+        let e = p
+            .collect(std::slice::from_ref(&t), Duration::from_millis(50))
+            .unwrap_err();
+        assert!(e.contains("[0, 1]"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // One that reports is collected, the other still missing.
+        p.report(1, Err("unreadable".into()));
+        let e = p
+            .collect(std::slice::from_ref(&t), Duration::from_millis(50))
+            .unwrap_err();
+        assert!(e.contains("[0]"), "{e}");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        t.join().unwrap();
+    }
+
     #[test]
     fn ending_exits() {
         let exit = ExitSignal::new().unwrap();
