@@ -608,7 +608,11 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
             (None, Some(entry)) => {
                 arch::configure_vcpu(&kvm, &fd, &supported, index, config.vcpus, &mem, entry)?
             }
-            (None, None) => unreachable!("a VM that is not restored has a kernel entry"),
+            (None, None) => {
+                return Err(Error::Restore(
+                    "neither a kernel entry nor a snapshot to resume".into(),
+                ))
+            }
         }
         vcpus.push(Vcpu {
             fd,
