@@ -44,14 +44,6 @@ pub fn templates_root() -> PathBuf {
 /// How long a template's husk-vmm has to write its snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A file as a template's key names it: husk-vmm's own [`Identity`] stamp
-/// (device, inode, size, mtime, ctime), so a rebuilt kernel is a new key.
-///
-/// [`Identity`]: husk_vmm::snapshot::Identity
-fn file_stamp(path: &Path) -> Result<String> {
-    husk_vmm::snapshot::file_stamp(path).map_err(|e| Error::Hypervisor(e.to_string()))
-}
-
 /// The key of the template `spec` would resume, or why it has none.
 pub fn key(spec: &VmSpec) -> std::result::Result<String, String> {
     if !spec.nics.is_empty() {
@@ -61,12 +53,15 @@ pub fn key(spec: &VmSpec) -> std::result::Result<String, String> {
         .vmm
         .clone()
         .unwrap_or_else(crate::hypervisor::vmm_binary);
-    let shared = spec.share || !spec.binds.is_empty() || !spec.overlays.is_empty();
+    let shared = spec.has_share();
+    // Files as husk-vmm's snapshot identity names them (device, inode,
+    // size, mtime, ctime): a rebuilt kernel is a new key.
+    let stamp = |p: &Path| husk_vmm::snapshot::file_stamp(p).map_err(|e| e.to_string());
     let mut h = Sha256::new();
     for part in [
-        file_stamp(&vmm).map_err(|e| e.to_string())?,
-        file_stamp(&spec.kernel).map_err(|e| e.to_string())?,
-        file_stamp(&spec.initramfs).map_err(|e| e.to_string())?,
+        stamp(&vmm)?,
+        stamp(&spec.kernel)?,
+        stamp(&spec.initramfs)?,
         spec.extra_cmdline.clone().unwrap_or_default(),
         format!(
             "vcpus={} memory={} share={shared}",
@@ -167,7 +162,7 @@ impl Templates {
         let started = std::time::Instant::now();
         let vm = VmSpec {
             // The key's shape, nothing of a pod's.
-            share: spec.share || !spec.binds.is_empty() || !spec.overlays.is_empty(),
+            share: spec.has_share(),
             binds: Vec::new(),
             overlays: Vec::new(),
             nics: Vec::new(),

@@ -85,7 +85,7 @@ pub struct HuskVmm;
 impl HuskVmm {
     /// The VMM's own configuration for `spec` in `layout`.
     pub fn vm_config(spec: &VmSpec, layout: &SandboxLayout) -> VmConfig {
-        let shared = spec.share || !spec.binds.is_empty() || !spec.overlays.is_empty();
+        let shared = spec.has_share();
         VmConfig {
             kernel: Some(spec.kernel.clone()),
             initramfs: Some(spec.initramfs.clone()),

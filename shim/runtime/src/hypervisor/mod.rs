@@ -87,6 +87,14 @@ impl Default for VmSpec {
     }
 }
 
+impl VmSpec {
+    /// Whether the VM gets the virtio-fs share: asked for, or needed by
+    /// binds or overlays.
+    pub fn has_share(&self) -> bool {
+        self.share || !self.binds.is_empty() || !self.overlays.is_empty()
+    }
+}
+
 /// A host path bound into the sandbox share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
