@@ -109,6 +109,8 @@ impl Interrupt {
     /// sees them on its next look (an edge on the line included: a level it
     /// was about to take must not be lost across the restore).
     pub fn restore_status(&self, bits: u32) {
+        // Only the two bits the transport defines, whatever the file says.
+        let bits = bits & (defs::INT_VRING | defs::INT_CONFIG);
         if bits != 0 {
             self.raise(bits);
         }
