@@ -42,6 +42,11 @@ ip -n ext addr add 192.168.77.2/24 dev eth0 && ip -n ext link set eth0 up && ip 
 ip netns exec ext busybox httpd -p 192.168.77.2:9091 -h /tmp/www
 husk run --rm --rootfs $R timeout 20 wget -q -O - http://192.168.77.2:9091/hi 2>&1 | sed 's/^/nat: /'
 husk run --rm --network none --rootfs $R ls /sys/class/net 2>&1 | sed 's/^/none: /'
+# Runs resume templates (one per shape: a NIC or none); a clone's NIC has
+# the pod's MAC, not its template's.
+husk run --rm --rootfs $R cat /sys/class/net/eth0/address 2>&1 | sed 's/^/mac: /'
+husk template ls | sed 's/^/tpl: /'
+echo "templates=$(husk template ls -q | wc -l)"
 husk run --rm --network none -p 80:80 --rootfs $R true 2>&1 | sed 's/^/bad1: /'
 husk run --rm -p 99999:80 --rootfs $R true 2>&1 | sed 's/^/bad2: /'
 husk run --rm -p 8080:81 --rootfs $R true 2>&1 | sed 's/^/taken: /'
@@ -61,6 +66,7 @@ leaks
         "egress: host-hi",
         "nat: host-hi",
         "none: lo",
+        "templates=2",
         "bad1: husk: -p needs a network: not with --network none",
         "-p \"99999:80\": ports are 1-65535",
         "taken: ",
@@ -75,4 +81,12 @@ leaks
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
     assert!(!out.contains("none: eth0"), "{out}");
+    let mac = out
+        .lines()
+        .find_map(|l| l.strip_prefix("mac: "))
+        .unwrap_or_else(|| panic!("no guest MAC in:\n{out}"));
+    assert!(
+        mac.len() == 17 && !mac.starts_with("02:68:75:73:6b"),
+        "a clone kept its template's MAC {mac:?}:\n{out}"
+    );
 }

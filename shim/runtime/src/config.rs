@@ -78,7 +78,7 @@ pub struct Config {
     pub net_rx_bytes_per_sec: Option<u64>,
     pub net_tx_bytes_per_sec: Option<u64>,
     /// Resume sandboxes' VMs from templates ([`crate::template`]) instead of
-    /// booting each; off until the whole test suite runs on it.
+    /// booting each (on by default; `false` boots every VM cold).
     pub template: bool,
 }
 
@@ -102,7 +102,7 @@ impl Default for Config {
             registry_mirrors: BTreeMap::new(),
             net_rx_bytes_per_sec: None,
             net_tx_bytes_per_sec: None,
-            template: false,
+            template: true,
         }
     }
 }

@@ -18,9 +18,16 @@
 //! A clone is told the time and given fresh entropy through its agent
 //! (`Restored`) before anything else.
 //!
-//! Not templated (a cold boot, said in the log): VMs with NICs (the guest
-//! reads its NIC's MAC at probe; a template per pod network is not built
-//! yet).
+//! A pod's NICs are part of the shape (their number and MTUs: the guest
+//! reads both at probe), not their network: a template's VM gets taps in a
+//! network namespace of its own ([`tap::scratch`]) and the MACs
+//! [`template_mac`] names; a clone gets the pod's taps, and the agent finds
+//! each NIC by its template MAC and gives it the pod's
+//! (`Interface.template_mac`).
+//!
+//! Each template records what it was made from (`template.json`); one whose
+//! husk-vmm, kernel or initramfs has changed since can never be used again
+//! and is removed when the next template is built ([`Templates::prune`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -29,8 +36,11 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use serde::{Deserialize, Serialize};
+
 use crate::container::NoEvents;
-use crate::hypervisor::{Hypervisor, VmSpec};
+use crate::hypervisor::{Hypervisor, NetDevice, VmSpec};
+use crate::network::tap;
 use crate::sandbox::{Sandbox, SandboxSpec};
 use crate::{Error, Result};
 
@@ -44,34 +54,90 @@ pub fn templates_root() -> PathBuf {
 /// How long a template's husk-vmm has to write its snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The name of a template's description file.
+pub const META_FILE: &str = "template.json";
+
+/// The MAC of a template's NIC `index` ("husk" in a locally administered
+/// unicast address): what a clone's agent looks for to give it the pod's.
+pub fn template_mac(index: usize) -> String {
+    format!("02:68:75:73:6b:{:02x}", index & 0xff)
+}
+
+/// What a template was made from: its key's parts, for `husk template ls`
+/// and to find templates no build can use again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub key: String,
+    /// husk-vmm, kernel, initramfs: path and [`file_stamp`] each.
+    ///
+    /// [`file_stamp`]: husk_vmm::snapshot::file_stamp
+    pub files: Vec<(PathBuf, String)>,
+    pub extra_cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub share: bool,
+    /// Each NIC's MTU.
+    pub nics: Vec<u32>,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
+impl Meta {
+    /// `spec`'s, or why it has none (a file missing).
+    pub fn of(spec: &VmSpec) -> std::result::Result<Meta, String> {
+        let vmm = spec
+            .vmm
+            .clone()
+            .unwrap_or_else(crate::hypervisor::vmm_binary);
+        // Files as husk-vmm's snapshot identity names them (device, inode,
+        // size, mtime, ctime): a rebuilt kernel is a new key.
+        let files = [vmm, spec.kernel.clone(), spec.initramfs.clone()]
+            .into_iter()
+            .map(|p| {
+                let s = husk_vmm::snapshot::file_stamp(&p).map_err(|e| e.to_string())?;
+                Ok((p, s))
+            })
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        let mut m = Meta {
+            key: String::new(),
+            files,
+            extra_cmdline: spec.extra_cmdline.clone().unwrap_or_default(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            share: spec.has_share(),
+            nics: spec.nics.iter().map(|n| n.mtu).collect(),
+            created: 0,
+        };
+        let mut h = Sha256::new();
+        for (_, stamp) in &m.files {
+            h.update(stamp.as_bytes());
+            h.update([0]);
+        }
+        h.update(m.extra_cmdline.as_bytes());
+        h.update([0]);
+        h.update(
+            format!(
+                "vcpus={} memory={} share={} nics={:?}",
+                m.vcpus, m.memory_mib, m.share, m.nics
+            )
+            .as_bytes(),
+        );
+        m.key = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(m)
+    }
+
+    /// Whether a file it was made from has changed or gone: no VM will
+    /// ever have its key again.
+    pub fn is_stale(&self) -> bool {
+        self.files
+            .iter()
+            .any(|(p, stamp)| husk_vmm::snapshot::file_stamp(p).ok().as_ref() != Some(stamp))
+    }
+}
+
 /// The key of the template `spec` would resume, or why it has none.
 pub fn key(spec: &VmSpec) -> std::result::Result<String, String> {
-    if !spec.nics.is_empty() {
-        return Err("the VM has NICs".into());
-    }
-    let vmm = spec
-        .vmm
-        .clone()
-        .unwrap_or_else(crate::hypervisor::vmm_binary);
-    let shared = spec.has_share();
-    // Files as husk-vmm's snapshot identity names them (device, inode,
-    // size, mtime, ctime): a rebuilt kernel is a new key.
-    let stamp = |p: &Path| husk_vmm::snapshot::file_stamp(p).map_err(|e| e.to_string());
-    let mut h = Sha256::new();
-    for part in [
-        stamp(&vmm)?,
-        stamp(&spec.kernel)?,
-        stamp(&spec.initramfs)?,
-        spec.extra_cmdline.clone().unwrap_or_default(),
-        format!(
-            "vcpus={} memory={} share={shared}",
-            spec.vcpus, spec.memory_mib
-        ),
-    ] {
-        h.update(part.as_bytes());
-        h.update([0]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Meta::of(spec).map(|m| m.key)
 }
 
 /// The templates under one root.
@@ -104,15 +170,103 @@ impl Templates {
         spec: &VmSpec,
         hypervisor: &dyn Hypervisor,
     ) -> std::result::Result<PathBuf, String> {
-        let key = key(spec)?;
-        let dir = self.dir(&key);
+        let meta = Meta::of(spec)?;
+        let dir = self.dir(&meta.key);
         if dir.join(husk_vmm::snapshot::STATE_FILE).exists() {
             return Ok(dir);
         }
-        self.build(&key, spec, hypervisor)
+        self.build(meta.clone(), spec, hypervisor)
             .await
-            .map_err(|e| format!("building template {}: {e}", &key[..12]))?;
+            .map_err(|e| format!("building template {}: {e}", &meta.key[..12]))?;
         Ok(dir)
+    }
+
+    /// Builds the template for `spec` again, in place of the one there.
+    pub async fn rebuild(&self, spec: &VmSpec, hypervisor: &dyn Hypervisor) -> Result<Meta> {
+        let meta = Meta::of(spec).map_err(Error::FailedPrecondition)?;
+        self.remove(&meta.key)?;
+        self.build(meta.clone(), spec, hypervisor).await?;
+        Ok(meta)
+    }
+
+    /// The templates here, each with whether it is stale.
+    pub fn list(&self) -> Vec<(Meta, bool)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(Meta, bool)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let text = std::fs::read(e.path().join(META_FILE)).ok()?;
+                let m: Meta = serde_json::from_slice(&text).ok()?;
+                (m.key == e.file_name().to_string_lossy()).then(|| {
+                    let stale = m.is_stale();
+                    (m, stale)
+                })
+            })
+            .collect();
+        out.sort_by_key(|(m, _)| std::cmp::Reverse(m.created));
+        out
+    }
+
+    /// Removes template `key` (a full key or a unique prefix of at least
+    /// 4 characters); `Ok(false)`: there was none.
+    pub fn remove(&self, key: &str) -> Result<bool> {
+        if key.len() < 4 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::InvalidArgument(format!(
+                "{key:?} is not a template key (4 or more hex digits)"
+            )));
+        }
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Ok(false);
+        };
+        let hits: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(key))
+            .map(|e| e.path())
+            .collect();
+        match hits.as_slice() {
+            [] => Ok(false),
+            [one] => {
+                std::fs::remove_dir_all(one).map_err(Error::io("removing", one))?;
+                Ok(true)
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "{key:?} names {} templates",
+                hits.len()
+            ))),
+        }
+    }
+
+    /// Removes what no VM can use again: templates made from files that
+    /// have changed since, and builds their builder left (older than an
+    /// hour: a build takes seconds). Returns how many went.
+    pub fn prune(&self) -> usize {
+        let mut gone = 0;
+        for (m, stale) in self.list() {
+            if stale && std::fs::remove_dir_all(self.dir(&m.key)).is_ok() {
+                tracing::info!(template = &m.key[..12], "removed a stale template");
+                gone += 1;
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return gone;
+        };
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+            if e.file_name().to_string_lossy().starts_with(".build-")
+                && old
+                && std::fs::remove_dir_all(e.path()).is_ok()
+            {
+                gone += 1;
+            }
+        }
+        gone
     }
 
     /// Removes template `dir` (one husk-vmm refused): the next use builds it
@@ -124,29 +278,47 @@ impl Templates {
         }
     }
 
-    async fn build(&self, key: &str, spec: &VmSpec, hypervisor: &dyn Hypervisor) -> Result<()> {
+    async fn build(
+        &self,
+        mut meta: Meta,
+        spec: &VmSpec,
+        hypervisor: &dyn Hypervisor,
+    ) -> Result<()> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.root)
             .map_err(Error::io("creating", &self.root))?;
+        self.prune();
+        let key = meta.key.clone();
         let suffix = crate::layout::random_id();
         let building = self
             .root
             .join(format!(".build-{}-{}", &key[..12], &suffix[..8]));
         std::fs::create_dir(&building).map_err(Error::io("creating", &building))?;
-        let r = self.build_in(&building, key, spec, hypervisor).await;
+        meta.created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut r = self.build_in(&building, &key, spec, hypervisor).await;
+        if r.is_ok() {
+            let path = building.join(META_FILE);
+            r = serde_json::to_vec_pretty(&meta)
+                .map_err(std::io::Error::other)
+                .and_then(|text| std::fs::write(&path, text))
+                .map_err(Error::io("writing", &path));
+        }
         if r.is_err() {
             let _ = std::fs::remove_dir_all(&building);
             return r;
         }
         // First rename wins; a template another sandbox built meanwhile
         // is as good as ours.
-        if let Err(e) = std::fs::rename(&building, self.dir(key)) {
+        if let Err(e) = std::fs::rename(&building, self.dir(&key)) {
             let _ = std::fs::remove_dir_all(&building);
-            if !self.dir(key).join(husk_vmm::snapshot::STATE_FILE).exists() {
-                return Err(Error::io("renaming into place", self.dir(key))(e));
+            if !self.dir(&key).join(husk_vmm::snapshot::STATE_FILE).exists() {
+                return Err(Error::io("renaming into place", self.dir(&key))(e));
             }
         }
         Ok(())
@@ -160,12 +332,41 @@ impl Templates {
         hypervisor: &dyn Hypervisor,
     ) -> Result<()> {
         let started = std::time::Instant::now();
+        // NICs like the pod's, on taps no network reaches.
+        let scratch = if spec.nics.is_empty() {
+            None
+        } else {
+            Some(
+                tap::scratch(spec.nics.len())
+                    .await
+                    .map_err(|e| Error::Hypervisor(format!("the template's taps: {e}")))?,
+            )
+        };
+        let nics = match &scratch {
+            None => Vec::new(),
+            Some(s) => s
+                .taps
+                .iter()
+                .zip(&spec.nics)
+                .enumerate()
+                .map(|(i, (t, pod))| -> Result<NetDevice> {
+                    Ok(NetDevice {
+                        tap: Arc::new(
+                            t.try_clone()
+                                .map_err(Error::io("duplicating", "a template tap"))?,
+                        ),
+                        mac: template_mac(i),
+                        mtu: pod.mtu,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
         let vm = VmSpec {
             // The key's shape, nothing of a pod's.
             share: spec.has_share(),
             binds: Vec::new(),
             overlays: Vec::new(),
-            nics: Vec::new(),
+            nics,
             detach: false,
             snapshot_to: Some(building.to_path_buf()),
             restore_from: None,
@@ -291,5 +492,118 @@ mod tests {
             ..spec.clone()
         })
         .is_err());
+    }
+
+    fn nic(mtu: u32) -> NetDevice {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        NetDevice {
+            tap: Arc::new(f.into()),
+            mac: "02:00:00:00:00:09".into(),
+            mtu,
+        }
+    }
+
+    #[test]
+    fn nics_are_part_of_the_shape_by_number_and_mtu_not_by_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, n).unwrap();
+            p
+        };
+        let spec = VmSpec {
+            kernel: file("vmlinux"),
+            initramfs: file("initramfs"),
+            vmm: Some(file("husk-vmm")),
+            ..VmSpec::default()
+        };
+        let none = key(&spec).unwrap();
+        let one = key(&VmSpec {
+            nics: vec![nic(1500)],
+            ..spec.clone()
+        })
+        .unwrap();
+        let mut other_mac = nic(1500);
+        other_mac.mac = "0a:00:00:00:00:01".into();
+        assert_eq!(
+            one,
+            key(&VmSpec {
+                nics: vec![other_mac],
+                ..spec.clone()
+            })
+            .unwrap()
+        );
+        for other in [vec![nic(1450)], vec![nic(1500), nic(1500)]] {
+            let k = key(&VmSpec {
+                nics: other,
+                ..spec.clone()
+            })
+            .unwrap();
+            assert_ne!(k, one);
+            assert_ne!(k, none);
+        }
+        assert_ne!(one, none);
+        // Template MACs are distinct per NIC and locally administered.
+        assert_ne!(template_mac(0), template_mac(1));
+        assert!(template_mac(0).starts_with("02:"));
+    }
+
+    #[test]
+    fn templates_are_listed_removed_by_prefix_and_pruned_when_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, n).unwrap();
+            p
+        };
+        let spec = VmSpec {
+            kernel: file("vmlinux"),
+            initramfs: file("initramfs"),
+            vmm: Some(file("husk-vmm")),
+            ..VmSpec::default()
+        };
+        let t = Templates::new(dir.path().join("templates"));
+        assert!(t.list().is_empty());
+        assert_eq!(t.prune(), 0);
+        let place = |m: &Meta| {
+            let d = t.dir(&m.key);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(META_FILE), serde_json::to_vec(m).unwrap()).unwrap();
+        };
+        let a = Meta::of(&spec).unwrap();
+        let b = Meta::of(&VmSpec {
+            vcpus: 2,
+            ..spec.clone()
+        })
+        .unwrap();
+        place(&a);
+        place(&b);
+        // A directory under another template's name is not listed.
+        let mut forged = a.clone();
+        forged.key = "f".repeat(64);
+        std::fs::create_dir_all(t.dir(&b.key[..10])).unwrap();
+        std::fs::write(
+            t.dir(&b.key[..10]).join(META_FILE),
+            serde_json::to_vec(&forged).unwrap(),
+        )
+        .unwrap();
+        let listed = t.list();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert!(listed.iter().all(|(_, stale)| !stale));
+        // Keys: hex, 4 digits or more, unique.
+        assert!(t.remove("../x").is_err());
+        assert!(t.remove("ab").is_err());
+        assert!(!t.remove("0000000000").unwrap() || a.key.starts_with("0000000000"));
+        std::fs::remove_dir_all(t.dir(&b.key[..10])).unwrap();
+        assert!(t.remove(&b.key[..8]).unwrap());
+        assert_eq!(t.list().len(), 1);
+        // A rebuilt kernel: the template can never be resumed; prune removes it.
+        assert_eq!(t.prune(), 0);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&spec.kernel, "rebuilt").unwrap();
+        assert!(t.list()[0].1, "not stale after its kernel changed");
+        assert_eq!(t.prune(), 1);
+        assert!(t.list().is_empty());
+        assert!(!t.dir(&a.key).exists());
     }
 }

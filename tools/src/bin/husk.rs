@@ -21,6 +21,9 @@
 //!   husk rm [-f] ID...         remove stopped (with -f: running) containers
 //!   husk vm boot [--cpus N] [--memory MIB] [--keep]   boot a VM, show what the guest sees
 //!   husk vm stop ID            stop a VM left running with --keep
+//!   husk template build [--cpus N] [--memory MIB] [--network bridge|none]
+//!                              build the VM template such runs resume from
+//!   husk template ls [-q] | rm [--all] KEY... | prune   list, remove templates
 //!
 //! Containers are kept after they end (docker's model) in
 //! `<storage_root>/containers/<id>/` until `husk rm` (or `--rm`). A
@@ -43,6 +46,8 @@ use clap::{Parser, Subcommand};
 mod containers;
 #[path = "husk/images.rs"]
 mod images;
+#[path = "husk/templates.rs"]
+mod templates;
 use husk_runtime::config::Config;
 use husk_runtime::container::Endpoint;
 use husk_runtime::hypervisor::{Bind, Overlay};
@@ -163,6 +168,42 @@ enum Cmd {
     /// Husk on this host, as docker's `system` verbs.
     #[command(subcommand)]
     System(SystemCmd),
+    /// VM templates: a VM booted once to its agent and snapshotted, which
+    /// runs of the same shape resume instead of booting.
+    #[command(subcommand)]
+    Template(TemplateCmd),
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Build (again) the template `husk run` with these flags resumes.
+    Build {
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        /// "bridge" (one NIC) or "none".
+        #[arg(long, default_value = "bridge")]
+        network: String,
+    },
+    /// List templates.
+    Ls {
+        /// Only keys.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove templates (a key's first digits will do).
+    Rm {
+        /// Every template.
+        #[arg(long, conflicts_with = "keys")]
+        all: bool,
+        #[arg(required_unless_present = "all")]
+        keys: Vec<String>,
+    },
+    /// Remove templates no VM can use again (made from a husk-vmm, kernel
+    /// or initramfs that has changed since).
+    Prune,
 }
 
 #[derive(Subcommand)]
@@ -254,6 +295,10 @@ struct RunArgs {
     /// "bridge" (husk0, NAT to the outside; the default) or "none" (lo only).
     #[arg(long, default_value = "bridge")]
     network: String,
+    /// Boot the VM instead of resuming it from a template (`template` in
+    /// /etc/husk/config.toml says what runs do by default).
+    #[arg(long)]
+    no_template: bool,
     /// IMAGE [COMMAND [ARG...]]; with --rootfs, COMMAND [ARG...].
     #[arg(
         trailing_var_arg = true,
@@ -798,6 +843,7 @@ async fn run(a: RunArgs) -> Result<i32> {
         auto_remove: a.rm,
         network: Some(a.network.clone()),
         publish,
+        no_template: a.no_template,
     };
     dir.save_record(&rec)?;
     dir.save_state(&containers::RunState::default())?;
@@ -1022,7 +1068,7 @@ async fn boot_on(
         // container's: guest RAM and husk's own overhead, no more.
         cgroup: Some(cgroup::cli_vm_path(&rec.id)),
         cgroup_limits: Some(cgroup::Limits::for_vm(rec.memory_mib)),
-        template: cfg.template,
+        template: cfg.template && !rec.no_template,
         ..Default::default()
     };
     let oom = Arc::new(OomSeen::default());
@@ -1450,6 +1496,9 @@ enum VmCmd {
         /// Leave the VM running and say how to reach it.
         #[arg(long)]
         keep: bool,
+        /// Boot it even when a template could be resumed.
+        #[arg(long)]
+        no_template: bool,
     },
     /// Shut down a VM left running by `vm boot --keep`.
     Stop { id: String },
@@ -1492,6 +1541,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             memory,
             boot_timeout,
             keep,
+            no_template,
         }) => {
             let cfg = Config::load_cli()?;
             let spec = SandboxSpec {
@@ -1504,6 +1554,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
                 },
                 hostname: None,
                 forward_vmm_log: false,
+                template: cfg.template && !no_template,
                 ..Default::default()
             };
             let id = layout::random_id();
@@ -1521,6 +1572,17 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             println!("kernel:    {}", d.kernel_version);
             println!("cpus:      {} ({})", d.online_cpu_count, d.online_cpus);
             println!("memory:    {} KiB", d.memory_total_kib);
+            match sb.from_template() {
+                Some(t) => println!(
+                    "start:     resumed from template {}",
+                    t.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .get(..12)
+                        .unwrap_or("?")
+                ),
+                None => println!("start:     booted"),
+            }
             if keep {
                 let l = sb.layout();
                 println!("running:   husk-vmm pid {}", sb.vmm_pid());
@@ -1547,6 +1609,22 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Run(a) => run(a).await,
+        Cmd::Template(TemplateCmd::Build {
+            cpus,
+            memory,
+            network,
+        }) => {
+            let cfg = Config::load_cli()?;
+            templates::build(&cfg, cpus, memory, &network)
+                .await
+                .map(|()| 0)
+        }
+        Cmd::Template(TemplateCmd::Ls { quiet }) => templates::ls(quiet).map(|()| 0),
+        Cmd::Template(TemplateCmd::Rm { all, keys }) => templates::rm(&keys, all).map(|()| 0),
+        Cmd::Template(TemplateCmd::Prune) => {
+            templates::prune();
+            Ok(0)
+        }
         Cmd::Exec(a) => exec(a).await,
         Cmd::Ps { all, quiet } => ps(all, quiet).await.map(|()| 0),
         Cmd::Stop { time, ids } => stop(ids, time).await.map(|()| 0),

@@ -121,6 +121,11 @@ fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError
     move |source| NetError::Netlink { what, source }
 }
 
+/// The MTU of a container's NIC on the bridge network: a veth's default,
+/// which [`connect`] leaves as it is (`husk template build` shapes the
+/// CLI's template by it).
+pub const MTU: u32 = 1500;
+
 /// The host end of a container's veth: `hv` and 8 hex digits of its id's
 /// hash (names are at most 15 bytes).
 fn host_veth_name(id: &str) -> String {

@@ -59,6 +59,42 @@ pub fn create(name: &str) -> Result<OwnedFd, NetError> {
     Ok(tun.into())
 }
 
+/// Taps in a network namespace of their own that nothing else uses: a
+/// template's VM has NICs like the pods that will resume it, and nothing
+/// of any pod's network ([`crate::template`]). The namespace lives as long
+/// as this value holds its fd (a tap's fd alone does not keep it: the
+/// kernel unregisters a namespace's devices when its last holder goes), so
+/// however a build ends, namespace and taps go with the fds: nothing is
+/// left on the host to clean up.
+pub struct ScratchTaps {
+    _netns: OwnedFd,
+    pub taps: Vec<OwnedFd>,
+}
+
+/// Makes `count` taps (`husk-tpl<N>`) in a fresh network namespace.
+pub async fn scratch(count: usize) -> Result<ScratchTaps, NetError> {
+    super::netns::on_own_thread(
+        "husk-scratch-net",
+        || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetError::Invalid(format!("unshare(CLONE_NEWNET): {e}")))
+        },
+        move || async move {
+            let netns = std::fs::File::open("/proc/thread-self/ns/net")
+                .map_err(NetError::Socket)?
+                .into();
+            let taps = (0..count)
+                .map(|i| create(&format!("husk-tpl{i}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(ScratchTaps {
+                _netns: netns,
+                taps,
+            })
+        },
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

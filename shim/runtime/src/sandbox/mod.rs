@@ -50,8 +50,8 @@ pub struct SandboxSpec {
     /// own; a pod's is the kubelet's to limit).
     pub cgroup_limits: Option<cgroup::Limits>,
     /// Resume the VM from a template of its shape ([`crate::template`]),
-    /// built first if there is none, instead of booting it; a VM with NICs
-    /// or a template that does not restore boots cold (the log says why).
+    /// built first if there is none, instead of booting it; a template that
+    /// cannot be built or does not restore: a cold boot (the log says why).
     pub template: bool,
 }
 
@@ -174,36 +174,37 @@ impl Sandbox {
         events: Arc<dyn Events>,
     ) -> Result<Sandbox> {
         layout::check_id("sandbox", id)?;
+        let network = match &spec.netns {
+            Some(ns) => Some(PodNetwork::attach(ns).await?),
+            None => None,
+        };
         // Before the cgroup is joined: a template's VM is nobody's pod.
-        let template = match (spec.template, &spec.netns) {
-            (false, _) => None,
-            (true, Some(_)) => {
-                tracing::info!(sandbox = id, "no template for a VM with NICs: booting cold");
-                None
-            }
-            (true, None) => match Templates::default()
-                .get_or_build(&spec.vm, hypervisor)
-                .await
-            {
+        let template = if spec.template {
+            let shape = VmSpec {
+                nics: network
+                    .as_ref()
+                    .map(PodNetwork::devices)
+                    .unwrap_or_else(|| spec.vm.nics.clone()),
+                ..spec.vm.clone()
+            };
+            match Templates::default().get_or_build(&shape, hypervisor).await {
                 Ok(dir) => Some(dir),
                 Err(why) => {
                     tracing::warn!(sandbox = id, %why, "no template: booting cold");
                     None
                 }
-            },
+            }
+        } else {
+            None
         };
         let mut cg = match &spec.cgroup {
-            Some(p) => Some(cgroup::HostCgroup::join(p, spec.cgroup_limits)?),
-            None => None,
-        };
-        let network = match &spec.netns {
-            Some(ns) => match PodNetwork::attach(ns).await {
-                Ok(n) => Some(n),
+            Some(p) => match cgroup::HostCgroup::join(p, spec.cgroup_limits) {
+                Ok(c) => Some(c),
                 Err(e) => {
-                    if let Some(c) = cg.as_mut() {
-                        c.leave();
+                    if let Some(n) = network {
+                        n.detach().await;
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
             },
             None => None,
@@ -277,7 +278,9 @@ impl Sandbox {
             )?;
         let started = std::time::Instant::now();
         let vm_spec = VmSpec {
-            nics: network.map(PodNetwork::devices).unwrap_or_default(),
+            nics: network
+                .map(PodNetwork::devices)
+                .unwrap_or_else(|| spec.vm.nics.clone()),
             restore_from: template.map(Path::to_path_buf),
             ..spec.vm.clone()
         };
@@ -331,7 +334,14 @@ impl Sandbox {
         sb.vm_overlays = spec.vm.overlays.iter().map(|o| o.target.clone()).collect();
         sb.from_template = template.map(Path::to_path_buf);
         if let Some(hostname) = &spec.hostname {
-            let guest_net = network.map(PodNetwork::guest_network);
+            let mut guest_net = network.map(PodNetwork::guest_network);
+            if let (Some(net), Some(_)) = (guest_net.as_mut(), template) {
+                // The clone's NICs have the template's MACs until the
+                // agent gives them the pod's.
+                for (i, nic) in net.interfaces.iter_mut().enumerate() {
+                    nic.template_mac = crate::template::template_mac(i);
+                }
+            }
             if let Err(e) = sb.create_in_guest(hostname, guest_net, &spec.sysctls).await {
                 sb.shutdown().await;
                 return Err(e);

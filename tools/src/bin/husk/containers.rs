@@ -66,6 +66,9 @@ pub struct Record {
     /// `-p`: ports published on the host.
     #[serde(default)]
     pub publish: Vec<husk_runtime::network::bridge::Publish>,
+    /// `--no-template`: its VM boots, whatever the config says.
+    #[serde(default)]
+    pub no_template: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
