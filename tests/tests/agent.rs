@@ -86,4 +86,8 @@ fn containers_in_one_sandbox() {
 fn templates_resume_clones_with_their_own_clock_randomness_and_names() {
     let out = scenario::run("template", Duration::from_secs(500));
     assert!(out.contains("template: a cold boot took"), "{out}");
+    assert!(
+        out.contains("template: ten clones at once, all answering"),
+        "{out}"
+    );
 }

@@ -234,6 +234,9 @@ impl Hypervisor for HuskVmm {
                 )));
             }
         }
+        let t0 = std::time::Instant::now();
+        let phase =
+            |what: &str| tracing::debug!(ms = t0.elapsed().as_millis() as u64, "launch: {what}");
         let config = Self::vm_config(spec, layout);
         // The VMM checks it again; checking here gives the caller a clear
         // error before anything starts.
@@ -424,9 +427,11 @@ impl Hypervisor for HuskVmm {
                 Ok(())
             });
         }
+        phase("prepared");
         let mut child = cmd
             .spawn()
             .map_err(|e| Error::Hypervisor(format!("starting {}: {e}", vmm.display())))?;
+        phase("spawned");
         drop(ready_w);
         drop(tap_dups);
         let pid = child
@@ -471,6 +476,7 @@ impl Hypervisor for HuskVmm {
             let status = child.wait().await.ok();
             exit_tx.send_replace(status.or_else(failed_status));
         });
+        phase("ready signal");
         match ready {
             Ok(Ok(Ok(true))) => {}
             Ok(Ok(Ok(false))) | Ok(Ok(Err(_))) | Ok(Err(_)) => {
