@@ -32,10 +32,12 @@ fail() {
 
 SCRIPT=
 BINDS=
+TEMPLATES=0
 for p in $(cat /proc/cmdline); do
     case $p in
         husk_testhost.script=*) SCRIPT=${p#*=} ;;
         husk_testhost.binds=*) BINDS=${p#*=} ;;
+        husk_testhost.templates=*) TEMPLATES=${p#*=} ;;
     esac
 done
 [ -n "$SCRIPT" ] || fail "no husk_testhost.script= on the command line"
@@ -67,6 +69,12 @@ for d in etc var root; do
     mount -t overlay overlay -o lowerdir=/host/$d,upperdir=/rw/$d/upper,workdir=/rw/$d/work $R/$d \
         || fail "overlay on /$d"
 done
+# The runtime's VM templates, shared with the next test hosts (writable:
+# the one host directory an L2 writes to; see docs/testhost.md).
+if [ "$TEMPLATES" = 1 ]; then
+    mkdir -p $R/var/lib/husk/templates
+    mount -t virtiofs templates $R/var/lib/husk/templates || fail "mounting the shared templates"
+fi
 mkdir -p $R/proc $R/sys $R/dev $R/tmp $R/run
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys

@@ -49,6 +49,19 @@ pub struct Spec {
     pub binds: Vec<PathBuf>,
     /// No heartbeat from the L2 for this long: it has wedged; start it again.
     pub wedge_after: Duration,
+    /// A host directory shown writable at `/var/lib/husk/templates` inside
+    /// (the runtime's VM templates): one test host's templates serve the
+    /// next, as they would on one machine, instead of each L2 building its
+    /// own. `None`: the L2's own, gone with it.
+    pub templates: Option<PathBuf>,
+}
+
+/// Where test hosts keep the VM templates they share: beside the kernel
+/// cache. Templates are keyed by the files they were made from, so
+/// checkouts never use each other's, and those of a checkout that has gone
+/// are pruned by the next template build.
+pub fn default_templates_dir() -> PathBuf {
+    husk_guest_image::kernel::default_cache_root().join("testhost-templates")
 }
 
 impl Spec {
@@ -61,6 +74,7 @@ impl Spec {
             echo: true,
             binds: Vec::new(),
             wedge_after: WEDGE_AFTER,
+            templates: Some(default_templates_dir()),
         }
     }
 
@@ -351,6 +365,41 @@ struct Attempt<'a> {
     console: &'a Path,
 }
 
+/// virtiofsd serving `dir` on `sock`; up once its socket is.
+fn spawn_virtiofsd(sock: &Path, dir: &Path, readonly: bool) -> Result<Guard, RunError> {
+    let mut vfs = Command::new(virtiofsd_path());
+    vfs.arg("--socket-path")
+        .arg(sock)
+        .arg("--shared-dir")
+        .arg(dir)
+        .args(["--sandbox", "none", "--cache", "auto"])
+        .args(["--log-level", "error"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if readonly {
+        vfs.arg("--readonly");
+    }
+    let mut guard = Guard::spawn("virtiofsd", &mut vfs)?;
+    let sock_deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if let Ok(Some(s)) = guard.child.try_wait() {
+            return Err(RunError::Setup(anyhow::anyhow!(
+                "virtiofsd ({}) exited at start: {s}",
+                dir.display()
+            )));
+        }
+        if Instant::now() > sock_deadline {
+            return Err(RunError::Setup(anyhow::anyhow!(
+                "virtiofsd ({}) made no socket in 10 s",
+                dir.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(guard)
+}
+
 /// How long the L2 may take to say it is up (it takes ~3-10 s).
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -422,43 +471,25 @@ fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<
         sock,
         console,
     } = *ctx;
-    let mut vfs = Command::new(virtiofsd_path());
-    vfs.arg("--socket-path")
-        .arg(sock)
-        .args([
-            "--shared-dir",
-            "/",
-            "--readonly",
-            "--sandbox",
-            "none",
-            "--cache",
-            "auto",
-        ])
-        .args(["--log-level", "error"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let mut virtiofsd = Guard::spawn("virtiofsd", &mut vfs)?;
-    let sock_deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        if let Ok(Some(s)) = virtiofsd.child.try_wait() {
-            return Err(RunError::Setup(anyhow::anyhow!(
-                "virtiofsd exited at start: {s}"
-            )));
+    let virtiofsd = spawn_virtiofsd(sock, Path::new("/"), true)?;
+    // The shared templates, writable (made here first: virtiofsd serves
+    // only a directory that exists).
+    let templates_sock = sock.with_file_name("templates.sock");
+    let templates = match &spec.templates {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating {}", dir.display()))
+                .map_err(RunError::Setup)?;
+            Some(spawn_virtiofsd(&templates_sock, dir, false)?)
         }
-        if Instant::now() > sock_deadline {
-            return Err(RunError::Setup(anyhow::anyhow!(
-                "virtiofsd made no socket in 10 s"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-
+        None => None,
+    };
     let binds = bind_list(spec)?;
     let mem = format!("{}M", spec.memory_mib);
     let append = format!(
-        "console=ttyS0 loglevel=4 panic=-1 mitigations=off husk_testhost.script={} husk_testhost.binds={binds}",
-        script.display()
+        "console=ttyS0 loglevel=4 panic=-1 mitigations=off husk_testhost.script={} husk_testhost.binds={binds} husk_testhost.templates={}",
+        script.display(),
+        u8::from(templates.is_some())
     );
     let mut q = husk_guest_image::qemu::base_command();
     q
@@ -484,8 +515,15 @@ fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<
             "-chardev",
             &format!("socket,id=vfs,path={}", sock.display()),
         ])
-        .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"])
-        .args(["-serial", &format!("file:{}", console.display())])
+        .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"]);
+    if templates.is_some() {
+        q.args([
+            "-chardev",
+            &format!("socket,id=tpl,path={}", templates_sock.display()),
+        ])
+        .args(["-device", "vhost-user-fs-pci,chardev=tpl,tag=templates"]);
+    }
+    q.args(["-serial", &format!("file:{}", console.display())])
         .args([
             "-chardev",
             "stdio,id=out,signal=off",
@@ -521,7 +559,7 @@ fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<
             // Output lines arrive faster than the console needs a look.
         } else if let Some(sign) = look(console, spec.wedge_after, up, &mut beats, &mut last_beat) {
             drop(qemu);
-            drop(virtiofsd);
+            drop((virtiofsd, templates));
             return Err(sign.into_error(output, tail(console, 40)));
         } else {
             looked = Some(Instant::now());
@@ -543,7 +581,7 @@ fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) if !up => {
                 drop(qemu);
-                drop(virtiofsd);
+                drop((virtiofsd, templates));
                 return Err(RunError::NeverStarted {
                     waited: UP_TIMEOUT.min(spec.timeout),
                     console: tail(console, 40),
@@ -552,7 +590,7 @@ fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 drop(qemu);
-                drop(virtiofsd);
+                drop((virtiofsd, templates));
                 return Err(RunError::Timeout {
                     timeout: spec.timeout,
                     output,
@@ -564,7 +602,7 @@ fn attempt(spec: &Spec, mode: &Mode, ctx: &Attempt, started: Instant) -> Result<
     // The VM powers itself off after the marker; give it a moment, then insist.
     let vm_status = qemu.wait_timeout(Duration::from_secs(10));
     drop(qemu);
-    drop(virtiofsd);
+    drop((virtiofsd, templates));
     let stderr = stderr_reader.join().unwrap_or_default();
     match status {
         Some(status) => Ok(Outcome {
