@@ -59,6 +59,9 @@ H=./target/debug/husk
 B="bounded 150 $H"
 $B run --rootfs /tmp/rootfs -v /tmp/vol:/data -v /tmp/vol:/ro:ro -- sh -c 'cat /data/in; echo from-guest > /data/out; touch /ro/x 2>/dev/null || echo ro-refused'
 echo "host sees: $(cat /tmp/vol/out)"
+# A setuid file made on a volume (a host directory) is not setuid on the host.
+$B run --rootfs /tmp/rootfs -v /tmp/vol:/data -- sh -c 'cp /bin/busybox /data/sx && chmod 6755 /data/sx; stat -c "guest-mode=%a" /data/sx'
+stat -c "host-mode=%a" /tmp/vol/sx
 $B run --rootfs /tmp/rootfs -- sh -c 'echo layered > /etc/new && cat /etc/new'
 test -e /tmp/rootfs/etc/new && echo rootfs=changed || echo rootfs=untouched
 $B run --rootfs /tmp/rootfs -- sh -c 'grep CapEff /proc/self/status' | sed 's/\t/ /g' 
@@ -93,6 +96,8 @@ find /sys/fs/cgroup -mindepth 2 -maxdepth 3 -type d -path '*/husk/*' | wc -l | s
         "from-host\n",
         "ro-refused",
         "host sees: from-guest",
+        // setuid and setgid cleared on a host directory, for both sides.
+        "guest-mode=755\nhost-mode=755\n",
         "layered\n",
         "rootfs=untouched",
         // Docker's default capability set, nothing more.
@@ -162,7 +167,7 @@ H=./target/debug/husk
 B="bounded 150 $H"
 $B run --rm $I 2>/tmp/pull.err; echo "code default=$?"
 grep -o "Unable to find image '$I' locally" /tmp/pull.err | sed 's/^/pull-note=/'
-$B run --rm $I sh -c 'test -e /etc/gone || echo whiteout-hides; echo "opq=$(ls /opq | tr "\n" " ")"; echo "opaque=$(ls /opaque | tr "\n" " ")"; cat /etc/motd; echo written > /data/new; cat /data/new; stat -c "suid=%a" /bin/suid'
+$B run --rm $I sh -c 'test -e /etc/gone || echo whiteout-hides; echo "opq=$(ls /opq | tr "\n" " ")"; echo "opaque=$(ls /opaque | tr "\n" " ")"; cat /etc/motd; echo written > /data/new; cat /data/new; stat -c "suid=%a" /bin/suid; cp /bin/busybox /bin/made-suid && chmod 4755 /bin/made-suid && stat -c "made-suid=%a" /bin/made-suid'
 $B run --rm $I sh -c 'test -e /data/new && echo leaked || echo fresh-layer'
 $B run --rm -u app $I sh -c 'echo "user=$(id -u):$(id -g) home=$(pwd)"'
 $B run --rm -u app:group7 $I id -g | sed 's/^/group=/'
@@ -232,6 +237,8 @@ kill $REG
         "hello-from-image",
         "written\n",
         "suid=4755",
+        // Made in the container's writable layer (an overlay): kept.
+        "made-suid=4755",
         "fresh-layer",
         "user=1000:1001 home=/data",
         "group=7",

@@ -195,11 +195,94 @@ struct Held {
     handles: HashSet<u64>,
 }
 
+/// Where the guest may make files setuid or setgid on the host: only on
+/// overlay file systems, which is what a container's writable layer is
+/// (containerd's snapshot, the CLI's image overlay), whose files no host
+/// user reaches. Anything else in the share is a bind of a host directory
+/// (a volume, a hostPath), where a setuid-root file the guest made would
+/// be one on the host's own file system, runnable by whoever reaches it
+/// there: the bits are cleared, as on a `nosuid` upload. A directory keeps
+/// its setgid bit (group inheritance, no privilege).
+///
+/// The file system of an inode is named by its device number; which devices
+/// are overlays comes from husk-vmm's own `/proc/self/mountinfo` (opened
+/// before the jail), read again whenever an unknown device shows up (a
+/// container made after boot).
+struct SetidPolicy {
+    mountinfo: Option<std::fs::File>,
+    /// Device number -> on an overlay. Bounded: cleared when full.
+    known: HashMap<u64, bool>,
+}
+
+/// The most devices [`SetidPolicy`] remembers.
+const MAX_KNOWN_DEVICES: usize = 4096;
+
+impl SetidPolicy {
+    fn new() -> Self {
+        SetidPolicy {
+            mountinfo: std::fs::File::open("/proc/self/mountinfo").ok(),
+            known: HashMap::new(),
+        }
+    }
+
+    /// Whether files on device `dev` may keep setuid/setgid bits.
+    fn allows(&mut self, dev: u64) -> bool {
+        if let Some(&b) = self.known.get(&dev) {
+            return b;
+        }
+        let overlays = self.read_overlays();
+        if self.known.len() >= MAX_KNOWN_DEVICES {
+            self.known.clear();
+        }
+        let b = overlays.contains(&dev);
+        self.known.insert(dev, b);
+        b
+    }
+
+    fn read_overlays(&mut self) -> HashSet<u64> {
+        use std::io::{Read, Seek};
+        let Some(f) = self.mountinfo.as_mut() else {
+            return HashSet::new();
+        };
+        let mut text = String::new();
+        if f.rewind().is_err() || f.read_to_string(&mut text).is_err() {
+            return HashSet::new();
+        }
+        overlay_devices(&text)
+    }
+}
+
+/// The device numbers of the overlay mounts in a mountinfo text
+/// (`ID PARENT MAJOR:MINOR ROOT POINT OPTIONS [TAGS...] - FSTYPE ...`).
+pub(super) fn overlay_devices(mountinfo: &str) -> HashSet<u64> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            if right.split_whitespace().next()? != "overlay" {
+                return None;
+            }
+            let (major, minor) = left.split_whitespace().nth(2)?.split_once(':')?;
+            Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `mode` without the setuid bit, and without setgid unless a directory.
+fn without_setid(mode: u32) -> u32 {
+    if mode & libc::S_IFMT == libc::S_IFDIR {
+        mode & !libc::S_ISUID
+    } else {
+        mode & !(libc::S_ISUID | libc::S_ISGID)
+    }
+}
+
 /// The jailed passthrough file system.
 pub struct Jail {
     inner: PassthroughFs<()>,
     limits: FsLimits,
     held: Mutex<Held>,
+    setid: Mutex<SetidPolicy>,
 }
 
 impl Jail {
@@ -239,7 +322,35 @@ impl Jail {
             inner: PassthroughFs::new(config)?,
             limits: cfg.limits.unwrap_or_else(FsLimits::for_this_process),
             held: Mutex::new(Held::default()),
+            setid: Mutex::new(SetidPolicy::new()),
         })
+    }
+
+    /// The permission bits of `mode` (a `kind`: `S_IFREG`, `S_IFDIR`, ...)
+    /// as the host may store them for a file made in, or being, `inode`
+    /// (see [`SetidPolicy`]).
+    fn host_mode(&self, ctx: &Context, inode: u64, kind: u32, mode: u32) -> io::Result<u32> {
+        if mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+            return Ok(mode);
+        }
+        let (st, _) = self.inner.getattr(ctx, inode, None)?;
+        let allowed = self
+            .setid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allows(st.st_dev);
+        if allowed {
+            return Ok(mode);
+        }
+        let kept =
+            (mode & libc::S_IFMT) | (without_setid(kind | (mode & !libc::S_IFMT)) & !libc::S_IFMT);
+        if kept != mode {
+            crate::debug_limited!(
+                mode,
+                "virtio-fs: setuid/setgid bits cleared outside an overlay"
+            );
+        }
+        Ok(kept)
     }
 
     pub fn limits(&self) -> FsLimits {
@@ -410,6 +521,13 @@ impl FileSystem for Jail {
             );
             return Err(eperm());
         }
+        let mut attr = attr;
+        if valid.contains(SetattrValid::MODE) && attr.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+        {
+            // The inode's own type decides what a directory keeps.
+            let (st, _) = self.inner.getattr(ctx, inode, handle)?;
+            attr.st_mode = self.host_mode(ctx, inode, st.st_mode & libc::S_IFMT, attr.st_mode)?;
+        }
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -455,6 +573,7 @@ impl FileSystem for Jail {
             return Err(eperm());
         }
         self.room_for_inode()?;
+        let mode = self.host_mode(ctx, parent, mode & libc::S_IFMT, mode)?;
         let _umask = UmaskGuard::zero();
         self.made(ctx, self.inner.mknod(ctx, parent, name, mode, rdev, umask))
     }
@@ -469,6 +588,7 @@ impl FileSystem for Jail {
     ) -> io::Result<Entry> {
         check_name(name)?;
         self.room_for_inode()?;
+        let mode = self.host_mode(ctx, parent, libc::S_IFDIR, mode)?;
         let _umask = UmaskGuard::zero();
         self.made(ctx, self.inner.mkdir(ctx, parent, name, mode, umask))
     }
@@ -536,6 +656,7 @@ impl FileSystem for Jail {
         // The passthrough creates with O_CREAT | O_EXCL, which already refuses a
         // final symlink; O_NOFOLLOW keeps that true whatever the flags become.
         args.flags |= libc::O_NOFOLLOW as u32;
+        args.mode = self.host_mode(ctx, parent, libc::S_IFREG, args.mode)?;
         let excl = libc::O_EXCL as u32;
         let created = {
             let _umask = UmaskGuard::zero();

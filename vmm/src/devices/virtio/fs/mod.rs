@@ -88,9 +88,17 @@
 //!
 //! What stays the host's business: hard links or bind mounts that the host itself
 //! placed inside the share, and host processes that move directories out of it
-//! while the guest runs. Files the guest makes setuid stay setuid on the host
-//! (containers need them inside the guest), so the share should live on a
-//! `nosuid,nodev` mount (`/run` usually is).
+//! while the guest runs.
+//!
+//! - **Setuid and setgid only in writable layers.** A container's writable
+//!   layer is an overlay (containerd's snapshot, the CLI's image overlay):
+//!   files made setuid there keep the bit (`apt install sudo` in a
+//!   container works) and no host user reaches them. Anywhere else in the
+//!   share is a bind of a host directory (a volume, a hostPath), where a
+//!   setuid-root file would be one on the host's file system: CREATE,
+//!   MKNOD and SETATTR clear `S_ISUID` and `S_ISGID` there (a directory
+//!   keeps setgid, which only passes its group on). Which devices are
+//!   overlays comes from husk-vmm's `/proc/self/mountinfo`.
 //!
 //! # Threads, credentials, umask
 //!

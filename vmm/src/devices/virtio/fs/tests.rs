@@ -539,6 +539,86 @@ fn guest_writes_land_on_the_host() {
     assert!(!dir.path().join("mem").exists() && !dir.path().join("sda").exists());
 }
 
+/// Setuid and setgid bits the guest asks for on a host file system that is
+/// not an overlay (a volume) are cleared, in CREATE, MKNOD, MKDIR (a
+/// directory keeps setgid) and SETATTR; on an overlay (a container's
+/// writable layer) they are kept. The share here is a plain directory; on a
+/// machine whose /tmp is an overlay the bits must be kept instead.
+#[test]
+fn setid_bits_are_kept_only_on_overlays() {
+    let dir = share();
+    let mem = memory();
+    let mut g = Guest::new(&mem, dir.path());
+    g.init();
+    let dev = std::fs::metadata(dir.path()).unwrap().dev();
+    let on_overlay =
+        super::jail::overlay_devices(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
+            .contains(&dev);
+    let host_mode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().mode() & 0o7777;
+    let want = |asked: u32, cleared: u32| if on_overlay { asked } else { cleared };
+
+    g.create(ROOT, "suid", libc::O_WRONLY | libc::O_CREAT, 0o104755)
+        .unwrap();
+    assert_eq!(host_mode("suid"), want(0o4755, 0o755));
+    let node = MknodIn {
+        mode: libc::S_IFREG | 0o2755,
+        ..Default::default()
+    };
+    g.obj::<EntryOut>(MKNOD, ROOT, &cat(&[node.as_slice(), &c("sgid")]))
+        .unwrap();
+    assert_eq!(host_mode("sgid"), want(0o2755, 0o755));
+    let m = MkdirIn {
+        mode: 0o6775,
+        umask: 0,
+    };
+    let d = g
+        .obj::<EntryOut>(MKDIR, ROOT, &cat(&[m.as_slice(), &c("shared")]))
+        .unwrap();
+    // mkdir(2) itself takes no setid bits on Linux.
+    assert_eq!(host_mode("shared"), 0o775);
+    let attr = SetattrIn {
+        valid: 1, // FATTR_MODE
+        mode: libc::S_IFDIR | 0o6775,
+        ..Default::default()
+    };
+    g.setattr(d.nodeid, attr).unwrap();
+    assert_eq!(host_mode("shared"), want(0o6775, 0o2775));
+    // chmod u+s, g+s of a file the guest made plain.
+    let (e, _) = g
+        .create(ROOT, "plain", libc::O_WRONLY | libc::O_CREAT, 0o100755)
+        .unwrap();
+    let attr = SetattrIn {
+        valid: 1, // FATTR_MODE
+        mode: libc::S_IFREG | 0o6755,
+        ..Default::default()
+    };
+    let out = g.setattr(e.nodeid, attr).unwrap();
+    assert_eq!(host_mode("plain"), want(0o6755, 0o755));
+    assert_eq!(out.attr.mode & 0o7777, want(0o6755, 0o755));
+    // Modes without the bits are the guest's exactly.
+    let attr = SetattrIn {
+        valid: 1, // FATTR_MODE
+        mode: libc::S_IFREG | 0o1700,
+        ..Default::default()
+    };
+    g.setattr(e.nodeid, attr).unwrap();
+    assert_eq!(host_mode("plain"), 0o1700);
+}
+
+#[test]
+fn overlay_mounts_are_found_by_device() {
+    let text = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+90 27 0:61 / /run/husk/x/shared/c/rootfs rw,relatime shared:5 - overlay overlay rw,lowerdir=/a,upperdir=/b,workdir=/w
+91 27 0:62 / /run/husk/x/shared/c/volumes/0 rw - tmpfs tmpfs rw
+bad line
+92 27 0:x / /y rw - overlay overlay rw
+";
+    let found = super::jail::overlay_devices(text);
+    assert_eq!(found.len(), 1);
+    assert!(found.contains(&libc::makedev(0, 61)));
+}
+
 fn current_umask() -> libc::mode_t {
     // SAFETY: umask swaps an integer; the old value is put straight back.
     unsafe {
