@@ -51,6 +51,11 @@ pub fn templates_root() -> PathBuf {
         .unwrap_or_else(|| Path::new(crate::config::DEFAULT_STORAGE_ROOT).join("templates"))
 }
 
+/// The most templates kept: one per shape, and a cluster whose pods ask
+/// for many sizes would otherwise leave one (tens of MB of disk) per size.
+/// Past it, the least recently used go when the next is built.
+pub const MAX_TEMPLATES: usize = 16;
+
 /// How long a template's husk-vmm has to write its snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -173,6 +178,11 @@ impl Templates {
         let meta = Meta::of(spec)?;
         let dir = self.dir(&meta.key);
         if dir.join(husk_vmm::snapshot::STATE_FILE).exists() {
+            // Its last use, for the eviction past MAX_TEMPLATES.
+            let _ = std::fs::File::options()
+                .write(true)
+                .open(dir.join(META_FILE))
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             return Ok(dir);
         }
         self.build(meta.clone(), spec, hypervisor)
@@ -242,10 +252,35 @@ impl Templates {
     /// have changed since, and builds their builder left (older than an
     /// hour: a build takes seconds). Returns how many went.
     pub fn prune(&self) -> usize {
+        self.prune_to(usize::MAX)
+    }
+
+    /// [`Templates::prune`], then the least recently used templates until
+    /// at most `keep` are left.
+    fn prune_to(&self, keep: usize) -> usize {
         let mut gone = 0;
+        let mut live = Vec::new();
         for (m, stale) in self.list() {
-            if stale && std::fs::remove_dir_all(self.dir(&m.key)).is_ok() {
-                tracing::info!(template = &m.key[..12], "removed a stale template");
+            if stale {
+                if std::fs::remove_dir_all(self.dir(&m.key)).is_ok() {
+                    tracing::info!(template = &m.key[..12], "removed a stale template");
+                    gone += 1;
+                }
+            } else {
+                let used = std::fs::metadata(self.dir(&m.key).join(META_FILE))
+                    .and_then(|md| md.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                live.push((used, m.key));
+            }
+        }
+        live.sort();
+        let excess = live.len().saturating_sub(keep);
+        for (_, key) in live.into_iter().take(excess) {
+            if std::fs::remove_dir_all(self.dir(&key)).is_ok() {
+                tracing::info!(
+                    template = &key[..12],
+                    "removed the least recently used template"
+                );
                 gone += 1;
             }
         }
@@ -290,7 +325,8 @@ impl Templates {
             .mode(0o700)
             .create(&self.root)
             .map_err(Error::io("creating", &self.root))?;
-        self.prune();
+        // Room for this one.
+        self.prune_to(MAX_TEMPLATES - 1);
         let key = meta.key.clone();
         let suffix = crate::layout::random_id();
         let building = self
@@ -605,5 +641,51 @@ mod tests {
         assert_eq!(t.prune(), 1);
         assert!(t.list().is_empty());
         assert!(!t.dir(&a.key).exists());
+    }
+
+    #[test]
+    fn past_the_most_templates_the_least_recently_used_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, n).unwrap();
+            p
+        };
+        let spec = VmSpec {
+            kernel: file("vmlinux"),
+            initramfs: file("initramfs"),
+            vmm: Some(file("husk-vmm")),
+            ..VmSpec::default()
+        };
+        let t = Templates::new(dir.path().join("templates"));
+        let base = std::time::SystemTime::now() - Duration::from_secs(1000);
+        let mut keys = Vec::new();
+        for i in 0..4u32 {
+            let m = Meta::of(&VmSpec {
+                memory_mib: 256 + i,
+                ..spec.clone()
+            })
+            .unwrap();
+            let d = t.dir(&m.key);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(META_FILE), serde_json::to_vec(&m).unwrap()).unwrap();
+            // Used in the order 2, 0, 3, 1 (oldest first).
+            let used = base + Duration::from_secs([10, 30, 0, 20][i as usize]);
+            std::fs::File::options()
+                .write(true)
+                .open(d.join(META_FILE))
+                .unwrap()
+                .set_modified(used)
+                .unwrap();
+            keys.push(m.key);
+        }
+        assert_eq!(t.prune_to(2), 2);
+        let left: Vec<String> = t.list().into_iter().map(|(m, _)| m.key).collect();
+        assert_eq!(left.len(), 2);
+        assert!(
+            left.contains(&keys[1]) && left.contains(&keys[3]),
+            "{left:?}"
+        );
+        assert_eq!(t.prune_to(2), 0);
     }
 }
