@@ -56,6 +56,12 @@ pub fn templates_root() -> PathBuf {
 /// Past it, the least recently used go when the next is built.
 pub const MAX_TEMPLATES: usize = 16;
 
+/// Clones in a row that ran but did not come up before their template goes.
+pub const CLONE_FAILURES: u32 = 3;
+
+/// Where a template counts them.
+const FAILURES_FILE: &str = "failures";
+
 /// How long a template's husk-vmm has to write its snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -310,6 +316,32 @@ impl Templates {
         if dir.parent() == Some(self.root.as_path()) {
             tracing::warn!(template = %dir.display(), "removing a template that did not restore");
             let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// A clone of template `dir` ran but did not come up. After
+    /// [`CLONE_FAILURES`] in a row the template goes (one whose clones
+    /// never come up would otherwise cost every sandbox a restore and a
+    /// cold boot).
+    pub fn clone_failed(&self, dir: &Path) {
+        let file = dir.join(FAILURES_FILE);
+        let n = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+            + 1;
+        if n >= CLONE_FAILURES {
+            self.discard(dir);
+        } else if dir.parent() == Some(self.root.as_path()) {
+            let _ = std::fs::write(&file, n.to_string());
+        }
+    }
+
+    /// A clone of template `dir` came up: its failures in a row are over.
+    pub fn clone_ran(&self, dir: &Path) {
+        let file = dir.join(FAILURES_FILE);
+        if file.exists() {
+            let _ = std::fs::remove_file(file);
         }
     }
 
@@ -641,6 +673,30 @@ mod tests {
         assert_eq!(t.prune(), 1);
         assert!(t.list().is_empty());
         assert!(!t.dir(&a.key).exists());
+    }
+
+    #[test]
+    fn a_template_goes_after_clones_fail_in_a_row_not_after_one() {
+        let root = tempfile::tempdir().unwrap();
+        let t = Templates::new(root.path());
+        let dir = t.dir(&"ab".repeat(32));
+        std::fs::create_dir_all(&dir).unwrap();
+        t.clone_failed(&dir);
+        t.clone_failed(&dir);
+        assert!(dir.exists());
+        // One that came up starts the count again.
+        t.clone_ran(&dir);
+        t.clone_failed(&dir);
+        t.clone_failed(&dir);
+        assert!(dir.exists());
+        t.clone_failed(&dir);
+        assert!(!dir.exists());
+        // Nothing outside the root is touched.
+        let outside = tempfile::tempdir().unwrap();
+        for _ in 0..CLONE_FAILURES {
+            t.clone_failed(outside.path());
+        }
+        assert!(outside.path().exists());
     }
 
     #[test]

@@ -218,17 +218,27 @@ impl Sandbox {
             template.as_deref(),
         )
         .await;
-        if let (Err(e), Some(dir)) = (&booted, &template) {
-            // Refused by husk-vmm (stale, corrupt), or a clone that did not
-            // come up: the template goes, this sandbox boots cold.
-            if matches!(
-                e,
-                Error::VmGone(_) | Error::Agent { .. } | Error::Hypervisor(_)
-            ) {
-                tracing::warn!(sandbox = id, error = %e, "restoring the template failed: booting cold");
-                Templates::default().discard(dir);
-                booted = Self::boot_vm(id, spec, network.as_ref(), hypervisor, events, None).await;
+        match (&booted, &template) {
+            (Err(e), Some(dir)) => {
+                // Refused by husk-vmm before the guest ran (stale, corrupt,
+                // gone): the template goes. A clone that ran and did not come
+                // up (its guest crashed, its agent did not answer) says less
+                // about the template: it goes after a few such in a row.
+                // Either way this sandbox boots cold.
+                let refused = matches!(e, Error::Hypervisor(_));
+                if refused || matches!(e, Error::VmGone(_) | Error::Agent { .. }) {
+                    tracing::warn!(sandbox = id, error = %e, "restoring the template failed: booting cold");
+                    if refused {
+                        Templates::default().discard(dir);
+                    } else {
+                        Templates::default().clone_failed(dir);
+                    }
+                    booted =
+                        Self::boot_vm(id, spec, network.as_ref(), hypervisor, events, None).await;
+                }
             }
+            (Ok(_), Some(dir)) => Templates::default().clone_ran(dir),
+            _ => {}
         }
         match booted {
             Ok(sb) => {

@@ -23,6 +23,8 @@ use husk_tests::vm::{Bind, Vm, VmSpec};
 #[derive(Debug)]
 struct Seen {
     clock_s: u64,
+    /// The host's clock right before the container started.
+    host_before_s: u64,
     /// The host's clock right after the container ran.
     host_s: u64,
     uuid: String,
@@ -35,16 +37,36 @@ async fn clone(spec: &VmSpec, hostname: &str) -> Result<(Vm, Duration, Seen)> {
     let vm = Vm::boot_from(spec, true).await?;
     let took = started.elapsed();
     let c = vm.client.clone();
-    c.create_sandbox(CreateSandboxRequest {
-        sandbox_id: hostname.into(),
-        hostname: hostname.into(),
-        shared_fs_tag: "husk-share".into(),
-        shared_mount_point: "/run/husk/share".into(),
-        ..Default::default()
-    })
-    .await?;
+    let made = c
+        .create_sandbox(CreateSandboxRequest {
+            sandbox_id: hostname.into(),
+            hostname: hostname.into(),
+            shared_fs_tag: "husk-share".into(),
+            shared_mount_point: "/run/husk/share".into(),
+            ..Default::default()
+        })
+        .await;
+    if let Err(e) = made {
+        // What the VMM and the guest's console say, before the VM goes. A
+        // call that got no answer is a bounded step that hung: in the
+        // nested test host, whose stack wedges a guest's vCPU now and then
+        // (docs/testhost.md), the harness runs the scenario once more; on
+        // hardware KVM it fails.
+        let tail = husk_agent_client::client::file_tail;
+        let hung = if e.to_string().contains("no answer within") {
+            husk_tests::scenario::STEP_HANG
+        } else {
+            ""
+        };
+        anyhow::bail!(
+            "{hung}{hostname}: CreateSandbox: {e}\nvmm.log:\n{}\nconsole:\n{}",
+            tail(&vm.dir.join("vmm.log"), 40),
+            tail(&vm.dir.join("console.log"), 40)
+        );
+    }
     let script = "date +%s; cat /proc/sys/kernel/random/uuid; \
                   head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname";
+    let host_before_s = now_s();
     let (code, out) = super::run_container(
         &c,
         "seen",
@@ -56,6 +78,7 @@ async fn clone(spec: &VmSpec, hostname: &str) -> Result<(Vm, Duration, Seen)> {
     ensure!(l.len() == 4, "{hostname}: {out:?}");
     let seen = Seen {
         clock_s: l[0].trim().parse().context("date")?,
+        host_before_s,
         host_s: now_s(),
         uuid: l[1].trim().into(),
         random: l[2].trim().into(),
@@ -103,12 +126,13 @@ pub async fn template(guest: &Option<PathBuf>) -> Result<()> {
         "the clones did not come from the template"
     );
     for (name, s) in [("a", &seen_a), ("b", &seen_b), ("c", &seen_c)] {
-        // The container ran before the host's clock was read: at most a
-        // little behind it, never ahead.
+        // The container read the clock between the host's two reads
+        // (whole seconds: a second either way), however slow the run.
         ensure!(
-            s.clock_s <= s.host_s && s.host_s - s.clock_s <= 2,
-            "clone {name}'s clock said {} where the host's says {}",
+            s.clock_s + 1 >= s.host_before_s && s.clock_s <= s.host_s + 1,
+            "clone {name}'s clock said {} where the host's said {} before and {} after",
             s.clock_s,
+            s.host_before_s,
             s.host_s
         );
     }
@@ -130,7 +154,7 @@ pub async fn template(guest: &Option<PathBuf>) -> Result<()> {
         "hostnames: {all:?}"
     );
     println!(
-        "template: first sandbox (template built, then resumed) in {first:?}; two clones at once in {tb:?} and {tc:?}; clocks within 2 s, UUIDs, random bytes and hostnames differ"
+        "template: first sandbox (template built, then resumed) in {first:?}; two clones at once in {tb:?} and {tc:?}; clocks the host's to a second, UUIDs, random bytes and hostnames differ"
     );
     // What the clones wrote to their memory stayed theirs: the template's
     // files are as they were built (a write through the private mapping

@@ -249,6 +249,7 @@ impl Fs {
                     let head = c.head_index();
                     let len = dev.handle(c, mem)?;
                     chain::add_used(queue, mem, head, len)?;
+                    tracing::trace!(queue = index, head, len, "virtio-fs: request served");
                     used_any = true;
                 }
                 Ok(used_any)
