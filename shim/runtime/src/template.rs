@@ -14,7 +14,9 @@
 //!
 //! husk-vmm verifies a template on every restore (its state file's
 //! checksum and identity, the memory file's size); one it refuses is
-//! removed, the sandbox boots cold, and the next one builds it again.
+//! removed, the sandbox boots cold, and the next one builds it again. A
+//! clone that ran but did not come up boots cold too, and its template
+//! goes after [`CLONE_FAILURES`] of those in a row.
 //! A clone is told the time and given fresh entropy through its agent
 //! (`Restored`) before anything else.
 //!
