@@ -495,8 +495,9 @@ pub fn clone_seed() -> Result<(u64, Vec<u8>)> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_key_follows_the_shape_and_the_files() {
+    /// A spec whose husk-vmm, kernel and initramfs are files in a temporary
+    /// directory of their own.
+    fn fixture() -> (tempfile::TempDir, VmSpec) {
         let dir = tempfile::tempdir().unwrap();
         let file = |n: &str| {
             let p = dir.path().join(n);
@@ -509,6 +510,12 @@ mod tests {
             vmm: Some(file("husk-vmm")),
             ..VmSpec::default()
         };
+        (dir, spec)
+    }
+
+    #[test]
+    fn the_key_follows_the_shape_and_the_files() {
+        let (dir, spec) = fixture();
         let k = key(&spec).unwrap();
         assert_eq!(k, key(&spec).unwrap());
         assert_eq!(k.len(), 64);
@@ -530,7 +537,11 @@ mod tests {
                 ..spec.clone()
             },
             VmSpec {
-                kernel: file("vmlinux2"),
+                kernel: {
+                    let p = dir.path().join("vmlinux2");
+                    std::fs::write(&p, "vmlinux2").unwrap();
+                    p
+                },
                 ..spec.clone()
             },
         ] {
@@ -575,18 +586,7 @@ mod tests {
 
     #[test]
     fn nics_are_part_of_the_shape_by_number_and_mtu_not_by_mac() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = |n: &str| {
-            let p = dir.path().join(n);
-            std::fs::write(&p, n).unwrap();
-            p
-        };
-        let spec = VmSpec {
-            kernel: file("vmlinux"),
-            initramfs: file("initramfs"),
-            vmm: Some(file("husk-vmm")),
-            ..VmSpec::default()
-        };
+        let (_dir, spec) = fixture();
         let none = key(&spec).unwrap();
         let one = key(&VmSpec {
             nics: vec![nic(1500)],
@@ -620,18 +620,7 @@ mod tests {
 
     #[test]
     fn templates_are_listed_removed_by_prefix_and_pruned_when_stale() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = |n: &str| {
-            let p = dir.path().join(n);
-            std::fs::write(&p, n).unwrap();
-            p
-        };
-        let spec = VmSpec {
-            kernel: file("vmlinux"),
-            initramfs: file("initramfs"),
-            vmm: Some(file("husk-vmm")),
-            ..VmSpec::default()
-        };
+        let (dir, spec) = fixture();
         let t = Templates::new(dir.path().join("templates"));
         assert!(t.list().is_empty());
         assert_eq!(t.prune(), 0);
@@ -703,18 +692,7 @@ mod tests {
 
     #[test]
     fn past_the_most_templates_the_least_recently_used_go() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = |n: &str| {
-            let p = dir.path().join(n);
-            std::fs::write(&p, n).unwrap();
-            p
-        };
-        let spec = VmSpec {
-            kernel: file("vmlinux"),
-            initramfs: file("initramfs"),
-            vmm: Some(file("husk-vmm")),
-            ..VmSpec::default()
-        };
+        let (dir, spec) = fixture();
         let t = Templates::new(dir.path().join("templates"));
         let base = std::time::SystemTime::now() - Duration::from_secs(1000);
         let mut keys = Vec::new();
