@@ -372,7 +372,14 @@ fn spawn_virtiofsd(sock: &Path, dir: &Path, readonly: bool) -> Result<Guard, Run
         .arg(sock)
         .arg("--shared-dir")
         .arg(dir)
-        .args(["--sandbox", "none", "--cache", "auto"])
+        // `always`: the L2 keeps file data in its page cache across opens.
+        // With `auto` every open drops it, so each exec of a (65 MB debug)
+        // husk binary and each restore of a template's memory file reads
+        // it again through FUSE. Nothing changes these trees behind the
+        // L2's back while it runs: the host root is read-only to it and
+        // built before it starts, and the templates directory has no
+        // writer but the L2 (test hosts take turns, HOST_LOCK).
+        .args(["--sandbox", "none", "--cache", "always"])
         .args(["--log-level", "error"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
