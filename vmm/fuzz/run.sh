@@ -25,6 +25,12 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 export RUSTC_BOOTSTRAP=1
+# The targets make scratch directories (a share, vsock sockets) under the
+# temporary directory; one of this run's own, removed at the end, leaves
+# nothing behind in /tmp, crash or not.
+scratch=$(mktemp -d -t husk-fuzz.XXXXXX)
+trap 'rm -rf "$scratch"' EXIT
+export TMPDIR=$scratch
 targets=$(cargo fuzz list)
 for t in $targets; do
     mkdir -p "corpus/$t"
