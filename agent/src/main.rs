@@ -112,22 +112,29 @@ fn serve(pid1: bool) -> Result<()> {
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let grace = tokio::select! {
-            req = shutdown_rx.recv() => {
-                Duration::from_secs(req.map_or(5, |r| u64::from(r.grace_seconds)))
-            }
-            _ = sigterm.recv() => Duration::from_secs(5),
-            _ = sigint.recv() => Duration::from_secs(5),
+        let (grace, done) = tokio::select! {
+            req = shutdown_rx.recv() => match req {
+                Some(r) => (r.grace, Some(r.done)),
+                None => (Duration::from_secs(5), None),
+            },
+            _ = sigterm.recv() => (Duration::from_secs(5), None),
+            _ = sigint.recv() => (Duration::from_secs(5), None),
         };
         tracing::info!(?grace, "shutting down");
-        // Lets in-flight answers (the Shutdown reply among them) go out.
-        // Bounded tightly: shutdown() also waits for idle clients (a shim
-        // keeps its connection) to hang up, which they never do first.
-        let _ = tokio::time::timeout(Duration::from_millis(300), server.shutdown()).await;
         if pid1 {
             let r = reaper.clone();
             tokio::task::spawn_blocking(move || shutdown::stop_all_processes(&r, grace)).await?;
         }
+        tokio::task::spawn_blocking(sync).await?;
+        // Nothing is left to lose: the Shutdown answer may go, and the host
+        // may end the VM before the power-off below gets there.
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+        // Lets in-flight answers (the Shutdown reply among them) go out.
+        // Bounded tightly: shutdown() also waits for idle clients (a shim
+        // keeps its connection) to hang up, which they never do first.
+        let _ = tokio::time::timeout(Duration::from_millis(300), server.shutdown()).await;
         Ok(())
     })
 }

@@ -43,12 +43,19 @@ struct Sandbox {
 
 pub struct AgentService {
     sandbox: Mutex<Option<Sandbox>>,
-    shutdown: mpsc::Sender<ShutdownRequest>,
+    shutdown: mpsc::Sender<ShutdownAsked>,
     containers: Manager,
 }
 
+/// A Shutdown the main loop carries out; it answers on `done` once every
+/// process has ended and the file systems are synced.
+pub struct ShutdownAsked {
+    pub grace: std::time::Duration,
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
 impl AgentService {
-    pub fn new(shutdown: mpsc::Sender<ShutdownRequest>, containers: Manager) -> Arc<Self> {
+    pub fn new(shutdown: mpsc::Sender<ShutdownAsked>, containers: Manager) -> Arc<Self> {
         Arc::new(Self {
             sandbox: Mutex::new(None),
             shutdown,
@@ -360,11 +367,18 @@ impl Agent for AgentService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> ttrpc::Result<Empty> {
-        // The main loop stops the server (which lets this answer go out
-        // first), stops every process, syncs and powers off.
+        // The main loop stops every process and syncs, then lets this answer
+        // go out, then powers off.
+        let (done, stopped) = tokio::sync::oneshot::channel();
         self.shutdown
-            .try_send(req)
+            .try_send(ShutdownAsked {
+                grace: std::time::Duration::from_secs(u64::from(req.grace_seconds)),
+                done,
+            })
             .map_err(|_| status(Code::UNAVAILABLE, "already shutting down"))?;
+        stopped
+            .await
+            .map_err(|_| status(Code::INTERNAL, "the shutdown did not finish"))?;
         Ok(Empty::default())
     }
 

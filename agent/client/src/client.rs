@@ -301,8 +301,11 @@ impl Client {
     }
 
     /// Asks the agent to stop everything and power off. The VMM exits after.
+    /// Stops every guest process (SIGTERM, `grace`, SIGKILL) and syncs; the
+    /// answer comes when that is done, and the guest then powers off.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ClientError> {
-        let t = self.opts.call_timeout;
+        // The agent answers after the grace and its SIGKILL round.
+        let t = self.opts.call_timeout + grace + Duration::from_secs(2);
         let req = ShutdownRequest {
             grace_seconds: grace.as_secs() as u32,
             ..Default::default()

@@ -649,7 +649,8 @@ impl Sandbox {
         Ok(exit)
     }
 
-    /// Stops the guest (the agent's Shutdown, then the VMM's control
+    /// Stops the guest (the agent's Shutdown, which answers once its
+    /// processes have ended and it has synced; then the VMM's control
     /// socket, then SIGKILL), unmounts the share and removes the directory.
     pub async fn shutdown(&self) -> VmExit {
         for h in &self.helpers {
@@ -663,17 +664,23 @@ impl Sandbox {
         let exit = match self.vm.exited() {
             Some(exit) => exit,
             None => {
-                let asked = self.agent.shutdown(Duration::from_secs(2)).await;
-                // The agent may power off before its answer leaves: a lost
-                // connection is fine when the VM then ends.
-                if let Err(e) = &asked {
-                    if !matches!(e, ClientError::Transport { .. }) {
-                        tracing::warn!(sandbox = %self.id(), error = %e, "the agent refused Shutdown");
+                match self.agent.shutdown(Duration::from_secs(2)).await {
+                    // Every guest process has ended and the guest has synced:
+                    // nothing is lost by ending the VM now rather than
+                    // waiting out the guest kernel's power-off (hundreds of
+                    // ms nested, and the agent's own wind-down).
+                    Ok(()) => self.vm.stop(Duration::from_secs(2)).await,
+                    Err(e) => {
+                        // An agent that powered off before its answer left
+                        // loses the connection: fine when the VM then ends.
+                        if !matches!(e, ClientError::Transport { .. }) {
+                            tracing::warn!(sandbox = %self.id(), error = %e, "the agent refused Shutdown");
+                        }
+                        match tokio::time::timeout(Duration::from_secs(10), self.vm.wait()).await {
+                            Ok(exit) => exit,
+                            Err(_) => self.vm.stop(Duration::from_secs(2)).await,
+                        }
                     }
-                }
-                match tokio::time::timeout(Duration::from_secs(10), self.vm.wait()).await {
-                    Ok(exit) => exit,
-                    Err(_) => self.vm.stop(Duration::from_secs(2)).await,
                 }
             }
         };
