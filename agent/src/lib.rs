@@ -10,6 +10,7 @@ pub mod reaper;
 pub mod restored;
 pub mod service;
 pub mod shutdown;
+pub mod warm;
 
 /// The line boot tests and benchmarks wait for on the serial console.
 pub const READY_MARKER: &str = "husk-agent: init reached";

@@ -89,6 +89,10 @@ fn serve(pid1: bool) -> Result<()> {
         tokio::spawn(reaper.clone().run());
         logging::start_vsock_forwarding();
 
+        if pid1 {
+            // Before the API serves: a template is snapshotted once it does.
+            husk_agent::warm::warm_up().await;
+        }
         let hub = husk_agent::container::stdio::Hub::default();
         tokio::spawn({
             let hub = hub.clone();

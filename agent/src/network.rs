@@ -325,7 +325,29 @@ pub fn apply_sysctls(sysctls: &HashMap<String, String>) -> Result<(), NetError> 
 
 /// Brings `lo` up and the pod's NICs, addresses and routes (checked by
 /// [`validate`] first).
+/// Set once [`loopback_up`] has brought `lo` up.
+static LOOPBACK_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Brings `lo` up ahead of any pod (every pod has it, as every container
+/// of docker's has with `--network none`): done at start, a VM template
+/// holds it, and a pod without NICs then needs no netlink at all.
+pub async fn loopback_up() -> Result<(), NetError> {
+    configure_all(&Network::default()).await?;
+    LOOPBACK_UP.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
 pub async fn configure(net: &Network) -> Result<(), NetError> {
+    if net.interfaces.is_empty()
+        && net.routes.is_empty()
+        && LOOPBACK_UP.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Ok(());
+    }
+    configure_all(net).await
+}
+
+async fn configure_all(net: &Network) -> Result<(), NetError> {
     let (conn, h, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
     let conn = tokio::spawn(conn);
     let result = async {

@@ -246,6 +246,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
+        let started = std::time::Instant::now();
         check_id(&req.sandbox_id).map_err(|e| invalid("sandbox_id", e))?;
         check_hostname(&req.hostname).map_err(|e| invalid("hostname", e))?;
         let resolv = resolv_conf(&req.dns_servers, &req.dns_search)?;
@@ -297,6 +298,7 @@ impl Agent for AgentService {
             .map_err(|e| status(Code::INTERNAL, format!("pod network: {e}")))?;
         crate::network::apply_sysctls(&req.sysctls)
             .map_err(|e| status(Code::INTERNAL, format!("pod sysctls: {e}")))?;
+        let network_ms = started.elapsed().as_millis() as u64;
         let mut sandbox = self.sandbox.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(s) = sandbox.as_ref() {
             return Err(status(
@@ -332,7 +334,13 @@ impl Agent for AgentService {
         }
         self.containers
             .set_share(shared.as_ref().map(|(_, p)| p.clone()));
-        tracing::info!(sandbox = %req.sandbox_id, hostname = %req.hostname, "sandbox created");
+        tracing::info!(
+            sandbox = %req.sandbox_id,
+            hostname = %req.hostname,
+            network_ms,
+            ms = started.elapsed().as_millis() as u64,
+            "sandbox created"
+        );
         *sandbox = Some(Sandbox {
             id: req.sandbox_id,
             shared_mount: shared.map(|(_, p)| p),
@@ -387,6 +395,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        let started = std::time::Instant::now();
         self.containers
             .create(
                 &req.container_id,
@@ -395,7 +404,7 @@ impl Agent for AgentService {
                 req.rootfs_overlay,
             )
             .map_err(container_status)?;
-        tracing::info!(container = %req.container_id, "container created");
+        tracing::info!(container = %req.container_id, ms = started.elapsed().as_millis() as u64, "container created");
         Ok(Empty::default())
     }
 
@@ -404,11 +413,12 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        let started = std::time::Instant::now();
         self.containers
             .start(&req.container_id)
             .await
             .map_err(container_status)?;
-        tracing::info!(container = %req.container_id, "container started");
+        tracing::info!(container = %req.container_id, ms = started.elapsed().as_millis() as u64, "container started");
         Ok(Empty::default())
     }
 

@@ -22,7 +22,12 @@ use husk_runtime::layout::{PidFile, ProcessId, SandboxLayout};
 use husk_runtime::sandbox::stale;
 
 use crate::events::{self, Events};
-use crate::task::Service;
+use crate::task::{Preboot, Service};
+
+/// Set for a daemon spawned for a sandbox container: boot its VM at once
+/// (the value: the config file containerd's runtime options name, empty
+/// for the default). See [`Service::preboot`].
+const PREBOOT_ENV: &str = "HUSK_SHIM_PREBOOT";
 
 pub struct HuskShim {
     id: String,
@@ -74,7 +79,15 @@ impl Shim for HuskShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         tracing::info!(id = %self.id, namespace = %self.namespace, pid = std::process::id(), "shim serving");
-        Service::new(Events::new(publisher, &self.namespace), self.exit.clone())
+        let service = Service::new(Events::new(publisher, &self.namespace), self.exit.clone());
+        if let Some(config) = std::env::var_os(PREBOOT_ENV) {
+            let want = Preboot {
+                id: self.id.clone(),
+                config: (!config.is_empty()).then(|| PathBuf::from(config)),
+            };
+            service.preboot(want, self.bundle.clone()).await;
+        }
+        service
     }
 }
 
@@ -102,24 +115,59 @@ async fn socket_alive(address: &str) -> bool {
 /// that shim's address; otherwise a daemon is spawned on a socket named
 /// after the pod (or the container, for a plain `ctr run`).
 async fn start(opts: &StartOpts, bundle: &Path) -> Result<String> {
-    let grouping = match role_of(bundle) {
-        Role::Member { sandbox_id } => sandbox_id,
-        Role::Sandbox => opts.id.clone(),
+    let (grouping, preboot) = match role_of(bundle) {
+        Role::Member { sandbox_id } => (sandbox_id, None),
+        Role::Sandbox => (opts.id.clone(), Some(start_config().await)),
     };
     let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
     if !socket_alive(&address).await {
         // A socket file nobody answers on is a dead shim's: take its place.
         let _ = std::fs::remove_file(socket_path(&address));
-        spawn_daemon(opts, &address, bundle).await?;
+        spawn_daemon(opts, &address, bundle, preboot).await?;
     }
     std::fs::write(bundle.join("address"), &address)
         .with_context(|| format!("writing {}/address", bundle.display()))?;
     Ok(address)
 }
 
+/// The config file named by the runtime options containerd writes to
+/// `start`'s stdin (the `Any` that Create carries too); empty for the
+/// default. Bounded in size and time: stdin is containerd's pipe, or
+/// /dev/null when there are no options.
+async fn start_config() -> std::ffi::OsString {
+    use containerd_shim_protos::protobuf::{well_known_types::any::Any, Message};
+    use std::io::{IsTerminal, Read};
+    // Run by hand: nothing is coming.
+    if std::io::stdin().is_terminal() {
+        return Default::default();
+    }
+    // A thread of its own, left behind if the read hangs: tokio's stdin
+    // would hold up the runtime's shutdown instead.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut raw = Vec::new();
+        let read = std::io::stdin().lock().take(1 << 20).read_to_end(&mut raw);
+        let _ = tx.send(read.map(|_| raw));
+    });
+    let Ok(Ok(Ok(raw))) = tokio::time::timeout(Duration::from_secs(1), rx).await else {
+        return Default::default();
+    };
+    Any::parse_from_bytes(&raw)
+        .ok()
+        .and_then(|any| crate::options::config_path_from_options(&any.type_url, &any.value))
+        .map(PathBuf::into_os_string)
+        .unwrap_or_default()
+}
+
 /// Starts the serving daemon and waits until it listens (it closes its
-/// stdout then).
-async fn spawn_daemon(opts: &StartOpts, address: &str, bundle: &Path) -> Result<()> {
+/// stdout then). `preboot`: boot the VM as it starts, with this config
+/// file (empty: the default).
+async fn spawn_daemon(
+    opts: &StartOpts,
+    address: &str,
+    bundle: &Path,
+    preboot: Option<std::ffi::OsString>,
+) -> Result<()> {
     use tokio::io::AsyncReadExt;
     let exe = std::env::current_exe().context("finding the shim binary")?;
     let mut cmd = tokio::process::Command::new(exe);
@@ -142,6 +190,10 @@ async fn spawn_daemon(opts: &StartOpts, address: &str, bundle: &Path) -> Result<
     if opts.debug {
         cmd.arg("-debug");
     }
+    match preboot {
+        Some(config) => cmd.env(PREBOOT_ENV, config),
+        None => cmd.env_remove(PREBOOT_ENV),
+    };
     let mut child = cmd.spawn().context("spawning the shim daemon")?;
     if let Some(pid) = child.id() {
         adjust_oom_score(pid);

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use containerd_shim::api;
@@ -43,8 +43,24 @@ struct Inner {
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     /// Serialises the boot of the sandbox (and its teardown) among
     /// creates only: State, Kill, Wait and the rest never take it.
-    booting: tokio::sync::Mutex<()>,
+    booting: Arc<tokio::sync::Mutex<()>>,
+    /// The sandbox in `sandbox` was booted ahead of containerd's Create
+    /// ([`Service::preboot`]) and no Create has claimed it yet.
+    preboot: Mutex<Option<Preboot>>,
 }
+
+/// What a VM booted ahead of Create was booted for: the container and the
+/// config file (`None`: the default one) its `start` was given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preboot {
+    pub id: String,
+    pub config: Option<PathBuf>,
+}
+
+/// How long a VM booted ahead waits for its Create before it is stopped
+/// (containerd sends Create right after `start`; a Create that comes later
+/// still gets a VM, booted then).
+const PREBOOT_CLAIM_WITHIN: Duration = Duration::from_secs(60);
 
 /// Every runtime error becomes its ttrpc status here, by its own code.
 fn rpc_error(e: Error) -> ttrpc::Error {
@@ -138,6 +154,32 @@ fn read_bundle(id: &str, bundle: &Path) -> Result<Bundle, Error> {
     })
 }
 
+/// The VM a sandbox container's bundle and the config ask for.
+fn sandbox_spec(cfg: &Config, b: &Bundle) -> Result<SandboxSpec, Error> {
+    Ok(SandboxSpec {
+        vm: husk_runtime::VmSpec {
+            share: true,
+            ..cfg.vm_spec(&b.annotations)?
+        },
+        hostname: Some(b.hostname.clone()),
+        forward_vmm_log: true,
+        netns: spec::network_namespace(&b.oci),
+        sysctls: spec::net_sysctls(&b.oci),
+        cgroup: b
+            .oci
+            .pointer("/linux/cgroupsPath")
+            .and_then(serde_json::Value::as_str)
+            .and_then(husk_runtime::sandbox::cgroup::cgroupfs_path),
+        // The pod's cgroup is the kubelet's to limit.
+        cgroup_limits: None,
+        template: cfg.template,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Service {
     pub fn new(events: Events, exit: Arc<ExitSignal>) -> Self {
         Self {
@@ -145,8 +187,80 @@ impl Service {
                 events,
                 exit,
                 sandbox: Mutex::new(None),
-                booting: tokio::sync::Mutex::new(()),
+                booting: Arc::new(tokio::sync::Mutex::new(())),
+                preboot: Mutex::new(None),
             }),
+        }
+    }
+
+    /// Boots the sandbox's VM now, while containerd is still connecting and
+    /// sending Create, which then finds it ready instead of waiting for the
+    /// boot (or a template's restore). Called as the daemon starts for a
+    /// sandbox container, with what `start` was given. Create takes this VM
+    /// only when it is for the same container and config file; one that
+    /// does not fit is stopped and a new one booted. A failed early boot
+    /// is only logged: Create boots again and reports what fails.
+    pub async fn preboot(&self, want: Preboot, bundle: PathBuf) {
+        // Taken before this returns, so that no Create can boot a second VM
+        // in between.
+        let guard = self.inner.booting.clone().lock_owned().await;
+        let this = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let booted = this.boot_ahead(&want, &bundle).await;
+            match booted {
+                Ok(sb) => {
+                    tracing::info!(
+                        sandbox = %want.id,
+                        ms = started.elapsed().as_millis() as u64,
+                        "VM booted ahead of Create"
+                    );
+                    *lock(&this.inner.preboot) = Some(want.clone());
+                    this.set_current(Some(sb));
+                    drop(guard);
+                    tokio::time::sleep(PREBOOT_CLAIM_WITHIN).await;
+                    this.stop_unclaimed(&want).await;
+                }
+                Err(e) => {
+                    tracing::info!(sandbox = %want.id, error = %e, "no early boot: Create boots the VM");
+                }
+            }
+        });
+    }
+
+    async fn boot_ahead(&self, want: &Preboot, bundle: &Path) -> Result<Arc<Sandbox>, Error> {
+        let b = read_bundle(&want.id, bundle)?;
+        if !matches!(spec::role(&b.annotations), Role::Sandbox) {
+            return Err(Error::InvalidArgument("not a sandbox container".into()));
+        }
+        let cfg = Config::load(want.config.as_deref())?;
+        cfg.check_annotations(&b.annotations)?;
+        let spec = sandbox_spec(&cfg, &b)?;
+        let events: Arc<dyn husk_runtime::Events> = Arc::new(Publisher(self.inner.events.clone()));
+        Ok(Arc::new(
+            Sandbox::boot(&want.id, &spec, &HuskVmm, events).await?,
+        ))
+    }
+
+    /// Stops a VM booted ahead that no Create claimed.
+    async fn stop_unclaimed(&self, want: &Preboot) {
+        let _boot = self.inner.booting.lock().await;
+        let claimed = {
+            let mut p = lock(&self.inner.preboot);
+            if p.as_ref() == Some(want) {
+                *p = None;
+                false
+            } else {
+                true
+            }
+        };
+        if claimed {
+            return;
+        }
+        if let Some(sb) = self.current().filter(|sb| sb.container_count() == 0) {
+            tracing::warn!(sandbox = %want.id, "no Create came for the VM booted ahead: stopping it");
+            self.set_current(None);
+            sb.shutdown().await;
         }
     }
 
@@ -178,15 +292,31 @@ impl Service {
     }
 
     /// The pod's sandbox, booted for a sandbox container; whether this call
-    /// booted it.
+    /// booted it (or took the one booted ahead for it).
     async fn sandbox_for(
         &self,
         id: &str,
         role: &Role,
         cfg: &Config,
+        cfg_path: Option<&Path>,
         b: &Bundle,
     ) -> Result<(Arc<Sandbox>, bool), Error> {
         let _boot = self.inner.booting.lock().await;
+        let ahead = lock(&self.inner.preboot).take();
+        if let Some(ahead) = ahead {
+            let fits = matches!(role, Role::Sandbox)
+                && ahead.id == id
+                && ahead.config.as_deref() == cfg_path;
+            match self.current() {
+                Some(sb) if fits => return Ok((sb, true)),
+                Some(sb) => {
+                    tracing::warn!(sandbox = %ahead.id, container = id, "the VM booted ahead does not fit this Create: stopping it");
+                    self.set_current(None);
+                    sb.shutdown().await;
+                }
+                None => {}
+            }
+        }
         if let Some(sb) = self.current() {
             return match role {
                 Role::Member { sandbox_id } if *sandbox_id == sb.id() => Ok((sb, false)),
@@ -206,24 +336,7 @@ impl Service {
             Role::Member { sandbox_id } => sandbox_id.as_str(),
             Role::Sandbox => id,
         };
-        let spec = SandboxSpec {
-            vm: husk_runtime::VmSpec {
-                share: true,
-                ..cfg.vm_spec(&b.annotations)?
-            },
-            hostname: Some(b.hostname.clone()),
-            forward_vmm_log: true,
-            netns: spec::network_namespace(&b.oci),
-            sysctls: spec::net_sysctls(&b.oci),
-            cgroup: b
-                .oci
-                .pointer("/linux/cgroupsPath")
-                .and_then(serde_json::Value::as_str)
-                .and_then(husk_runtime::sandbox::cgroup::cgroupfs_path),
-            // The pod's cgroup is the kubelet's to limit.
-            cgroup_limits: None,
-            template: cfg.template,
-        };
+        let spec = sandbox_spec(cfg, b)?;
         let events: Arc<dyn husk_runtime::Events> = Arc::new(Publisher(self.inner.events.clone()));
         let sb = Arc::new(Sandbox::boot(vm_id, &spec, &HuskVmm, events).await?);
         self.set_current(Some(sb.clone()));
@@ -281,7 +394,9 @@ impl Service {
             rootfs_overlay: false,
             bundle: req.bundle.clone(),
         };
-        let (sb, booted) = self.sandbox_for(id, &role, &cfg, &b).await?;
+        let (sb, booted) = self
+            .sandbox_for(id, &role, &cfg, cfg_path.as_deref(), &b)
+            .await?;
         match sb.create_container(config).await {
             Ok(c) => Ok(c.pid()),
             Err(e) => {

@@ -73,6 +73,12 @@ $C run --rm $R $IMG t3 sh -c 'sleep 30 & kill -9 $!; wait $!'; echo "code killed
 # --device: the node made in the guest (the guest kernel's kmsg), opened
 # as its allow rule says; nodes the rules do not name cannot be made.
 $C run --rm $R --device /dev/kmsg $IMG t4 sh -c 'stat -c "node %n %t:%T" /dev/kmsg; (exec 3<>/dev/kmsg) && echo kmsg-opened; mknod /dev/s c 4 64 2>/dev/null && echo mknod-made || echo mknod-denied'
+# The runtime options' config file (`--runtime-config-path`) reaches the
+# VM booted ahead of Create, as it reaches Create.
+printf 'template = false\n' > /tmp/no-template.toml
+$C run --rm $R --runtime-config-path /tmp/no-template.toml $IMG t5 true; echo "code t5=$?"
+grep 'VM ready sandbox="t5"' $D/log | grep -o 'from_template=[a-z]*' | sed 's/^/t5-/'
+grep -c 'VM booted ahead of Create' $D/log | sed 's/^/booted-ahead=/'
 sleep 1
 grep -o '/tasks/[a-z-]*' $D/events | sort | uniq -c | sed 's/^ */event /'
 $C task ls; $C containers ls -q | sed 's/^/container-left=/'
@@ -89,6 +95,10 @@ dump 60
         "node /dev/kmsg 1:b",
         "kmsg-opened",
         "mknod-denied",
+        "code t5=0",
+        "t5-from_template=false",
+        // Every sandbox's VM started booting as its shim started.
+        "booted-ahead=5",
         "/tasks/create",
         "/tasks/start",
         "/tasks/exit",

@@ -176,6 +176,12 @@ pub struct Cgroup {
 
 /// Enables the controllers for the children of `husk/`, once per agent:
 /// every container after the first finds the parent ready.
+/// Enables the controllers for containers' cgroups ahead of the first
+/// (done at start, so that a VM template holds it).
+pub fn prepare() -> Result<PathBuf, CgroupError> {
+    prepared_parent(Path::new(CGROUP_ROOT))
+}
+
 fn prepared_parent(root: &Path) -> Result<PathBuf, CgroupError> {
     static READY: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
     let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());

@@ -142,7 +142,7 @@ pub fn rules(spec: Option<&[LinuxDeviceCgroup]>) -> Result<Vec<Rule>, DeviceErro
 
 /// One eBPF instruction (`struct bpf_insn`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Insn {
     code: u8,
     /// dst in the low nibble, src in the high one.
@@ -257,7 +257,14 @@ struct ProgAttach {
 
 /// Loads `prog` into the kernel (the verifier checks it).
 pub fn load(prog: &[Insn]) -> Result<OwnedFd, DeviceError> {
-    let mut log = vec![0u8; 64 * 1024];
+    // Without the verifier's log first: asking for it makes the verifier
+    // print every instruction's state, which costs more than the check
+    // itself. Only a refusal is loaded again, for the log to say why.
+    load_with_log(prog, false).or_else(|_| load_with_log(prog, true))
+}
+
+fn load_with_log(prog: &[Insn], with_log: bool) -> Result<OwnedFd, DeviceError> {
+    let mut log = vec![0u8; if with_log { 64 * 1024 } else { 0 }];
     let mut name = [0u8; 16];
     name[..11].copy_from_slice(b"husk_device");
     let attr = ProgLoad {
@@ -265,17 +272,17 @@ pub fn load(prog: &[Insn]) -> Result<OwnedFd, DeviceError> {
         insn_cnt: prog.len() as u32,
         insns: prog.as_ptr() as u64,
         license: c"Apache-2.0".as_ptr() as u64,
-        log_level: 1,
+        log_level: u32::from(with_log),
         log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
+        log_buf: if with_log { log.as_mut_ptr() as u64 } else { 0 },
         kern_version: 0,
         prog_flags: 0,
         prog_name: name,
     };
     // SAFETY: bpf(BPF_PROG_LOAD) reads `attr` (size given) and the
-    // instructions, license string and log buffer it points to, all alive
-    // and of the stated sizes until the call returns; it writes only into
-    // the log buffer.
+    // instructions, license string and log buffer it points to (none when
+    // the log size is 0), all alive and of the stated sizes until the call
+    // returns; it writes only into the log buffer.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -294,11 +301,66 @@ pub fn load(prog: &[Insn]) -> Result<OwnedFd, DeviceError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// The most programs [`loaded`] keeps.
+const MAX_CACHED_PROGRAMS: usize = 16;
+
+/// The program for `rules`, loaded once and shared: one loaded program can
+/// be attached to any number of cgroups, and the containers of a pod (and
+/// every CRI container, whose spec starts with the same deny-all rule)
+/// mostly have the same rules. Each caller gets its own fd of it.
+pub fn loaded(rules: &[Rule]) -> Result<OwnedFd, DeviceError> {
+    static CACHE: std::sync::Mutex<Vec<(Vec<Insn>, OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+    let prog = program(rules);
+    let dup = |fd: &OwnedFd| {
+        fd.try_clone().map_err(|source| DeviceError::Load {
+            source,
+            log: String::new(),
+        })
+    };
+    if let Some((_, fd)) = CACHE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(p, _)| *p == prog)
+    {
+        return dup(fd);
+    }
+    // Loaded with the lock released: the verifier takes its time.
+    let fd = load(&prog)?;
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() < MAX_CACHED_PROGRAMS && !cache.iter().any(|(p, _)| *p == prog) {
+        cache.push((prog, dup(&fd)?));
+    }
+    Ok(fd)
+}
+
+/// Loads the programs of the usual rules ahead of any container: the
+/// default allowlist alone, and after the deny-all rule containerd's and
+/// CRI's specs begin with. Called before the agent reports ready, so that
+/// a VM template holds them and no clone pays for the verifier.
+pub fn preload() -> Result<(), DeviceError> {
+    loaded(&rules(None)?)?;
+    loaded(&after_deny_all())?;
+    Ok(())
+}
+
+/// The rules of a spec whose only device rule is containerd's deny-all.
+fn after_deny_all() -> Vec<Rule> {
+    let deny_all = Rule {
+        allow: false,
+        kind: None,
+        major: None,
+        minor: None,
+        access: ACC_ALL,
+    };
+    std::iter::once(deny_all).chain(DEFAULT_ALLOWED).collect()
+}
+
 /// Loads the program for `rules` and attaches it to `cgroup` beside any
 /// already there (`BPF_F_ALLOW_MULTI`: a request must pass every attached
 /// program). Returns the program, which [`replace`] needs to take it off.
 pub fn apply(cgroup: &Path, rules: &[Rule]) -> Result<OwnedFd, DeviceError> {
-    let prog = load(&program(rules))?;
+    let prog = loaded(rules)?;
     let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(cgroup, e))?;
     attach_call(BPF_PROG_ATTACH, &dir, &prog, BPF_F_ALLOW_MULTI)
         .map_err(|e| attach_err(cgroup, e))?;
@@ -309,7 +371,18 @@ pub fn apply(cgroup: &Path, rules: &[Rule]) -> Result<OwnedFd, DeviceError> {
 /// the old one is taken off, so no device request is ever judged by
 /// neither (for a moment, by both: the stricter).
 pub fn replace(cgroup: &Path, old: &OwnedFd, rules: &[Rule]) -> Result<OwnedFd, DeviceError> {
-    let new = apply(cgroup, rules)?;
+    let new = match apply(cgroup, rules) {
+        // Programs are shared ([`loaded`]): the same rules are the same
+        // program, which the kernel will not attach to a cgroup twice.
+        // It is attached already, so the rules stand as asked.
+        Err(DeviceError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+            return old.try_clone().map_err(|source| DeviceError::Load {
+                source,
+                log: String::new(),
+            });
+        }
+        r => r?,
+    };
     let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(cgroup, e))?;
     if let Err(e) = attach_call(BPF_PROG_DETACH, &dir, old, 0) {
         // Both stay attached, which only denies more; the old rules must
@@ -478,5 +551,28 @@ mod tests {
                 panic!("{e}");
             }
         }
+    }
+
+    #[test]
+    fn the_preloaded_rules_are_containerds_default() {
+        let containerd = rules(Some(&spec(serde_json::json!([
+            {"allow": false, "access": "rwm"}
+        ]))))
+        .unwrap();
+        assert_eq!(containerd, after_deny_all());
+    }
+
+    #[test]
+    fn a_refused_program_says_why_and_a_shared_one_loads_once() {
+        // Falls off the end without an exit: the verifier refuses it, and
+        // the second, logged load says so.
+        let bad = [insn(MOV64_X, 0, 1, 0, 0)];
+        match load(&bad) {
+            Err(DeviceError::Load { log, .. }) => assert!(!log.is_empty(), "no verifier log"),
+            other => panic!("loaded a program without exit: {other:?}"),
+        }
+        let r = rules(None).unwrap();
+        let (a, b) = (loaded(&r).unwrap(), loaded(&r).unwrap());
+        assert_ne!(a.as_raw_fd(), b.as_raw_fd(), "each caller owns its fd");
     }
 }
