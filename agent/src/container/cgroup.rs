@@ -8,7 +8,6 @@
 //! converted the way runc and crun convert them (cpu shares to weight,
 //! blkio weight to io weight).
 
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -171,7 +170,7 @@ pub struct Cgroup {
     path: PathBuf,
     /// The device program attached now (a clone shares it), kept to be
     /// swapped when an update brings new device rules.
-    devices: Arc<Mutex<Option<OwnedFd>>>,
+    devices: Arc<Mutex<Option<super::devices::Attached>>>,
 }
 
 /// Enables the controllers for the children of `husk/`, once per agent:
@@ -266,9 +265,11 @@ impl Cgroup {
             let mut prog = self.devices.lock().unwrap_or_else(|p| p.into_inner());
             let new = match prog.as_ref() {
                 Some(old) => super::devices::replace(&self.path, old, &rules)?,
-                None => super::devices::apply(&self.path, &rules)?,
+                None => Some(super::devices::apply(&self.path, &rules)?),
             };
-            *prog = Some(new);
+            if let Some(new) = new {
+                *prog = Some(new);
+            }
         }
         self.apply(&settings)
     }

@@ -356,41 +356,51 @@ fn after_deny_all() -> Vec<Rule> {
     std::iter::once(deny_all).chain(DEFAULT_ALLOWED).collect()
 }
 
+/// A program attached to a cgroup, with its instructions: the same rules
+/// make the same (shared, [`loaded`]) program, which the kernel will not
+/// attach to one cgroup twice.
+#[derive(Debug)]
+pub struct Attached {
+    fd: OwnedFd,
+    prog: Vec<Insn>,
+}
+
 /// Loads the program for `rules` and attaches it to `cgroup` beside any
 /// already there (`BPF_F_ALLOW_MULTI`: a request must pass every attached
 /// program). Returns the program, which [`replace`] needs to take it off.
-pub fn apply(cgroup: &Path, rules: &[Rule]) -> Result<OwnedFd, DeviceError> {
-    let prog = loaded(rules)?;
+pub fn apply(cgroup: &Path, rules: &[Rule]) -> Result<Attached, DeviceError> {
+    let fd = loaded(rules)?;
     let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(cgroup, e))?;
-    attach_call(BPF_PROG_ATTACH, &dir, &prog, BPF_F_ALLOW_MULTI)
+    attach_call(BPF_PROG_ATTACH, &dir, &fd, BPF_F_ALLOW_MULTI)
         .map_err(|e| attach_err(cgroup, e))?;
-    Ok(prog)
+    Ok(Attached {
+        fd,
+        prog: program(rules),
+    })
 }
 
 /// Swaps `old` for a program of `rules`: the new one is attached before
 /// the old one is taken off, so no device request is ever judged by
-/// neither (for a moment, by both: the stricter).
-pub fn replace(cgroup: &Path, old: &OwnedFd, rules: &[Rule]) -> Result<OwnedFd, DeviceError> {
-    let new = match apply(cgroup, rules) {
-        // Programs are shared ([`loaded`]): the same rules are the same
-        // program, which the kernel will not attach to a cgroup twice.
-        // It is attached already, so the rules stand as asked.
-        Err(DeviceError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
-            return old.try_clone().map_err(|source| DeviceError::Load {
-                source,
-                log: String::new(),
-            });
-        }
-        r => r?,
-    };
+/// neither (for a moment, by both: the stricter). Rules that make the
+/// program attached already (containerd sends the same rules with every
+/// update) leave it as it is: `None`.
+pub fn replace(
+    cgroup: &Path,
+    old: &Attached,
+    rules: &[Rule],
+) -> Result<Option<Attached>, DeviceError> {
+    if program(rules) == old.prog {
+        return Ok(None);
+    }
+    let new = apply(cgroup, rules)?;
     let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(cgroup, e))?;
-    if let Err(e) = attach_call(BPF_PROG_DETACH, &dir, old, 0) {
+    if let Err(e) = attach_call(BPF_PROG_DETACH, &dir, &old.fd, 0) {
         // Both stay attached, which only denies more; the old rules must
         // not be reported as replaced.
-        let _ = attach_call(BPF_PROG_DETACH, &dir, &new, 0);
+        let _ = attach_call(BPF_PROG_DETACH, &dir, &new.fd, 0);
         return Err(attach_err(cgroup, e));
     }
-    Ok(new)
+    Ok(Some(new))
 }
 
 fn attach_err(cgroup: &Path, source: std::io::Error) -> DeviceError {
@@ -574,5 +584,24 @@ mod tests {
         let r = rules(None).unwrap();
         let (a, b) = (loaded(&r).unwrap(), loaded(&r).unwrap());
         assert_ne!(a.as_raw_fd(), b.as_raw_fd(), "each caller owns its fd");
+    }
+
+    #[test]
+    fn an_update_with_the_same_rules_leaves_the_program_attached() {
+        // The kernel refuses to attach a program to a cgroup it is attached
+        // to already (EINVAL on 6.1): the same rules must not get that far.
+        // The cgroup does not exist: any bpf(2) call on it would fail.
+        let r = rules(None).unwrap();
+        let old = Attached {
+            fd: loaded(&r).unwrap(),
+            prog: program(&r),
+        };
+        let nowhere = Path::new("/nonexistent/cgroup");
+        assert!(replace(nowhere, &old, &r).unwrap().is_none());
+        let other = rules(Some(&spec(serde_json::json!([
+            {"allow": true, "type": "b", "access": "m"}
+        ]))))
+        .unwrap();
+        assert!(replace(nowhere, &old, &other).is_err());
     }
 }
