@@ -323,8 +323,6 @@ pub fn apply_sysctls(sysctls: &HashMap<String, String>) -> Result<(), NetError> 
     Ok(())
 }
 
-/// Brings `lo` up and the pod's NICs, addresses and routes (checked by
-/// [`validate`] first).
 /// Set once [`loopback_up`] has brought `lo` up.
 static LOOPBACK_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -337,6 +335,8 @@ pub async fn loopback_up() -> Result<(), NetError> {
     Ok(())
 }
 
+/// Brings `lo` up and the pod's NICs, addresses and routes (checked by
+/// [`validate`] first); nothing when there are none and `lo` is up.
 pub async fn configure(net: &Network) -> Result<(), NetError> {
     if net.interfaces.is_empty()
         && net.routes.is_empty()

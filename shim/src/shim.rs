@@ -115,14 +115,19 @@ async fn socket_alive(address: &str) -> bool {
 /// that shim's address; otherwise a daemon is spawned on a socket named
 /// after the pod (or the container, for a plain `ctr run`).
 async fn start(opts: &StartOpts, bundle: &Path) -> Result<String> {
-    let (grouping, preboot) = match role_of(bundle) {
-        Role::Member { sandbox_id } => (sandbox_id, None),
-        Role::Sandbox => (opts.id.clone(), Some(start_config().await)),
+    let (grouping, sandbox) = match role_of(bundle) {
+        Role::Member { sandbox_id } => (sandbox_id, false),
+        Role::Sandbox => (opts.id.clone(), true),
     };
     let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
     if !socket_alive(&address).await {
         // A socket file nobody answers on is a dead shim's: take its place.
         let _ = std::fs::remove_file(socket_path(&address));
+        // Only a sandbox's new daemon boots ahead; only it needs the options.
+        let preboot = match sandbox {
+            true => Some(start_config().await),
+            false => None,
+        };
         spawn_daemon(opts, &address, bundle, preboot).await?;
     }
     std::fs::write(bundle.join("address"), &address)

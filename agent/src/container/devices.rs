@@ -336,8 +336,10 @@ pub fn loaded(rules: &[Rule]) -> Result<OwnedFd, DeviceError> {
 
 /// Loads the programs of the usual rules ahead of any container: the
 /// default allowlist alone, and after the deny-all rule containerd's and
-/// CRI's specs begin with. Called before the agent reports ready, so that
-/// a VM template holds them and no clone pays for the verifier.
+/// CRI's specs begin with (today both compile to one program, loaded
+/// once: the cache is keyed by the program). Called before the agent
+/// reports ready, so that a VM template holds them and no clone pays for
+/// the verifier.
 pub fn preload() -> Result<(), DeviceError> {
     loaded(&rules(None)?)?;
     loaded(&after_deny_all())?;
