@@ -194,7 +194,7 @@ impl Client {
         if let Some(c) = conn.as_ref() {
             return Ok(c.clone());
         }
-        let stream = vsock::connect(
+        let stream = vsock::connect_patiently(
             &self.opts.vsock_socket,
             AGENT_VSOCK_PORT,
             self.opts.call_timeout,
@@ -563,7 +563,7 @@ impl Client {
         use tokio::io::AsyncWriteExt;
         // Checked before connecting: an id the line cannot carry fails here.
         let line = stdio::Handshake::new(id, exec_id, stream).to_line()?;
-        let mut s = vsock::connect(
+        let mut s = vsock::connect_patiently(
             &self.opts.vsock_socket,
             husk_agent_api::STDIO_PORT,
             self.opts.call_timeout,

@@ -28,12 +28,80 @@ pub enum HandshakeError {
     Refused { port: u32, answer: String },
     #[error("vsock handshake for port {port}: no answer within {0:?}", .timeout)]
     Timeout { port: u32, timeout: Duration },
+    #[error(
+        "vsock handshake for port {port}: the VMM closed the stream {tries} times in {waited:?} \
+         (the guest refused it or did not answer in time)"
+    )]
+    Closed {
+        port: u32,
+        tries: u32,
+        waited: Duration,
+    },
+}
+
+impl HandshakeError {
+    /// The VMM ended the stream before answering: the guest sent a reset (no
+    /// listener yet, a stale connection in the guest after a restore) or did
+    /// not answer within the VMM's own deadline. Trying again is safe:
+    /// nothing reached the guest's side of the stream.
+    fn closed_before_answer(&self) -> bool {
+        matches!(self, HandshakeError::Io { source, .. } if matches!(
+            source.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+        ))
+    }
 }
 
 /// The longest answer we accept: "OK " plus a u32 and a newline, with room.
 const MAX_ANSWER: usize = 32;
 
-/// Opens a stream to guest `port` through the VM's vsock socket `uds`.
+/// The first pause between tries of [`connect_patiently`]; it doubles.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
+
+/// [`connect`], tried again while the VMM closes the stream before its
+/// answer, until `timeout` has passed in all. The VMM gives a guest a few
+/// seconds to answer a connection; a guest that is only slow (a loaded host,
+/// a just-restored VM faulting its memory in) gets the caller's whole
+/// deadline instead. A VMM that is gone (its socket refuses) fails at once.
+pub async fn connect_patiently(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, HandshakeError> {
+    let started = tokio::time::Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    let mut tries = 0u32;
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        tries += 1;
+        match connect(uds, port, left).await {
+            Err(e) if e.closed_before_answer() => {
+                let waited = started.elapsed();
+                if waited + backoff >= timeout {
+                    return Err(HandshakeError::Closed {
+                        port,
+                        tries,
+                        waited,
+                    });
+                }
+                tracing::debug!(
+                    port,
+                    tries,
+                    "vsock: the VMM closed a stream before answering; again"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens a stream to guest `port` through the VM's vsock socket `uds`, in
+/// one try.
 pub async fn connect(
     uds: &Path,
     port: u32,
@@ -156,6 +224,56 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, HandshakeError::Timeout { .. }), "{e}");
         let e = connect(&dir.path().join("absent"), 1024, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, HandshakeError::Connect { .. }), "{e}");
+    }
+
+    /// A VMM that closes the first `closes` streams before answering, then
+    /// answers OK.
+    async fn flaky_vmm(listener: UnixListener, closes: usize) {
+        for _ in 0..closes {
+            let (s, _) = listener.accept().await.unwrap();
+            drop(s);
+        }
+        fake_vmm(listener, "OK 1073741824\n").await;
+    }
+
+    #[tokio::test]
+    async fn streams_closed_before_the_answer_are_tried_again_until_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let l = UnixListener::bind(&uds).unwrap();
+        tokio::spawn(flaky_vmm(l, 3));
+        // One try sees the close...
+        let e = connect(&uds, 1024, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(e.closed_before_answer(), "{e}");
+        // ...a patient connect gets through the other two.
+        let mut s = connect_patiently(&uds, 1024, Duration::from_secs(5))
+            .await
+            .unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+
+        // A VMM that always closes: an error naming it, within the deadline.
+        let uds2 = dir.path().join("v2.sock");
+        let l = UnixListener::bind(&uds2).unwrap();
+        tokio::spawn(flaky_vmm(l, usize::MAX));
+        let t = std::time::Instant::now();
+        let e = connect_patiently(&uds2, 1026, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(
+            matches!(e, HandshakeError::Closed { port: 1026, tries, .. } if tries > 1),
+            "{e}"
+        );
+        // A refusal and a missing socket are not tried again.
+        let e = connect_patiently(&dir.path().join("absent"), 1024, Duration::from_secs(5))
             .await
             .unwrap_err();
         assert!(matches!(e, HandshakeError::Connect { .. }), "{e}");
