@@ -218,7 +218,9 @@ fn vmm_arg_rules(snapshots: bool) -> Result<Vec<(i64, SeccompRule)>, seccompiler
         ),
         (
             libc::SYS_ioctl,
-            SeccompRule::new(vec![eq(1, libc::FIONBIO)?])?,
+            // c_ulong on glibc, c_int on musl.
+            #[allow(clippy::unnecessary_cast)]
+            SeccompRule::new(vec![eq(1, libc::FIONBIO as u64)?])?,
         ),
     ];
     if snapshots {
