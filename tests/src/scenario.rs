@@ -58,10 +58,34 @@ pub fn run_script(script: &str, timeout: Duration) -> String {
 /// before its agent answered, or a vCPU found at the reset vector at a
 /// shutdown exit at any time (the nested stack reset the L2 guest under it).
 fn nested_stack_fault(success: bool, output: &str) -> bool {
+    // Colour codes first: in the test host every program's stderr is the
+    // L2's serial console, a terminal, so husk-vmm's log comes coloured and
+    // `state=rip=..` arrives with escapes inside it.
+    let output = &strip_ansi(output);
     (!success && output.contains(BOOT_HANG))
         || output.contains(STEP_HANG)
         || (output.contains(VM_GONE_AT_BOOT) && output.contains(GUEST_RESET))
         || (output.contains(GUEST_RESET) && output.contains(RESET_VECTOR_SHUTDOWN))
+}
+
+/// `text` without ANSI escape sequences (CSI: ESC `[`, parameters, one
+/// final byte in `@`..=`~`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for f in chars.by_ref() {
+                if ('@'..='~').contains(&f) {
+                    break;
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// What `husk_agent_client` says when a guest's agent never answers.
@@ -74,10 +98,16 @@ const VM_GONE_AT_BOOT: &str = "before the agent answered";
 const GUEST_RESET: &str = "guest rebooted (treated as shutdown)";
 
 /// husk-vmm's triple-fault warning with the vCPU in its architectural reset
-/// state (rip 0xfff0, rsp 0, cr0 0x10): no guest code faulted there; a
-/// triple fault the guest makes itself shows the faulting kernel's
-/// registers. Seen in the nested test host only, mid-run as well as at
-/// boot (docs/testhost.md).
+/// state (rip 0xfff0, rsp 0, cr0 0x10). On AMD that is what every shutdown
+/// looks like: KVM INITs the vCPU on a SHUTDOWN intercept before it exits
+/// to user space (arch/x86/kvm/svm/svm.c, `shutdown_interception`), so the
+/// registers cannot tell a guest's own triple fault from one the nested
+/// stack made (on Intel they show where the guest stood). The test host is
+/// AMD (kvm_amd) under QEMU's emulated SVM, whose L2 kernel has panicked
+/// inside `svm_vcpu_run` itself under load (CI, 2026-12-07), and the three
+/// sightings so far came at three different points of three tests: they
+/// earn one more run there (docs/testhost.md); a reset that comes back
+/// fails.
 const RESET_VECTOR_SHUTDOWN: &str = "state=rip=0xfff0 rsp=0x0 rflags=0x2 cr0=0x10 ";
 
 /// What `bounded` prints when its command outlived its limit.
@@ -143,5 +173,10 @@ mod tests {
         // A triple fault in guest code is the test's failure, not the host's.
         let crash = "triple fault (KVM_EXIT_SHUTDOWN) vcpu=0 state=rip=0xffffffff81000e3a rsp=0xffffc90000013e58 rflags=0x46 cr0=0x80050033\nhusk-vmm: guest rebooted (treated as shutdown)";
         assert!(!nested_stack_fault(true, crash));
+        // The same reset, as husk-vmm logs it to a terminal (CI, 2026-12-07:
+        // vsock_streams_both_ways, in the middle of its echo).
+        let coloured = "\u{1b}[2m2026-12-07T07:14:15.309082Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m \u{1b}[2mhusk_vmm::vcpu\u{1b}[0m\u{1b}[2m:\u{1b}[0m triple fault (KVM_EXIT_SHUTDOWN) \u{1b}[3mvcpu\u{1b}[0m\u{1b}[2m=\u{1b}[0m1 \u{1b}[3mstate\u{1b}[0m\u{1b}[2m=\u{1b}[0mrip=0xfff0 rsp=0x0 rflags=0x2 cr0=0x10 cr2=0x0 cr3=0x0 cr4=0x0 efer=0x0 cs=0xf000\nhusk-vmm: guest rebooted (treated as shutdown)\nError: stream 0: end of stream after 960932 bytes";
+        assert!(nested_stack_fault(false, coloured));
+        assert_eq!(strip_ansi("\u{1b}[1;31mred\u{1b}[0m plain"), "red plain");
     }
 }
