@@ -173,7 +173,12 @@ finish 80
 /// kernel or agent that ignores every kill looks like, with no exit ever
 /// reported), then containerd kills the task. After the kill grace the
 /// runtime ends the VM itself, the task is reported killed (137), delete
-/// works, and nothing is left.
+/// works, and nothing is left. Then the other half: a guest that answers
+/// every call but never reports the exit. A privileged container makes its
+/// own init unkillable (`husk-test-init fuse-hang`: a FUSE lookup its own
+/// server never answers leaves it in D state, where SIGKILL waits); the
+/// agent answers Kill, the exit never comes, and the host ends the VM the
+/// same way.
 #[test]
 fn a_guest_that_stops_answering_loses_its_vm() {
     let out = run(
@@ -188,9 +193,29 @@ echo "stopped-after=$(( $(date +%s) - t0 ))s"
 $C task ls | awk '$1=="h1"{print "state-hung="$3}'
 $C task delete h1 2>&1 | grep -o 'exit code [0-9]*' | sed 's/^/hung-/'
 $C container rm h1
+T=$PWD/target/x86_64-unknown-linux-musl/release
+[ -x $T/husk-test-init ] || T=$PWD/target/x86_64-unknown-linux-gnu/release
+$C run -d $R --privileged --mount type=bind,src=$T,dst=/t,options=rbind:ro $IMG h2 /t/husk-test-init fuse-hang /tmp/hang; echo "code dstate-run=$?"
+# The lookup is in flight once the init sleeps in its stat (4) or
+# newfstatat (262): interruptibly until a signal comes, and SIGKILL then
+# turns the wait uninterruptible.
+for i in $(seq 50); do
+  c=$($C task exec --exec-id w$i h2 cat /proc/1/syscall 2>/dev/null | cut -d' ' -f1)
+  case "$c" in 4|262) echo "dstate-in-lookup"; break;; esac; sleep 0.2
+done
+t0=$(date +%s)
+$C task kill -s KILL h2; echo "code dstate-kill=$?"
+sleep 1
+echo "dstate-init=$($C task exec --exec-id k h2 cat /proc/1/stat | awk '{print $3}')"
+for i in $(seq 80); do $C task ls | grep -q "^h2 .*STOPPED" && break; sleep 0.5; done
+echo "dstate-stopped-after=$(( $(date +%s) - t0 ))s"
+$C task ls | awk '$1=="h2"{print "state-dstate="$3}'
+$C task delete h2 2>&1 | grep -o 'exit code [0-9]*' | sed 's/^/dstate-/'
+$C container rm h2
+echo "distrusted=$(grep -c 'stopping the VM of a guest that ignores kills' $D/log)"
 finish 80
 "#,
-        Duration::from_secs(300),
+        Duration::from_secs(420),
     );
     assert_all(
         &out,
@@ -199,11 +224,17 @@ finish 80
             "vmm-count=1",
             "state-hung=STOPPED",
             "hung-exit code 137",
+            "code dstate-run=0",
+            "dstate-in-lookup",
+            "dstate-init=D",
+            "code dstate-kill=0",
+            "state-dstate=STOPPED",
+            "dstate-exit code 137",
         ],
     );
     assert!(
-        out.contains("stopping the VM of a guest that ignores kills"),
-        "the runtime did not say why it ended the VM:\n{out}"
+        out.contains("distrusted=2"),
+        "the runtime did not end both VMs for that reason:\n{out}"
     );
     assert!(
         !out.contains("the VM ended unasked"),

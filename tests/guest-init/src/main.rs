@@ -29,6 +29,10 @@
 //! sends one line to host port 5001, and then waits to be stopped.
 //! `test_init.exit=poweroff` on the command line powers off right after the
 //! report instead.
+//!
+//! As a container process it has two more parts: `vsock-probe` (tries
+//! AF_VSOCK, says what happened) and `fuse-hang DIR` (makes itself a process
+//! no signal ends: see [`fuse_hang`]).
 
 use std::io::{Read, Write};
 
@@ -240,7 +244,100 @@ fn serve_state() {
     }
 }
 
+/// A process that SIGKILL cannot end, made from inside a (privileged)
+/// container: what a guest that answers every call but never reports an
+/// exit looks like to the host. It mounts a FUSE file system it serves
+/// itself, answers the kernel's INIT, then forks a server that reads the
+/// next request and never answers it, and looks a file up there. Once a
+/// FUSE request has reached its server, the kernel waits for the answer
+/// uninterruptibly (fs/fuse/dev.c, `request_wait_answer`), and this process
+/// keeps the connection open itself, so killing the server does not abort
+/// it: the process stays in D state until the VM ends.
+fn fuse_hang(dir: &str) -> Result<(), String> {
+    use std::ffi::CString;
+    let err = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    let dev = c"/dev/fuse";
+    // SAFETY: plain syscalls on NUL-terminated strings and owned buffers.
+    unsafe {
+        if libc::access(dev.as_ptr(), libc::F_OK) != 0
+            && libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 229)) != 0
+        {
+            return Err(err("mknod /dev/fuse"));
+        }
+        let fd = libc::open(dev.as_ptr(), libc::O_RDWR);
+        if fd < 0 {
+            return Err(err("open /dev/fuse"));
+        }
+        let target = CString::new(dir).map_err(|e| e.to_string())?;
+        libc::mkdir(target.as_ptr(), 0o755);
+        let data = CString::new(format!("fd={fd},rootmode=40000,user_id=0,group_id=0"))
+            .map_err(|e| e.to_string())?;
+        if libc::mount(
+            c"hang".as_ptr(),
+            target.as_ptr(),
+            c"fuse".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        ) != 0
+        {
+            return Err(err("mount fuse"));
+        }
+        // FUSE_INIT (opcode 26): answered with protocol 7.31, or nothing
+        // else gets to the server.
+        let mut buf = vec![0u8; 1 << 17];
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        if n < 40 || u32::from_ne_bytes(buf[4..8].try_into().unwrap_or_default()) != 26 {
+            return Err(err("reading FUSE_INIT"));
+        }
+        let unique = u64::from_ne_bytes(buf[8..16].try_into().unwrap_or_default());
+        let mut out = Vec::with_capacity(80);
+        out.extend_from_slice(&80u32.to_ne_bytes()); // len
+        out.extend_from_slice(&0i32.to_ne_bytes()); // error
+        out.extend_from_slice(&unique.to_ne_bytes());
+        out.extend_from_slice(&7u32.to_ne_bytes()); // major
+        out.extend_from_slice(&31u32.to_ne_bytes()); // minor
+        out.extend_from_slice(&0u32.to_ne_bytes()); // max_readahead
+        out.extend_from_slice(&0u32.to_ne_bytes()); // flags
+        out.extend_from_slice(&1u16.to_ne_bytes()); // max_background
+        out.extend_from_slice(&1u16.to_ne_bytes()); // congestion_threshold
+        out.extend_from_slice(&4096u32.to_ne_bytes()); // max_write
+        out.extend_from_slice(&1u32.to_ne_bytes()); // time_gran
+        out.resize(80, 0); // max_pages, map_alignment, flags2, unused
+        if libc::write(fd, out.as_ptr().cast(), out.len()) != 80 {
+            return Err(err("answering FUSE_INIT"));
+        }
+        match libc::fork() {
+            -1 => return Err(err("fork")),
+            0 => {
+                // The server: takes every request off the queue, answers none.
+                loop {
+                    if libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) < 0 {
+                        libc::pause();
+                    }
+                }
+            }
+            _ => {}
+        }
+        println!("fuse-hang: looking up a file nobody will answer for");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        let file = CString::new(format!("{dir}/x")).map_err(|e| e.to_string())?;
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::stat(file.as_ptr(), &mut st);
+    }
+    Err("the lookup was answered".into())
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("fuse-hang") {
+        let dir = std::env::args()
+            .nth(2)
+            .unwrap_or_else(|| "/tmp/hang".into());
+        if let Err(e) = fuse_hang(&dir) {
+            println!("fuse-hang: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     // As a container process (not /init): tries to open an AF_VSOCK socket
     // and reach the host's log port, and says what happened.
     if std::env::args().nth(1).as_deref() == Some("vsock-probe") {
