@@ -134,7 +134,7 @@ impl Client {
     pub async fn connect(opts: ConnectOptions) -> Result<Self, ClientError> {
         let client = Self::lazy(opts);
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = vsock::FIRST_BACKOFF;
         loop {
             // Each attempt is bounded by what is left of the boot timeout: a
             // handshake the guest never answers must not outlast it.
@@ -159,7 +159,7 @@ impl Client {
             }
             tracing::trace!(%last, ?backoff, "agent not up yet");
             tokio::time::sleep(backoff.min(client.opts.boot_timeout - waited)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(250));
+            backoff = (backoff * 2).min(vsock::MAX_BACKOFF);
         }
     }
 

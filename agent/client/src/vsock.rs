@@ -57,9 +57,10 @@ impl HandshakeError {
 /// The longest answer we accept: "OK " plus a u32 and a newline, with room.
 const MAX_ANSWER: usize = 32;
 
-/// The first pause between tries of [`connect_patiently`]; it doubles.
-const FIRST_BACKOFF: Duration = Duration::from_millis(10);
-const MAX_BACKOFF: Duration = Duration::from_millis(250);
+/// The first pause between tries of [`connect_patiently`] (and of the
+/// client's wait for a booting agent); it doubles up to [`MAX_BACKOFF`].
+pub(crate) const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
 /// [`connect`], tried again while the VMM closes the stream before its
 /// answer, until `timeout` has passed in all. The VMM gives a guest a few
