@@ -124,9 +124,10 @@ async fn start(opts: &StartOpts, bundle: &Path) -> Result<String> {
         // A socket file nobody answers on is a dead shim's: take its place.
         let _ = std::fs::remove_file(socket_path(&address));
         // Only a sandbox's new daemon boots ahead; only it needs the options.
-        let preboot = match sandbox {
-            true => Some(start_config().await),
-            false => None,
+        let preboot = if sandbox {
+            Some(start_config().await)
+        } else {
+            None
         };
         spawn_daemon(opts, &address, bundle, preboot).await?;
     }
