@@ -55,7 +55,11 @@ dump() {
   echo "--- husk warnings, errors and VM ends"
   # A VM that ended unasked is followed by its VMM's and console's last
   # lines, indented with "  | " (the sandbox's directory and logs are gone).
-  grep -E ' (WARN|ERROR) |VM stopped|husk-vmm exited|process exited|OOM|seccomp|^  \| ' $D/log | grep -v 'level=' | tail -n 80
+  # Warnings first: a CI record keeps an output's head and tail, and the
+  # routine ends of many execs must not push out the one that matters.
+  grep -E ' (WARN|ERROR) |OOM|seccomp|^  \| ' $D/log | grep -v 'level=' | tail -n 60
+  echo "--- VM and process ends"
+  grep -E 'VM stopped|husk-vmm exited|process exited' $D/log | grep -v 'level=' | tail -n 30
   echo "--- containerd log"; grep -v 'level=debug' $D/log | tail -n ${1:-60}
 }
 leaks() {

@@ -178,7 +178,10 @@ finish 80
 /// own init unkillable (`husk-test-init fuse-hang`: a FUSE lookup its own
 /// server never answers leaves it in D state, where SIGKILL waits); the
 /// agent answers Kill, the exit never comes, and the host ends the VM the
-/// same way.
+/// same way. Last, a guest that dies: its kernel panics (a privileged
+/// container's OOM with `panic_on_oom`); the task is reported killed and
+/// containerd's log says why, with the VMM's and the console's last lines,
+/// once, while the two ends the host made itself are not told as unasked.
 #[test]
 fn a_guest_that_stops_answering_loses_its_vm() {
     let out = run(
@@ -213,9 +216,20 @@ $C task ls | awk '$1=="h2"{print "state-dstate="$3}'
 $C task delete h2 2>&1 | grep -o 'exit code [0-9]*' | sed 's/^/dstate-/'
 $C container rm h2
 echo "distrusted=$(grep -c 'stopping the VM of a guest that ignores kills' $D/log)"
+# A guest that dies under its pod: a privileged container has the guest
+# kernel panic on any OOM and runs the guest out of memory.
+$C run -d $R --privileged $IMG h3 sh -c 'echo 1 > /proc/sys/vm/overcommit_memory && echo 2 > /proc/sys/vm/panic_on_oom && dd if=/dev/zero of=/dev/null bs=1G count=1'; echo "code crash-run=$?"
+for i in $(seq 120); do $C task ls | grep -q "^h3 .*STOPPED" && break; sleep 0.5; done
+$C task ls | awk '$1=="h3"{print "state-crash="$3}'
+$C task delete h3 2>&1 | grep -o 'exit code [0-9]*' | sed 's/^/crash-/'
+$C container rm h3
+# Told once, with the VM's last words; the two ends the host made are not.
+echo "unasked=$(grep -c 'the VM ended unasked' $D/log)"
+grep -A40 'the VM ended unasked' $D/log | grep -q '^  | .*Kernel panic - not syncing' && echo "crash-console-told"
+grep -A40 'the VM ended unasked' $D/log | grep -q '^  | .*guest kernel panic' && echo "crash-vmm-told"
 finish 80
 "#,
-        Duration::from_secs(420),
+        Duration::from_secs(480),
     );
     assert_all(
         &out,
@@ -236,9 +250,19 @@ finish 80
         out.contains("distrusted=2"),
         "the runtime did not end both VMs for that reason:\n{out}"
     );
+    assert_all(
+        &out,
+        &[
+            "code crash-run=0",
+            "state-crash=STOPPED",
+            "crash-exit code 137",
+            "crash-console-told",
+            "crash-vmm-told",
+        ],
+    );
     assert!(
-        !out.contains("the VM ended unasked"),
-        "the host's own stop was reported as unasked:\n{out}"
+        out.contains("unasked=1"),
+        "the guest's crash was not told once, or the host's own stops were told as unasked:\n{out}"
     );
     assert_all(&out, NO_LEAKS);
 }

@@ -539,3 +539,39 @@ async fn a_vm_that_dies_mid_create_leaves_nothing() {
     assert_eq!(e.code(), Code::UNAVAILABLE);
     assert!(r.sandbox.vm_exited().is_some());
 }
+
+#[tokio::test]
+async fn a_vm_end_the_host_did_not_ask_for_is_told_once_by_the_shutdown_that_finds_it() {
+    // The first sign of such an end is often every WaitProcess failing; the
+    // shutdown that follows comes before the helper's next look.
+    let mut r = rig();
+    r.sandbox.report_unasked_end();
+    r.vm.die();
+    r.sandbox.shutdown().await;
+    assert!(r.sandbox.end_told());
+    assert!(!r.agent.calls().contains(&"shutdown".to_string()));
+}
+
+#[tokio::test]
+async fn a_vm_end_the_helper_saw_first_is_told_by_it() {
+    let mut r = rig();
+    r.sandbox.report_unasked_end();
+    r.vm.die();
+    // It looks once a second.
+    for _ in 0..60 {
+        if r.sandbox.end_told() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the helper never told the VM's end");
+}
+
+#[tokio::test]
+async fn a_shutdown_the_host_asked_for_is_no_unasked_end() {
+    let mut r = rig();
+    r.sandbox.report_unasked_end();
+    r.sandbox.shutdown().await;
+    assert!(!r.sandbox.end_told());
+    assert!(r.agent.calls().contains(&"shutdown".to_string()));
+}

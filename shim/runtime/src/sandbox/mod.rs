@@ -83,6 +83,11 @@ pub struct Sandbox {
     cgroup: Mutex<Option<cgroup::HostCgroup>>,
     /// The template the VM was resumed from; `None`: it booted.
     from_template: Option<PathBuf>,
+    /// This process booted the VM, so it says why the VM ended when the
+    /// host did not end it (a CLI command that opened one has no say).
+    reports_end: bool,
+    /// Set by whichever says it first: the helper or the shutdown.
+    end_told: Arc<AtomicBool>,
 }
 
 /// Stops the VM once a container says its guest ignores kills: what the
@@ -108,15 +113,14 @@ async fn stop_on_distrust(
 const EXIT_POLL: Duration = Duration::from_secs(1);
 
 /// Warns, with the VMM's and the console's last lines, when the VM ends
-/// without the host asking (shutdown aborts this first): a guest that
-/// powered off, reset or crashed, or a VMM that died. Both files go with
-/// the sandbox's directory, so this is the only record of why. The console
-/// is the guest's text: `file_tail` defangs it and every line is indented
-/// under the host's own line, so it cannot pass for one.
+/// without the host asking: a guest that powered off, reset or crashed, or
+/// a VMM that died. Polls while the sandbox lives; [`Sandbox::shutdown`]
+/// aborts it and reports an end it finds already there itself.
 async fn report_unasked_exit(
     vm: std::sync::Weak<dyn VmProcess>,
     layout: SandboxLayout,
     distrusted: Arc<AtomicBool>,
+    end_told: Arc<AtomicBool>,
 ) {
     let exit = loop {
         tokio::time::sleep(EXIT_POLL).await;
@@ -125,10 +129,18 @@ async fn report_unasked_exit(
             break exit;
         }
     };
-    if distrusted.load(Ordering::SeqCst) {
-        // Ended by the host (stop_on_distrust said so).
+    // Ended by the host (stop_on_distrust said so), or told already.
+    if distrusted.load(Ordering::SeqCst) || end_told.swap(true, Ordering::SeqCst) {
         return;
     }
+    warn_unasked_exit(&layout, &exit);
+}
+
+/// Both files go with the sandbox's directory, so this is the only record
+/// of why. The console is the guest's text: `file_tail` defangs it and
+/// every line is indented under the host's own line, so it cannot pass for
+/// one.
+fn warn_unasked_exit(layout: &SandboxLayout, exit: &VmExit) {
     let indent = |text: String| {
         text.lines()
             .map(|l| format!("  | {l}"))
@@ -140,8 +152,30 @@ async fn report_unasked_exit(
         %exit,
         "the VM ended unasked; husk-vmm's last lines:\n{}\nthe console's last lines:\n{}",
         indent(husk_agent_client::client::file_tail(&layout.vmm_log(), 20)),
-        indent(husk_agent_client::client::file_tail(&layout.console_log(), 15)),
+        indent(console_excerpt(
+            &husk_agent_client::client::file_tail(&layout.console_log(), 80),
+            15
+        )),
     );
+}
+
+/// The guest kernel's words for why it died; a panic's backtrace fills the
+/// last lines of the console, so such a line is kept when it lies above.
+const DYING_WORDS: &[&str] = &["Kernel panic - not syncing", "BUG: ", "Oops: "];
+
+/// The last `n` lines of the console text `tail`, after the first line in it
+/// where the guest kernel said why it died, when that line lies above them.
+fn console_excerpt(tail: &str, n: usize) -> String {
+    let lines: Vec<&str> = tail.lines().collect();
+    let from = lines.len().saturating_sub(n);
+    let last = lines[from..].join("\n");
+    match lines[..from]
+        .iter()
+        .find(|l| DYING_WORDS.iter().any(|w| l.contains(w)))
+    {
+        Some(why) => format!("{why}\n...\n{last}"),
+        None => last,
+    }
 }
 
 /// Removes a directory unless disarmed (a failed boot).
@@ -363,11 +397,7 @@ impl Sandbox {
         }
         // Only the process that booted the VM reports its end (a CLI
         // command that opened a running one has no say in it).
-        sb.helpers.push(tokio::spawn(report_unasked_exit(
-            Arc::downgrade(&sb.vm),
-            sb.layout.clone(),
-            sb.distrusted.clone(),
-        )));
+        sb.report_unasked_end();
         if spec.forward_vmm_log {
             sb.helpers.push(tokio::spawn(logs::forward_vmm_log(
                 sb.layout.vmm_log(),
@@ -379,6 +409,25 @@ impl Sandbox {
         }
         guard.disarm();
         Ok(sb)
+    }
+
+    /// Says why the VM ended, with its last lines, should it end without
+    /// the host asking: from a helper while the sandbox lives, or from
+    /// [`Sandbox::shutdown`] when the end came first.
+    pub(crate) fn report_unasked_end(&mut self) {
+        self.helpers.push(tokio::spawn(report_unasked_exit(
+            Arc::downgrade(&self.vm),
+            self.layout.clone(),
+            self.distrusted.clone(),
+            self.end_told.clone(),
+        )));
+        self.reports_end = true;
+    }
+
+    /// Whether an unasked end of the VM has been reported (tests).
+    #[cfg(test)]
+    pub(crate) fn end_told(&self) -> bool {
+        self.end_told.load(Ordering::SeqCst)
     }
 
     /// Relays the agent's OOM notices for this sandbox's containers.
@@ -423,6 +472,8 @@ impl Sandbox {
             network: Mutex::new(None),
             cgroup: Mutex::new(None),
             from_template: None,
+            reports_end: false,
+            end_told: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -661,29 +712,44 @@ impl Sandbox {
         if let Err(e) = container::mounts::unmount_below(self.layout.dir()) {
             tracing::warn!(sandbox = %self.id(), error = %e, "unmounting the share");
         }
-        let exit = match self.vm.exited() {
-            Some(exit) => exit,
+        // Whether the VM had ended before the host asked: the helper that
+        // says why was just aborted, so this says it instead (its files go
+        // with the directory below). Often the first sign of such an end is
+        // every container's WaitProcess failing, and the shutdown that
+        // follows beats the helper's next poll.
+        let (exit, unasked) = match self.vm.exited() {
+            Some(exit) => (exit, true),
             None => {
                 match self.agent.shutdown(Duration::from_secs(2)).await {
                     // Every guest process has ended and the guest has synced:
                     // nothing is lost by ending the VM now rather than
                     // waiting out the guest kernel's power-off (hundreds of
                     // ms nested, and the agent's own wind-down).
-                    Ok(()) => self.vm.stop(Duration::from_secs(2)).await,
+                    Ok(()) => (self.vm.stop(Duration::from_secs(2)).await, false),
                     Err(e) => {
                         // An agent that powered off before its answer left
                         // loses the connection: fine when the VM then ends.
-                        if !matches!(e, ClientError::Transport { .. }) {
+                        // Any other failure (the VMM's socket gone, a refusal)
+                        // followed by an end was not the host's doing.
+                        let transport = matches!(e, ClientError::Transport { .. });
+                        if !transport {
                             tracing::warn!(sandbox = %self.id(), error = %e, "the agent refused Shutdown");
                         }
                         match tokio::time::timeout(Duration::from_secs(10), self.vm.wait()).await {
-                            Ok(exit) => exit,
-                            Err(_) => self.vm.stop(Duration::from_secs(2)).await,
+                            Ok(exit) => (exit, !transport),
+                            Err(_) => (self.vm.stop(Duration::from_secs(2)).await, false),
                         }
                     }
                 }
             }
         };
+        if unasked
+            && self.reports_end
+            && !self.distrusted.load(Ordering::SeqCst)
+            && !self.end_told.swap(true, Ordering::SeqCst)
+        {
+            warn_unasked_exit(&self.layout, &exit);
+        }
         tracing::info!(sandbox = %self.id(), %exit, "VM stopped");
         let network = lock(&self.network).take();
         if let Some(n) = network {
@@ -749,5 +815,37 @@ async fn watch_oom(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::console_excerpt;
+
+    #[test]
+    fn a_panic_line_above_the_last_lines_is_kept() {
+        let mut console = vec!["booted", "Kernel panic - not syncing: Out of memory"];
+        let trace: Vec<String> = (0..20)
+            .map(|i| format!(" ? 0xffffffff8111{i:04x}"))
+            .collect();
+        console.extend(trace.iter().map(String::as_str));
+        let text = console.join("\n");
+        let e = console_excerpt(&text, 3);
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines[0], "Kernel panic - not syncing: Out of memory");
+        assert_eq!(lines[1], "...");
+        assert_eq!(&lines[2..], &trace[17..]);
+    }
+
+    #[test]
+    fn without_dying_words_it_is_the_last_lines() {
+        assert_eq!(console_excerpt("a\nb\nc\nd", 2), "c\nd");
+        assert_eq!(console_excerpt("a\nb", 5), "a\nb");
+        assert_eq!(console_excerpt("", 5), "");
+        // Within the last lines it is not repeated.
+        assert_eq!(
+            console_excerpt("x\nKernel panic - not syncing: y\nz", 2),
+            "Kernel panic - not syncing: y\nz"
+        );
     }
 }
