@@ -54,6 +54,10 @@ pub struct Config {
     pub vmm: Option<PathBuf>,
     /// A tracing filter (`info`, `debug`, `husk=debug,guest=info`).
     pub log_level: String,
+    /// The guest agent's tracing filter (`husk.log=` on the guest kernel's
+    /// command line); none: the agent's own default (`info`). A VM resumed
+    /// from a template has its template's, so templates are kept apart by it.
+    pub guest_log_level: Option<String>,
     /// Seconds to wait for the agent after starting husk-vmm.
     pub boot_timeout_secs: u64,
     /// Whether pods may set `io.husk.*` annotations at all (Kata's
@@ -93,6 +97,7 @@ impl Default for Config {
             memory_mib: vm.memory_mib,
             vmm: None,
             log_level: "info".into(),
+            guest_log_level: None,
             boot_timeout_secs: vm.boot_timeout.as_secs(),
             allow_annotations: true,
             max_vcpus: 16,
@@ -170,6 +175,18 @@ impl Config {
                 "storage_root must be an absolute path without ':' ',' or '\\'",
             ));
         }
+        // One kernel command-line word; the filter syntax needs no more.
+        if let Some(f) = &c.guest_log_level {
+            if f.is_empty()
+                || !f
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "_-=,:.".contains(ch))
+            {
+                return Err(bad(
+                    "guest_log_level is a tracing filter of letters, digits and _ - = , : .",
+                ));
+            }
+        }
         for (registry, mirrors) in &c.registry_mirrors {
             let host = |h: &str| !h.is_empty() && !h.contains(['/', ' ', '@']);
             if !host(registry) || !mirrors.iter().all(|m| host(m)) {
@@ -236,6 +253,10 @@ impl Config {
             ),
             boot_timeout: std::time::Duration::from_secs(self.boot_timeout_secs),
             vmm: self.vmm.clone(),
+            extra_cmdline: self
+                .guest_log_level
+                .as_ref()
+                .map(|f| format!("husk.log={f}")),
             ..VmSpec::default()
         })
     }
@@ -383,6 +404,27 @@ mod tests {
             (CRI_CPU_PERIOD, "100000"),
         ]));
         assert!(too_big.unwrap_err().to_string().contains("max_vcpus"));
+    }
+
+    #[test]
+    fn the_guest_log_level_reaches_the_kernel_command_line_as_one_word() {
+        let c = Config::parse("guest_log_level = \"husk_agent=debug,info\"").unwrap();
+        let spec = c.vm_spec(&Default::default()).unwrap();
+        assert_eq!(
+            spec.extra_cmdline.as_deref(),
+            Some("husk.log=husk_agent=debug,info")
+        );
+        assert_eq!(
+            Config::default()
+                .vm_spec(&Default::default())
+                .unwrap()
+                .extra_cmdline,
+            None
+        );
+        for bad in ["", "debug init=/bin/sh", "info\\n", "a\\\"b"] {
+            let text = format!("guest_log_level = \"{bad}\"");
+            assert!(Config::parse(&text).is_err(), "{text}");
+        }
     }
 
     #[test]
