@@ -125,11 +125,18 @@ fn serve(pid1: bool) -> Result<()> {
             _ = sigint.recv() => (Duration::from_secs(5), None),
         };
         tracing::info!(?grace, "shutting down");
+        let t0 = std::time::Instant::now();
         if pid1 {
             let r = reaper.clone();
             tokio::task::spawn_blocking(move || shutdown::stop_all_processes(&r, grace)).await?;
         }
+        let stopped = t0.elapsed();
         tokio::task::spawn_blocking(sync).await?;
+        tracing::debug!(
+            stop_us = stopped.as_micros() as u64,
+            sync_us = (t0.elapsed() - stopped).as_micros() as u64,
+            "processes stopped and synced"
+        );
         // Nothing is left to lose: the Shutdown answer may go, and the host
         // may end the VM before the power-off below gets there.
         if let Some(done) = done {

@@ -410,14 +410,21 @@ impl Manager {
             if let Some(h) = &hooks.before_start {
                 h(&cid, INIT_PROCESS);
             }
+            let t0 = std::time::Instant::now();
             let lower = share.join(&spec.root);
             let root = match &overlay {
                 None => lower,
                 Some(dir) => mount_overlay(dir, &lower)?,
             };
+            let mounted = t0.elapsed();
             let started = reaper.register_with(|| {
                 process::start(&spec, &root, &share, child, Some(&procs), &seccomp)
             })?;
+            tracing::debug!(
+                overlay_us = mounted.as_micros() as u64,
+                start_us = (t0.elapsed() - mounted).as_micros() as u64,
+                "init process started"
+            );
             Ok(finish_start(
                 started,
                 tty,

@@ -451,6 +451,7 @@ pub fn start(
             root.display()
         )));
     }
+    let t0 = std::time::Instant::now();
     let flags = clone_flags(spec)?;
     let userns = flags.contains(CloneFlags::CLONE_NEWUSER);
     let mounts: Vec<PreparedMount> = spec
@@ -537,6 +538,11 @@ pub fn start(
         (lines(&spec.uid_mappings), lines(&spec.gid_mappings))
     });
     plan.userns_root = id_maps.is_some();
+    tracing::debug!(
+        prepare_us = t0.elapsed().as_micros() as u64,
+        mounts = plan.rootfs.as_ref().map_or(0, |r| r.mounts.len()),
+        "process planned"
+    );
     let pid = spawn(&mut plan, flags, None, err_r, err_w, stdio, id_maps);
     drop((cg, staged));
     pid
@@ -648,6 +654,7 @@ fn spawn(
         unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
             .map_err(ContainerError::Clone)
     };
+    let t0 = std::time::Instant::now();
     let pid = match pid_ns {
         None => do_clone()?,
         Some(ns) => std::thread::scope(|s| {
@@ -665,11 +672,13 @@ fn spawn(
             .unwrap_or_else(|_| Err(ContainerError::Prepare("the clone thread panicked".into())))
         })?,
     };
+    let cloned = t0.elapsed();
     drop(sync_r);
     if let Err(e) = release(pid, plan, id_maps, sync_w) {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         return Err(e);
     }
+    let released = t0.elapsed();
     drop(err_w);
     drop(stdio);
     let mut buf = [0u8; 8];
@@ -684,6 +693,15 @@ fn spawn(
         }
     }
     if got == 0 {
+        // Where a start's time goes (the child's set-up and its exec are
+        // the last figure: the error pipe closes on exec).
+        tracing::debug!(
+            %pid,
+            clone_us = cloned.as_micros() as u64,
+            release_us = (released - cloned).as_micros() as u64,
+            setup_and_exec_us = (t0.elapsed() - released).as_micros() as u64,
+            "process launched"
+        );
         return Ok(pid);
     }
     // The child failed before exec; the reaper collects it (its exit is
