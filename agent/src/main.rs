@@ -134,7 +134,7 @@ fn serve(pid1: bool) -> Result<()> {
         tokio::task::spawn_blocking(sync).await?;
         tracing::debug!(
             stop_us = stopped.as_micros() as u64,
-            sync_us = (t0.elapsed() - stopped).as_micros() as u64,
+            sync_us = t0.elapsed().saturating_sub(stopped).as_micros() as u64,
             "processes stopped and synced"
         );
         // Nothing is left to lose: the Shutdown answer may go, and the host

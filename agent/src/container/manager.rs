@@ -422,7 +422,7 @@ impl Manager {
             })?;
             tracing::debug!(
                 overlay_us = mounted.as_micros() as u64,
-                start_us = (t0.elapsed() - mounted).as_micros() as u64,
+                start_us = t0.elapsed().saturating_sub(mounted).as_micros() as u64,
                 "init process started"
             );
             Ok(finish_start(

@@ -698,8 +698,8 @@ fn spawn(
         tracing::debug!(
             %pid,
             clone_us = cloned.as_micros() as u64,
-            release_us = (released - cloned).as_micros() as u64,
-            setup_and_exec_us = (t0.elapsed() - released).as_micros() as u64,
+            release_us = released.saturating_sub(cloned).as_micros() as u64,
+            setup_and_exec_us = t0.elapsed().saturating_sub(released).as_micros() as u64,
             "process launched"
         );
         return Ok(pid);
