@@ -300,14 +300,52 @@ fn bind_list(spec: &Spec) -> Result<String> {
 /// each crawl past their deadlines. Held for the whole run.
 const HOST_LOCK: &str = "/tmp/husk-testhost.lock";
 
+/// Each run's directory in /tmp: its script, initrd, sockets and console.
+const RUN_DIR_PREFIX: &str = "husk-testhost-";
+
+/// Removes the run directories that runs killed before their cleanup left
+/// (the harness SIGKILLed: its QEMU and virtiofsd die with it, by
+/// PR_SET_PDEATHSIG, but the directory stays). Only under [`HOST_LOCK`],
+/// where no other run can own one. Only directories of this user, never
+/// through a symlink (/tmp is everyone's); what cannot be removed is left.
+fn sweep_stale_run_dirs(parent: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to this process's effective uid.
+    let (Ok(me), Ok(entries)) = (std::fs::metadata("/proc/self"), std::fs::read_dir(parent)) else {
+        return 0;
+    };
+    let me = me.uid();
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(RUN_DIR_PREFIX) {
+            continue;
+        }
+        let path = e.path();
+        let ours =
+            std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_dir() && m.uid() == me);
+        if ours && std::fs::remove_dir_all(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 fn run_nested(spec: &Spec, mode: Mode) -> Result<Outcome, RunError> {
     let _lock = husk_guest_image::cache::lock_file(Path::new(HOST_LOCK))
         .with_context(|| format!("locking {HOST_LOCK}"))?;
+    let swept = sweep_stale_run_dirs(Path::new("/tmp"));
+    if swept > 0 {
+        tracing::info!(
+            swept,
+            "removed run directories that killed runs left in /tmp"
+        );
+    }
     let started = Instant::now();
     let cache = husk_guest_image::kernel::default_cache_root();
     let assets = assets::ensure(&cache)?;
     let dir = tempfile::Builder::new()
-        .prefix("husk-testhost-")
+        .prefix(RUN_DIR_PREFIX)
         .tempdir_in("/tmp")
         .context("creating the run directory")?;
     let script = dir.path().join("run.sh");
@@ -656,4 +694,35 @@ pub fn expect_success(o: &Outcome) -> Result<()> {
         bail!("script exited {} in {:?}:\n{}", o.status, o.mode, o.output);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_run_dirs_go_and_nothing_is_followed_or_taken_beside_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stale = tmp.path().join(format!("{RUN_DIR_PREFIX}abc"));
+        std::fs::create_dir_all(stale.join("sub")).unwrap();
+        std::fs::write(stale.join("initrd.cpio"), b"x").unwrap();
+        // A link with the prefix to someone's directory: the link may go,
+        // what it points at stays.
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("keep"), b"k").unwrap();
+        let link = tmp.path().join(format!("{RUN_DIR_PREFIX}link"));
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let file = tmp.path().join(format!("{RUN_DIR_PREFIX}file"));
+        std::fs::write(&file, b"f").unwrap();
+        let other = tmp.path().join("other-dir");
+        std::fs::create_dir(&other).unwrap();
+
+        assert_eq!(sweep_stale_run_dirs(tmp.path()), 1);
+        assert!(!stale.exists());
+        assert!(elsewhere.join("keep").exists());
+        assert!(file.exists() && other.exists());
+        assert_eq!(sweep_stale_run_dirs(tmp.path()), 0);
+        assert_eq!(sweep_stale_run_dirs(&tmp.path().join("missing")), 0);
+    }
 }
