@@ -462,12 +462,15 @@ pub fn start(
         .into_iter()
         .flatten()
         .collect();
+    let mounts_ready = t0.elapsed();
     let dev = mount_point(&root, Path::new("/dev"), false)?;
     let cg = cgroup_procs.map(open_cgroup_procs).transpose()?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
     let cg_fd = cg.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let before_user = t0.elapsed();
     let mut plan = process_plan(&spec.process, &root, &stdio, cg_fd, err_w.as_raw_fd())?;
+    let user_ready = t0.elapsed();
     plan.seccomp = seccomp.to_vec();
     // Paths inside the container, used after pivot_root.
     let inside = |p: &Path| cpath(&Path::new("/").join(p));
@@ -540,6 +543,8 @@ pub fn start(
     plan.userns_root = id_maps.is_some();
     tracing::debug!(
         prepare_us = t0.elapsed().as_micros() as u64,
+        mount_points_us = mounts_ready.as_micros() as u64,
+        user_us = user_ready.saturating_sub(before_user).as_micros() as u64,
         mounts = plan.rootfs.as_ref().map_or(0, |r| r.mounts.len()),
         "process planned"
     );

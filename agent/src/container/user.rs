@@ -17,21 +17,36 @@ pub struct ImageUser {
     pub groups: Vec<u32>,
 }
 
-/// A file under `root` with no symlink on the way; `None` otherwise.
+/// The most of either file read: an image is not a place for a 1 GB
+/// /etc/group.
+const MAX_FILE: u64 = 4 << 20;
+
+/// A regular file under `root` reached with no symlink on the way; `None`
+/// otherwise. Resolved on descriptors (openat2 in `root`, no symlinks), as
+/// the image could swap a path under a walk by names; opened `O_PATH`
+/// first, so that nothing but a regular file is ever opened for reading
+/// (a FIFO there would hang the start, a device node act), then reopened
+/// through `/proc/self/fd`, which names the same inode.
 fn read_in_root(root: &Path, rel: &str) -> Option<String> {
-    let mut p = root.to_path_buf();
-    for c in rel.split('/') {
-        p.push(c);
-        if std::fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
-            return None;
-        }
-    }
-    // Small files only: an image is not a place for a 1 GB /etc/group.
-    let meta = std::fs::metadata(&p).ok()?;
-    if meta.len() > 4 << 20 {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dir = std::fs::File::open(root).ok()?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let fd = openat2(dir.as_raw_fd(), rel, how).ok()?;
+    // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+    let path_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let proc_path = format!("/proc/self/fd/{}", path_fd.as_raw_fd());
+    let meta = std::fs::metadata(&proc_path).ok()?;
+    if !meta.file_type().is_file() || meta.len() > MAX_FILE {
         return None;
     }
-    std::fs::read_to_string(&p).ok()
+    let file = std::fs::File::open(&proc_path).ok()?;
+    let mut text = String::new();
+    file.take(MAX_FILE).read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 /// Looks `uid` up in `root`'s /etc/passwd and /etc/group.
@@ -97,5 +112,43 @@ mod tests {
         std::fs::write(outside.path(), "x:x:0:0::/secret:/bin/sh\n").unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("etc/passwd")).unwrap();
         assert_eq!(lookup(root.path(), 0, 0), ImageUser::default());
+        // Nor a symlinked directory on the way.
+        let real = tempfile::tempdir().unwrap();
+        std::fs::write(real.path().join("passwd"), "x:x:0:0::/secret:/bin/sh\n").unwrap();
+        let root2 = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(real.path(), root2.path().join("etc")).unwrap();
+        assert_eq!(lookup(root2.path(), 0, 0), ImageUser::default());
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_in_place_of_the_file_is_no_user_and_no_hang() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        // Opened for reading, a FIFO with no writer would block forever.
+        nix::unistd::mkfifo(
+            &root.path().join("etc/passwd"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        assert_eq!(lookup(root.path(), 0, 0), ImageUser::default());
+        std::fs::remove_file(root.path().join("etc/passwd")).unwrap();
+        std::fs::create_dir(root.path().join("etc/passwd")).unwrap();
+        assert_eq!(lookup(root.path(), 0, 0), ImageUser::default());
+    }
+
+    #[test]
+    fn files_are_read_up_to_their_bound() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        let mut big = "root:x:0:0:root:/root:/bin/sh\n".to_string();
+        big.push_str(&"#".repeat(MAX_FILE as usize));
+        std::fs::write(root.path().join("etc/passwd"), big).unwrap();
+        assert_eq!(lookup(root.path(), 0, 0), ImageUser::default());
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\n",
+        )
+        .unwrap();
+        assert_eq!(lookup(root.path(), 0, 0).home.as_deref(), Some("/root"));
     }
 }
