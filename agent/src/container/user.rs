@@ -33,7 +33,7 @@ fn read_in_root(root: &Path, rel: &str) -> Option<String> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let dir = std::fs::File::open(root).ok()?;
     let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS);
     let fd = openat2(dir.as_raw_fd(), rel, how).ok()?;
     // SAFETY: openat2 just returned this descriptor; nothing else owns it.

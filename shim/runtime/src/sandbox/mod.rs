@@ -83,11 +83,10 @@ pub struct Sandbox {
     cgroup: Mutex<Option<cgroup::HostCgroup>>,
     /// The template the VM was resumed from; `None`: it booted.
     from_template: Option<PathBuf>,
-    /// This process booted the VM, so it says why the VM ended when the
-    /// host did not end it (a CLI command that opened one has no say).
-    reports_end: bool,
-    /// Set by whichever says it first: the helper or the shutdown.
-    end_told: Arc<AtomicBool>,
+    /// Whether an unasked end of the VM is still to be told: set when this
+    /// process booted the VM (a CLI command that opened one has no say),
+    /// cleared by whichever tells it first, the helper or the shutdown.
+    end_untold: Arc<AtomicBool>,
 }
 
 /// Stops the VM once a container says its guest ignores kills: what the
@@ -120,7 +119,7 @@ async fn report_unasked_exit(
     vm: std::sync::Weak<dyn VmProcess>,
     layout: SandboxLayout,
     distrusted: Arc<AtomicBool>,
-    end_told: Arc<AtomicBool>,
+    end_untold: Arc<AtomicBool>,
 ) {
     let exit = loop {
         tokio::time::sleep(EXIT_POLL).await;
@@ -130,7 +129,7 @@ async fn report_unasked_exit(
         }
     };
     // Ended by the host (stop_on_distrust said so), or told already.
-    if distrusted.load(Ordering::SeqCst) || end_told.swap(true, Ordering::SeqCst) {
+    if distrusted.load(Ordering::SeqCst) || !end_untold.swap(false, Ordering::SeqCst) {
         return;
     }
     warn_unasked_exit(&layout, &exit);
@@ -415,19 +414,20 @@ impl Sandbox {
     /// the host asking: from a helper while the sandbox lives, or from
     /// [`Sandbox::shutdown`] when the end came first.
     pub(crate) fn report_unasked_end(&mut self) {
+        self.end_untold.store(true, Ordering::SeqCst);
         self.helpers.push(tokio::spawn(report_unasked_exit(
             Arc::downgrade(&self.vm),
             self.layout.clone(),
             self.distrusted.clone(),
-            self.end_told.clone(),
+            self.end_untold.clone(),
         )));
-        self.reports_end = true;
     }
 
-    /// Whether an unasked end of the VM has been reported (tests).
+    /// Whether the report [`Sandbox::report_unasked_end`] owes has been
+    /// made (tests).
     #[cfg(test)]
     pub(crate) fn end_told(&self) -> bool {
-        self.end_told.load(Ordering::SeqCst)
+        !self.end_untold.load(Ordering::SeqCst)
     }
 
     /// Relays the agent's OOM notices for this sandbox's containers.
@@ -472,8 +472,7 @@ impl Sandbox {
             network: Mutex::new(None),
             cgroup: Mutex::new(None),
             from_template: None,
-            reports_end: false,
-            end_told: Arc::new(AtomicBool::new(false)),
+            end_untold: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -744,9 +743,8 @@ impl Sandbox {
             }
         };
         if unasked
-            && self.reports_end
             && !self.distrusted.load(Ordering::SeqCst)
-            && !self.end_told.swap(true, Ordering::SeqCst)
+            && self.end_untold.swap(false, Ordering::SeqCst)
         {
             warn_unasked_exit(&self.layout, &exit);
         }
