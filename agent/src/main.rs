@@ -104,7 +104,7 @@ fn serve(pid1: bool) -> Result<()> {
         });
         let containers = husk_agent::container::manager::Manager::new(reaper.clone(), hub);
         let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
-        let service = service::AgentService::new(shutdown_tx, containers);
+        let service = service::AgentService::new(shutdown_tx, containers.clone());
         let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
         let mut server = ttrpc::r#async::Server::new()
             .bind(&addr)
@@ -126,6 +126,7 @@ fn serve(pid1: bool) -> Result<()> {
         };
         tracing::info!(?grace, "shutting down");
         let t0 = std::time::Instant::now();
+        containers.kill_unstarted();
         if pid1 {
             let r = reaper.clone();
             tokio::task::spawn_blocking(move || shutdown::stop_all_processes(&r, grace)).await?;

@@ -108,8 +108,18 @@ impl Reaper {
         &self,
         start: impl FnOnce() -> Result<Pid, E>,
     ) -> Result<(Pid, oneshot::Receiver<ExitStatus>), E> {
+        self.register_value_with(|| start().map(|pid| (pid, ())))
+            .map(|(pid, (rx, ()))| (pid, rx))
+    }
+
+    /// [`Reaper::register_with`] for a `start` that returns more than the
+    /// pid (a held process).
+    pub fn register_value_with<T, E>(
+        &self,
+        start: impl FnOnce() -> Result<(Pid, T), E>,
+    ) -> Result<(Pid, (oneshot::Receiver<ExitStatus>, T)), E> {
         let _spawning = self.begin_spawn();
-        let pid = start()?;
+        let (pid, value) = start()?;
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
         match inner.pending.remove(&pid) {
@@ -121,7 +131,7 @@ impl Reaper {
                 inner.waiters.insert(pid, tx);
             }
         }
-        Ok((pid, rx))
+        Ok((pid, (rx, value)))
     }
 
     /// Collects every process that has exited. Returns how many.

@@ -457,6 +457,7 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<Empty> {
         self.containers
             .remove(&req.container_id)
+            .await
             .map_err(container_status)?;
         tracing::info!(container = %req.container_id, "container removed");
         Ok(Empty::default())

@@ -38,7 +38,7 @@ fn manager() {
     .expect("mounting cgroup2");
     // The cgroup2 hierarchy outlives this namespace: clear what a failed
     // earlier run left.
-    for id in ["slow", "fast", "leaky", "all"] {
+    for id in ["slow", "fast", "leaky", "all", "held", "unstarted"] {
         let dir = Path::new("/sys/fs/cgroup/husk").join(id);
         let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         let deadline = Instant::now() + T;
@@ -58,6 +58,7 @@ fn manager() {
             slow_start_blocks_nobody_else(share.path(), &reaper).await;
             failure_after_the_child_exists_kills_it(share.path(), &reaper).await;
             signal_all_reaches_orphans(share.path(), &reaper).await;
+            created_processes_are_held_until_started(share.path(), &reaper).await;
         });
 }
 
@@ -96,7 +97,7 @@ fn manager_with(share: &Path, reaper: &Reaper, hooks: Hooks) -> Manager {
 async fn kill_and_remove(m: &Manager, id: &str) {
     let _ = m.signal(id, "", 9, true);
     let deadline = Instant::now() + T;
-    while let Err(e) = m.remove(id) {
+    while let Err(e) = m.remove(id).await {
         assert!(Instant::now() < deadline, "removing {id}: {e}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -141,7 +142,7 @@ async fn slow_start_blocks_nobody_else(share: &Path, reaper: &Reaper) {
         ),
         "{e}"
     );
-    assert!(m.remove("slow").is_err());
+    assert!(m.remove("slow").await.is_err());
     // The other container starts and answers meanwhile.
     tokio::time::timeout(T, m.start("fast"))
         .await
@@ -179,7 +180,7 @@ async fn failure_after_the_child_exists_kills_it(share: &Path, reaper: &Reaper) 
         .expect("the failed start's process was left running")
         .unwrap();
     assert_eq!(code, 137);
-    m.remove("leaky").unwrap();
+    m.remove("leaky").await.unwrap();
 }
 
 /// SignalProcess with `all` signals every process in the container's
@@ -202,4 +203,90 @@ async fn signal_all_reaches_orphans(share: &Path, reaper: &Reaper) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     kill_and_remove(&m, "all").await;
+}
+
+/// The executable a process runs now, once it is there.
+async fn exe_of(pid: u32) -> std::path::PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default()
+}
+
+/// CreateContainer sets the container's process up and holds it before its
+/// exec, as runc's create does: it is in the container's cgroup, still the
+/// agent's program, holding nothing of the agent's but its stdio and its two
+/// pipes (a pipe of another process kept open there would hold that
+/// process's output open for as long as it waits). StartContainer lets it
+/// exec; RemoveContainer of one never started kills it and its cgroup goes.
+async fn created_processes_are_held_until_started(share: &Path, reaper: &Reaper) {
+    let m = manager_with(share, reaper, Hooks::default());
+    let held_pid = |id: &'static str| {
+        let m = m.clone();
+        async move {
+            let deadline = Instant::now() + T;
+            loop {
+                if let Some(pid) = m.pids(id).unwrap().first() {
+                    return *pid;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{id} has no process after create"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let agent_exe = std::env::current_exe().unwrap();
+    for id in ["held", "unstarted"] {
+        m.create(id, &spec(&["sleep", "30"]), false, false).unwrap();
+    }
+    let pid = held_pid("held").await;
+    // Set up, not yet exec'd: give it time to go past its hold if it would.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        exe_of(pid).await,
+        agent_exe,
+        "the held process exec'd before its start"
+    );
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(fds <= 5, "a held process keeps {fds} descriptors");
+    let e = m.wait("held", "").await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ManagerError::State {
+                state: "created",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    m.start("held").await.unwrap();
+    assert_eq!(
+        m.pids("held").unwrap(),
+        vec![pid],
+        "the started process is the held one"
+    );
+    assert!(
+        exe_of(pid).await.ends_with("busybox"),
+        "{:?}",
+        exe_of(pid).await
+    );
+    kill_and_remove(&m, "held").await;
+
+    let unstarted = held_pid("unstarted").await;
+    m.remove("unstarted").await.unwrap();
+    let deadline = Instant::now() + T;
+    while Path::new(&format!("/proc/{unstarted}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the unstarted process outlived its container"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!Path::new("/sys/fs/cgroup/husk/unstarted").exists());
+    assert!(matches!(
+        m.start("unstarted").await.unwrap_err(),
+        ManagerError::NotFound(_)
+    ));
 }

@@ -71,10 +71,11 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
     move |e| ManagerError::Io(format!("{what}: {e}"))
 }
 
-/// A process's stdio, made before it starts: what the child gets, and the
-/// agent's ends, which the relays take once it runs.
+/// A process's stdio, made before it starts: what the child gets (taken by
+/// the set-up at create for a container's own process), and the agent's
+/// ends, which the relays take once it runs.
 struct Ends {
-    child: Stdio,
+    child: Option<Stdio>,
     host: HostEnds,
 }
 
@@ -97,12 +98,12 @@ fn make_ends(tty: bool, want_stdin: bool) -> Result<Ends, ManagerError> {
         let (ours, theirs) = process::console_pair().map_err(io_err("socketpair"))?;
         let null = || process::null_stdin().map_err(io_err("/dev/null"));
         return Ok(Ends {
-            child: Stdio {
+            child: Some(Stdio {
                 stdin: null()?,
                 stdout: null()?,
                 stderr: null()?,
                 console: Some(theirs),
-            },
+            }),
             host: HostEnds {
                 out: ours,
                 err: None,
@@ -121,12 +122,12 @@ fn make_ends(tty: bool, want_stdin: bool) -> Result<Ends, ManagerError> {
         (process::null_stdin().map_err(io_err("/dev/null"))?, None)
     };
     Ok(Ends {
-        child: Stdio {
+        child: Some(Stdio {
             stdin,
             stdout: out_w,
             stderr: err_w,
             console: None,
-        },
+        }),
         host: HostEnds {
             out: out_r,
             err: Some(err_r),
@@ -214,14 +215,24 @@ impl Proc {
     }
 }
 
+/// A container's own process as CreateContainer's set-up left it: held
+/// before its exec, with its terminal's master if it has one.
+struct Prepared {
+    held: process::Held,
+    exited: oneshot::Receiver<ExitStatus>,
+    master: Result<Option<OwnedFd>, ManagerError>,
+}
+
 struct Container {
-    spec: ValidSpec,
     /// The compiled profile, for the container's processes and its execs.
     seccomp: Vec<Program>,
     /// `<OVERLAY_DIR>/<id>` when the rootfs has a writable layer.
     overlay: Option<PathBuf>,
     cgroup: Cgroup,
     init: Proc,
+    /// The init's set-up, begun at create, until StartContainer (or
+    /// RemoveContainer) takes it.
+    prepared: Option<JoinHandle<Result<Prepared, ManagerError>>>,
     execs: HashMap<String, Proc>,
     oom_watch: Option<JoinHandle<()>>,
 }
@@ -247,7 +258,8 @@ type AfterStartHook = Arc<dyn Fn(&str, &str) -> Result<(), String> + Send + Sync
 /// thread with (container id, exec id). None in the agent.
 #[derive(Clone, Default)]
 pub struct Hooks {
-    /// Before the clone: a test makes a start slow here.
+    /// Before the clone (a container's own process: as its set-up begins
+    /// at create): a test makes a start slow here.
     pub before_start: Option<StartHook>,
     /// Once the child exists: an error here is a failure past the start.
     pub after_start: Option<AfterStartHook>,
@@ -353,11 +365,24 @@ impl Manager {
         if !spec.vsock_allowed {
             seccomp.extend(seccomp::vsock_guard()?);
         }
+        let share = self.share().ok_or(ManagerError::NoShare)?;
         let mut all = self.lock();
         if all.contains_key(id) {
             return Err(ManagerError::Exists(id.to_string()));
         }
-        let init = Proc::new(spec.process.clone(), want_stdin)?;
+        let mut init = Proc::new(spec.process.clone(), want_stdin)?;
+        let (child, console) = match init.ends.as_mut() {
+            Some(ends) => (
+                ends.child.take(),
+                ends.host
+                    .tty
+                    .then(|| ends.host.out.try_clone())
+                    .transpose()
+                    .map_err(io_err("dup"))?,
+            ),
+            None => (None, None),
+        };
+        let child = child.ok_or_else(|| ManagerError::Io("no stdio".into()))?;
         // Last: nothing below can fail and leave the cgroup behind.
         let cgroup = Cgroup::create(id, spec.resources.as_ref())?;
         let oom_watch = Some(watch_oom(
@@ -365,14 +390,26 @@ impl Manager {
             cgroup.clone(),
             self.oom_tx.clone(),
         ));
+        let overlay = overlay.then(|| Path::new(OVERLAY_DIR).join(id));
+        let prepared = tokio::task::spawn_blocking({
+            let (seccomp, overlay) = (seccomp.clone(), overlay.clone());
+            let (reaper, hooks, procs) =
+                (self.reaper.clone(), self.hooks.clone(), cgroup.procs_file());
+            let id = id.to_string();
+            move || {
+                prepare_init(
+                    &reaper, &hooks, &id, &spec, &share, overlay, &procs, &seccomp, child, console,
+                )
+            }
+        });
         all.insert(
             id.to_string(),
             Container {
-                spec,
                 seccomp,
-                overlay: overlay.then(|| Path::new(OVERLAY_DIR).join(id)),
+                overlay,
                 cgroup,
                 init,
+                prepared: Some(prepared),
                 execs: HashMap::new(),
                 oom_watch,
             },
@@ -380,62 +417,45 @@ impl Manager {
         Ok(())
     }
 
-    /// Starts the container's process. The slow part (the overlay mount,
-    /// the clone, the wait until the child has exec'd, a terminal's master)
-    /// runs on a blocking thread with no lock held, so a start that hangs
-    /// (a slow exec over virtio-fs, a hung mount) holds up no other call.
+    /// Starts the container's process: lets the process CreateContainer set
+    /// up go on to its exec, waiting first for that set-up where it is still
+    /// running, on a blocking thread with no lock held, so a start that
+    /// hangs (a slow exec over virtio-fs, a hung mount) holds up no other
+    /// call.
     pub async fn start(&self, id: &str) -> Result<(), ManagerError> {
-        let share = self.share().ok_or(ManagerError::NoShare)?;
-        let (spec, seccomp, overlay, procs, child, host) = self.with(id, |c| {
-            let Some(Ends { child, host }) = c.init.ends.take() else {
+        let (prepared, host) = self.with(id, |c| {
+            let (Some(prepared), Some(Ends { host, .. })) = (c.prepared.take(), c.init.ends.take())
+            else {
                 return Err(ManagerError::State {
                     id: id.to_string(),
                     state: c.init.state(),
                 });
             };
             c.init.launch = Launch::Starting;
-            Ok((
-                c.spec.clone(),
-                c.seccomp.clone(),
-                c.overlay.clone(),
-                c.cgroup.procs_file(),
-                child,
-                host,
-            ))
+            Ok((prepared, host))
         })?;
-        let (reaper, hooks, cid) = (self.reaper.clone(), self.hooks.clone(), id.to_string());
-        let tty = host.tty;
-        let console = host.out.try_clone().map_err(io_err("dup"));
-        let started = tokio::task::spawn_blocking(move || {
-            if let Some(h) = &hooks.before_start {
-                h(&cid, INIT_PROCESS);
-            }
-            let t0 = std::time::Instant::now();
-            let lower = share.join(&spec.root);
-            let root = match &overlay {
-                None => lower,
-                Some(dir) => mount_overlay(dir, &lower)?,
-            };
-            let mounted = t0.elapsed();
-            let started = reaper.register_with(|| {
-                process::start(&spec, &root, &share, child, Some(&procs), &seccomp)
-            })?;
-            tracing::debug!(
-                overlay_us = mounted.as_micros() as u64,
-                start_us = t0.elapsed().saturating_sub(mounted).as_micros() as u64,
-                "init process started"
-            );
-            Ok(finish_start(
-                started,
-                tty,
-                console,
-                &hooks,
-                &cid,
-                INIT_PROCESS,
-            ))
-        })
-        .await
-        .unwrap_or_else(|e| Err(ManagerError::Io(format!("the start thread: {e}"))));
+        let (hooks, cid) = (self.hooks.clone(), id.to_string());
+        let started = match prepared.await {
+            Err(e) => Err(ManagerError::Io(format!("the set-up thread: {e}"))),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(p)) => tokio::task::spawn_blocking(move || {
+                let Prepared {
+                    held,
+                    exited,
+                    master,
+                } = p;
+                let pid = held.release()?;
+                Ok(finish_start(
+                    (pid, exited),
+                    master,
+                    &hooks,
+                    &cid,
+                    INIT_PROCESS,
+                ))
+            })
+            .await
+            .unwrap_or_else(|e| Err(ManagerError::Io(format!("the start thread: {e}")))),
+        };
         self.with(id, |c| {
             launch(&self.hub, id, INIT_PROCESS, &mut c.init, started, host)
         })
@@ -466,7 +486,11 @@ impl Manager {
                 });
             }
             let mut proc_ = Proc::new(p, want_stdin)?;
-            let Some(Ends { child, host }) = proc_.ends.take() else {
+            let Some(Ends {
+                child: Some(child),
+                host,
+            }) = proc_.ends.take()
+            else {
                 return Err(ManagerError::Io("no stdio".into()));
             };
             proc_.launch = Launch::Starting;
@@ -492,7 +516,16 @@ impl Manager {
             }
             let started =
                 reaper.register_with(|| process::exec(&spec, init_pid, child, &procs, &seccomp))?;
-            Ok(finish_start(started, tty, console, &hooks, &cid, &eid))
+            // The child sent its terminal's master before its exec.
+            let master = match tty {
+                false => Ok(None),
+                true => console.and_then(|c| {
+                    process::receive_console(&c)
+                        .map(Some)
+                        .map_err(io_err("the terminal"))
+                }),
+            };
+            Ok(finish_start(started, master, &hooks, &cid, &eid))
         })
         .await
         .unwrap_or_else(|e| Err(ManagerError::Io(format!("the exec thread: {e}"))));
@@ -669,14 +702,28 @@ impl Manager {
         Ok(())
     }
 
+    /// Kills the processes of containers created and never started (at
+    /// the guest's shutdown): each waits in its set-up as its pid
+    /// namespace's init, which SIGTERM from the agent does not end, and
+    /// holds the agent's signal handlers, so the shutdown's SIGTERM would
+    /// cost its whole grace period.
+    pub fn kill_unstarted(&self) {
+        for c in self.lock().values() {
+            if c.prepared.is_some() {
+                c.cgroup.kill_all();
+            }
+        }
+    }
+
     /// The next container an OOM kill happened in.
     pub async fn next_oom(&self) -> Option<String> {
         self.oom_rx.lock().await.recv().await
     }
 
-    /// Forgets a stopped container: leftover processes (an exec's orphans)
-    /// are killed with the cgroup, relays and streams are dropped.
-    pub fn remove(&self, id: &str) -> Result<(), ManagerError> {
+    /// Forgets a stopped (or never started) container: leftover processes
+    /// (an exec's orphans, a held process that was never started) are
+    /// killed with the cgroup, relays and streams are dropped.
+    pub async fn remove(&self, id: &str) -> Result<(), ManagerError> {
         let mut c = {
             let mut all = self.lock();
             let c = all
@@ -700,6 +747,14 @@ impl Manager {
         };
         if let Some(w) = c.oom_watch.take() {
             w.abort();
+        }
+        if let Some(prepared) = c.prepared.take() {
+            // Created, never started: a process stuck in its set-up dies
+            // with the cgroup; one that got to its hold is killed as its
+            // Held drops. Waited for, so that its overlay is not mounted
+            // after it is taken down.
+            c.cgroup.kill_all();
+            drop(prepared.await);
         }
         c.init.abort_relays();
         for p in c.execs.values_mut() {
@@ -773,12 +828,11 @@ struct Child {
     after: Result<Option<OwnedFd>, ManagerError>,
 }
 
-/// The blocking tail of a start, once the child exists: a terminal's master
-/// arrives on the console socket (the child sent it before exec).
+/// The blocking tail of a start, once the child has exec'd, with its
+/// terminal's master (or why that could not be had).
 fn finish_start(
     (pid, exited): (Pid, oneshot::Receiver<ExitStatus>),
-    tty: bool,
-    console: Result<OwnedFd, ManagerError>,
+    master: Result<Option<OwnedFd>, ManagerError>,
     hooks: &Hooks,
     id: &str,
     exec_id: &str,
@@ -787,14 +841,60 @@ fn finish_start(
         if let Some(h) = &hooks.after_start {
             h(id, exec_id).map_err(ManagerError::Io)?;
         }
-        if !tty {
-            return Ok(None);
-        }
-        process::receive_console(&console?)
-            .map(Some)
-            .map_err(io_err("the terminal"))
+        master
     })();
     Child { pid, exited, after }
+}
+
+/// CreateContainer's set-up of a container's own process, on a blocking
+/// thread: its overlay, then the process as far as its hold (see
+/// [`process::prepare`]), with its terminal's master.
+#[allow(clippy::too_many_arguments)]
+fn prepare_init(
+    reaper: &Reaper,
+    hooks: &Hooks,
+    id: &str,
+    spec: &ValidSpec,
+    share: &Path,
+    overlay: Option<PathBuf>,
+    procs: &Path,
+    seccomp: &[Program],
+    child: Stdio,
+    console: Option<OwnedFd>,
+) -> Result<Prepared, ManagerError> {
+    if let Some(h) = &hooks.before_start {
+        h(id, INIT_PROCESS);
+    }
+    let t0 = std::time::Instant::now();
+    let lower = share.join(&spec.root);
+    let root = match &overlay {
+        None => lower,
+        Some(dir) => mount_overlay(dir, &lower)?,
+    };
+    let mounted = t0.elapsed();
+    let (pid, (exited, held)) = reaper.register_value_with(|| {
+        let held = process::prepare(spec, &root, share, child, Some(procs), seccomp)?;
+        Ok::<_, ManagerError>((held.pid(), held))
+    })?;
+    let master = match &console {
+        None => Ok(None),
+        // Sent before the hold.
+        Some(c) => process::receive_console(c)
+            .map(Some)
+            .map_err(io_err("the terminal")),
+    };
+    tracing::debug!(
+        container = id,
+        %pid,
+        overlay_us = mounted.as_micros() as u64,
+        prepare_us = t0.elapsed().saturating_sub(mounted).as_micros() as u64,
+        "init process set up"
+    );
+    Ok(Prepared {
+        held,
+        exited,
+        master,
+    })
 }
 
 /// After a clone (under the container's lock, nothing blocking): record the

@@ -8,6 +8,13 @@
 //! reports a failure as (stage, errno) on a close-on-exec pipe. An empty
 //! pipe at EOF means exec succeeded.
 //!
+//! A container's own process is made in two steps, as runc's create and
+//! start: [`prepare`] clones it and lets it do all its set-up (namespaces,
+//! cgroup, rootfs, mounts, stdio or its terminal), after which it says so on
+//! the pipe and waits ([`Held`]); [`Held::release`] lets it go on to its
+//! user, capabilities, seccomp and exec. The agent prepares at
+//! CreateContainer, so the set-up runs while the host gets to StartContainer.
+//!
 //! An exec'd process takes the same path minus the rootfs: it joins the
 //! container's namespaces (setns on fds opened before clone; the pid
 //! namespace through the cloning thread, see [`exec`]) and cgroup.
@@ -309,7 +316,14 @@ struct Plan {
     /// mapped there) before touching any filesystem.
     userns_root: bool,
     err_w: RawFd,
+    /// Once set up, report [`HELD`] and wait for one byte here before going
+    /// on to exec; -1: go straight on.
+    hold_r: RawFd,
 }
+
+/// What a held child writes on its error pipe where a failure would go: no
+/// stage has this code.
+const HELD: [u8; 8] = [0xff; 8];
 
 fn exec_candidates(spec: &ValidProcess) -> Result<Vec<CString>, ContainerError> {
     let prog = &spec.args[0];
@@ -418,6 +432,7 @@ fn process_plan(
         sync_r: -1,
         userns_root: false,
         err_w,
+        hold_r: -1,
     })
 }
 
@@ -430,12 +445,8 @@ fn open_cgroup_procs(cgroup_procs: &Path) -> Result<OwnedFd, ContainerError> {
         .map_err(|e| ContainerError::Prepare(format!("{}: {e}", cgroup_procs.display())))
 }
 
-/// Starts the container's process. `root` is its rootfs in the guest (in
-/// the share, or an overlay over it); `share` is the sandbox's shared
-/// directory, which bind sources are relative to.
-/// The child moves itself into the cgroup whose `cgroup.procs` is given
-/// before it does anything else. Returns the pid (in the agent's namespace)
-/// once `exec` has succeeded.
+/// Starts the container's process: [`prepare`], then [`Held::release`].
+/// Returns the pid (in the agent's namespace) once `exec` has succeeded.
 pub fn start(
     spec: &ValidSpec,
     root: &Path,
@@ -444,6 +455,77 @@ pub fn start(
     cgroup_procs: Option<&Path>,
     seccomp: &[super::seccomp::Program],
 ) -> Result<Pid, ContainerError> {
+    prepare(spec, root, share, stdio, cgroup_procs, seccomp)?.release()
+}
+
+/// A container's process that has done all its set-up and waits to be let
+/// go to exec (what runc's create leaves for its start). Dropped unreleased,
+/// it is killed.
+#[derive(Debug)]
+pub struct Held {
+    pid: Pid,
+    /// One byte here lets it go on.
+    go: Option<OwnedFd>,
+    /// EOF once it has exec'd; (stage, errno) when a step after the hold
+    /// failed.
+    err_r: Option<OwnedFd>,
+    /// argv\[0\], for an exec failure's message.
+    program: String,
+}
+
+impl Held {
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Lets it go on to its user, capabilities, seccomp and exec; returns
+    /// once it has exec'd, or where it failed (it has then exited).
+    pub fn release(mut self) -> Result<Pid, ContainerError> {
+        let t0 = std::time::Instant::now();
+        let (Some(go), Some(err_r)) = (self.go.take(), self.err_r.take()) else {
+            return Err(ContainerError::Prepare("released twice".into()));
+        };
+        nix::unistd::write(&go, &[1]).map_err(|e| ContainerError::Start {
+            stage: Stage::Sync,
+            errno: e,
+            detail: Some("the held process is gone".into()),
+        })?;
+        drop(go);
+        let (buf, got) = read_report(err_r);
+        if got == 0 {
+            tracing::debug!(pid = %self.pid, exec_us = t0.elapsed().as_micros() as u64, "held process released");
+            return Ok(self.pid);
+        }
+        let program = &self.program;
+        Err(failure(&buf, |stage, _| {
+            (stage == Stage::Exec).then(|| format!("{program:?}"))
+        }))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.go.is_some() {
+            // Never released: it must not linger in the container's cgroup.
+            let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Makes the container's process and lets it set itself up as far as its
+/// exec, where it waits ([`Held`]). `root` is its rootfs in the guest (in
+/// the share, or an overlay over it); `share` is the sandbox's shared
+/// directory, which bind sources are relative to. The child moves itself
+/// into the cgroup whose `cgroup.procs` is given before it does anything
+/// else.
+pub fn prepare(
+    spec: &ValidSpec,
+    root: &Path,
+    share: &Path,
+    stdio: Stdio,
+    cgroup_procs: Option<&Path>,
+    seccomp: &[super::seccomp::Program],
+) -> Result<Held, ContainerError> {
     let root = root.to_path_buf();
     if !root.is_dir() {
         return Err(ContainerError::Prepare(format!(
@@ -548,9 +630,14 @@ pub fn start(
         mounts = plan.rootfs.as_ref().map_or(0, |r| r.mounts.len()),
         "process planned"
     );
-    let pid = spawn(&mut plan, flags, None, err_r, err_w, stdio, id_maps);
+    let held = spawn(&mut plan, flags, None, err_r, err_w, stdio, id_maps, true);
     drop((cg, staged));
-    pid
+    match held? {
+        Spawned::Held(h) => Ok(h),
+        Spawned::Execd(_) => Err(ContainerError::Prepare(
+            "the process went past its hold".into(),
+        )),
+    }
 }
 
 /// Starts another process in the running container whose init is
@@ -605,7 +692,7 @@ pub fn exec(
     plan.seccomp = seccomp.to_vec();
     plan.join = joined.iter().map(|(fd, k)| (fd.as_raw_fd(), *k)).collect();
     plan.userns_root = own_userns;
-    let pid = spawn(
+    let spawned = spawn(
         &mut plan,
         CloneFlags::empty(),
         Some(pid_ns),
@@ -613,14 +700,58 @@ pub fn exec(
         err_w,
         stdio,
         None,
+        false,
     )?;
     drop(joined);
     drop(cg);
-    Ok(pid)
+    match spawned {
+        Spawned::Execd(pid) => Ok(pid),
+        Spawned::Held(_) => Err(ContainerError::Prepare("an exec was held".into())),
+    }
+}
+
+/// What [`spawn`] left running.
+enum Spawned {
+    Execd(Pid),
+    Held(Held),
+}
+
+/// Reads the child's report from its error pipe: (bytes, how many); none at
+/// EOF means it exec'd.
+fn read_report(err_r: OwnedFd) -> ([u8; 8], usize) {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    let mut err_r = std::fs::File::from(err_r);
+    while got < buf.len() {
+        match std::io::Read::read(&mut err_r, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    (buf, got)
+}
+
+/// The error a child reported as (stage and item, errno); `detail` names
+/// the item.
+fn failure(buf: &[u8; 8], detail: impl Fn(Stage, usize) -> Option<String>) -> ContainerError {
+    let code = u32::from_le_bytes(buf[..4].try_into().unwrap_or_default());
+    let (stage, item) = (
+        Stage::from_u32(code & 0xff).unwrap_or(Stage::Exec),
+        (code >> 8) as usize,
+    );
+    let errno = nix::Error::from_raw(i32::from_le_bytes(buf[4..8].try_into().unwrap_or_default()));
+    ContainerError::Start {
+        stage,
+        errno,
+        detail: detail(stage, item),
+    }
 }
 
 /// Clones the child that carries out `plan` and waits until it has exec'd
-/// (or reports where it failed). With `pid_ns`, the clone happens on a
+/// (or, with `hold`, set itself up and stopped before its exec; or reports
+/// where it failed). With `pid_ns`, the clone happens on a
 /// thread of its own that first joins that pid namespace: setns(CLONE_NEWPID)
 /// changes only the calling thread's children, and a throwaway thread keeps
 /// the agent's worker threads out of the container's namespace.
@@ -633,10 +764,19 @@ fn spawn(
     err_w: OwnedFd,
     stdio: Stdio,
     id_maps: Option<(String, String)>,
-) -> Result<Pid, ContainerError> {
+    hold: bool,
+) -> Result<Spawned, ContainerError> {
     let (sync_r, sync_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
     plan.sync_r = sync_r.as_raw_fd();
+    let (hold_r, go) = if hold {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| ContainerError::Prepare(format!("pipe: {e}")))?;
+        (Some(r), Some(w))
+    } else {
+        (None, None)
+    };
+    plan.hold_r = hold_r.as_ref().map_or(-1, |r| r.as_raw_fd());
     let plan = &*plan;
     let do_clone = || -> Result<Pid, ContainerError> {
         let argv: Vec<*const libc::c_char> = plan
@@ -678,7 +818,7 @@ fn spawn(
         })?,
     };
     let cloned = t0.elapsed();
-    drop(sync_r);
+    drop((sync_r, hold_r));
     if let Err(e) = release(pid, plan, id_maps, sync_w) {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         return Err(e);
@@ -686,18 +826,29 @@ fn spawn(
     let released = t0.elapsed();
     drop(err_w);
     drop(stdio);
-    let mut buf = [0u8; 8];
-    let mut got = 0;
-    let mut err_r = std::fs::File::from(err_r);
-    while got < buf.len() {
-        match std::io::Read::read(&mut err_r, &mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
+    // The child keeps a copy of the error pipe's read end until it execs
+    // (or closes it before its hold): reading it is what we wait on.
+    let report = err_r
+        .try_clone()
+        .map_err(|e| ContainerError::Prepare(format!("dup: {e}")))?;
+    let (buf, got) = read_report(report);
+    if got == buf.len() && buf == HELD {
+        tracing::debug!(
+            %pid,
+            clone_us = cloned.as_micros() as u64,
+            release_us = released.saturating_sub(cloned).as_micros() as u64,
+            setup_us = t0.elapsed().saturating_sub(released).as_micros() as u64,
+            "process held"
+        );
+        return Ok(Spawned::Held(Held {
+            pid,
+            go,
+            err_r: Some(err_r),
+            program: plan.argv[0].to_string_lossy().into_owned(),
+        }));
     }
-    if got == 0 {
+    drop(go);
+    if got == 0 && !hold {
         // Where a start's time goes (the child's set-up and its exec are
         // the last figure: the error pipe closes on exec).
         tracing::debug!(
@@ -707,17 +858,17 @@ fn spawn(
             setup_and_exec_us = t0.elapsed().saturating_sub(released).as_micros() as u64,
             "process launched"
         );
-        return Ok(pid);
+        return Ok(Spawned::Execd(pid));
+    }
+    if got == 0 {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        return Err(ContainerError::Prepare(
+            "the process ended before its set-up was done".into(),
+        ));
     }
     // The child failed before exec; the reaper collects it (its exit is
     // registered under this pid by the caller, which drops the receiver).
-    let code = u32::from_le_bytes(buf[..4].try_into().unwrap_or_default());
-    let (stage, item) = (
-        Stage::from_u32(code & 0xff).unwrap_or(Stage::Exec),
-        (code >> 8) as usize,
-    );
-    let errno = nix::Error::from_raw(i32::from_le_bytes(buf[4..8].try_into().unwrap_or_default()));
-    let detail = match stage {
+    Err(failure(&buf, |stage, item| match stage {
         Stage::Exec => Some(format!("{:?}", plan.argv[0])),
         Stage::Mount => plan
             .rootfs
@@ -735,12 +886,7 @@ fn spawn(
             .and_then(|r| r.sysctls.get(item))
             .map(|(k, _)| format!("{k:?}")),
         _ => None,
-    };
-    Err(ContainerError::Start {
-        stage,
-        errno,
-        detail,
-    })
+    }))
 }
 
 /// What the parent does for a fresh child before letting it go: its uid
@@ -856,6 +1002,10 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
         if plan.terminal && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0) {
             return fail(plan, Stage::Terminal);
         }
+        if plan.hold_r >= 0 && !hold(plan) {
+            // Let go unstarted: the container is being removed.
+            libc::_exit(127);
+        }
         for (resource, limit) in &plan.rlimits {
             if libc::setrlimit(*resource as _, limit) != 0 {
                 return fail(plan, Stage::Rlimits);
@@ -918,6 +1068,35 @@ fn child_main(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::c_
         nix::errno::Errno::set_raw(errno);
         fail(plan, Stage::Exec)
     }
+}
+
+/// Reports [`HELD`] and waits for the parent's byte. First closes every
+/// descriptor but its error pipe and the hold's: the agent's fds it got at
+/// the clone (another process's pipes among them) would otherwise stay
+/// open for as long as it waits, and a pipe's reader waits for EOF.
+/// False: let go without a start (the parent closed its end).
+///
+/// # Safety
+/// Called in the cloned child only, with `plan`'s fds open.
+unsafe fn hold(plan: &Plan) -> bool {
+    let (lo, hi) = if plan.err_w < plan.hold_r {
+        (plan.err_w, plan.hold_r)
+    } else {
+        (plan.hold_r, plan.err_w)
+    };
+    let close_range = |first: RawFd, last: libc::c_uint| {
+        if first as libc::c_uint <= last {
+            libc::syscall(libc::SYS_close_range, first as libc::c_uint, last, 0);
+        }
+    };
+    close_range(3, (lo - 1) as libc::c_uint);
+    close_range(lo + 1, (hi - 1) as libc::c_uint);
+    close_range(hi + 1, libc::c_uint::MAX);
+    if libc::write(plan.err_w, HELD.as_ptr().cast(), HELD.len()) != HELD.len() as isize {
+        return false;
+    }
+    let mut go = 0u8;
+    libc::read(plan.hold_r, (&mut go as *mut u8).cast(), 1) == 1
 }
 
 /// setresuid(2) as the raw syscall. The libc wrappers (glibc's setxid,
