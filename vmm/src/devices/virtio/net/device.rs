@@ -50,6 +50,42 @@ pub struct NetStats {
     pub tx_bytes: u64,
     /// TX chains refused (too short, too long, writable) or that the tap refused.
     pub tx_dropped: u64,
+    /// TX frames dropped because they did not come from this NIC's MAC
+    /// ([`spoofed`]); also counted in `tx_dropped`.
+    pub tx_spoofed: u64,
+}
+
+/// Why a frame the guest sends is not its NIC's own, if it is not: its
+/// Ethernet source, or an ARP packet's sender hardware address (behind one
+/// VLAN tag or none), is not the NIC's MAC. The guest and every container
+/// in it are hostile, and Docker's default capabilities include NET_RAW:
+/// without this a container could send frames as any other machine on the
+/// pod's network, or poison its neighbours' ARP caches with another's
+/// address. `frame` starts at the Ethernet header (at least 14 bytes).
+pub fn spoofed(frame: &[u8], mac: &[u8; 6]) -> Option<&'static str> {
+    if frame.get(6..12) != Some(&mac[..]) {
+        return Some("its Ethernet source is not the NIC's MAC");
+    }
+    let be16 = |at: usize| {
+        frame
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    let (ethertype, payload) = match be16(12) {
+        Some(0x8100 | 0x88a8) => (be16(16), 18),
+        t => (t, 14),
+    };
+    const ETH_P_ARP: u16 = 0x0806;
+    // The sender hardware address, where hlen says it is 6 bytes long.
+    if ethertype == Some(ETH_P_ARP)
+        && frame.get(payload + 4) == Some(&6)
+        && frame
+            .get(payload + 8..payload + 14)
+            .is_some_and(|sha| sha != mac)
+    {
+        return Some("its ARP sender is not the NIC's MAC");
+    }
+    None
 }
 
 /// How one direction's pass ended.
@@ -280,6 +316,18 @@ impl<B: NetBackend> Net<B> {
             let len = len as usize;
             c.reader(&a.mem).read_exact(&mut self.frame[..len])?;
             chain::add_used(&mut a.queues[TXQ], &a.mem, head, 0)?;
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&self.config[..6]);
+            if let Some(why) = spoofed(&self.frame[VNET_HDR_LEN..len], &mac) {
+                self.stats.tx_dropped += 1;
+                self.stats.tx_spoofed += 1;
+                crate::warn_limited!(len, "virtio-net: a TX frame dropped: {why}");
+                // Spent from the guest's budget all the same.
+                if let Some(l) = &mut self.tx_limit {
+                    l.consume(len as u64);
+                }
+                continue;
+            }
             match self.backend.write_frame(&self.frame[..len]) {
                 Ok(()) => {
                     self.stats.tx_frames += 1;

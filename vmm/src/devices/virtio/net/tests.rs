@@ -224,9 +224,14 @@ fn all_features() -> u64 {
 
 /// A frame with a vnet header of `hdr_byte`s (num_buffers garbage) and
 /// `len` bytes of a pattern after it.
+/// From the NIC's own MAC (bytes 6-11 of the Ethernet header) where it is
+/// long enough to have one.
 fn frame(len: usize, seed: u8) -> Vec<u8> {
     let mut f = vec![0xee; VNET_HDR_LEN];
     f.extend((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
+    if len >= 12 {
+        f[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12].copy_from_slice(&nic().mac);
+    }
     f
 }
 
@@ -425,6 +430,7 @@ fn a_tap_that_refuses_a_frame_costs_that_frame_only() {
             tx_frames: 1,
             tx_bytes: 72,
             tx_dropped: 1,
+            tx_spoofed: 0,
             ..Default::default()
         }
     );
@@ -771,4 +777,75 @@ fn a_real_tap_is_not_polled_while_the_guest_has_no_buffers() {
     }
     // SAFETY: closing the packet socket made above.
     unsafe { libc::close(s) };
+}
+
+#[test]
+fn frames_not_from_the_nics_mac_are_dropped() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    let mac = nic().mac;
+    let other = [0x02, 0, 0, 0, 0, 0x99];
+    let eth = |src: [u8; 6], ethertype: &[u8], payload: &[u8]| {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend([0xff; 6]);
+        f.extend(src);
+        f.extend(ethertype);
+        f.extend(payload);
+        f.resize(f.len().max(VNET_HDR_LEN + 60), 0);
+        f
+    };
+    // An ARP request: Ethernet, IPv4, hlen 6, plen 4, op 1, then the sender.
+    let arp = |sender: [u8; 6]| {
+        let mut p = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        p.extend(sender);
+        p.extend([10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 10, 0, 0, 1]);
+        p
+    };
+    let own_ip = eth(mac, &[0x08, 0x00], &[0x45; 40]);
+    let own_arp = eth(mac, &[0x08, 0x06], &arp(mac));
+    let own_vlan_arp = eth(mac, &[0x81, 0x00, 0x00, 0x05, 0x08, 0x06], &arp(mac));
+    let forged_source = eth(other, &[0x08, 0x00], &[0x45; 40]);
+    let forged_arp = eth(mac, &[0x08, 0x06], &arp(other));
+    let forged_vlan_arp = eth(mac, &[0x81, 0x00, 0x00, 0x05, 0x08, 0x06], &arp(other));
+    for f in [
+        &own_ip,
+        &forged_source,
+        &own_arp,
+        &forged_arp,
+        &own_vlan_arp,
+        &forged_vlan_arp,
+    ] {
+        rig.guest_send(f);
+    }
+    assert_eq!(
+        rig.dev.backend().tx,
+        vec![own_ip, own_arp, own_vlan_arp],
+        "only the NIC's own frames reach the tap"
+    );
+    let st = rig.dev.stats();
+    assert_eq!((st.tx_spoofed, st.tx_dropped, st.tx_frames), (3, 3, 3));
+    // Every chain went back to the guest: it is not stalled by a drop.
+    assert_eq!(rig.used(false).len(), 6);
+    // And the device goes on.
+    rig.guest_send(&frame(60, 9));
+    assert_eq!(rig.dev.stats().tx_frames, 4);
+}
+
+#[test]
+fn the_spoof_check_reads_only_what_the_frame_has() {
+    let mac = nic().mac;
+    let mut f = vec![0xffu8; 6];
+    f.extend(mac);
+    f.extend([0x08, 0x06]);
+    // An ARP header cut short: nothing to check beyond the Ethernet source.
+    assert_eq!(super::device::spoofed(&f, &mac), None);
+    f.extend([0, 1, 8, 0, 6, 4, 0, 1, 0x02]);
+    assert_eq!(super::device::spoofed(&f, &mac), None);
+    // A VLAN tag with nothing behind it.
+    let mut v = vec![0xffu8; 6];
+    v.extend(mac);
+    v.extend([0x81, 0x00]);
+    assert_eq!(super::device::spoofed(&v, &mac), None);
+    v[6] ^= 1;
+    assert!(super::device::spoofed(&v, &mac).is_some());
 }
