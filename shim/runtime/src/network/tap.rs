@@ -49,7 +49,8 @@ pub fn create(name: &str) -> Result<OwnedFd, NetError> {
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req`
     // is laid out as (name, flags, padding to its 40 bytes); `tun` is an
     // open /dev/net/tun fd that outlives the call.
-    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) };
+    // `as _`: the request is c_ulong in glibc, c_int in musl.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) };
     if rc < 0 {
         return Err(NetError::Tap {
             name: name.to_string(),
