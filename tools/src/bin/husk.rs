@@ -76,7 +76,7 @@ enum Cmd {
     #[command(subcommand)]
     Vm(VmCmd),
     /// Run a command as a container in its own micro-VM; exit with its code.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a command in a running container; exit with its code.
     Exec(ExecArgs),
     /// List the containers on this host (running ones; -a: all).
@@ -275,6 +275,13 @@ struct RunArgs {
     /// Mount the rootfs read-only.
     #[arg(long)]
     read_only: bool,
+    /// Add a Linux capability to the default set (NET_ADMIN or
+    /// CAP_NET_ADMIN; ALL for every one). `husk exec` gets the same set.
+    #[arg(long = "cap-add")]
+    cap_add: Vec<String>,
+    /// Drop a Linux capability from the default set (ALL: every one).
+    #[arg(long = "cap-drop")]
+    cap_drop: Vec<String>,
     #[arg(long, default_value_t = 1)]
     cpus: u32,
     /// Guest memory: MiB, or with a k/m/g suffix.
@@ -338,6 +345,88 @@ const DEFAULT_CAPS: &[&str] = &[
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
+
+/// Every capability a Linux 6.1 guest knows, by number.
+const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The default set with `--cap-add` and `--cap-drop` applied, as docker
+/// does: names with or without `CAP_`, any case; `ALL`; drops first, then
+/// adds. An unknown name is an error, never ignored.
+fn capabilities(add: &[String], drop: &[String]) -> Result<Vec<String>> {
+    let name = |flag: &str, c: &str| -> Result<Option<&'static str>> {
+        let up = c.trim().to_ascii_uppercase();
+        if up == "ALL" {
+            return Ok(None);
+        }
+        let full = if up.starts_with("CAP_") {
+            up
+        } else {
+            format!("CAP_{up}")
+        };
+        ALL_CAPS
+            .iter()
+            .find(|k| **k == full)
+            .map(|k| Some(*k))
+            .with_context(|| format!("{flag} {c:?}: not a Linux capability"))
+    };
+    let mut caps: Vec<&str> = DEFAULT_CAPS.to_vec();
+    for c in drop {
+        match name("--cap-drop", c)? {
+            None => caps.clear(),
+            Some(k) => caps.retain(|x| *x != k),
+        }
+    }
+    for c in add {
+        match name("--cap-add", c)? {
+            None => caps = ALL_CAPS.to_vec(),
+            Some(k) if !caps.contains(&k) => caps.push(k),
+            Some(_) => {}
+        }
+    }
+    Ok(caps.into_iter().map(String::from).collect())
+}
 
 /// Bytes from "512", "512m", "1g", "65536k" (no suffix: `default_unit`).
 fn parse_size(s: &str, default_unit: u64) -> Result<u64> {
@@ -824,7 +913,11 @@ async fn run(a: RunArgs) -> Result<i32> {
     let memory_mib =
         u32::try_from(parse_size(&a.memory, 1 << 20)? >> 20).context("--memory is too large")?;
     let publish = network_args(&a.network, &a.publish)?;
-    let process = process_json(&a.process, &command, &defaults)?;
+    let mut process = process_json(&a.process, &command, &defaults)?;
+    let caps = capabilities(&a.cap_add, &a.cap_drop)?;
+    process["capabilities"] = serde_json::json!({
+        "bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": []
+    });
     let spec = oci_spec(&a, process, &hostname(&id), mounts)?;
     let rec = containers::Record {
         id: id.clone(),
@@ -1186,11 +1279,19 @@ async fn exec(a: ExecArgs) -> Result<i32> {
             .unwrap_or_default()
             .subsec_nanos()
     });
-    let process = serde_json::to_vec(&process_json(
-        &a.process,
-        &a.command,
-        &ImageDefaults::default(),
-    )?)?;
+    let mut process = process_json(&a.process, &a.command, &ImageDefaults::default())?;
+    // The container's own set (its --cap-add and --cap-drop), as docker's
+    // exec gets; a record that cannot be read leaves the default set.
+    let own = Config::load_cli()
+        .ok()
+        .and_then(|cfg| containers::find(&cfg, &a.id).ok())
+        .and_then(|d| d.record().ok())
+        .map(|r| r.spec["process"]["capabilities"].clone())
+        .filter(|c| c.is_object());
+    if let Some(caps) = own {
+        process["capabilities"] = caps;
+    }
+    let process = serde_json::to_vec(&process)?;
     c.add_exec(&exec_id, process, stdio(&a.process))?;
     let _raw = RawMode::enter(a.process.tty);
     c.start(&exec_id).await?;
@@ -1608,7 +1709,7 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             println!("stopped {id}");
             Ok(0)
         }
-        Cmd::Run(a) => run(a).await,
+        Cmd::Run(a) => run(*a).await,
         Cmd::Template(TemplateCmd::Build {
             cpus,
             memory,
@@ -1676,5 +1777,40 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
             containers::reap(&cfg);
             images::prune(&cfg).map(|()| 0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(add: &[&str], drop: &[&str]) -> Result<Vec<String>> {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        capabilities(&v(add), &v(drop))
+    }
+
+    #[test]
+    fn cap_add_and_drop_change_the_default_set_as_docker() {
+        let default: Vec<String> = DEFAULT_CAPS.iter().map(|c| c.to_string()).collect();
+        assert_eq!(caps(&[], &[]).unwrap(), default);
+        let added = caps(&["net_admin", "CAP_SYS_TIME", "NET_RAW"], &[]).unwrap();
+        assert_eq!(added.len(), default.len() + 2);
+        assert!(added.contains(&"CAP_NET_ADMIN".to_string()));
+        assert!(added.contains(&"CAP_SYS_TIME".to_string()));
+        let dropped = caps(&[], &["NET_RAW", "cap_mknod"]).unwrap();
+        assert!(!dropped.contains(&"CAP_NET_RAW".to_string()));
+        assert!(!dropped.contains(&"CAP_MKNOD".to_string()));
+        assert_eq!(dropped.len(), default.len() - 2);
+        // Drops first, then adds: `--cap-drop ALL --cap-add CHOWN` is CHOWN.
+        assert_eq!(caps(&["chown"], &["ALL"]).unwrap(), vec!["CAP_CHOWN"]);
+        assert_eq!(caps(&["all"], &[]).unwrap().len(), ALL_CAPS.len());
+    }
+
+    #[test]
+    fn unknown_capabilities_are_refused_by_name() {
+        let e = caps(&["NET_WIZARD"], &[]).unwrap_err().to_string();
+        assert!(e.contains("--cap-add \"NET_WIZARD\""), "{e}");
+        let e = caps(&[], &["CAP_"]).unwrap_err().to_string();
+        assert!(e.contains("--cap-drop"), "{e}");
     }
 }
