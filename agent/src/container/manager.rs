@@ -354,9 +354,7 @@ impl Manager {
         overlay: bool,
     ) -> Result<(), ManagerError> {
         check_id("container id", id)?;
-        if self.share().is_none() {
-            return Err(ManagerError::NoShare);
-        }
+        let share = self.share().ok_or(ManagerError::NoShare)?;
         let spec = spec::validate(spec_json)?;
         let mut seccomp = match &spec.seccomp {
             Some(profile) => seccomp::compile(profile)?,
@@ -365,7 +363,6 @@ impl Manager {
         if !spec.vsock_allowed {
             seccomp.extend(seccomp::vsock_guard()?);
         }
-        let share = self.share().ok_or(ManagerError::NoShare)?;
         let mut all = self.lock();
         if all.contains_key(id) {
             return Err(ManagerError::Exists(id.to_string()));
