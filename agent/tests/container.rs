@@ -67,7 +67,7 @@ fn run(share: &Path, v: &Value) -> Result<(i32, String, String), ContainerError>
     };
     let pid = {
         let _clones = clone_lock();
-        process::start(&valid(v), &share.join("rootfs"), share, stdio, None, &[])?
+        process::prepare(&valid(v), &share.join("rootfs"), share, stdio, None, &[])?.release()?
     };
     let mut out = String::new();
     let mut err = String::new();
@@ -188,7 +188,7 @@ fn a_terminal_lives_in_the_containers_devpts() {
     };
     let pid = {
         let _clones = clone_lock();
-        process::start(
+        process::prepare(
             &valid(&v),
             &share.path().join("rootfs"),
             share.path(),
@@ -196,6 +196,7 @@ fn a_terminal_lives_in_the_containers_devpts() {
             None,
             &[],
         )
+        .and_then(process::Held::release)
         .unwrap()
     };
     let master = process::receive_console(&ours).unwrap();
@@ -246,7 +247,7 @@ fn a_seccomp_profile_applies() {
     };
     let pid = {
         let _clones = clone_lock();
-        process::start(
+        process::prepare(
             &spec,
             &share.path().join("rootfs"),
             share.path(),
@@ -254,6 +255,7 @@ fn a_seccomp_profile_applies() {
             None,
             &filters,
         )
+        .and_then(process::Held::release)
         .unwrap()
     };
     let (mut out, mut err) = (String::new(), String::new());

@@ -368,18 +368,14 @@ impl Manager {
             return Err(ManagerError::Exists(id.to_string()));
         }
         let mut init = Proc::new(spec.process.clone(), want_stdin)?;
-        let (child, console) = match init.ends.as_mut() {
-            Some(ends) => (
-                ends.child.take(),
-                ends.host
-                    .tty
-                    .then(|| ends.host.out.try_clone())
-                    .transpose()
-                    .map_err(io_err("dup"))?,
-            ),
-            None => (None, None),
+        let no_stdio = || ManagerError::Io("no stdio".into());
+        let ends = init.ends.as_mut().ok_or_else(no_stdio)?;
+        let child = ends.child.take().ok_or_else(no_stdio)?;
+        // A terminal's master comes back on our end of the console socket.
+        let console = match ends.host.tty {
+            true => Some(ends.host.out.try_clone().map_err(io_err("dup"))?),
+            false => None,
         };
-        let child = child.ok_or_else(|| ManagerError::Io("no stdio".into()))?;
         // Last: nothing below can fail and leave the cgroup behind.
         let cgroup = Cgroup::create(id, spec.resources.as_ref())?;
         let oom_watch = Some(watch_oom(

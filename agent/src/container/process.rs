@@ -445,19 +445,6 @@ fn open_cgroup_procs(cgroup_procs: &Path) -> Result<OwnedFd, ContainerError> {
         .map_err(|e| ContainerError::Prepare(format!("{}: {e}", cgroup_procs.display())))
 }
 
-/// Starts the container's process: [`prepare`], then [`Held::release`].
-/// Returns the pid (in the agent's namespace) once `exec` has succeeded.
-pub fn start(
-    spec: &ValidSpec,
-    root: &Path,
-    share: &Path,
-    stdio: Stdio,
-    cgroup_procs: Option<&Path>,
-    seccomp: &[super::seccomp::Program],
-) -> Result<Pid, ContainerError> {
-    prepare(spec, root, share, stdio, cgroup_procs, seccomp)?.release()
-}
-
 /// A container's process that has done all its set-up and waits to be let
 /// go to exec (what runc's create leaves for its start). Dropped unreleased,
 /// it is killed.

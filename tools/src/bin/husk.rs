@@ -521,11 +521,13 @@ fn user_ids(user: &str, layers: &[PathBuf]) -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
-/// The OCI `process` object for `p` running `args`, over `img`'s defaults.
+/// The OCI `process` object for `p` running `args`, over `img`'s defaults,
+/// with `capabilities` (an OCI capabilities object, [`caps_json`]).
 fn process_json(
     p: &ProcessArgs,
     args: &[String],
     img: &ImageDefaults,
+    capabilities: serde_json::Value,
 ) -> Result<serde_json::Value> {
     let user = p
         .user
@@ -560,19 +562,21 @@ fn process_json(
         .clone()
         .or_else(|| img.workdir.clone().filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
-    // Docker's default set: root in the container is not root in the VM
-    // (no CAP_SYS_ADMIN, no CAP_DAC_READ_SEARCH for file-handle tricks...).
-    let caps = DEFAULT_CAPS;
     Ok(serde_json::json!({
         "terminal": p.tty,
         "user": {"uid": uid, "gid": gid},
         "args": args,
         "env": env,
         "cwd": cwd,
-        "capabilities": {
-            "bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": []
-        },
+        "capabilities": capabilities,
     }))
+}
+
+/// The OCI capabilities object giving the process `caps`, no more.
+fn caps_json(caps: &[String]) -> serde_json::Value {
+    serde_json::json!({
+        "bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": []
+    })
 }
 
 /// A volume: (bind into the share, the OCI mount).
@@ -913,11 +917,11 @@ async fn run(a: RunArgs) -> Result<i32> {
     let memory_mib =
         u32::try_from(parse_size(&a.memory, 1 << 20)? >> 20).context("--memory is too large")?;
     let publish = network_args(&a.network, &a.publish)?;
-    let mut process = process_json(&a.process, &command, &defaults)?;
-    let caps = capabilities(&a.cap_add, &a.cap_drop)?;
-    process["capabilities"] = serde_json::json!({
-        "bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": []
-    });
+    // Docker's default set unless told: root in the container is not root
+    // in the VM (no CAP_SYS_ADMIN, no CAP_DAC_READ_SEARCH for file-handle
+    // tricks...).
+    let caps = caps_json(&capabilities(&a.cap_add, &a.cap_drop)?);
+    let process = process_json(&a.process, &command, &defaults, caps)?;
     let spec = oci_spec(&a, process, &hostname(&id), mounts)?;
     let rec = containers::Record {
         id: id.clone(),
@@ -1279,19 +1283,21 @@ async fn exec(a: ExecArgs) -> Result<i32> {
             .unwrap_or_default()
             .subsec_nanos()
     });
-    let mut process = process_json(&a.process, &a.command, &ImageDefaults::default())?;
     // The container's own set (its --cap-add and --cap-drop), as docker's
     // exec gets; a record that cannot be read leaves the default set.
-    let own = Config::load_cli()
+    let caps = Config::load_cli()
         .ok()
         .and_then(|cfg| containers::find(&cfg, &a.id).ok())
         .and_then(|d| d.record().ok())
         .map(|r| r.spec["process"]["capabilities"].clone())
-        .filter(|c| c.is_object());
-    if let Some(caps) = own {
-        process["capabilities"] = caps;
-    }
-    let process = serde_json::to_vec(&process)?;
+        .filter(|c| c.is_object())
+        .unwrap_or_else(|| caps_json(&capabilities(&[], &[]).unwrap_or_default()));
+    let process = serde_json::to_vec(&process_json(
+        &a.process,
+        &a.command,
+        &ImageDefaults::default(),
+        caps,
+    )?)?;
     c.add_exec(&exec_id, process, stdio(&a.process))?;
     let _raw = RawMode::enter(a.process.tty);
     c.start(&exec_id).await?;
