@@ -173,7 +173,10 @@ $B run --rm -u app $I sh -c 'echo "user=$(id -u):$(id -g) home=$(pwd)"'
 $B run --rm -u app:group7 $I id -g | sed 's/^/group=/'
 $B run --rm -e GREETING=override $I; echo "code env=$?"
 $B run --rm $I no-such-command 2>/dev/null; echo "code missing=$?"
-$B run --rm $I /etc/motd 2>/dev/null; echo "code noexec=$?"
+$B run --rm $I /etc/motd 2>/tmp/noexec.err; echo "code noexec=$?"
+grep -c '^husk: exec: "/etc/motd": permission denied$' /tmp/noexec.err | sed 's/^/noexec-msg=/'
+# Anything but docker's words is shown, so a failure says what it was.
+grep -v 'husk: exec: "/etc/motd": permission denied' /tmp/noexec.err | sed 's/^/noexec-err=/'
 # --read-only: the guest's remount, and once the container has started the
 # image's overlay in husk-vmm's namespace (what virtio-fs serves) is
 # read-only on the host too.
@@ -245,6 +248,7 @@ kill $REG
         "hi from image override in /data\ncode env=0",
         "code missing=127",
         "code noexec=126",
+        "noexec-msg=1",
         "rootfs=read-only",
         "ro-rootfs-mount=overlay ro\n",
         "rw-rootfs-mount=overlay rw\n",

@@ -24,7 +24,7 @@ use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, ReadVolatile};
 
 use crate::arch::x86_64::{e820_map, layout, BootProtocol, EntryPoint};
-use crate::memory::{low_ram_end, GuestMemoryMmap};
+use crate::memory::{low_ram_end, populate_down, GuestMemoryMmap};
 
 /// Magic of `hvm_start_info` (xen/include/public/arch-x86/hvm/start_info.h).
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -68,6 +68,8 @@ pub enum BootError {
     BootParams(#[from] linux_loader::configurator::Error),
     #[error("the guest memory map has {0} entries, more than the boot protocol holds")]
     TooManyE820(usize),
+    #[error("the thread loading the kernel and initramfs panicked")]
+    LoaderPanicked,
 }
 
 /// A kernel in guest memory, and how to enter it.
@@ -334,6 +336,26 @@ pub fn initrd_addr_max(kernel: &LoadedKernel) -> Option<u64> {
         .filter(|m| *m != 0)
 }
 
+/// Guest memory a Linux boot touches before its init runs besides the
+/// kernel and initramfs (read from husk-vmm's page map at the init of a
+/// 6.1 guest, 256 MiB): its early allocations just below the initramfs
+/// (memblock allocates top-down), the first pages after the kernel's
+/// image (bss and brk), and low memory. Faulted in by the loaders while the
+/// VM is set up on the host's other CPU, instead of one 2 MiB fault at a
+/// time on the boot vCPU's path; pages the guest would touch anyway, so no
+/// memory is spent that the boot would not spend.
+const EARLY_BELOW_INITRAMFS: u64 = 6 << 20;
+const EARLY_ABOVE_KERNEL: u64 = 2 << 20;
+const EARLY_LOW: (u64, u64) = (0, 6 << 20);
+
+/// The kernel and initramfs in guest memory: what [`load`] leaves for
+/// [`finish`], which needs the command line (and so the devices).
+#[derive(Clone, Copy, Debug)]
+pub struct Loaded {
+    kernel: LoadedKernel,
+    initramfs: Option<Initramfs>,
+}
+
 /// Everything [`crate::vmm`] needs to start the boot vCPU.
 pub fn prepare(
     mem: &GuestMemoryMmap,
@@ -341,15 +363,38 @@ pub fn prepare(
     initramfs_path: Option<&Path>,
     cmdline: &Cmdline,
 ) -> Result<EntryPoint, BootError> {
+    finish(mem, &load(mem, kernel_path, initramfs_path)?, cmdline)
+}
+
+/// Loads the kernel and the initramfs into guest memory. Needs nothing of
+/// the VM but its RAM, so it can run while KVM and the devices are set up.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    kernel_path: &Path,
+    initramfs_path: Option<&Path>,
+) -> Result<Loaded, BootError> {
     let mut image = open(kernel_path)?;
     let (kernel, initramfs) = match initramfs_path {
         // An ELF kernel sets no ceiling for the initramfs (only a bzImage's
         // header does), so its place is known before the kernel is loaded
         // and the two load at once. Writing fresh guest memory is most of
         // the VMM's start-up in the nested test host (a first touch there
-        // can stall for hundreds of milliseconds); two threads overlap it.
+        // can stall for hundreds of milliseconds, and under THP each one
+        // clears 2 MiB); two threads overlap it, and a third faults the
+        // kernel's pages in from the top while the loader fills them from
+        // the bottom.
         Some(p) if is_elf(&mut image, kernel_path)? => std::thread::scope(|s| {
-            let i = s.spawn(|| load_initramfs(mem, p, 0, None));
+            let i = s.spawn(|| {
+                let i = load_initramfs(mem, p, 0, None)?;
+                populate_down(mem, i.addr.saturating_sub(EARLY_BELOW_INITRAMFS), i.addr);
+                Ok::<_, BootError>(i)
+            });
+            if let Some((lo, hi)) = elf_load_span(&image) {
+                s.spawn(move || {
+                    populate_down(mem, lo, hi + EARLY_ABOVE_KERNEL);
+                    populate_down(mem, EARLY_LOW.0, EARLY_LOW.1);
+                });
+            }
             let k = load_kernel_from(mem, &mut image);
             let i = i.join().map_err(|_| {
                 BootError::InitramfsRead("the initramfs loader thread panicked".into())
@@ -371,6 +416,16 @@ pub fn prepare(
         }
         None => (load_kernel_from(mem, &mut image)?, None),
     };
+    Ok(Loaded { kernel, initramfs })
+}
+
+/// Writes the boot parameters for a loaded kernel and says where to enter it.
+pub fn finish(
+    mem: &GuestMemoryMmap,
+    loaded: &Loaded,
+    cmdline: &Cmdline,
+) -> Result<EntryPoint, BootError> {
+    let Loaded { kernel, initramfs } = *loaded;
     write_boot_params(mem, &kernel, cmdline, initramfs)?;
     // Memory sanity: the entry must be guest RAM, or the vCPU faults on its first fetch.
     if !mem.address_in_range(GuestAddress(kernel.entry.addr)) {
@@ -379,6 +434,44 @@ pub fn prepare(
         ));
     }
     Ok(kernel.entry)
+}
+
+/// The guest range `[lowest, highest)` an ELF64 kernel's file-backed
+/// `PT_LOAD` segments fill, from its program headers: only a hint of which
+/// pages to fault in early (linux-loader validates and loads; this reads
+/// the few header fields it needs at fixed offsets rather than a second
+/// ELF parser). None when the headers are not what a vmlinux has.
+fn elf_load_span(f: &File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    const PT_LOAD: u32 = 1;
+    let mut eh = [0u8; 64];
+    f.read_exact_at(&mut eh, 0).ok()?;
+    // ELFCLASS64, little-endian.
+    if eh[..4] != *b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+        return None;
+    }
+    let u16_at = |b: &[u8], o: usize| Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |b: &[u8], o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |b: &[u8], o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+    let (phoff, entsize, num) = (u64_at(&eh, 32)?, u16_at(&eh, 54)?, u16_at(&eh, 56)?);
+    if entsize < 56 || num == 0 || num > 64 {
+        return None;
+    }
+    let mut ph = vec![0u8; usize::from(entsize) * usize::from(num)];
+    f.read_exact_at(&mut ph, phoff).ok()?;
+    let mut span: Option<(u64, u64)> = None;
+    for h in ph.chunks_exact(usize::from(entsize)) {
+        let (kind, paddr, filesz) = (u32_at(h, 0)?, u64_at(h, 24)?, u64_at(h, 32)?);
+        if kind != PT_LOAD || filesz == 0 {
+            continue;
+        }
+        let end = paddr.checked_add(filesz)?;
+        span = Some(match span {
+            None => (paddr, end),
+            Some((lo, hi)) => (lo.min(paddr), hi.max(end)),
+        });
+    }
+    span
 }
 
 #[cfg(test)]
@@ -452,6 +545,35 @@ mod tests {
         assert_eq!(k.kernel_end, 0x100_0010);
         let b: u8 = ram.memory.read_obj(GuestAddress(0x100_0000)).unwrap();
         assert_eq!(b, 0xf4);
+    }
+
+    #[test]
+    fn the_elf_load_span_is_read_from_the_program_headers() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &tiny_elf(0x100_0000, &[0xf4; 16], None)).unwrap();
+        assert_eq!(elf_load_span(&f), Some((0x100_0000, 0x100_0010)));
+        let mut g = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut g, b"\x7fELF but nothing after").unwrap();
+        assert_eq!(elf_load_span(&g), None);
+    }
+
+    #[test]
+    fn kernel_and_initramfs_load_together_and_finish_with_the_cmdline() {
+        let ram = create_guest_memory(64 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (k, i) = (dir.path().join("vmlinux"), dir.path().join("initrd"));
+        std::fs::write(&k, tiny_elf(0x100_0000, &[0xf4; 16], Some(0x100_0008))).unwrap();
+        std::fs::write(&i, [0x5a; 5000]).unwrap();
+        let loaded = load(&ram.memory, &k, Some(&i)).unwrap();
+        let cmdline = build_cmdline("console=ttyS0", &[]).unwrap();
+        let entry = finish(&ram.memory, &loaded, &cmdline).unwrap();
+        assert_eq!(entry.addr, 0x100_0008);
+        let b: u8 = ram.memory.read_obj(GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(b, 0xf4);
+        let initrd = loaded.initramfs.unwrap();
+        assert_eq!(initrd.size, 5000);
+        let b: u8 = ram.memory.read_obj(GuestAddress(initrd.addr + 4999)).unwrap();
+        assert_eq!(b, 0x5a);
     }
 
     #[test]

@@ -387,10 +387,59 @@ pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
         .unwrap_or(0)
 }
 
+/// Faults in `[start, end)` of guest RAM writable without touching what is
+/// there (`MADV_POPULATE_WRITE`, Linux 5.14), 2 MiB at a time from the top
+/// down, so that a loader filling the range from the bottom up meets
+/// pages already there instead of taking each fault (and, under THP, the
+/// clearing of 2 MiB) itself. Safe beside writers: population never changes
+/// a byte. Best effort: a range outside RAM, or a kernel without the
+/// advice, populates nothing; returns the bytes populated.
+pub fn populate_down(mem: &GuestMemoryMmap, start: u64, end: u64) -> u64 {
+    use vm_memory::GuestMemory;
+    const STEP: u64 = HUGE_PAGE as u64;
+    let mut done = 0;
+    let mut top = end;
+    while top > start {
+        let bottom = (top - 1) & !(STEP - 1);
+        let bottom = bottom.max(start & !(PAGE_SIZE as u64 - 1));
+        let len = (top - bottom) as usize;
+        let Ok(slice) = mem.get_slice(GuestAddress(bottom), len) else {
+            return done;
+        };
+        let ptr = slice.ptr_guard_mut().as_ptr();
+        // SAFETY: madvise on a range inside guest RAM's own mapping (the
+        // slice was bounds-checked above); MADV_POPULATE_WRITE only faults
+        // pages in, as a write would, without writing: concurrent loaders
+        // see their bytes unchanged.
+        let r = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE) };
+        if r != 0 {
+            return done;
+        }
+        done += len as u64;
+        top = bottom;
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemory};
+
+    #[test]
+    fn populating_keeps_what_is_written_and_stays_in_ram() {
+        let ram = create_guest_memory(64 << 20).unwrap();
+        let mem = &ram.memory;
+        mem.write_obj(0xabu8, GuestAddress((5 << 20) + 7)).unwrap();
+        let done = populate_down(mem, (4 << 20) + 100, 9 << 20);
+        // Page-aligned below, to the end above; a kernel without the
+        // advice (before 5.14) populates nothing, which is allowed.
+        assert!(done == 0 || done == (9 << 20) - (4 << 20), "{done}");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress((5 << 20) + 7)).unwrap(), 0xab);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(6 << 20)).unwrap(), 0);
+        // Past RAM: nothing, and no error.
+        assert_eq!(populate_down(mem, 70 << 20, 80 << 20), 0);
+    }
 
     #[test]
     fn small_guest_is_one_region_backed_by_the_memfd() {

@@ -398,6 +398,33 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     let signalfd = stop_signals_fd()?;
     let exit = ExitSignal::new().map_err(io_err("exit eventfd"))?;
 
+    let ram = match &cfg.restore_from {
+        // Copy-on-write from the snapshot's file: nothing is read until the
+        // guest touches it, and restores of one snapshot share its pages.
+        Some(dir) => restore_memory(&dir.join(snapshot::MEMORY_FILE), cfg.memory_mib << 20)?,
+        None => create_guest_memory(cfg.memory_mib << 20)?,
+    };
+    let mem = ram.memory.clone();
+    // A cold boot's kernel and initramfs load into RAM on a thread of their
+    // own from here, while KVM, the devices and the vCPUs are set up: the
+    // loads (first touches of fresh memory) are the longest part of the
+    // set-up, and need nothing of the VM. Joined before the boot parameters
+    // are written and before any filter or the jail is in force.
+    let loading = match &cfg.restore_from {
+        Some(_) => None,
+        None => {
+            let (mem, kernel, initramfs) =
+                (mem.clone(), config.kernel.clone(), cfg.initramfs.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name("boot-loader".into())
+                    .spawn(move || boot::load(&mem, &kernel, initramfs.as_deref()))
+                    .map_err(io_err("spawning the kernel loader thread"))?,
+            )
+        }
+    };
+    phase("guest memory mapped");
+
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory] {
         if !kvm.check_extension(cap) {
@@ -408,17 +435,8 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     }
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     arch::setup_vm(&vm)?;
-
-    phase("VM created");
-    let ram = match &cfg.restore_from {
-        // Copy-on-write from the snapshot's file: nothing is read until the
-        // guest touches it, and restores of one snapshot share its pages.
-        Some(dir) => restore_memory(&dir.join(snapshot::MEMORY_FILE), cfg.memory_mib << 20)?,
-        None => create_guest_memory(cfg.memory_mib << 20)?,
-    };
-    let mem = ram.memory.clone();
     register_memory(&vm, &mem)?;
-    phase("guest memory mapped");
+    phase("VM created");
 
     let mut em = event_loop("event manager")?;
     em.add_subscriber(Arc::new(Mutex::new(ExitSubscriber {
@@ -552,11 +570,12 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         }
         _ => None,
     };
-    let entry = match &restoring {
-        // The kernel is already in the snapshot's memory, running.
-        Some(_) => None,
-        None => {
-            let entry = boot::prepare(&mem, &config.kernel, cfg.initramfs.as_deref(), &cmdline)?;
+    let entry = match loading {
+        // Restoring: the kernel is already in the snapshot's memory, running.
+        None => None,
+        Some(loader) => {
+            let loaded = loader.join().map_err(|_| boot::BootError::LoaderPanicked)??;
+            let entry = boot::finish(&mem, &loaded, &cmdline)?;
             mptable::setup(&mem, config.vcpus).map_err(arch::ArchError::from)?;
             phase("kernel and initramfs loaded");
             Some(entry)

@@ -265,8 +265,9 @@ struct RunArgs {
     /// Start it and return; `husk rm -f ID` ends it.
     #[arg(short = 'd', long)]
     detach: bool,
-    /// Remove the container when it exits. Husk keeps no stopped
-    /// containers yet, so this is what it does anyway.
+    /// Remove the container when it exits: its record, logs and writable
+    /// layer. Without it an exited container stays (`husk ps -a`,
+    /// `husk logs`, `husk start`) until `husk rm`.
     #[arg(long)]
     rm: bool,
     /// A host directory or file in the container: HOST:GUEST[:ro].
