@@ -572,7 +572,10 @@ mod tests {
         assert_eq!(b, 0xf4);
         let initrd = loaded.initramfs.unwrap();
         assert_eq!(initrd.size, 5000);
-        let b: u8 = ram.memory.read_obj(GuestAddress(initrd.addr + 4999)).unwrap();
+        let b: u8 = ram
+            .memory
+            .read_obj(GuestAddress(initrd.addr + 4999))
+            .unwrap();
         assert_eq!(b, 0x5a);
     }
 

@@ -435,7 +435,10 @@ mod tests {
         // Page-aligned below, to the end above; a kernel without the
         // advice (before 5.14) populates nothing, which is allowed.
         assert!(done == 0 || done == (9 << 20) - (4 << 20), "{done}");
-        assert_eq!(mem.read_obj::<u8>(GuestAddress((5 << 20) + 7)).unwrap(), 0xab);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress((5 << 20) + 7)).unwrap(),
+            0xab
+        );
         assert_eq!(mem.read_obj::<u8>(GuestAddress(6 << 20)).unwrap(), 0);
         // Past RAM: nothing, and no error.
         assert_eq!(populate_down(mem, 70 << 20, 80 << 20), 0);

@@ -574,7 +574,9 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         // Restoring: the kernel is already in the snapshot's memory, running.
         None => None,
         Some(loader) => {
-            let loaded = loader.join().map_err(|_| boot::BootError::LoaderPanicked)??;
+            let loaded = loader
+                .join()
+                .map_err(|_| boot::BootError::LoaderPanicked)??;
             let entry = boot::finish(&mem, &loaded, &cmdline)?;
             mptable::setup(&mem, config.vcpus).map_err(arch::ArchError::from)?;
             phase("kernel and initramfs loaded");
