@@ -172,6 +172,8 @@ $B run --rm $I sh -c 'test -e /data/new && echo leaked || echo fresh-layer'
 $B run --rm -u app $I sh -c 'echo "user=$(id -u):$(id -g) home=$(pwd)"'
 $B run --rm -u app:group7 $I id -g | sed 's/^/group=/'
 $B run --rm -e GREETING=override $I; echo "code env=$?"
+# --entrypoint replaces the image's command (its CMD would echo "hi from").
+$B run --rm --entrypoint /bin/cat --hostname web1 $I /proc/sys/kernel/hostname | sed 's/^/entrypoint-hostname=/'
 $B run --rm $I no-such-command 2>/dev/null; echo "code missing=$?"
 $B run --rm $I /etc/motd 2>/tmp/noexec.err; echo "code noexec=$?"
 grep -c '^husk: exec: "/etc/motd": permission denied$' /tmp/noexec.err | sed 's/^/noexec-msg=/'
@@ -220,7 +222,11 @@ $H start img1 >/dev/null; echo "code start=$?"
 sleep 3
 $B exec img1 cat /data/p | sed 's/^/layer-kept=/'
 $H rm img1 2>&1 | grep -o 'is running' | sed 's/^/rm=/'
-$H rm -f img1 >/dev/null; echo "code rm=$?"
+$H kill -s bogus img1 2>&1 | grep -o 'is not a signal' | sed 's/^/kill-bad=/'
+$H kill img1 >/dev/null; echo "code kill=$?"
+bounded 60 $H wait img1 | sed 's/^/wait=/'
+$H kill img1 2>&1 | grep -o 'is not running' | sed 's/^/kill-stopped=/'
+$H rm img1 >/dev/null; echo "code rm=$?"
 echo "containers=$(ls /tmp/store/containers | wc -l)"
 $H rmi $I >/dev/null; echo "code rmi=$?"
 echo "layers=$(ls /tmp/store/layers/sha256 | wc -l) blobs=$(ls /tmp/store/blobs/sha256 | wc -l)"
@@ -248,6 +254,11 @@ kill $REG
         "hi from image override in /data\ncode env=0",
         "code missing=127",
         "code noexec=126",
+        "entrypoint-hostname=web1\n",
+        "kill-bad=is not a signal",
+        "code kill=0",
+        "wait=137\n",
+        "kill-stopped=is not running",
         "noexec-msg=1",
         "rootfs=read-only",
         "ro-rootfs-mount=overlay ro\n",

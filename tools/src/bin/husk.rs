@@ -100,6 +100,20 @@ enum Cmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Send a signal to running containers' main process (SIGKILL unless
+    /// told).
+    Kill {
+        /// The signal: a name (KILL, SIGTERM, hup) or a number.
+        #[arg(short = 's', long = "signal", default_value = "KILL")]
+        signal: String,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Wait for containers to stop, then print each one's exit code.
+    Wait {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// A container's output, kept from every run of it: its stdout here on
     /// stdout, its stderr on stderr.
     Logs {
@@ -283,6 +297,15 @@ struct RunArgs {
     /// Drop a Linux capability from the default set (ALL: every one).
     #[arg(long = "cap-drop")]
     cap_drop: Vec<String>,
+    /// Run this instead of the image's ENTRYPOINT; the image's CMD is then
+    /// dropped (the arguments after the image go to it), and "" clears the
+    /// ENTRYPOINT and keeps the CMD, as docker does.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// The container's hostname (default: husk- and the first 12
+    /// characters of its id).
+    #[arg(long)]
+    hostname: Option<String>,
     #[arg(long, default_value_t = 1)]
     cpus: u32,
     /// Guest memory: MiB, or with a k/m/g suffix.
@@ -752,6 +775,39 @@ impl husk_runtime::Events for OomSeen {
     }
 }
 
+/// What runs: docker's merge of the image's ENTRYPOINT and CMD with
+/// `--entrypoint` and the arguments after the image. A given entrypoint
+/// replaces the image's and drops its CMD; an empty one clears the
+/// ENTRYPOINT and keeps the CMD unless arguments replace it.
+fn image_command(
+    image_entrypoint: &[String],
+    image_cmd: &[String],
+    entrypoint: Option<&str>,
+    args: &[String],
+) -> Vec<String> {
+    let (mut command, cmd) = match entrypoint {
+        Some("") => (Vec::new(), image_cmd),
+        Some(e) => (vec![e.to_string()], &[][..]),
+        None => (image_entrypoint.to_vec(), image_cmd),
+    };
+    command.extend(if args.is_empty() { cmd } else { args }.iter().cloned());
+    command
+}
+
+/// A `--hostname` the kernel takes and a resolver would: 1-64 characters,
+/// letters, digits, `-` and `.`, not starting with either.
+fn valid_hostname(h: &str) -> Result<String> {
+    let ok = !h.is_empty()
+        && h.len() <= 64
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !h.starts_with(['-', '.']);
+    if !ok {
+        bail!("--hostname {h:?}: 1-64 letters, digits, '-' and '.', not starting with '-' or '.'");
+    }
+    Ok(h.to_string())
+}
+
 /// The container's hostname: `husk-` and the first 12 characters of its id.
 fn hostname(id: &str) -> String {
     format!("husk-{}", &id[..12.min(id.len())])
@@ -793,6 +849,7 @@ async fn image_rootfs(
     dir: &containers::Dir,
     image: &str,
     rest: &[String],
+    entrypoint: Option<&str>,
 ) -> Result<(
     containers::OverlayRecord,
     Vec<String>,
@@ -829,12 +886,12 @@ async fn image_rootfs(
     std::fs::write(dir.0.join("layers"), chain.join("\n"))?;
     std::fs::write(dir.0.join("image"), rec.config.to_string())?;
     let run = &config.config;
-    let mut command = run.entrypoint.clone().unwrap_or_default();
-    if rest.is_empty() {
-        command.extend(run.cmd.clone().unwrap_or_default());
-    } else {
-        command.extend(rest.iter().cloned());
-    }
+    let command = image_command(
+        run.entrypoint.as_deref().unwrap_or_default(),
+        run.cmd.as_deref().unwrap_or_default(),
+        entrypoint,
+        rest,
+    );
     if command.is_empty() {
         bail!("{image} has no Entrypoint or Cmd: give a command to run");
     }
@@ -896,12 +953,13 @@ async fn run(a: RunArgs) -> Result<i32> {
                 readonly: true,
             });
             let image = format!("--rootfs {}", rootfs.display());
-            (a.args.clone(), ImageDefaults::default(), None, image, None)
+            let command = image_command(&[], &[], a.entrypoint.as_deref(), &a.args);
+            (command, ImageDefaults::default(), None, image, None)
         }
         None => {
             let (image, rest) = a.args.split_first().context("an image to run")?;
             let (o, command, defaults, name, config) =
-                image_rootfs(&cfg, &dir, image, rest).await?;
+                image_rootfs(&cfg, &dir, image, rest, a.entrypoint.as_deref()).await?;
             (command, defaults, Some(o), name, Some(config))
         }
     };
@@ -923,7 +981,11 @@ async fn run(a: RunArgs) -> Result<i32> {
     // tricks...).
     let caps = caps_json(&capabilities(&a.cap_add, &a.cap_drop)?);
     let process = process_json(&a.process, &command, &defaults, caps)?;
-    let spec = oci_spec(&a, process, &hostname(&id), mounts)?;
+    let host = match &a.hostname {
+        Some(h) => valid_hostname(h)?,
+        None => hostname(&id),
+    };
+    let spec = oci_spec(&a, process, &host, mounts)?;
     let rec = containers::Record {
         id: id.clone(),
         rootfs_overlay: a.rootfs.is_some(),
@@ -1159,7 +1221,11 @@ async fn boot_on(
                 .collect(),
             ..cfg.vm_spec(&Default::default())?
         },
-        hostname: Some(hostname(&rec.id)),
+        hostname: Some(
+            rec.spec["hostname"]
+                .as_str()
+                .map_or_else(|| hostname(&rec.id), str::to_string),
+        ),
         forward_vmm_log: false,
         netns,
         // The host's cost of the VM is bounded, as docker bounds a
@@ -1418,6 +1484,74 @@ async fn stop(ids: Vec<String>, grace: u64) -> Result<()> {
     }
     if failed {
         bail!("some containers were not stopped");
+    }
+    Ok(())
+}
+
+/// `husk kill [-s SIGNAL] ID...`: a signal to each running container's
+/// main process; docker's default, SIGKILL.
+async fn kill(ids: Vec<String>, signal: &str) -> Result<()> {
+    let sig = parse_signal(signal)?;
+    let cfg = Config::load_cli()?;
+    let mut failed = false;
+    for id in ids {
+        let r = async {
+            let d = containers::find(&cfg, &id)?;
+            if !d.running() {
+                bail!("container {id} is not running");
+            }
+            // Its VM is named by the container's full id.
+            let sb = open(&d.record()?.id).await?;
+            sb.adopt_container(CONTAINER)
+                .kill(INIT, sig as u32, false)
+                .await?;
+            Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("husk kill {id}: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        bail!("some containers were not signalled");
+    }
+    Ok(())
+}
+
+/// A signal as docker's `-s` takes it: a number, or a name with or without
+/// `SIG`, in any case.
+fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal;
+    let bad = || anyhow::anyhow!("{s:?} is not a signal");
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| bad());
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = match upper.strip_prefix("SIG") {
+        Some(_) => upper,
+        None => format!("SIG{upper}"),
+    };
+    name.parse::<Signal>().map_err(|_| bad())
+}
+
+/// `husk wait ID...`: blocks until each container has stopped and prints
+/// its exit code, one a line (docker's).
+async fn wait(ids: Vec<String>) -> Result<()> {
+    let cfg = Config::load_cli()?;
+    for id in ids {
+        let d = containers::find(&cfg, &id)?;
+        while !d.wait_stopped(Duration::from_secs(3600)).await {}
+        // A monitor that was killed left no exit behind: recorded now.
+        containers::reap(&cfg);
+        let code = d
+            .state()
+            .exit_code
+            .with_context(|| format!("{id} stopped without an exit code"))?;
+        println!("{code}");
     }
     Ok(())
 }
@@ -1737,6 +1871,8 @@ async fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Ps { all, quiet } => ps(all, quiet).await.map(|()| 0),
         Cmd::Stop { time, ids } => stop(ids, time).await.map(|()| 0),
         Cmd::Start { ids } => start(ids).await.map(|()| 0),
+        Cmd::Kill { signal, ids } => kill(ids, &signal).await.map(|()| 0),
+        Cmd::Wait { ids } => wait(ids).await.map(|()| 0),
         Cmd::Logs {
             follow,
             tail,
@@ -1794,6 +1930,51 @@ mod tests {
     fn caps(add: &[&str], drop: &[&str]) -> Result<Vec<String>> {
         let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         capabilities(&v(add), &v(drop))
+    }
+
+    #[test]
+    fn entrypoint_and_cmd_merge_as_docker() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let (ep, cmd) = (v(&["/entry", "-x"]), v(&["serve", "--port=80"]));
+        let run = |e: Option<&str>, args: &[&str]| image_command(&ep, &cmd, e, &v(args));
+        assert_eq!(run(None, &[]), v(&["/entry", "-x", "serve", "--port=80"]));
+        assert_eq!(run(None, &["sh"]), v(&["/entry", "-x", "sh"]));
+        // A given entrypoint drops the image's CMD.
+        assert_eq!(run(Some("/bin/echo"), &[]), v(&["/bin/echo"]));
+        assert_eq!(
+            run(Some("/bin/echo"), &["a", "b"]),
+            v(&["/bin/echo", "a", "b"])
+        );
+        // An empty one clears the ENTRYPOINT and keeps the CMD.
+        assert_eq!(run(Some(""), &[]), v(&["serve", "--port=80"]));
+        assert_eq!(run(Some(""), &["id"]), v(&["id"]));
+        // --rootfs: no image, the arguments are the command.
+        assert_eq!(image_command(&[], &[], None, &v(&["true"])), v(&["true"]));
+        assert_eq!(
+            image_command(&[], &[], Some("/init"), &v(&["a"])),
+            v(&["/init", "a"])
+        );
+    }
+
+    #[test]
+    fn hostnames_and_signals_are_checked() {
+        assert_eq!(valid_hostname("web-1.local").unwrap(), "web-1.local");
+        for bad in ["", "-x", ".x", "a b", "a/b", &"x".repeat(65)] {
+            assert!(valid_hostname(bad).is_err(), "{bad:?}");
+        }
+        use nix::sys::signal::Signal;
+        for (s, want) in [
+            ("KILL", Signal::SIGKILL),
+            ("sigterm", Signal::SIGTERM),
+            ("hup", Signal::SIGHUP),
+            ("9", Signal::SIGKILL),
+            ("SIGUSR1", Signal::SIGUSR1),
+        ] {
+            assert_eq!(parse_signal(s).unwrap(), want, "{s}");
+        }
+        for bad in ["NOPE", "0", "999", "", "SIG"] {
+            assert!(parse_signal(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
