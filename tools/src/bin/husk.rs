@@ -1450,42 +1450,53 @@ fn ports_text(ports: &[bridge::Publish]) -> String {
         .join(", ")
 }
 
-/// `husk stop [-t N] ID...`: SIGTERM, then SIGKILL after N seconds.
-async fn stop(ids: Vec<String>, grace: u64) -> Result<()> {
-    let cfg = Config::load_cli()?;
+/// Docker's multi-container verbs: `f` for each id in turn, the id printed
+/// when it went through, `husk VERB ID: error` when not, and a failure
+/// once all were tried.
+async fn each_container(
+    verb: &str,
+    past: &str,
+    ids: Vec<String>,
+    f: impl AsyncFn(&str) -> Result<()>,
+) -> Result<()> {
     let mut failed = false;
     for id in ids {
-        let r = async {
-            let d = containers::find(&cfg, &id)?;
-            if !d.running() {
-                return Ok(());
-            }
-            let sb = open(&id).await?;
-            let c = sb.adopt_container(CONTAINER);
-            let _ = c.kill(INIT, libc::SIGTERM as u32, false).await;
-            if !d.wait_stopped(Duration::from_secs(grace)).await {
-                let _ = c.kill(INIT, libc::SIGKILL as u32, false).await;
-                if !d.wait_stopped(Duration::from_secs(10)).await {
-                    sb.own();
-                    sb.shutdown().await;
-                    d.wait_stopped(Duration::from_secs(10)).await;
-                }
-            }
-            Ok::<(), anyhow::Error>(())
-        }
-        .await;
-        match r {
+        match f(&id).await {
             Ok(()) => println!("{id}"),
             Err(e) => {
-                eprintln!("husk stop {id}: {e:#}");
+                eprintln!("husk {verb} {id}: {e:#}");
                 failed = true;
             }
         }
     }
     if failed {
-        bail!("some containers were not stopped");
+        bail!("some containers were not {past}");
     }
     Ok(())
+}
+
+/// `husk stop [-t N] ID...`: SIGTERM, then SIGKILL after N seconds.
+async fn stop(ids: Vec<String>, grace: u64) -> Result<()> {
+    let cfg = Config::load_cli()?;
+    each_container("stop", "stopped", ids, async |id: &str| {
+        let d = containers::find(&cfg, id)?;
+        if !d.running() {
+            return Ok(());
+        }
+        let sb = open(id).await?;
+        let c = sb.adopt_container(CONTAINER);
+        let _ = c.kill(INIT, libc::SIGTERM as u32, false).await;
+        if !d.wait_stopped(Duration::from_secs(grace)).await {
+            let _ = c.kill(INIT, libc::SIGKILL as u32, false).await;
+            if !d.wait_stopped(Duration::from_secs(10)).await {
+                sb.own();
+                sb.shutdown().await;
+                d.wait_stopped(Duration::from_secs(10)).await;
+            }
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// `husk kill [-s SIGNAL] ID...`: a signal to each running container's
@@ -1493,33 +1504,19 @@ async fn stop(ids: Vec<String>, grace: u64) -> Result<()> {
 async fn kill(ids: Vec<String>, signal: &str) -> Result<()> {
     let sig = parse_signal(signal)?;
     let cfg = Config::load_cli()?;
-    let mut failed = false;
-    for id in ids {
-        let r = async {
-            let d = containers::find(&cfg, &id)?;
-            if !d.running() {
-                bail!("container {id} is not running");
-            }
-            // Its VM is named by the container's full id.
-            let sb = open(&d.record()?.id).await?;
-            sb.adopt_container(CONTAINER)
-                .kill(INIT, sig as u32, false)
-                .await?;
-            Ok(())
+    each_container("kill", "signalled", ids, async |id: &str| {
+        let d = containers::find(&cfg, id)?;
+        if !d.running() {
+            bail!("container {id} is not running");
         }
-        .await;
-        match r {
-            Ok(()) => println!("{id}"),
-            Err(e) => {
-                eprintln!("husk kill {id}: {e:#}");
-                failed = true;
-            }
-        }
-    }
-    if failed {
-        bail!("some containers were not signalled");
-    }
-    Ok(())
+        // Its VM is named by the container's full id.
+        let sb = open(&d.record()?.id).await?;
+        sb.adopt_container(CONTAINER)
+            .kill(INIT, sig as u32, false)
+            .await?;
+        Ok(())
+    })
+    .await
 }
 
 /// A signal as docker's `-s` takes it: a number, or a name with or without
@@ -1679,48 +1676,34 @@ fn inspect(ids: Vec<String>) -> Result<()> {
 async fn rm(ids: Vec<String>, force: bool) -> Result<()> {
     let cfg = Config::load_cli()?;
     containers::reap(&cfg);
-    let mut failed = false;
-    for id in ids {
-        let r = async {
-            layout::check_id("container", &id)?;
-            let d = containers::Dir::of(&cfg, &id);
-            let has_vm = layout::runtime_root().join(&id).exists();
-            if !d.exists() && !has_vm {
-                bail!("No such container: {id}");
-            }
-            if d.running() || (!d.exists() && has_vm) {
-                if !force {
-                    bail!("{id} is running: stop it first, or `husk rm -f {id}`");
-                }
-                if let Ok(sb) = open(&id).await {
-                    sb.own();
-                    sb.shutdown().await;
-                }
-                if !d.wait_stopped(Duration::from_secs(20)).await {
-                    bail!("{id} did not stop");
-                }
-            }
-            // What a killed monitor left of its network and cgroup.
-            bridge::disconnect(&id).await?;
-            cgroup::remove_stale(&cgroup::cli_vm_path(&id));
-            if d.0.exists() {
-                d.remove()?;
-            }
-            Ok(())
+    each_container("rm", "removed", ids, async |id: &str| {
+        layout::check_id("container", id)?;
+        let d = containers::Dir::of(&cfg, id);
+        let has_vm = layout::runtime_root().join(id).exists();
+        if !d.exists() && !has_vm {
+            bail!("No such container: {id}");
         }
-        .await;
-        match r {
-            Ok(()) => println!("{id}"),
-            Err(e) => {
-                eprintln!("husk rm {id}: {e:#}");
-                failed = true;
+        if d.running() || (!d.exists() && has_vm) {
+            if !force {
+                bail!("{id} is running: stop it first, or `husk rm -f {id}`");
+            }
+            if let Ok(sb) = open(id).await {
+                sb.own();
+                sb.shutdown().await;
+            }
+            if !d.wait_stopped(Duration::from_secs(20)).await {
+                bail!("{id} did not stop");
             }
         }
-    }
-    if failed {
-        bail!("some containers were not removed");
-    }
-    Ok(())
+        // What a killed monitor left of its network and cgroup.
+        bridge::disconnect(id).await?;
+        cgroup::remove_stale(&cgroup::cli_vm_path(id));
+        if d.0.exists() {
+            d.remove()?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 #[derive(Subcommand)]
