@@ -391,7 +391,7 @@ pub fn load(
             });
             if let Some((lo, hi)) = elf_load_span(&image) {
                 s.spawn(move || {
-                    populate_down(mem, lo, hi + EARLY_ABOVE_KERNEL);
+                    populate_down(mem, lo, hi.saturating_add(EARLY_ABOVE_KERNEL));
                     populate_down(mem, EARLY_LOW.0, EARLY_LOW.1);
                 });
             }
