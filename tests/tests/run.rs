@@ -200,11 +200,21 @@ $H run -d --name img1 $I sh -c 'echo started; echo persisted > /data/p; trap "ec
 sleep 3
 $H logs img1 | head -1 | sed 's/^/logs-d=/'
 $H ps | grep -c ' img1$' | sed 's/^/ps-running=/'
-# husk-vmm's confinement, on every thread: only the virtio-fs capabilities,
-# no new privileges, a seccomp filter; no core dumps.
+# husk-vmm's confinement, on every thread: an unprivileged user of its
+# own (uid and gid from husk's range, no groups) with no capability, no new
+# privileges, a seccomp filter; no core dumps.
 V=$(pgrep -x husk-vmm | head -1)
 echo "rw-rootfs-mount=$(rootfs_mount $V)"
 for t in /proc/$V/task/*; do grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' $t/status; done | sort -u | tr '\t' ' ' | sed 's/^/vmm-/'
+for t in /proc/$V/task/*; do awk '/^(Uid|Gid):/ {print $1 " " ($2 >= 1073741824 && $2 < 1090519040 && $2 == $3 && $3 == $4 && $4 == $5 ? "unprivileged" : $2)}' $t/status; done | sort -u | sed 's/^/vmm-/'
+awk '/^Groups:/ {print "vmm-groups=" NF - 1}' /proc/$V/status
+# The share is served by its file-system process: root with only the
+# virtio-fs capabilities, its own seccomp filter, one thread, and neither
+# KVM nor a tap among its descriptors.
+F=$(pgrep -x husk-vmm-fs -P $V)
+for t in /proc/$F/task/*; do grep -E '^(Uid|CapEff|Seccomp|NoNewPrivs):' $t/status; done | sort -u | tr '\t' ' ' | sed 's/^/fs-/'
+echo "fs-threads=$(ls /proc/$F/task | wc -l)"
+echo "fs-kvm-tun=$(ls -l /proc/$F/fd | grep -cE 'kvm|tun')"
 awk '/Max core file size/ {print "vmm-core=" $5 "/" $6}' /proc/$V/limits
 # Its own network, IPC and UTS namespaces; its Landlock jail, as its control
 # socket reports it, matches what this kernel has.
@@ -274,7 +284,16 @@ kill $REG
         "code rm-kept=0",
         "logs-d=started",
         "ps-running=1",
-        "vmm-CapEff: 00000000080000db\n",
+        "vmm-CapEff: 0000000000000000\n",
+        "vmm-Uid: unprivileged\n",
+        "vmm-Gid: unprivileged\n",
+        "vmm-groups=0\n",
+        "fs-Uid: 0 0 0 0\n",
+        "fs-CapEff: 00000000080000db\n",
+        "fs-Seccomp: 2\n",
+        "fs-NoNewPrivs: 1\n",
+        "fs-threads=1\n",
+        "fs-kvm-tun=0\n",
         "vmm-CapBnd: 00000000080000db\n",
         "vmm-NoNewPrivs: 1\n",
         "vmm-Seccomp: 2\n",
@@ -321,5 +340,10 @@ kill $REG
         out.matches("vmm-CapEff").count(),
         1,
         "one capability set on every thread:\n{out}"
+    );
+    assert_eq!(
+        out.matches("vmm-Uid").count(),
+        1,
+        "one user on every thread:\n{out}"
     );
 }

@@ -345,7 +345,7 @@ fn a_pod_of_two_containers_shares_one_shim_and_vm() {
 A="--annotation io.kubernetes.cri.sandbox-id=pod1 --annotation io.kubernetes.cri.container-type"
 $C run -d $R $A=sandbox $IMG pod1 sleep 300; echo "code sandbox=$?"
 $C run -d $R $A=container $IMG app1 sleep 300; echo "code member=$?"
-echo "pod-vmms=$(pgrep -c husk-vmm)"
+echo "pod-vmms=$(pgrep -c -x husk-vmm)"
 echo "pod-shims=$(pgrep -c -x containerd-shim)"
 ex() { e=$1; shift; $C task exec --exec-id "$e" "$@"; }
 k1=$(ex k1 pod1 cat /proc/sys/kernel/random/boot_id); k2=$(ex k2 app1 cat /proc/sys/kernel/random/boot_id)
@@ -362,7 +362,7 @@ $C task ls | awk '$1=="pod1"||$1=="app1"{print "listed-"$1"="$3}'
 $C task kill -s KILL app1; stopped app1
 $C task delete app1; echo "code member-delete=$?"
 $C container rm app1
-echo "vmms-after-member=$(pgrep -c husk-vmm)"
+echo "vmms-after-member=$(pgrep -c -x husk-vmm)"
 ex alive pod1 echo pod-still-serves
 $C task kill -s KILL pod1; stopped pod1
 $C task delete pod1; echo "code sandbox-delete=$?"

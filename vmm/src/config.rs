@@ -64,6 +64,8 @@ pub enum ConfigError {
     FdTwice(i32),
     #[error("at most {MAX_NICS} NICs, got {0}")]
     TooManyNics(usize),
+    #[error("the user to run as must not be root (uid {uid}, gid {gid})")]
+    RootUser { uid: u32, gid: u32 },
 }
 
 /// The most NICs one VM gets: each is a virtio-mmio device with an IRQ line of
@@ -259,6 +261,19 @@ pub struct VmConfig {
     /// initramfs, command line, vCPUs and memory, on this CPU.
     #[serde(default)]
     pub restore_from: Option<PathBuf>,
+    /// The user husk-vmm becomes once set up (`--uid`/`--gid`, both or
+    /// neither): it then holds no capability, and only its file-system
+    /// process (for a share) keeps the rights virtio-fs needs
+    /// ([`crate::devices::virtio::fs::remote`]). Needs a root start.
+    #[serde(default)]
+    pub user: Option<User>,
+}
+
+/// An unprivileged uid and gid (neither 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// The tag of the sandbox share (architecture: one share per sandbox).
@@ -290,6 +305,7 @@ impl Default for VmConfig {
             snapshot_to: None,
             restore_from: None,
             net: Vec::new(),
+            user: None,
         }
     }
 }
@@ -349,6 +365,14 @@ impl VmConfig {
                 return Err(ConfigError::ReadyFd(fd));
             }
         }
+        if let Some(u) = self.user {
+            if u.uid == 0 || u.gid == 0 || u.uid == u32::MAX || u.gid == u32::MAX {
+                return Err(ConfigError::RootUser {
+                    uid: u.uid,
+                    gid: u.gid,
+                });
+            }
+        }
         if self.net.len() > MAX_NICS {
             return Err(ConfigError::TooManyNics(self.net.len()));
         }
@@ -399,6 +423,27 @@ mod tests {
     }
 
     #[test]
+    fn the_user_to_become_is_never_root() {
+        for (uid, gid) in [(0, 5), (5, 0), (u32::MAX, 5)] {
+            let c = VmConfig {
+                kernel: Some("/k".into()),
+                user: Some(User { uid, gid }),
+                ..VmConfig::default()
+            };
+            assert!(
+                matches!(c.validate(), Err(ConfigError::RootUser { .. })),
+                "{uid}:{gid}"
+            );
+        }
+        let c = VmConfig {
+            kernel: Some("/k".into()),
+            user: Some(User { uid: 5, gid: 5 }),
+            ..VmConfig::default()
+        };
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn full_json_round_trips() {
         let c = VmConfig {
             kernel: Some("/k".into()),
@@ -414,6 +459,7 @@ mod tests {
             landlock: false,
             api_socket: Some("/tmp/api.sock".into()),
             ready_fd: None,
+            user: Some(User { uid: 1 << 30, gid: 1 << 30 }),
             shared_dir: Some("/run/husk/x/shared".into()),
             fs_tag: "other-tag".into(),
             log_limit_bytes: 4096,

@@ -20,6 +20,7 @@ pub mod config;
 pub mod confine;
 pub mod devices;
 pub mod exit;
+pub mod fs_process;
 pub mod logging;
 pub mod memory;
 pub mod seccomp;

@@ -78,6 +78,16 @@ struct Args {
     /// initramfs, command line, vCPUs and memory must be the snapshot's.
     #[arg(long = "restore-from")]
     restore_from: Option<PathBuf>,
+    /// Become this user once set up (with --gid): no capabilities left,
+    /// the share served by a file-system process that keeps them.
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
+    /// Internal: be the file-system process of a husk-vmm (the share of
+    /// --shared-dir, requests on stdin, a Unix socket).
+    #[arg(long = "serve-fs", hide = true)]
+    serve_fs: bool,
 }
 
 fn build_config(args: Args) -> anyhow::Result<VmConfig> {
@@ -135,6 +145,9 @@ fn build_config(args: Args) -> anyhow::Result<VmConfig> {
     }
     if args.restore_from.is_some() {
         c.restore_from = args.restore_from;
+    }
+    if let (Some(uid), Some(gid)) = (args.uid, args.gid) {
+        c.user = Some(husk_vmm::config::User { uid, gid });
     }
     c.ready_fd = args.ready_fd;
     c.net = args.net;
@@ -195,7 +208,9 @@ fn chain(e: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     // The config first: its log limit sizes the log. Nothing before logs.
-    let config = match build_config(Args::parse()) {
+    let args = Args::parse();
+    let serve_fs = args.serve_fs;
+    let config = match build_config(args) {
         Ok(c) => c,
         Err(e) => {
             last_line(None, format_args!("error: {e:#}"));
@@ -203,6 +218,15 @@ fn main() -> ExitCode {
         }
     };
     let log = init_log(config.log_limit_bytes);
+    if serve_fs {
+        return match husk_vmm::fs_process::serve(&config).map_err(anyhow::Error::from) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                last_line(Some(&log), format_args!("file-system process: {}", chain(&e)));
+                ExitCode::from(1)
+            }
+        };
+    }
     let run = config
         .validate()
         .map_err(anyhow::Error::from)

@@ -159,6 +159,25 @@ fn fs_syscalls() -> Vec<i64> {
     v
 }
 
+/// husk-vmm's file-system process ([`crate::fs_process`]), one thread:
+/// what the virtio-fs thread had, less the event loop; its socket to the
+/// VMM is read and written with `read`/`write`.
+fn fs_process_syscalls() -> Vec<i64> {
+    let mut v = fs_syscalls();
+    let event_loop = event_loop();
+    v.retain(|s| !event_loop.contains(s));
+    v
+}
+
+/// The VMM's virtio-fs thread when the file-system process serves the
+/// share: its event loop and the socket (`read`/`write`), no file system
+/// calls at all.
+fn fs_relay_syscalls() -> Vec<i64> {
+    let mut v = common();
+    v.extend(event_loop());
+    v
+}
+
 /// A virtio-net thread: its event loop, the tap's frames (`read`/`write`
 /// from [`common`]) and re-arming the rate limiter's timerfd. No ioctl:
 /// TUNSETOFFLOAD runs at activation and reset, on the vCPU thread that
@@ -394,7 +413,10 @@ fn build(
 /// The compiled filters, built before any thread starts.
 pub struct Filters {
     pub vmm: BpfProgram,
+    /// The virtio-fs thread serving the share in this process.
     pub fs: BpfProgram,
+    /// The virtio-fs thread relaying to the file-system process.
+    pub fs_relay: BpfProgram,
     pub net: BpfProgram,
     pub vcpu: BpfProgram,
 }
@@ -417,6 +439,7 @@ impl Filters {
                 })?,
             )?,
             fs: build("virtio-fs", fs_syscalls(), vec![])?,
+            fs_relay: build("virtio-fs relay", fs_relay_syscalls(), vec![])?,
             net: build("virtio-net", net_syscalls(), vec![])?,
             vcpu: build(
                 "vCPU",
@@ -428,6 +451,12 @@ impl Filters {
             )?,
         })
     }
+}
+
+/// The file-system process's filter, compiled in that process (the
+/// `tgkill` rule names the process it is built in).
+pub fn fs_process() -> Result<BpfProgram, SeccompError> {
+    build("file-system process", fs_process_syscalls(), vec![])
 }
 
 /// Installs `filter` on the calling thread.

@@ -30,7 +30,7 @@ use crate::boot;
 use crate::config::ValidConfig;
 use crate::confine;
 use crate::devices::legacy::{ConsoleWriter, EventFdTrigger, SerialConsole, I8042};
-use crate::devices::virtio::fs::{Fs, FsConfig};
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{regs, MmioTransport, SnapshotTransport};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
@@ -128,7 +128,7 @@ impl MutEventSubscriber for ExitSubscriber {
 /// Raises the soft `RLIMIT_NOFILE` to the hard one (as virtiofsd does): a
 /// shell's soft limit of 1024 would leave a share a few hundred files. Failure
 /// only leaves the share a smaller budget.
-fn raise_nofile() {
+pub(crate) fn raise_nofile() {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -494,11 +494,12 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
     // agent's API and every stdio stream) or the other devices.
     let mut fs_em = None;
     if let Some(dir) = &cfg.shared_dir {
-        // The share's budget of descriptors is sized from the limit (see
-        // FsLimits), so take all the hard limit allows first.
-        raise_nofile();
-        // Before seccomp: the passthrough opens /proc/self/fd and mountinfo.
-        let fs = Fs::new(&cfg.fs_tag, dir, FsConfig::default()).map_err(DeviceError::from)?;
+        // Served by a process of its own (fs_process), so that this one
+        // needs no file-system rights and can drop its user below. Started
+        // now, as this process's user, before that drop.
+        let client = crate::fs_process::spawn(cfg, dir)
+            .map_err(|e| io_err("virtio-fs")(std::io::Error::other(e.to_string())))?;
+        let fs = Fs::remote(&cfg.fs_tag, dir, client).map_err(DeviceError::from)?;
         let mut own = event_loop("virtio-fs event manager")?;
         placed.push(add_virtio(&vm, &mem, &mut mmio, &mut own, 2, fs)?);
         fs_em = Some(own);
@@ -606,6 +607,17 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         enter_jail(cfg, [&vsock_socket, &api_socket])?;
         phase("Landlock jail entered");
     }
+    if let Some(user) = cfg.user {
+        // Everything that needed root is open (KVM, the taps, the sockets,
+        // the console, the snapshot's files) and the file-system process,
+        // which keeps the rights the share needs, is started: from here
+        // this process, guest memory's holder, is an unprivileged user
+        // with no capability. Before any other thread starts.
+        confine::become_user(user)
+            .map_err(io_err(format!("becoming uid {} gid {}", user.uid, user.gid)))?;
+        tracing::info!(uid = user.uid, gid = user.gid, "running as an unprivileged user");
+        phase("user dropped");
+    }
     let mmio = Arc::new(mmio);
     let pio = Arc::new(pio);
     if let Some(s) = &restoring {
@@ -693,9 +705,9 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         vcpu_threads.push(thread);
     }
     if let Some(mut fs_em) = fs_em {
-        // Its own filter: the file system calls the passthrough makes,
-        // which the main loop's filter no longer has.
-        let filter = filters.as_ref().map(|f| f.fs.clone());
+        // Its own filter: a relay to the file-system process needs no file
+        // system call at all.
+        let filter = filters.as_ref().map(|f| f.fs_relay.clone());
         let exit = exit.clone();
         std::thread::Builder::new()
             .name("virtio-fs".into())

@@ -42,13 +42,14 @@ pub fn vmm_binary() -> PathBuf {
 /// The fd number husk-vmm gets the ready pipe on.
 const READY_FD: i32 = 3;
 
-/// The capabilities husk-vmm keeps (its bounding set is cut to these before
-/// exec, so root gets no others): all are its in-process virtio-fs server's,
-/// which makes and changes files in the share with the guest's ownership.
-/// KVM, vsock, memory and the console need none. Everything else, among
-/// them CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE and
-/// CAP_SETPCAP, is gone, so a memory-safety bug in device emulation does
-/// not get them.
+/// The capabilities husk-vmm's file-system process keeps (the bounding set
+/// is cut to these before exec, so root gets no others): it makes and
+/// changes files in the share with the guest's ownership. KVM, vsock,
+/// memory and the console need none, so husk-vmm itself, once set up and
+/// its file-system process started, becomes an unprivileged user of its own
+/// ([`vmm_user`]) and holds none of them. Everything else, among them
+/// CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE and
+/// CAP_SETPCAP, is gone from both.
 pub const VMM_CAPABILITIES: [libc::c_int; 7] = [
     // chown to the guest's owners (FUSE SETATTR, files made for a guest uid).
     0, // CAP_CHOWN
@@ -64,6 +65,52 @@ pub const VMM_CAPABILITIES: [libc::c_int; 7] = [
     // FIFOs, sockets and overlayfs whiteouts (char 0:0) the guest makes.
     27, // CAP_MKNOD
 ];
+
+/// The first uid (and gid) of those husk-vmm runs as, and how many there
+/// are: each VM gets one at random, so two VMMs share a user only by a
+/// chance of about one in 16 million per pair. Far above any login user,
+/// system user or container's subordinate range (typically 100000 to a few
+/// million), below 2^31 for tools that read uids as signed numbers.
+pub const VMM_UID_BASE: u32 = 0x4000_0000;
+pub const VMM_UID_COUNT: u32 = 1 << 24;
+
+/// A fresh uid/gid pair for one husk-vmm.
+pub fn vmm_user() -> husk_vmm::config::User {
+    let r = crate::layout::random_id();
+    let n = u32::from_str_radix(&r[..6], 16).unwrap_or(0) % VMM_UID_COUNT;
+    husk_vmm::config::User {
+        uid: VMM_UID_BASE + n,
+        gid: VMM_UID_BASE + n,
+    }
+}
+
+/// What husk-vmm must still reach as `user` after it gives up root: the
+/// sandbox directory to pass through (mode 0710, its group), the guest log's
+/// listener to connect to (0660, its group), and the snapshot directory it
+/// writes a template into (its own). Nothing else of the sandbox becomes
+/// its: it can neither list nor change the directory.
+fn grant(user: husk_vmm::config::User, layout: &SandboxLayout, spec: &VmSpec) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let group = |path: &Path, mode: u32| -> Result<()> {
+        std::os::unix::fs::lchown(path, None, Some(user.gid))
+            .map_err(Error::io("handing to husk-vmm's group", path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::io("setting the mode of", path))
+    };
+    group(layout.dir(), 0o710)?;
+    let log = husk_agent_client::vsock::listener_path(
+        &layout.vsock_socket(),
+        husk_agent_api::LOG_PORT,
+    );
+    if std::fs::symlink_metadata(&log).is_ok() {
+        group(&log, 0o660)?;
+    }
+    if let Some(dir) = &spec.snapshot_to {
+        std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))
+            .map_err(Error::io("handing to husk-vmm", dir))?;
+    }
+    Ok(())
+}
 
 /// The environment husk-vmm keeps from its caller: its log filter and Rust's
 /// backtrace switch; everything else is cleared.
@@ -237,7 +284,13 @@ impl Hypervisor for HuskVmm {
         let t0 = std::time::Instant::now();
         let phase =
             |what: &str| tracing::debug!(ms = t0.elapsed().as_millis() as u64, "launch: {what}");
-        let config = Self::vm_config(spec, layout);
+        let mut config = Self::vm_config(spec, layout);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            let user = vmm_user();
+            grant(user, layout, spec)?;
+            config.user = Some(user);
+        }
         // The VMM checks it again; checking here gives the caller a clear
         // error before anything starts.
         config

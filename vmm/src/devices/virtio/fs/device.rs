@@ -1,5 +1,6 @@
 //! The virtio-fs device state machine: queues in, FUSE messages to the jailed
-//! passthrough server, replies out.
+//! passthrough server (in this process, or in husk-vmm's file-system process
+//! through [`super::remote`]), replies out.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -46,7 +47,7 @@ pub enum FsError {
 
 /// Why the device stopped serving its queues (it then needs a reset).
 #[derive(Debug, thiserror::Error)]
-enum RequestError {
+pub(super) enum RequestError {
     #[error(transparent)]
     Chain(#[from] ChainError),
     #[error("request {head} has {len} readable bytes, less than a FUSE header")]
@@ -59,6 +60,29 @@ enum RequestError {
         #[source]
         source: io::Error,
     },
+    #[error("request {head}: the file-system process: {source}")]
+    Remote {
+        head: u16,
+        #[source]
+        source: io::Error,
+    },
+    #[error("request {head}: the file-system process found it malformed")]
+    RemoteRefused { head: u16 },
+}
+
+/// The jailed passthrough and the FUSE server over it, in this process.
+pub struct Local {
+    /// The same file system the server holds, for `destroy` after a device reset.
+    fs: Arc<Jail>,
+    server: Server<Arc<Jail>>,
+}
+
+/// Who serves the device's FUSE requests.
+enum Backend {
+    Local(Local),
+    /// husk-vmm's file-system process, over a socket ([`super::remote`]):
+    /// the VMM that holds guest memory then needs no file-system rights.
+    Remote(super::remote::Client),
 }
 
 /// virtio-fs sharing one host directory.
@@ -66,9 +90,7 @@ pub struct Fs {
     tag: String,
     shared_dir: PathBuf,
     config: [u8; CONFIG_LEN],
-    /// The same file system the server holds, for `destroy` after a device reset.
-    fs: Arc<Jail>,
-    server: Server<Arc<Jail>>,
+    backend: Backend,
     state: DeviceState,
     /// A device reset happened: inodes and handles from the previous driver are
     /// dropped before the next request. Not done in `reset` itself, which runs on
@@ -86,11 +108,110 @@ impl Fs {
     /// nothing under it is followed out of it. Call before seccomp is applied:
     /// this opens `/proc/self/fd` and `/proc/self/mountinfo`.
     pub fn new(tag: &str, shared_dir: &Path, cfg: FsConfig) -> Result<Fs, FsError> {
-        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
-            return Err(FsError::BadTag {
-                tag: tag.to_owned(),
-            });
+        check_tag(tag)?;
+        let (local, canonical) = Local::new(shared_dir, cfg)?;
+        tracing::info!(tag, dir = %canonical.display(), ?cfg, limits = ?local.fs.limits(), "virtio-fs share");
+        Ok(Self::with_backend(tag, canonical, Backend::Local(local)))
+    }
+
+    /// A device whose requests `client`'s file-system process serves
+    /// ([`super::remote::serve`]); `shared_dir` only names the share here.
+    pub fn remote(
+        tag: &str,
+        shared_dir: &Path,
+        client: super::remote::Client,
+    ) -> Result<Fs, FsError> {
+        check_tag(tag)?;
+        tracing::info!(tag, dir = %shared_dir.display(), "virtio-fs share, served by the file-system process");
+        Ok(Self::with_backend(
+            tag,
+            shared_dir.to_owned(),
+            Backend::Remote(client),
+        ))
+    }
+
+    fn with_backend(tag: &str, shared_dir: PathBuf, backend: Backend) -> Fs {
+        let mut config = [0u8; CONFIG_LEN];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+        Fs {
+            tag: tag.to_owned(),
+            shared_dir,
+            config,
+            backend,
+            state: DeviceState::new(),
+            stale: false,
+            sizes: [HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE],
         }
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The canonical path of the shared directory.
+    pub fn shared_dir(&self) -> &Path {
+        &self.shared_dir
+    }
+
+    /// What the guest may hold open on the host through this share (`None`
+    /// when the file-system process keeps the books).
+    pub fn limits(&self) -> Option<FsLimits> {
+        match &self.backend {
+            Backend::Local(l) => Some(l.fs.limits()),
+            Backend::Remote(_) => None,
+        }
+    }
+
+    /// Inodes and open files the guest holds now (at most [`Fs::limits`]).
+    pub fn held(&self) -> Option<(usize, usize)> {
+        match &self.backend {
+            Backend::Local(l) => Some(l.fs.held()),
+            Backend::Remote(_) => None,
+        }
+    }
+
+    fn handle(
+        &mut self,
+        c: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<u32, RequestError> {
+        match &mut self.backend {
+            Backend::Local(l) => l.handle(c, mem),
+            Backend::Remote(r) => r.handle(c, mem),
+        }
+    }
+
+    /// The previous driver's inodes and open files go.
+    fn destroy(&mut self) -> Result<(), RequestError> {
+        match &mut self.backend {
+            Backend::Local(l) => {
+                l.fs.destroy();
+                Ok(())
+            }
+            Backend::Remote(r) => r
+                .destroy()
+                .map_err(|source| RequestError::Remote { head: 0, source }),
+        }
+    }
+}
+
+fn check_tag(tag: &str) -> Result<(), FsError> {
+    if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
+        return Err(FsError::BadTag {
+            tag: tag.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+impl Local {
+    /// The passthrough over `shared_dir`, resolved here, once, to its
+    /// canonical path (a host-side symlink in the configured path is the
+    /// operator's choice); from then on nothing under it is followed out of
+    /// it. Opens `/proc/self/fd` and `/proc/self/mountinfo`: call it before
+    /// seccomp is applied.
+    pub fn new(shared_dir: &Path, cfg: FsConfig) -> Result<(Local, PathBuf), FsError> {
         let canonical = shared_dir
             .canonicalize()
             .map_err(|source| FsError::SharedDir {
@@ -111,45 +232,31 @@ impl Fs {
             path: canonical.clone(),
             source,
         })?);
-
-        let mut config = [0u8; CONFIG_LEN];
-        config[..tag.len()].copy_from_slice(tag.as_bytes());
-        config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
-
-        tracing::info!(tag, dir = %canonical.display(), ?cfg, limits = ?fs.limits(), "virtio-fs share");
-        Ok(Fs {
-            tag: tag.to_owned(),
-            shared_dir: canonical,
-            config,
-            server: Server::new(fs.clone()),
-            fs,
-            state: DeviceState::new(),
-            stale: false,
-            sizes: [HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE],
-        })
+        Ok((
+            Local {
+                server: Server::new(fs.clone()),
+                fs,
+            },
+            canonical,
+        ))
     }
 
-    pub fn tag(&self) -> &str {
-        &self.tag
-    }
-
-    /// The canonical path of the shared directory.
-    pub fn shared_dir(&self) -> &Path {
-        &self.shared_dir
-    }
-
-    /// What the guest may hold open on the host through this share.
     pub fn limits(&self) -> FsLimits {
         self.fs.limits()
     }
 
-    /// Inodes and open files the guest holds now (at most [`Fs::limits`]).
+    /// Inodes and open files the guest holds now.
     pub fn held(&self) -> (usize, usize) {
         self.fs.held()
     }
 
+    /// The previous driver's inodes and open files go.
+    pub(super) fn destroy(&self) {
+        self.fs.destroy();
+    }
+
     /// Serves one request; returns the bytes written into the chain.
-    fn handle(
+    pub(super) fn handle(
         &self,
         c: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
@@ -238,6 +345,9 @@ impl Fs {
         Ok(written.min(writable) as u32)
     }
 
+}
+
+impl Fs {
     fn process_requests(&mut self, index: usize) -> Result<(), RequestError> {
         DeviceState::process(
             self,
@@ -300,7 +410,9 @@ impl VirtioDevice for Fs {
             // The previous driver's inodes and open files go before the new one
             // sends anything (on this, the event-loop thread).
             self.stale = false;
-            self.fs.destroy();
+            if let Err(e) = self.destroy() {
+                crate::warn_limited!(error = %e, "virtio-fs: dropping the previous driver's files");
+            }
         }
         if let Err(e) = self.process_requests(index) {
             crate::warn_limited!(error = %e, queue = index, "virtio-fs: malformed queue; device needs reset");

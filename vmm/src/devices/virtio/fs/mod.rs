@@ -118,8 +118,9 @@
 pub mod defs;
 mod device;
 mod jail;
+pub mod remote;
 
-pub use device::{Fs, FsError};
+pub use device::{Fs, FsError, Local};
 pub use jail::{Cache, FsConfig, FsLimits};
 
 #[cfg(test)]

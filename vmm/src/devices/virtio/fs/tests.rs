@@ -17,7 +17,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::defs::*;
-use super::{Fs, FsConfig, FsError, FsLimits};
+use super::{remote, Fs, FsConfig, FsError, FsLimits, Local};
 use crate::devices::virtio::chain::test_utils::{desc, memory, publish};
 use crate::devices::virtio::defs::F_VERSION_1;
 use crate::devices::virtio::{ActivateError, Activation, Interrupt, VirtioDevice};
@@ -100,6 +100,26 @@ impl<'a> Guest<'a> {
 
     fn with_config(mem: &'a GuestMemoryMmap, dir: &Path, cfg: FsConfig) -> Self {
         let dev = Fs::new("share", dir, cfg).unwrap();
+        Self::with_device(mem, dev)
+    }
+
+    /// The device relaying to a file-system "process" (a thread here)
+    /// serving `dir` over a socket pair, as husk-vmm's does.
+    fn remote(mem: &'a GuestMemoryMmap, dir: &Path) -> (Self, std::thread::JoinHandle<String>) {
+        let (vmm, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (local, _) = Local::new(dir, FsConfig::default()).unwrap();
+        let served = std::thread::spawn(move || {
+            match remote::serve(std::fs::File::from(std::os::fd::OwnedFd::from(server)), &local) {
+                Ok(()) => "eof".to_string(),
+                Err(e) => e.to_string(),
+            }
+        });
+        let client = remote::Client::new(std::fs::File::from(std::os::fd::OwnedFd::from(vmm)));
+        let dev = Fs::remote("share", dir, client).unwrap();
+        (Self::with_device(mem, dev), served)
+    }
+
+    fn with_device(mem: &'a GuestMemoryMmap, dev: Fs) -> Self {
         let mut g = Guest {
             _serial: SERIAL.lock().unwrap_or_else(|e| e.into_inner()),
             mem,
@@ -1003,11 +1023,11 @@ fn inodes_past_the_limit_get_enfile_and_forget_gives_them_back() {
     let mem = memory();
     let mut g = Guest::with_limits(&mem, dir.path(), 3, 100);
     g.init();
-    assert_eq!(g.dev.held(), (0, 0));
+    assert_eq!(g.dev.held().unwrap(), (0, 0));
     let f0 = g.lookup(ROOT, "f0").unwrap();
     let sub = g.lookup(ROOT, "sub").unwrap();
     let inner = g.lookup(sub.nodeid, "inner").unwrap();
-    assert_eq!(g.dev.held(), (3, 0));
+    assert_eq!(g.dev.held().unwrap(), (3, 0));
     // At the limit: what the guest holds still resolves (no new descriptor)...
     for _ in 0..10 {
         assert_eq!(g.lookup(ROOT, "f0").unwrap().nodeid, f0.nodeid);
@@ -1038,24 +1058,24 @@ fn inodes_past_the_limit_get_enfile_and_forget_gives_them_back() {
             "{p}"
         );
     }
-    assert_eq!(g.dev.held(), (3, 0));
+    assert_eq!(g.dev.held().unwrap(), (3, 0));
     // f0 was looked up 11 times: 10 FORGETs leave it held...
     g.forget(f0.nodeid, 10);
     assert_eq!(g.lookup(ROOT, "f1").unwrap_err(), libc::ENFILE);
     // ...the 11th gives its room back.
     g.forget(f0.nodeid, 1);
-    assert_eq!(g.dev.held(), (2, 0));
+    assert_eq!(g.dev.held().unwrap(), (2, 0));
     let f1 = g.lookup(ROOT, "f1").unwrap();
     assert_eq!(g.lookup(ROOT, "f2").unwrap_err(), libc::ENFILE);
     // BATCH_FORGET too; forgetting what the guest never held changes nothing.
     g.batch_forget(&[(inner.nodeid, 1), (sub.nodeid, 1), (999, 5), (ROOT, 9)]);
-    assert_eq!(g.dev.held(), (1, 0));
+    assert_eq!(g.dev.held().unwrap(), (1, 0));
     g.mkdir(ROOT, "newdir").unwrap();
     g.lookup(ROOT, "f2").unwrap();
     assert_eq!(g.lookup(ROOT, "f3").unwrap_err(), libc::ENFILE);
     g.forget(f1.nodeid, u64::MAX);
     g.lookup(ROOT, "f3").unwrap();
-    assert_eq!(g.dev.held(), (3, 0));
+    assert_eq!(g.dev.held().unwrap(), (3, 0));
     // A device reset drops everything the previous driver held.
     g.dev.reset();
     g.irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
@@ -1065,7 +1085,7 @@ fn inodes_past_the_limit_get_enfile_and_forget_gives_them_back() {
     ];
     g.activate();
     g.init();
-    assert_eq!(g.dev.held(), (0, 0));
+    assert_eq!(g.dev.held().unwrap(), (0, 0));
     g.lookup(ROOT, "hello.txt").unwrap();
 }
 
@@ -1079,7 +1099,7 @@ fn open_files_past_the_limit_get_enfile_and_release_gives_them_back() {
     let sub = g.lookup(ROOT, "sub").unwrap();
     let a = g.open(f.nodeid, libc::O_RDONLY).unwrap();
     let d = g.opendir(sub.nodeid).unwrap();
-    assert_eq!(g.dev.held(), (2, 2));
+    assert_eq!(g.dev.held().unwrap(), (2, 2));
     assert_eq!(g.open(f.nodeid, libc::O_RDONLY).unwrap_err(), libc::ENFILE);
     assert_eq!(g.opendir(ROOT).unwrap_err(), libc::ENFILE);
     assert_eq!(
@@ -1092,7 +1112,7 @@ fn open_files_past_the_limit_get_enfile_and_release_gives_them_back() {
     assert_eq!(g.release(sub.nodeid, a).unwrap_err(), libc::EBADF);
     assert_eq!(g.open(f.nodeid, libc::O_RDONLY).unwrap_err(), libc::ENFILE);
     g.release(f.nodeid, a).unwrap();
-    assert_eq!(g.dev.held(), (2, 1));
+    assert_eq!(g.dev.held().unwrap(), (2, 1));
     let b = g.open(f.nodeid, libc::O_RDONLY).unwrap();
     assert_eq!(g.read(f.nodeid, b, 100).unwrap(), b"hello world");
     assert_eq!(g.opendir(ROOT).unwrap_err(), libc::ENFILE);
@@ -1104,10 +1124,10 @@ fn open_files_past_the_limit_get_enfile_and_release_gives_them_back() {
     let (e, o) = g
         .create(ROOT, "new", libc::O_RDWR | libc::O_CREAT, 0o100644)
         .unwrap();
-    assert_eq!(g.dev.held(), (3, 2));
+    assert_eq!(g.dev.held().unwrap(), (3, 2));
     g.release(e.nodeid, o.fh).unwrap();
     g.release(f.nodeid, b).unwrap();
-    assert_eq!(g.dev.held(), (3, 0));
+    assert_eq!(g.dev.held().unwrap(), (3, 0));
 }
 
 #[test]
@@ -1122,7 +1142,7 @@ fn create_of_an_existing_name_is_booked_and_leaks_nothing() {
         .unwrap();
     assert_eq!(e.attr.size, 11);
     assert_eq!(g.read(e.nodeid, o.fh, 100).unwrap(), b"hello world");
-    assert_eq!(g.dev.held(), (1, 1));
+    assert_eq!(g.dev.held().unwrap(), (1, 1));
     // With O_EXCL it is EEXIST, and nothing is held.
     assert_eq!(
         g.create(
@@ -1143,10 +1163,10 @@ fn create_of_an_existing_name_is_booked_and_leaks_nothing() {
             libc::EISDIR
         );
     }
-    assert_eq!(g.dev.held(), (1, 1));
+    assert_eq!(g.dev.held().unwrap(), (1, 1));
     g.release(e.nodeid, o.fh).unwrap();
     g.forget(e.nodeid, 1);
-    assert_eq!(g.dev.held(), (0, 0));
+    assert_eq!(g.dev.held().unwrap(), (0, 0));
 }
 
 /// (name, node id) of each entry in a READDIRPLUS reply.
@@ -1189,10 +1209,10 @@ fn readdirplus_past_the_inode_limit_lists_names_without_node_ids() {
         .map(|(_, id)| *id)
         .collect();
     assert_eq!(ids.iter().filter(|id| **id != 0).count(), 1, "{list:?}");
-    assert_eq!(g.dev.held(), (1, 1));
+    assert_eq!(g.dev.held().unwrap(), (1, 1));
     let held = *ids.iter().find(|id| **id != 0).unwrap();
     g.forget(held, 1);
-    assert_eq!(g.dev.held(), (0, 1));
+    assert_eq!(g.dev.held().unwrap(), (0, 1));
 }
 
 #[test]
@@ -1232,5 +1252,118 @@ fn the_descriptor_budget_follows_rlimit_nofile() {
     // The default comes from this process's limit.
     let dir = share();
     let dev = Fs::new("t", dir.path(), FsConfig::default()).unwrap();
-    assert!(dev.limits().inodes > 0 && dev.limits().inodes <= MAX_INODES);
+    assert!(dev.limits().unwrap().inodes > 0 && dev.limits().unwrap().inodes <= MAX_INODES);
+}
+
+#[test]
+fn the_file_system_process_serves_what_the_device_would() {
+    let dir = share();
+    symlink("/etc", dir.path().join("evil")).unwrap();
+    let mem = memory();
+    let (mut g, served) = Guest::remote(&mem, dir.path());
+    assert_eq!(g.init().max_write, 1 << 20);
+    let e = g.lookup(ROOT, "hello.txt").unwrap();
+    assert_eq!(e.attr.size, 11);
+    let fh = g.open(e.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(g.read(e.nodeid, fh, 100).unwrap(), b"hello world");
+    g.release(e.nodeid, fh).unwrap();
+    // Files made through it land in the share, as the guest's.
+    let (made, out) = g
+        .create(ROOT, "made", libc::O_CREAT | libc::O_RDWR, 0o640)
+        .unwrap();
+    let w = WriteIn {
+        fh: out.fh,
+        size: 5,
+        ..Default::default()
+    };
+    let wo: WriteOut = g
+        .obj(WRITE, made.nodeid, &cat(&[w.as_slice(), b"bytes"]))
+        .unwrap();
+    assert_eq!(wo.size, 5);
+    assert_eq!(std::fs::read(dir.path().join("made")).unwrap(), b"bytes");
+    // The jail's rules hold there too: a symlink is never followed.
+    let evil = g.lookup(ROOT, "evil").unwrap();
+    assert!(is_lnk(evil.attr.mode));
+    assert_eq!(g.lookup(evil.nodeid, "passwd").unwrap_err(), libc::ENOTDIR);
+    assert_eq!(g.lookup(ROOT, "..").unwrap_err(), libc::EINVAL);
+    // A FORGET wants no reply and gets none.
+    let h = g.header(FORGET, e.nodeid, 8);
+    let req = cat(&[h.as_slice(), &1u64.to_le_bytes()]);
+    mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+    assert_eq!(
+        g.send(0, &[desc(REQ, req.len() as u32, false, None)]),
+        Some(0)
+    );
+    // A request shorter than a FUSE header breaks the device, as in process.
+    mem.write_slice(&[0u8; 8], GuestAddress(REQ)).unwrap();
+    g.send(1, &[desc(REQ, 8, false, Some(1)), desc(RESP, 64, true, None)]);
+    assert!(g.irq.needs_reset());
+    // The VMM gone, the process ends.
+    drop(g);
+    assert_eq!(served.join().unwrap(), "eof");
+}
+
+#[test]
+fn the_file_system_process_ends_on_a_frame_no_vmm_sends() {
+    use std::io::Write;
+    let dir = share();
+    for (frame, why) in [
+        (
+            [9u32, 0, 0].map(u32::to_le_bytes).concat(),
+            "a frame of kind 9",
+        ),
+        (
+            [remote::KIND_REQUEST, 0, 64].map(u32::to_le_bytes).concat(),
+            "a request of 0 + 64 bytes",
+        ),
+        (
+            [remote::KIND_REQUEST, 3 << 20, 2 << 20]
+                .map(u32::to_le_bytes)
+                .concat(),
+            "a request of 3145728 + 2097152 bytes",
+        ),
+    ] {
+        let (mut vmm, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (local, _) = Local::new(dir.path(), FsConfig::default()).unwrap();
+        let served = std::thread::spawn(move || {
+            remote::serve(
+                std::fs::File::from(std::os::fd::OwnedFd::from(server)),
+                &local,
+            )
+            .unwrap_err()
+            .to_string()
+        });
+        vmm.write_all(&frame).unwrap();
+        let e = served.join().unwrap();
+        assert!(e.contains(why), "{e}");
+    }
+}
+
+#[test]
+fn a_reset_drops_what_the_driver_held_in_the_file_system_process() {
+    let dir = share();
+    let mem = memory();
+    let (vmm, server) = std::os::unix::net::UnixStream::pair().unwrap();
+    let local = Arc::new(Local::new(dir.path(), FsConfig::default()).unwrap().0);
+    let theirs = local.clone();
+    let served = std::thread::spawn(move || {
+        remote::serve(
+            std::fs::File::from(std::os::fd::OwnedFd::from(server)),
+            &theirs,
+        )
+        .is_ok()
+    });
+    let mut client = remote::Client::new(std::fs::File::from(std::os::fd::OwnedFd::from(vmm)));
+    // A driver that looked two files up, then a reset.
+    let dev = Fs::remote("share", dir.path(), client.try_clone().unwrap()).unwrap();
+    let mut g = Guest::with_device(&mem, dev);
+    g.init();
+    g.lookup(ROOT, "hello.txt").unwrap();
+    g.lookup(ROOT, "sub").unwrap();
+    assert_eq!(local.held(), (2, 0));
+    client.destroy().unwrap();
+    assert_eq!(local.held(), (0, 0));
+    drop(g);
+    drop(client);
+    assert!(served.join().unwrap());
 }
