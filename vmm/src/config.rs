@@ -459,7 +459,10 @@ mod tests {
             landlock: false,
             api_socket: Some("/tmp/api.sock".into()),
             ready_fd: None,
-            user: Some(User { uid: 1 << 30, gid: 1 << 30 }),
+            user: Some(User {
+                uid: 1 << 30,
+                gid: 1 << 30,
+            }),
             shared_dir: Some("/run/husk/x/shared".into()),
             fs_tag: "other-tag".into(),
             log_limit_bytes: 4096,

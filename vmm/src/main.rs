@@ -222,7 +222,10 @@ fn main() -> ExitCode {
         return match husk_vmm::fs_process::serve(&config).map_err(anyhow::Error::from) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                last_line(Some(&log), format_args!("file-system process: {}", chain(&e)));
+                last_line(
+                    Some(&log),
+                    format_args!("file-system process: {}", chain(&e)),
+                );
                 ExitCode::from(1)
             }
         };

@@ -146,13 +146,16 @@ pub(crate) fn raise_nofile() {
 }
 
 /// Puts this thread, and every thread it starts later, in the Landlock jail
-/// ([`confine`]): the share, and unlinking in the sockets' directories.
+/// ([`confine`]): unlinking in the sockets' directories, writing a
+/// snapshot, nothing else.
 fn enter_jail(
     cfg: &crate::config::VmConfig,
     sockets: [&Option<std::path::PathBuf>; 2],
 ) -> Result<()> {
     let jail = confine::Jail {
-        shares: cfg.shared_dir.iter().cloned().collect(),
+        // The share is the file-system process's (fs_process), never this
+        // one's: not even it stays reachable here.
+        shares: Vec::new(),
         removable_in: sockets
             .into_iter()
             .flatten()
@@ -613,9 +616,15 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
         // which keeps the rights the share needs, is started: from here
         // this process, guest memory's holder, is an unprivileged user
         // with no capability. Before any other thread starts.
-        confine::become_user(user)
-            .map_err(io_err(format!("becoming uid {} gid {}", user.uid, user.gid)))?;
-        tracing::info!(uid = user.uid, gid = user.gid, "running as an unprivileged user");
+        confine::become_user(user).map_err(io_err(format!(
+            "becoming uid {} gid {}",
+            user.uid, user.gid
+        )))?;
+        tracing::info!(
+            uid = user.uid,
+            gid = user.gid,
+            "running as an unprivileged user"
+        );
         phase("user dropped");
     }
     let mmio = Arc::new(mmio);

@@ -98,10 +98,8 @@ fn grant(user: husk_vmm::config::User, layout: &SandboxLayout, spec: &VmSpec) ->
             .map_err(Error::io("setting the mode of", path))
     };
     group(layout.dir(), 0o710)?;
-    let log = husk_agent_client::vsock::listener_path(
-        &layout.vsock_socket(),
-        husk_agent_api::LOG_PORT,
-    );
+    let log =
+        husk_agent_client::vsock::listener_path(&layout.vsock_socket(), husk_agent_api::LOG_PORT);
     if std::fs::symlink_metadata(&log).is_ok() {
         group(&log, 0o660)?;
     }

@@ -344,7 +344,6 @@ impl Local {
         // below u32::MAX.
         Ok(written.min(writable) as u32)
     }
-
 }
 
 impl Fs {

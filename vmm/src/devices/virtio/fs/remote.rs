@@ -34,8 +34,8 @@
 //! server's reply as bounded input too: a reply longer than the room asked
 //! for is an error, never a write past the chain.
 
-use std::io::{self, Read, Write};
 use std::fs::File;
+use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -273,10 +273,7 @@ fn publish(
     let slot = AVAIL_RING + 4 + 2 * u64::from(idx % QUEUE_SIZE);
     put(mem.write_obj(0u16.to_le(), GuestAddress(slot)))?;
     std::sync::atomic::fence(Ordering::Release);
-    put(mem.write_obj(
-        idx.wrapping_add(1).to_le(),
-        GuestAddress(AVAIL_RING + 2),
-    ))?;
+    put(mem.write_obj(idx.wrapping_add(1).to_le(), GuestAddress(AVAIL_RING + 2)))?;
     Ok(())
 }
 

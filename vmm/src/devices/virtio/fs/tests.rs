@@ -109,7 +109,10 @@ impl<'a> Guest<'a> {
         let (vmm, server) = std::os::unix::net::UnixStream::pair().unwrap();
         let (local, _) = Local::new(dir, FsConfig::default()).unwrap();
         let served = std::thread::spawn(move || {
-            match remote::serve(std::fs::File::from(std::os::fd::OwnedFd::from(server)), &local) {
+            match remote::serve(
+                std::fs::File::from(std::os::fd::OwnedFd::from(server)),
+                &local,
+            ) {
                 Ok(()) => "eof".to_string(),
                 Err(e) => e.to_string(),
             }
@@ -1296,7 +1299,10 @@ fn the_file_system_process_serves_what_the_device_would() {
     );
     // A request shorter than a FUSE header breaks the device, as in process.
     mem.write_slice(&[0u8; 8], GuestAddress(REQ)).unwrap();
-    g.send(1, &[desc(REQ, 8, false, Some(1)), desc(RESP, 64, true, None)]);
+    g.send(
+        1,
+        &[desc(REQ, 8, false, Some(1)), desc(RESP, 64, true, None)],
+    );
     assert!(g.irq.needs_reset());
     // The VMM gone, the process ends.
     drop(g);
