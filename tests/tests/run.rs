@@ -73,9 +73,9 @@ $B run --rootfs /tmp/rootfs --memory-limit 32m -- sh -c 'x=$(head -c 200000000 /
 $B run --rootfs /tmp/rootfs --pids-limit 8 -- sh -c '(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done) 2>/tmp/forks; sleep 3; echo "refused=$(grep -c "can.t fork" /tmp/forks)"' 
 mkdir -p /tmp/vol/sub && mount -t tmpfs -o size=1m clitest /tmp/vol/sub
 $H run -d --name bg --rootfs /tmp/rootfs -v /tmp/vol:/ro:ro -- sleep 1000
-grep ' /run/husk/[^ ]*/shared/[^ ]*/sub ' /proc/$(pgrep -n husk-vmm)/mountinfo | awk '{print "cli-ro-sub " $6}'
+grep ' /run/husk/[^ ]*/shared/[^ ]*/sub ' /proc/$(pgrep -n -x husk-vmm-fs)/mountinfo | awk '{print "cli-ro-sub " $6}'
 $H ps | grep ' bg$' | grep -q ' Up ' && echo ps=bg,running
-sed -n 's#.*:/husk/#vmm-cgroup=/husk/#p' /proc/$(pgrep -n husk-vmm)/cgroup | sort -u
+sed -n 's#.*:/husk/#vmm-cgroup=/husk/#p' /proc/$(pgrep -n -x husk-vmm)/cgroup | sort -u
 cat /sys/fs/cgroup/husk/bg/memory.max /sys/fs/cgroup/memory/husk/bg/memory.limit_in_bytes 2>/dev/null | sed 's/^/cg-mem=/'
 $B exec bg -- sh -c 'echo exec-ran; exit 5'; echo "code exec=$?"
 echo via-exec-stdin | $B exec -i bg -- cat
@@ -185,8 +185,9 @@ grep -v 'husk: exec: "/etc/motd": permission denied' /tmp/noexec.err | sed 's/^/
 rootfs_mount() { awk '$5 ~ /\/rootfs$/ {for (i = 7; i <= NF; i++) if ($i == "-") t = $(i + 1); split($6, o, ","); print t " " o[1]}' /proc/$1/mountinfo 2>/dev/null; }
 $B run --rm --read-only $I sh -c 'touch /x 2>/dev/null && echo rootfs=writable || echo rootfs=read-only; sleep 8' &
 RO=$!
-for i in $(seq 80); do V=$(pgrep -x husk-vmm | head -1); [ -n "$V" ] && rootfs_mount $V | grep -q ' ro$' && break; sleep 0.5; done
-echo "ro-rootfs-mount=$(rootfs_mount $V)"
+# The share's mounts are the file-system process's (husk-vmm has a root of its own).
+for i in $(seq 80); do F=$(pgrep -x husk-vmm-fs | head -1); [ -n "$F" ] && rootfs_mount $F | grep -q ' ro$' && break; sleep 0.5; done
+echo "ro-rootfs-mount=$(rootfs_mount $F)"
 wait $RO
 $B run --name kept $I sh -c 'echo kept-output; echo kept-err >&2; exit 4' 2>/dev/null; echo "code kept=$?"
 $H ps -a | grep ' kept$' | grep -o 'Exited (4)' | sed 's/^/ps-a=/'
@@ -204,10 +205,15 @@ $H ps | grep -c ' img1$' | sed 's/^/ps-running=/'
 # own (uid and gid from husk's range, no groups) with no capability, no new
 # privileges, a seccomp filter; no core dumps.
 V=$(pgrep -x husk-vmm | head -1)
-echo "rw-rootfs-mount=$(rootfs_mount $V)"
+echo "rw-rootfs-mount=$(rootfs_mount $(pgrep -x husk-vmm-fs -P $V))"
 for t in /proc/$V/task/*; do grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' $t/status; done | sort -u | tr '\t' ' ' | sed 's/^/vmm-/'
 for t in /proc/$V/task/*; do awk '/^(Uid|Gid):/ {print $1 " " ($2 >= 1073741824 && $2 < 1090519040 && $2 == $3 && $3 == $4 && $4 == $5 ? "unprivileged" : $2)}' $t/status; done | sort -u | sed 's/^/vmm-/'
 awk '/^Groups:/ {print "vmm-groups=" NF - 1}' /proc/$V/status
+# Its root is a jail of its own: its sandbox directory and nothing else.
+echo "vmm-root=$(ls /proc/$V/root | tr '\n' ' ')"
+echo "vmm-root-sandboxes=$(ls /proc/$V/root/run/husk | wc -l)"
+[ -e /proc/$V/root/etc/passwd ] || echo "vmm-no-etc"
+touch /proc/$V/root/run/x 2>/dev/null || echo "vmm-root-read-only"
 # The share is served by its file-system process: root with only the
 # virtio-fs capabilities, its own seccomp filter, one thread, and neither
 # KVM nor a tap among its descriptors.
@@ -216,10 +222,11 @@ for t in /proc/$F/task/*; do grep -E '^(Uid|CapEff|Seccomp|NoNewPrivs):' $t/stat
 echo "fs-threads=$(ls /proc/$F/task | wc -l)"
 echo "fs-kvm-tun=$(ls -l /proc/$F/fd | grep -cE 'kvm|tun')"
 awk '/Max core file size/ {print "vmm-core=" $5 "/" $6}' /proc/$V/limits
+awk '/Max open files/ {print "vmm-nofile=" $4 "/" $5} /Max file size/ {print "vmm-fsize=" $4 "/" $5}' /proc/$V/limits
 # Its own network, IPC and UTS namespaces; its Landlock jail, as its control
 # socket reports it, matches what this kernel has.
 tr '\0' '\n' < /proc/$V/environ | grep -cvE '^(HUSK_VMM_LOG|RUST_BACKTRACE)=' | sed 's/^/vmm-foreign-env=/'
-for n in net ipc uts; do [ "$(readlink /proc/$V/ns/$n)" != "$(readlink /proc/self/ns/$n)" ] && echo "vmm-own-$n"; done
+for n in net ipc uts mnt user; do [ "$(readlink /proc/$V/ns/$n)" != "$(readlink /proc/self/ns/$n)" ] && echo "vmm-own-$n"; done
 A=$(ls /run/husk/*/api.sock | head -1)
 python3 -c 'import socket,sys,json; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"{\"op\":\"info\"}\n"); print("vmm-jail=" + json.loads(s.makefile().readline())["jail"])' "$A"
 python3 -c 'import ctypes; n=ctypes.CDLL(None).syscall(444, None, 0, 1); print("host-jail=" + ("landlock-abi-%d" % n if n > 0 else "unsupported"))'
@@ -294,10 +301,19 @@ kill $REG
         "fs-NoNewPrivs: 1\n",
         "fs-threads=1\n",
         "fs-kvm-tun=0\n",
-        "vmm-CapBnd: 00000000080000db\n",
+        "vmm-CapBnd: 0000000000000000\n",
+        "vmm-root=run \n",
+        "vmm-root-sandboxes=1\n",
+        "vmm-no-etc\n",
+        "vmm-root-read-only\n",
+        "vmm-own-mnt\n",
+        "vmm-own-user\n",
         "vmm-NoNewPrivs: 1\n",
         "vmm-Seccomp: 2\n",
         "vmm-core=0/0\n",
+        "vmm-nofile=4096/4096\n",
+        // The console's 16 MiB or twice the log's 16 MiB, and 1 MiB more.
+        "vmm-fsize=34603008/34603008\n",
         "vmm-foreign-env=0\n",
         "vmm-own-net\n",
         "vmm-own-ipc\n",

@@ -29,6 +29,7 @@
 //! namespace and capability bound only. The rule set targets ABI 6 (Linux
 //! 6.12); newer rights are never asked for untested.
 
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
 use landlock::{
@@ -117,6 +118,297 @@ fn open(path: &Path) -> Result<PathFd, ConfineError> {
     })
 }
 
+/// What became of the mount jail ([`enter_mount_jail`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MountJail {
+    /// The root is a read-only tmpfs holding only the kept directories.
+    Entered,
+    /// This kernel lets no unprivileged user namespace be made (the user
+    /// was changed all the same, [`become_user`]).
+    Unavailable,
+}
+
+/// Puts this process in a root of its own and makes it `user`, in the
+/// order Firecracker's jailer uses: a new user and mount namespace, the
+/// user's uid and gid as the namespace's root, a fresh root file system (a
+/// small read-only tmpfs) in which each of `keep` is bound at its own path
+/// (so configured paths keep working) and nothing else exists, then every
+/// capability dropped, the bounding set included. From the host the
+/// process is `user` (its uid and gid are mapped to the namespace's 0), and
+/// its `/proc/PID/root` shows the kept directories alone.
+///
+/// Must run single-threaded (a user namespace requires it) and before the
+/// Landlock jail (a Landlock domain forbids mount changes), in a process
+/// allowed to become `user` (root, or CAP_SETUID and CAP_SETGID). The
+/// namespace is made as `user`, as any unprivileged process could make it,
+/// so no host capability is needed or used inside it. Where unprivileged
+/// user namespaces are off it only becomes `user`.
+pub fn enter_mount_jail(user: crate::config::User, keep: &[PathBuf]) -> std::io::Result<MountJail> {
+    use std::ffi::CString;
+    use std::io::{Error, Write};
+    use std::os::unix::ffi::OsStrExt;
+
+    let mut keep: Vec<&PathBuf> = keep.iter().filter(|p| p.is_absolute()).collect();
+    keep.sort();
+    keep.dedup();
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Error::other(format!("{} holds a NUL byte", p.display())))
+    };
+    let check = |rc: libc::c_long, what: &str| -> std::io::Result<()> {
+        if rc < 0 {
+            let e = Error::last_os_error();
+            return Err(Error::new(e.kind(), format!("{what}: {e}")));
+        }
+        Ok(())
+    };
+    // A user namespace needs a single-threaded caller; say so rather than
+    // take the kernel's EINVAL for "no user namespaces".
+    if let Some(n) = thread_count().filter(|&n| n > 1) {
+        return Err(Error::other(format!(
+            "{n} threads: a user namespace needs a single-threaded process"
+        )));
+    }
+    // First `user` in the host's namespace, as an unprivileged process
+    // making its own namespace would be: the kernel then lets it map just
+    // itself (its uid and gid) to the namespace's root. Dumpable again for
+    // the moment, so that its own /proc files (the maps) are its own.
+    set_ids(user)?;
+    // SAFETY: prctl and unshare take integers only.
+    unsafe {
+        if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 {
+            return Err(Error::last_os_error());
+        }
+        if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) != 0 {
+            let e = Error::last_os_error();
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+            return match e.raw_os_error() {
+                // User namespaces off (sysctl, a limit of 0, a seccomp
+                // policy, a kernel without them): `user` all the same.
+                Some(libc::EPERM | libc::ENOSPC | libc::EINVAL | libc::ENOSYS) => {
+                    Ok(MountJail::Unavailable)
+                }
+                _ => Err(Error::new(e.kind(), format!("unshare: {e}"))),
+            };
+        }
+    }
+    for (file, line) in [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("0 {} 1\n", user.uid)),
+        ("/proc/self/gid_map", format!("0 {} 1\n", user.gid)),
+    ] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .map_err(|e| Error::new(e.kind(), format!("writing {file}: {e}")))?;
+    }
+
+    let (dot, root, tmpfs) = (c".", c"/", c"tmpfs");
+    let base = match keep.first() {
+        Some(p) => c(p)?,
+        None => c"/tmp".to_owned(),
+    };
+    let abs = keep
+        .iter()
+        .map(|p| c(p))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    // Every directory to make in the new root, parents first, relative.
+    let mut dirs: Vec<CString> = Vec::new();
+    for p in &keep {
+        let mut at = PathBuf::new();
+        for part in p.components().skip(1) {
+            at.push(part);
+            let d = c(&at)?;
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    }
+    let null = std::ptr::null::<libc::c_char>();
+    // SAFETY: raw syscalls on NUL-terminated strings and fds owned here;
+    // each result is checked. The mounts happen in the namespace made
+    // above, which only this process uses.
+    unsafe {
+        check(
+            libc::mount(
+                null,
+                root.as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) as libc::c_long,
+            "making mounts private",
+        )?;
+        // Detached copies of the kept directories (not their submounts),
+        // taken before the tmpfs covers anything.
+        let mut trees = Vec::new();
+        for a in &abs {
+            let fd = libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                a.as_ptr(),
+                libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            );
+            check(fd, "open_tree")?;
+            trees.push(std::os::fd::OwnedFd::from_raw_fd(fd as i32));
+        }
+        check(
+            libc::mount(
+                tmpfs.as_ptr(),
+                base.as_ptr(),
+                tmpfs.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c"size=16k,nr_inodes=64,mode=0755".as_ptr().cast(),
+            ) as libc::c_long,
+            "mounting the new root",
+        )?;
+        check(libc::chdir(base.as_ptr()) as libc::c_long, "chdir")?;
+        for d in &dirs {
+            if libc::mkdir(d.as_ptr(), 0o755) != 0
+                && Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+            {
+                check(-1, "mkdir in the new root")?;
+            }
+        }
+        for (tree, p) in trees.iter().zip(&keep) {
+            let rel = c(p.strip_prefix("/").unwrap_or(p))?;
+            check(
+                libc::syscall(
+                    libc::SYS_move_mount,
+                    tree.as_raw_fd(),
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    rel.as_ptr(),
+                    libc::MOVE_MOUNT_F_EMPTY_PATH,
+                ),
+                "move_mount",
+            )?;
+        }
+        // The old root stacked under the new one, then detached.
+        check(
+            libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()),
+            "pivot_root",
+        )?;
+        check(
+            libc::umount2(dot.as_ptr(), libc::MNT_DETACH) as libc::c_long,
+            "detaching the old root",
+        )?;
+        check(libc::chdir(root.as_ptr()) as libc::c_long, "chdir /")?;
+        check(
+            libc::mount(
+                null,
+                root.as_ptr(),
+                null,
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ) as libc::c_long,
+            "making the new root read-only",
+        )?;
+    }
+    drop_all_capabilities()?;
+    // SAFETY: prctl takes integers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(Error::last_os_error());
+    }
+    Ok(MountJail::Entered)
+}
+
+/// Empties the bounding, inheritable, permitted and effective sets (the
+/// namespace's root would otherwise keep every capability in it).
+fn drop_all_capabilities() -> std::io::Result<()> {
+    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::c_ulong>().ok())
+        .unwrap_or(63);
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two Data words.
+    let header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: prctl takes integers (EINVAL past the last capability is
+    // ignored); capset reads the header and two data words we own.
+    unsafe {
+        for cap in 0..=last {
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+        // No root-is-privileged rule either, locked.
+        libc::prctl(
+            libc::PR_SET_SECUREBITS,
+            (libc::SECBIT_NOROOT | libc::SECBIT_NOROOT_LOCKED) as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Descriptors husk-vmm may hold once set up: vsock's 256 guest and 256
+/// host streams and their pending connects, the control socket's clients,
+/// KVM, eventfds, taps, the console and log files, with room to spare.
+pub const VMM_NOFILE: u64 = 4096;
+
+/// Caps what this process can still make of the host's resources: files
+/// no larger than `fsize` bytes (a write past it fails with `EFBIG`;
+/// `SIGXFSZ` is ignored so it does not end the VM) and at most
+/// [`VMM_NOFILE`] descriptors (the hard limit too, so it cannot be raised
+/// back). Call after everything that must exceed them was done, and after
+/// any child that must not inherit them (the file-system process) started.
+pub fn limit_resources(fsize: u64) -> std::io::Result<()> {
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own; signal
+    // sets a disposition (SIG_IGN), no handler; results checked.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = nofile.rlim_max.min(VMM_NOFILE);
+        let caps = [(libc::RLIMIT_NOFILE, n), (libc::RLIMIT_FSIZE, fsize)];
+        for (resource, value) in caps {
+            let rl = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            if libc::setrlimit(resource, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Makes the whole process `user` for good: no supplementary groups, real,
 /// effective and saved gid and uid all changed, so no capability is left
 /// (without `SECBIT_KEEP_CAPS` the kernel clears the permitted and
@@ -126,18 +418,26 @@ fn open(path: &Path) -> Result<PathFd, ConfineError> {
 /// others. Checked after: a uid that did not change is an error, never a
 /// VMM that believes it is confined.
 pub fn become_user(user: crate::config::User) -> std::io::Result<()> {
+    set_ids(user)?;
+    // SAFETY: prctl takes integers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// No supplementary groups, then gid and uid (real, effective, saved)
+/// `user`'s, checked after.
+fn set_ids(user: crate::config::User) -> std::io::Result<()> {
     let gid = user.gid as libc::gid_t;
     let uid = user.uid as libc::uid_t;
-    // SAFETY: setgroups with a count of 0 reads no memory; setresgid,
-    // setresuid and prctl take plain integers; each result is checked.
+    // SAFETY: setgroups with a count of 0 reads no memory; setresgid and
+    // setresuid take plain integers; each result is checked.
     unsafe {
         if libc::setgroups(0, std::ptr::null()) != 0
             || libc::setresgid(gid, gid, gid) != 0
             || libc::setresuid(uid, uid, uid) != 0
         {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -283,5 +583,98 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// The mount jail changes the whole process for good, and a user
+    /// namespace needs a single thread: it is entered in a forked child of
+    /// this test (one thread; glibc's malloc is fork-safe), which reports
+    /// what it could still reach through a pipe.
+    #[test]
+    fn the_mount_jail_leaves_only_the_kept_directories_and_no_privilege() {
+        use std::io::Read;
+        use std::os::fd::OwnedFd;
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "needs root (it writes another uid's map)"
+        );
+        let kept = tempfile::tempdir().unwrap();
+        std::fs::write(kept.path().join("sock"), "x").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "host's").unwrap();
+        let (keep, secret) = (kept.path().to_owned(), outside.path().join("secret"));
+        let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+        // SAFETY: the child only runs the jail and its checks, writes to
+        // the pipe and _exits; it never returns into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let report = in_the_mount_jail(&keep, &secret);
+            // SAFETY: writes our buffer to the pipe's write end, then ends
+            // the child without running the harness's exit handlers.
+            unsafe {
+                libc::write(w.as_raw_fd(), report.as_ptr().cast(), report.len());
+                libc::_exit(0);
+            }
+        }
+        drop(w);
+        let mut text = String::new();
+        std::fs::File::from(r).read_to_string(&mut text).unwrap();
+        let mut status = 0;
+        // SAFETY: waits for the child we forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{text}"
+        );
+        for want in [
+            "jail=Ok(Entered)",
+            "kept=x",
+            "outside=NotFound",
+            "etc=NotFound",
+            "write-root=ReadOnlyFilesystem",
+            "write-kept=PermissionDenied",
+            "caps=0/0",
+            "uid=0",
+        ] {
+            assert!(text.contains(want), "missing {want} in:\n{text}");
+        }
+    }
+
+    fn in_the_mount_jail(keep: &Path, secret: &Path) -> String {
+        let user = crate::config::User {
+            uid: 0x4000_1234,
+            gid: 0x4000_1234,
+        };
+        let jail = enter_mount_jail(user, &[keep.to_owned()]);
+        let kind = |r: std::io::Result<()>| match r {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("{:?}", e.kind()),
+        };
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        let header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut data = [0u32; 6];
+        // SAFETY: capget writes two data words (six u32s) we own.
+        unsafe { libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) };
+        format!(
+            "jail={jail:?}\nkept={}\noutside={}\netc={}\nwrite-root={}\nwrite-kept={}\ncaps={}/{}\nuid={}\n",
+            std::fs::read_to_string(keep.join("sock")).unwrap_or_default(),
+            kind(std::fs::read(secret).map(drop)),
+            kind(std::fs::read("/etc/hostname").map(drop)),
+            kind(std::fs::write("/planted", "x")),
+            kind(std::fs::write(keep.join("new"), "x")),
+            data[0] | data[3],
+            data[1] | data[4],
+            // SAFETY: getuid has no preconditions.
+            unsafe { libc::getuid() },
+        )
     }
 }

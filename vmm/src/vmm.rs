@@ -156,19 +156,7 @@ fn enter_jail(
         // The share is the file-system process's (fs_process), never this
         // one's: not even it stays reachable here.
         shares: Vec::new(),
-        removable_in: sockets
-            .into_iter()
-            .flatten()
-            .filter_map(|p| {
-                p.parent().map(|d| {
-                    if d.as_os_str().is_empty() {
-                        ".".into()
-                    } else {
-                        d.to_owned()
-                    }
-                })
-            })
-            .collect(),
+        removable_in: socket_dirs(sockets),
         snapshot_dir: cfg.snapshot_to.clone(),
     };
     // A thread started before this one entered would run unconfined: there
@@ -185,6 +173,23 @@ fn enter_jail(
         }
     }
     Ok(())
+}
+
+/// The directories of husk-vmm's sockets (`.` for a bare name).
+fn socket_dirs(sockets: [&Option<std::path::PathBuf>; 2]) -> Vec<std::path::PathBuf> {
+    sockets
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            p.parent().map(|d| {
+                if d.as_os_str().is_empty() {
+                    ".".into()
+                } else {
+                    d.to_owned()
+                }
+            })
+        })
+        .collect()
 }
 
 /// Blocks SIGTERM and SIGINT in this thread (and every thread it spawns later)
@@ -604,28 +609,54 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
             .ok(),
         _ => None,
     };
+    if let Some(user) = cfg.user {
+        // Everything that needed root is open (KVM, the taps, the sockets,
+        // the console, the snapshot's files) and the file-system process,
+        // which keeps the rights the share needs, is started: from here
+        // this process, guest memory's holder, is an unprivileged user with
+        // no capability, in a root of its own that holds only its sockets'
+        // directories and the snapshot directory. Before any other thread
+        // starts (a user namespace needs a single thread) and before
+        // Landlock (which forbids mount changes).
+        let mut keep: Vec<std::path::PathBuf> = socket_dirs([&vsock_socket, &api_socket]);
+        keep.extend(cfg.snapshot_to.iter().cloned());
+        let jail = confine::enter_mount_jail(user, &keep).map_err(io_err(format!(
+            "becoming uid {} gid {} in a root of its own",
+            user.uid, user.gid
+        )))?;
+        match jail {
+            confine::MountJail::Entered => {
+                tracing::info!(
+                    uid = user.uid,
+                    gid = user.gid,
+                    ?keep,
+                    "running as an unprivileged user in a root of its own"
+                )
+            }
+            confine::MountJail::Unavailable => tracing::warn!(
+                uid = user.uid,
+                gid = user.gid,
+                "running as an unprivileged user; no user namespaces here, so no root of its own"
+            ),
+        }
+        // The files it still writes: the console and its log (each capped
+        // by its own writer, the log shared with the file-system process),
+        // and a template's state and memory.
+        let mut fsize = crate::devices::legacy::serial::CONSOLE_LIMIT
+            .max(cfg.log_limit_bytes.saturating_mul(2))
+            .saturating_add(1 << 20);
+        if cfg.snapshot_to.is_some() {
+            fsize =
+                fsize.max((cfg.memory_mib << 20).saturating_add(crate::snapshot::MAX_STATE_BYTES));
+        }
+        confine::limit_resources(fsize).map_err(io_err("setting resource limits"))?;
+        phase("user dropped");
+    }
     if cfg.landlock {
         // Everything is open now; every thread from here on (vCPUs, device
         // loops) inherits the jail from this one.
         enter_jail(cfg, [&vsock_socket, &api_socket])?;
         phase("Landlock jail entered");
-    }
-    if let Some(user) = cfg.user {
-        // Everything that needed root is open (KVM, the taps, the sockets,
-        // the console, the snapshot's files) and the file-system process,
-        // which keeps the rights the share needs, is started: from here
-        // this process, guest memory's holder, is an unprivileged user
-        // with no capability. Before any other thread starts.
-        confine::become_user(user).map_err(io_err(format!(
-            "becoming uid {} gid {}",
-            user.uid, user.gid
-        )))?;
-        tracing::info!(
-            uid = user.uid,
-            gid = user.gid,
-            "running as an unprivileged user"
-        );
-        phase("user dropped");
     }
     let mmio = Arc::new(mmio);
     let pio = Arc::new(pio);

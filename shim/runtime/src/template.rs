@@ -53,6 +53,21 @@ pub fn templates_root() -> PathBuf {
         .unwrap_or_else(|| Path::new(crate::config::DEFAULT_STORAGE_ROOT).join("templates"))
 }
 
+/// Gives a built template directory and its files back to root, the
+/// directory closed to everyone else.
+fn reclaim(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).map_err(Error::io("listing", dir))? {
+        let path = entry.map_err(Error::io("listing", dir))?.path();
+        std::os::unix::fs::lchown(&path, Some(0), Some(0))
+            .map_err(Error::io("handing back to root", &path))?;
+    }
+    std::os::unix::fs::lchown(dir, Some(0), Some(0))
+        .map_err(Error::io("handing back to root", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io("setting the mode of", dir))
+}
+
 /// The most templates kept: one per shape, and a cluster whose pods ask
 /// for many sizes would otherwise leave one (tens of MB of disk) per size.
 /// Past it, the least recently used go when the next is built.
@@ -354,11 +369,19 @@ impl Templates {
         hypervisor: &dyn Hypervisor,
     ) -> Result<()> {
         use std::os::unix::fs::DirBuilderExt;
+        // Passable, not listable: the template VM's husk-vmm, an
+        // unprivileged user of its own, writes its snapshot into its
+        // `.build-*` directory (its own until built, root's after).
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(0o711)
             .create(&self.root)
             .map_err(Error::io("creating", &self.root))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))
+                .map_err(Error::io("setting the mode of", &self.root))?;
+        }
         // Room for this one.
         self.prune_to(MAX_TEMPLATES - 1);
         let key = meta.key.clone();
@@ -372,6 +395,12 @@ impl Templates {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let mut r = self.build_in(&building, &key, spec, hypervisor).await;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if r.is_ok() && unsafe { libc::geteuid() } == 0 {
+            // Root's again, and only root's: the VM that wrote it (as a
+            // user of its own) is gone, and a template holds a guest's memory.
+            r = reclaim(&building);
+        }
         if r.is_ok() {
             let path = building.join(META_FILE);
             r = serde_json::to_vec_pretty(&meta)
