@@ -119,13 +119,17 @@ fn open(path: &Path) -> Result<PathFd, ConfineError> {
 }
 
 /// What became of the mount jail ([`enter_mount_jail`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MountJail {
     /// The root is a read-only tmpfs holding only the kept directories.
     Entered,
     /// This kernel lets no unprivileged user namespace be made (the user
-    /// was changed all the same, [`become_user`]).
+    /// was changed all the same).
     Unavailable,
+    /// The namespace was made but the new root could not be (a security
+    /// module that denies mounts in user namespaces, say): the user was
+    /// changed and every capability dropped, the host's root stays.
+    Failed(String),
 }
 
 /// Puts this process in a root of its own and makes it `user`, in the
@@ -141,27 +145,17 @@ pub enum MountJail {
 /// Landlock jail (a Landlock domain forbids mount changes), in a process
 /// allowed to become `user` (root, or CAP_SETUID and CAP_SETGID). The
 /// namespace is made as `user`, as any unprivileged process could make it,
-/// so no host capability is needed or used inside it. Where unprivileged
-/// user namespaces are off it only becomes `user`.
+/// so no host capability is needed or used inside it; `user` must be able
+/// to reach each kept directory (search on its parents). Best effort past the user change, like Landlock: where
+/// unprivileged user namespaces are off, or mounts in them are denied, it
+/// says so ([`MountJail`]) and the process is `user` all the same; an error
+/// means it may not be.
 pub fn enter_mount_jail(user: crate::config::User, keep: &[PathBuf]) -> std::io::Result<MountJail> {
-    use std::ffi::CString;
     use std::io::{Error, Write};
-    use std::os::unix::ffi::OsStrExt;
 
     let mut keep: Vec<&PathBuf> = keep.iter().filter(|p| p.is_absolute()).collect();
     keep.sort();
     keep.dedup();
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| Error::other(format!("{} holds a NUL byte", p.display())))
-    };
-    let check = |rc: libc::c_long, what: &str| -> std::io::Result<()> {
-        if rc < 0 {
-            let e = Error::last_os_error();
-            return Err(Error::new(e.kind(), format!("{what}: {e}")));
-        }
-        Ok(())
-    };
     // A user namespace needs a single-threaded caller; say so rather than
     // take the kernel's EINVAL for "no user namespaces".
     if let Some(n) = thread_count().filter(|&n| n > 1) {
@@ -181,7 +175,9 @@ pub fn enter_mount_jail(user: crate::config::User, keep: &[PathBuf]) -> std::io:
         }
         if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) != 0 {
             let e = Error::last_os_error();
-            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+            if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+                return Err(Error::last_os_error());
+            }
             return match e.raw_os_error() {
                 // User namespaces off (sysctl, a limit of 0, a seccomp
                 // policy, a kernel without them): `user` all the same.
@@ -192,43 +188,74 @@ pub fn enter_mount_jail(user: crate::config::User, keep: &[PathBuf]) -> std::io:
             };
         }
     }
-    for (file, line) in [
-        ("/proc/self/setgroups", "deny".to_string()),
-        ("/proc/self/uid_map", format!("0 {} 1\n", user.uid)),
-        ("/proc/self/gid_map", format!("0 {} 1\n", user.gid)),
-    ] {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(file)
-            .and_then(|mut f| f.write_all(line.as_bytes()))
-            .map_err(|e| Error::new(e.kind(), format!("writing {file}: {e}")))?;
+    let built = (|| {
+        for (file, line) in [
+            ("/proc/self/setgroups", "deny".to_string()),
+            ("/proc/self/uid_map", format!("0 {} 1\n", user.uid)),
+            ("/proc/self/gid_map", format!("0 {} 1\n", user.gid)),
+        ] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(file)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .map_err(|e| Error::new(e.kind(), format!("writing {file}: {e}")))?;
+        }
+        pivot_into(&keep)
+    })();
+    // Whatever came of the root: no capability stays, not even the
+    // namespace's.
+    drop_all_capabilities()?;
+    // SAFETY: prctl takes integers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(Error::last_os_error());
     }
+    Ok(match built {
+        Ok(()) => MountJail::Entered,
+        Err(e) => MountJail::Failed(e.to_string()),
+    })
+}
 
-    let (dot, root, tmpfs) = (c".", c"/", c"tmpfs");
-    let base = match keep.first() {
-        Some(p) => c(p)?,
-        None => c"/tmp".to_owned(),
+/// Builds the new root and pivots into it (in a mount namespace of this
+/// process's own). The tmpfs is made over `/proc`, which nothing uses once
+/// set up, so a failure half-way leaves every path the VMM still uses as
+/// it was.
+fn pivot_into(dirs: &[&PathBuf]) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::io::Error;
+    use std::os::unix::ffi::OsStrExt;
+
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Error::other(format!("{} holds a NUL byte", p.display())))
     };
-    let abs = keep
-        .iter()
-        .map(|p| c(p))
-        .collect::<std::io::Result<Vec<_>>>()?;
+    let check = |rc: libc::c_long, what: &str| -> std::io::Result<()> {
+        if rc < 0 {
+            let e = Error::last_os_error();
+            return Err(Error::new(e.kind(), format!("{what}: {e}")));
+        }
+        Ok(())
+    };
     // Every directory to make in the new root, parents first, relative.
-    let mut dirs: Vec<CString> = Vec::new();
-    for p in &keep {
+    let mut mkdirs: Vec<CString> = Vec::new();
+    let mut targets: Vec<CString> = Vec::new();
+    let mut sources: Vec<CString> = Vec::new();
+    for p in dirs {
+        sources.push(c(p)?);
         let mut at = PathBuf::new();
         for part in p.components().skip(1) {
             at.push(part);
             let d = c(&at)?;
-            if !dirs.contains(&d) {
-                dirs.push(d);
+            if !mkdirs.contains(&d) {
+                mkdirs.push(d);
             }
         }
+        targets.push(c(&at)?);
     }
+    let (dot, root, base) = (c".", c"/", c"/proc");
     let null = std::ptr::null::<libc::c_char>();
     // SAFETY: raw syscalls on NUL-terminated strings and fds owned here;
-    // each result is checked. The mounts happen in the namespace made
-    // above, which only this process uses.
+    // each result is checked. The mounts happen in the namespace made by
+    // the caller, which only this process uses.
     unsafe {
         check(
             libc::mount(
@@ -241,45 +268,46 @@ pub fn enter_mount_jail(user: crate::config::User, keep: &[PathBuf]) -> std::io:
             "making mounts private",
         )?;
         // Detached copies of the kept directories (not their submounts),
-        // taken before the tmpfs covers anything.
+        // looked up as `user` in this namespace (a descriptor opened in
+        // the host's would name a mount of another namespace, which
+        // open_tree refuses): their parents must be searchable to it.
         let mut trees = Vec::new();
-        for a in &abs {
-            let fd = libc::syscall(
+        for src in &sources {
+            let tree = libc::syscall(
                 libc::SYS_open_tree,
                 libc::AT_FDCWD,
-                a.as_ptr(),
+                src.as_ptr(),
                 libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
             );
-            check(fd, "open_tree")?;
-            trees.push(std::os::fd::OwnedFd::from_raw_fd(fd as i32));
+            check(tree, "open_tree")?;
+            trees.push(std::os::fd::OwnedFd::from_raw_fd(tree as i32));
         }
         check(
             libc::mount(
-                tmpfs.as_ptr(),
+                c"tmpfs".as_ptr(),
                 base.as_ptr(),
-                tmpfs.as_ptr(),
+                c"tmpfs".as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 c"size=16k,nr_inodes=64,mode=0755".as_ptr().cast(),
             ) as libc::c_long,
             "mounting the new root",
         )?;
         check(libc::chdir(base.as_ptr()) as libc::c_long, "chdir")?;
-        for d in &dirs {
+        for d in &mkdirs {
             if libc::mkdir(d.as_ptr(), 0o755) != 0
                 && Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
             {
                 check(-1, "mkdir in the new root")?;
             }
         }
-        for (tree, p) in trees.iter().zip(&keep) {
-            let rel = c(p.strip_prefix("/").unwrap_or(p))?;
+        for (tree, target) in trees.iter().zip(&targets) {
             check(
                 libc::syscall(
                     libc::SYS_move_mount,
                     tree.as_raw_fd(),
                     c"".as_ptr(),
                     libc::AT_FDCWD,
-                    rel.as_ptr(),
+                    target.as_ptr(),
                     libc::MOVE_MOUNT_F_EMPTY_PATH,
                 ),
                 "move_mount",
@@ -311,12 +339,7 @@ pub fn enter_mount_jail(user: crate::config::User, keep: &[PathBuf]) -> std::io:
             "making the new root read-only",
         )?;
     }
-    drop_all_capabilities()?;
-    // SAFETY: prctl takes integers.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(Error::last_os_error());
-    }
-    Ok(MountJail::Entered)
+    Ok(())
 }
 
 /// Empties the bounding, inheritable, permitted and effective sets (the

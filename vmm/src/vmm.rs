@@ -638,6 +638,12 @@ pub fn run(config: &ValidConfig) -> Result<ExitReason> {
                 gid = user.gid,
                 "running as an unprivileged user; no user namespaces here, so no root of its own"
             ),
+            confine::MountJail::Failed(why) => tracing::warn!(
+                uid = user.uid,
+                gid = user.gid,
+                %why,
+                "running as an unprivileged user, without a root of its own"
+            ),
         }
         // The files it still writes: the console and its log (each capped
         // by its own writer, the log shared with the file-system process),

@@ -381,6 +381,19 @@ impl Templates {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))
                 .map_err(Error::io("setting the mode of", &self.root))?;
+            // Its parent (husk's storage root, whose image store keeps its
+            // own directories 0700) passable too.
+            if let Some(parent) = self.root.parent().filter(|p| *p != Path::new("/")) {
+                let meta = std::fs::metadata(parent).map_err(Error::io("reading", parent))?;
+                let mode = meta.permissions().mode();
+                if mode & 0o001 == 0 {
+                    std::fs::set_permissions(
+                        parent,
+                        std::fs::Permissions::from_mode(mode & 0o7777 | 0o001),
+                    )
+                    .map_err(Error::io("setting the mode of", parent))?;
+                }
+            }
         }
         // Room for this one.
         self.prune_to(MAX_TEMPLATES - 1);

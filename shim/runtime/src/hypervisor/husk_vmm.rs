@@ -104,6 +104,23 @@ fn grant(user: husk_vmm::config::User, layout: &SandboxLayout, spec: &VmSpec) ->
         group(&log, 0o660)?;
     }
     if let Some(dir) = &spec.snapshot_to {
+        // It reaches the directory by its path, as its user: every parent
+        // must let others (or its group) pass.
+        for parent in dir.ancestors().skip(1) {
+            use std::os::unix::fs::MetadataExt;
+            let Ok(meta) = std::fs::metadata(parent) else {
+                continue;
+            };
+            let passable =
+                meta.mode() & 0o001 != 0 || (meta.gid() == user.gid && meta.mode() & 0o010 != 0);
+            if !passable {
+                return Err(Error::InvalidArgument(format!(
+                    "husk-vmm's user cannot reach the snapshot directory {}: {} does not let others pass (o+x)",
+                    dir.display(),
+                    parent.display()
+                )));
+            }
+        }
         std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))
             .map_err(Error::io("handing to husk-vmm", dir))?;
     }
