@@ -100,5 +100,10 @@ IFS=$OLDIFS
 cp "/host$SCRIPT" $R/run/husk-testhost.sh || fail "copying $SCRIPT"
 # Tests that must tell the nested test host from hardware KVM look here.
 export HUSK_IN_TESTHOST=1
-chroot $R /bin/sh /run/husk-testhost.sh < /dev/null > $OUT 2>&1
+# Not a plain chroot: in a mount namespace of its own, $R is moved onto /,
+# so the script's root is its namespace's root, as on a real host (the
+# kernel refuses a user namespace to a chrooted process, and husk-vmm
+# makes one for its jail). PID 1 keeps the initramfs for poweroff.
+unshare -m --propagation private sh -c "cd $R && mount --move . / && exec chroot . /bin/sh /run/husk-testhost.sh" \
+    < /dev/null > $OUT 2>&1
 finish $?

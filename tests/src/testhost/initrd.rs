@@ -16,7 +16,7 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// Applets `init.sh` uses; each becomes a `/bin` link to busybox.
 const APPLETS: &[&str] = &[
     "sh", "mount", "stty", "cat", "echo", "insmod", "mkdir", "ln", "readlink", "cp", "chroot",
-    "sync", "poweroff", "sleep",
+    "sync", "poweroff", "sleep", "unshare",
 ];
 
 pub fn build(assets: &Assets) -> Result<Vec<u8>> {
