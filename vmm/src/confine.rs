@@ -251,6 +251,28 @@ fn pivot_into(dirs: &[&PathBuf]) -> std::io::Result<()> {
         }
         targets.push(c(&at)?);
     }
+    // The mounts beneath a kept directory (the sandbox's share, say) come
+    // along with it: a mount namespace owned by a user namespace may only
+    // copy a tree whole (its submounts are locked to it). Each is covered
+    // in the new root by an empty read-only tmpfs instead, so none of it
+    // is reachable; the outermost ones suffice.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mount_path(m)))
+        .collect();
+    let mut covers: Vec<&PathBuf> = points
+        .iter()
+        .filter(|m| dirs.iter().any(|d| m.starts_with(d) && m != d))
+        .collect();
+    covers.sort();
+    covers.dedup();
+    let outermost: Vec<CString> = covers
+        .iter()
+        .filter(|m| !covers.iter().any(|o| o != *m && m.starts_with(o)))
+        .map(|m| c(m.strip_prefix("/").unwrap_or(m)))
+        .collect::<std::io::Result<_>>()?;
     let (dot, root, base) = (c".", c"/", c"/proc");
     let null = std::ptr::null::<libc::c_char>();
     // SAFETY: raw syscalls on NUL-terminated strings and fds owned here;
@@ -267,17 +289,20 @@ fn pivot_into(dirs: &[&PathBuf]) -> std::io::Result<()> {
             ) as libc::c_long,
             "making mounts private",
         )?;
-        // Detached copies of the kept directories (not their submounts),
-        // looked up as `user` in this namespace (a descriptor opened in
-        // the host's would name a mount of another namespace, which
-        // open_tree refuses): their parents must be searchable to it.
+        // Detached copies of the kept directories (with their submounts,
+        // covered below), looked up as `user` in this namespace (a
+        // descriptor opened in the host's would name a mount of another
+        // namespace, which open_tree refuses): their parents must be
+        // searchable to it.
         let mut trees = Vec::new();
         for src in &sources {
             let tree = libc::syscall(
                 libc::SYS_open_tree,
                 libc::AT_FDCWD,
                 src.as_ptr(),
-                libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+                libc::OPEN_TREE_CLONE
+                    | libc::O_CLOEXEC as libc::c_uint
+                    | libc::AT_RECURSIVE as libc::c_uint,
             );
             check(tree, "open_tree")?;
             trees.push(std::os::fd::OwnedFd::from_raw_fd(tree as i32));
@@ -313,6 +338,18 @@ fn pivot_into(dirs: &[&PathBuf]) -> std::io::Result<()> {
                 "move_mount",
             )?;
         }
+        for cover in &outermost {
+            check(
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    cover.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"size=4k,nr_inodes=1,mode=0".as_ptr().cast(),
+                ) as libc::c_long,
+                "covering a mount beneath a kept directory",
+            )?;
+        }
         // The old root stacked under the new one, then detached.
         check(
             libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()),
@@ -340,6 +377,30 @@ fn pivot_into(dirs: &[&PathBuf]) -> std::io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline
+/// and backslash as octal escapes.
+fn unescape_mount_path(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|d| (b'0'..=b'7').contains(d))
+        {
+            let v = u32::from(b[i + 1] - b'0') * 64
+                + u32::from(b[i + 2] - b'0') * 8
+                + u32::from(b[i + 3] - b'0');
+            out.push((v & 0xff) as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Empties the bounding, inheritable, permitted and effective sets (the
@@ -654,6 +715,9 @@ mod tests {
         for want in [
             "jail=Ok(Entered)",
             "kept=x",
+            // The mount beneath it is covered (by an empty tmpfs of mode
+            // 0: uncovered, its file would read "ok").
+            "sub=PermissionDenied",
             "outside=NotFound",
             "etc=NotFound",
             "write-root=ReadOnlyFilesystem",
@@ -666,6 +730,37 @@ mod tests {
     }
 
     fn in_the_mount_jail(keep: &Path, secret: &Path) -> String {
+        // A mount beneath the kept directory, made in a namespace of this
+        // child's own (the host's stays as it was), as the share is beneath
+        // the sandbox directory.
+        let sub = keep.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let csub = std::ffi::CString::new(sub.to_str().unwrap()).unwrap();
+        // SAFETY: unshare takes flags; mount reads NUL-terminated strings.
+        unsafe {
+            assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0);
+            assert_eq!(
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null()
+                ),
+                0
+            );
+            assert_eq!(
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    csub.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null()
+                ),
+                0
+            );
+        }
+        std::fs::write(sub.join("shared-file"), "guest's").unwrap();
         let user = crate::config::User {
             uid: 0x4000_1234,
             gid: 0x4000_1234,
@@ -688,7 +783,8 @@ mod tests {
         // SAFETY: capget writes two data words (six u32s) we own.
         unsafe { libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) };
         format!(
-            "jail={jail:?}\nkept={}\noutside={}\netc={}\nwrite-root={}\nwrite-kept={}\ncaps={}/{}\nuid={}\n",
+            "sub={}\njail={jail:?}\nkept={}\noutside={}\netc={}\nwrite-root={}\nwrite-kept={}\ncaps={}/{}\nuid={}\n",
+            kind(std::fs::read(sub.join("shared-file")).map(drop)),
             std::fs::read_to_string(keep.join("sock")).unwrap_or_default(),
             kind(std::fs::read(secret).map(drop)),
             kind(std::fs::read("/etc/hostname").map(drop)),
