@@ -631,8 +631,29 @@ struct ChildVm {
 /// runs chrooted (the nested test host does). Its last component is not
 /// followed (it is the mount point, made by the launch in the host-only
 /// tree the guest sees read-only).
+/// husk-vmm's file-system process (`husk-vmm-fs`, its child), or husk-vmm
+/// itself when it has none.
+fn share_process(vmm: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{vmm}/task/{vmm}/children"))
+        .ok()
+        .and_then(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .find(|c| {
+                    std::fs::read_to_string(format!("/proc/{c}/comm"))
+                        .is_ok_and(|comm| comm.trim_end() == husk_vmm::fs_process::PROCESS_NAME)
+                })
+        })
+        .unwrap_or(vmm)
+}
+
 fn readonly_in_vmm_namespace(pid: u32, target: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    // The share's mounts live where husk-vmm was started; husk-vmm itself
+    // moves to a root of its own once set up, while its file-system
+    // process, which serves the share, stays there.
+    let pid = share_process(pid);
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
     let root = std::fs::OpenOptions::new()
         .read(true)
