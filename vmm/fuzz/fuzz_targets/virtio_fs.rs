@@ -400,7 +400,8 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[n..];
         patch(&h, &mut body);
         rig.request(&h, &body);
-        let (inodes, handles) = rig.dev.held();
+        // The device serves the share in process here: its books are its own.
+        let (inodes, handles) = rig.dev.held().expect("an in-process share");
         assert!(inodes <= LIMITS.inodes && handles <= LIMITS.handles);
         rig.recover(init);
     }
