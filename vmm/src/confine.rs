@@ -157,7 +157,16 @@ pub fn enter_mount_jail(user: crate::config::User, keep: &[PathBuf]) -> std::io:
     keep.sort();
     keep.dedup();
     // A user namespace needs a single-threaded caller; say so rather than
-    // take the kernel's EINVAL for "no user namespaces".
+    // take the kernel's EINVAL for "no user namespaces". A thread just
+    // joined (the loader's, the seccomp compiler's) leaves the thread group
+    // a moment after its join returns (the join wakes at its exit's tid
+    // clear, before it is reaped), so give the count a second to settle.
+    for _ in 0..200 {
+        if thread_count().is_none_or(|n| n <= 1) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     if let Some(n) = thread_count().filter(|&n| n > 1) {
         return Err(Error::other(format!(
             "{n} threads: a user namespace needs a single-threaded process"
