@@ -388,26 +388,29 @@ fn pivot_into(dirs: &[&PathBuf]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline
-/// and backslash as octal escapes.
-fn unescape_mount_path(s: &str) -> String {
-    let b = s.as_bytes();
+/// A path field as `/proc/self/mountinfo` writes it, decoded: space, tab,
+/// newline and backslash come as three-digit octal escapes (an escape out
+/// of a byte's range stays as written). Shared with the runtime's mount
+/// code.
+pub fn unescape_mount_path(field: &str) -> String {
+    let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|d| (b'0'..=b'7').contains(d))
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
-            let v = u32::from(b[i + 1] - b'0') * 64
-                + u32::from(b[i + 2] - b'0') * 8
-                + u32::from(b[i + 3] - b'0');
-            out.push((v & 0xff) as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
         }
+        out.push(b[i]);
+        i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
 }

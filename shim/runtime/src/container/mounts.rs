@@ -185,29 +185,9 @@ pub fn setup_share(mounts: &Path, share: &Path) -> Result<(), MountError> {
     })
 }
 
-/// Decodes the octal escapes mountinfo uses for spaces and the like.
-fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            if let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+// Decodes the octal escapes mountinfo uses for spaces and the like (one
+// decoder for the runtime and husk-vmm's mount jail).
+use husk_vmm::confine::unescape_mount_path as unescape;
 
 /// Mount points at or below `prefix`, deepest first, from mountinfo text.
 pub fn mounts_below(mountinfo: &str, prefix: &Path) -> Vec<PathBuf> {
