@@ -57,15 +57,31 @@ pub fn templates_root() -> PathBuf {
 /// directory closed to everyone else.
 fn reclaim(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    for entry in std::fs::read_dir(dir).map_err(Error::io("listing", dir))? {
-        let path = entry.map_err(Error::io("listing", dir))?.path();
-        std::os::unix::fs::lchown(&path, Some(0), Some(0))
-            .map_err(Error::io("handing back to root", &path))?;
-    }
+    // Closed first: nothing of husk-vmm's user changes it from here.
     std::os::unix::fs::lchown(dir, Some(0), Some(0))
         .map_err(Error::io("handing back to root", dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(Error::io("setting the mode of", dir))
+        .map_err(Error::io("setting the mode of", dir))?;
+    // husk-vmm wrote it as a user that owned it: only its two regular
+    // files are taken, never a link or anything else it might have left
+    // (the meta file written next must not land on a planted link).
+    for entry in std::fs::read_dir(dir).map_err(Error::io("listing", dir))? {
+        let entry = entry.map_err(Error::io("listing", dir))?;
+        let path = entry.path();
+        let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+        let name = entry.file_name();
+        if !regular
+            || (name != husk_vmm::snapshot::STATE_FILE && name != husk_vmm::snapshot::MEMORY_FILE)
+        {
+            return Err(Error::Hypervisor(format!(
+                "the template's VM left {} behind: not a snapshot file",
+                path.display()
+            )));
+        }
+        std::os::unix::fs::lchown(&path, Some(0), Some(0))
+            .map_err(Error::io("handing back to root", &path))?;
+    }
+    Ok(())
 }
 
 /// The most templates kept: one per shape, and a cluster whose pods ask
