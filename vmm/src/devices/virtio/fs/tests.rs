@@ -1289,14 +1289,8 @@ fn the_file_system_process_serves_what_the_device_would() {
     assert!(is_lnk(evil.attr.mode));
     assert_eq!(g.lookup(evil.nodeid, "passwd").unwrap_err(), libc::ENOTDIR);
     assert_eq!(g.lookup(ROOT, "..").unwrap_err(), libc::EINVAL);
-    // A FORGET wants no reply and gets none.
-    let h = g.header(FORGET, e.nodeid, 8);
-    let req = cat(&[h.as_slice(), &1u64.to_le_bytes()]);
-    mem.write_slice(&req, GuestAddress(REQ)).unwrap();
-    assert_eq!(
-        g.send(0, &[desc(REQ, req.len() as u32, false, None)]),
-        Some(0)
-    );
+    // A FORGET wants no reply and gets none (the helper checks).
+    g.forget(e.nodeid, 1);
     // A request shorter than a FUSE header breaks the device, as in process.
     mem.write_slice(&[0u8; 8], GuestAddress(REQ)).unwrap();
     g.send(
