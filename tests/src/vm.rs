@@ -21,7 +21,8 @@ pub struct Vm {
     pub client: Client,
     /// The template the VM was resumed from; `None` when it booted.
     pub from_template: Option<PathBuf>,
-    sandbox: Sandbox,
+    /// `None` once shut down.
+    sandbox: Option<Sandbox>,
 }
 
 impl Vm {
@@ -52,7 +53,7 @@ impl Vm {
             dir: sandbox.layout().dir().to_path_buf(),
             id,
             client,
-            sandbox,
+            sandbox: Some(sandbox),
         })
     }
 
@@ -67,13 +68,28 @@ impl Vm {
     }
 
     pub fn vmm_pid(&self) -> u32 {
-        self.sandbox.vmm_pid()
+        self.sandbox.as_ref().map_or(0, Sandbox::vmm_pid)
     }
 
     /// Shuts the VM down within `limit`; how husk-vmm ended.
-    pub async fn shutdown(self, limit: std::time::Duration) -> Result<VmExit> {
-        tokio::time::timeout(limit, self.sandbox.shutdown())
+    pub async fn shutdown(mut self, limit: std::time::Duration) -> Result<VmExit> {
+        let sandbox = self.sandbox.take().context("already shut down")?;
+        tokio::time::timeout(limit, sandbox.shutdown())
             .await
             .with_context(|| format!("the VM did not stop within {limit:?}"))
+    }
+}
+
+impl Drop for Vm {
+    /// husk-vmm logs only warnings and errors by default: whatever it
+    /// logged is shown before its directory goes with the sandbox, so that
+    /// a scenario that fails mid-way says what the VMM saw.
+    fn drop(&mut self) {
+        let log = self.dir.join("vmm.log");
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            if !text.trim().is_empty() {
+                eprintln!("vmm.log of VM {}:\n{}", self.id, text.trim_end());
+            }
+        }
     }
 }

@@ -112,7 +112,7 @@ pub fn spawn(cfg: &VmConfig, dir: &Path) -> Result<Client, FsProcessError> {
     // Never waited for: it ends with the VMM (a zombie until then if it
     // ends first, which the guest sees as a failing share).
     drop(child);
-    Ok(Client::new(File::from(OwnedFd::from(ours))))
+    Client::new(ours).map_err(FsProcessError::Spawn)
 }
 
 /// The file-system process's whole life (`husk-vmm --serve-fs`): set up,

@@ -18,8 +18,11 @@ use super::jail::{FsConfig, FsLimits, Jail};
 use crate::devices::virtio::chain::{self, ChainError};
 use crate::devices::virtio::defs::F_VERSION_1;
 use crate::devices::virtio::state::DeviceState;
-use crate::devices::virtio::{read_config_bytes, ActivateError, Activation, VirtioDevice};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Activation, VirtioDevice, EXTRA_EVENT_BASE,
+};
 use crate::memory::GuestMemoryMmap;
+use event_manager::{EventOps, EventSet, Events};
 
 /// Why a share could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -168,30 +171,6 @@ impl Fs {
         match &self.backend {
             Backend::Local(l) => Some(l.fs.held()),
             Backend::Remote(_) => None,
-        }
-    }
-
-    fn handle(
-        &mut self,
-        c: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<u32, RequestError> {
-        match &mut self.backend {
-            Backend::Local(l) => l.handle(c, mem),
-            Backend::Remote(r) => r.handle(c, mem),
-        }
-    }
-
-    /// The previous driver's inodes and open files go.
-    fn destroy(&mut self) -> Result<(), RequestError> {
-        match &mut self.backend {
-            Backend::Local(l) => {
-                l.fs.destroy();
-                Ok(())
-            }
-            Backend::Remote(r) => r
-                .destroy()
-                .map_err(|source| RequestError::Remote { head: 0, source }),
         }
     }
 }
@@ -347,16 +326,20 @@ impl Local {
 }
 
 impl Fs {
-    fn process_requests(&mut self, index: usize) -> Result<(), RequestError> {
+    /// Serves `index` in this process, one chain after another.
+    fn serve_locally(&mut self, index: usize) -> Result<(), RequestError> {
         DeviceState::process(
             self,
             |d| &mut d.state,
             |dev, active| {
+                let Backend::Local(local) = &dev.backend else {
+                    return Ok(false);
+                };
                 let mut used_any = false;
                 let (mem, queue) = (&active.mem, &mut active.queues[index]);
                 while let Some(c) = chain::pop(queue, mem)? {
                     let head = c.head_index();
-                    let len = dev.handle(c, mem)?;
+                    let len = local.handle(c, mem)?;
                     chain::add_used(queue, mem, head, len)?;
                     tracing::trace!(queue = index, head, len, "virtio-fs: request served");
                     used_any = true;
@@ -364,6 +347,102 @@ impl Fs {
                 Ok(used_any)
             },
         )
+    }
+
+    /// Moves requests to the file-system process and answers back, as far
+    /// as neither waits: new chains from both queues (while the line has
+    /// room), queued frames out, replies in. Runs on a queue notification
+    /// and whenever the socket is readable or writable again; never blocks,
+    /// so the transport's lock (which a vCPU takes to notify) is held only
+    /// for copies.
+    fn relay(&mut self) -> Result<(), RequestError> {
+        loop {
+            let mut progress = false;
+            if self.state.is_active() && !self.state.is_broken() {
+                if self.stale {
+                    self.stale = false;
+                    if let Backend::Remote(c) = &mut self.backend {
+                        c.submit_destroy()
+                            .map_err(|source| RequestError::Remote { head: 0, source })?;
+                    }
+                }
+                DeviceState::process(
+                    self,
+                    |d| &mut d.state,
+                    |dev, active| {
+                        let Backend::Remote(c) = &mut dev.backend else {
+                            return Ok(false);
+                        };
+                        for (index, queue) in active.queues.iter_mut().enumerate() {
+                            while c.has_room() {
+                                let Some(chain) = chain::pop(queue, &active.mem)? else {
+                                    break;
+                                };
+                                c.submit(index, chain, &active.mem)?;
+                            }
+                        }
+                        Ok::<_, RequestError>(false)
+                    },
+                )?;
+            }
+            let Backend::Remote(c) = &mut self.backend else {
+                return Ok(());
+            };
+            c.flush()
+                .map_err(|source| RequestError::Remote { head: 0, source })?;
+            let done = c.receive()?;
+            if !done.is_empty() {
+                progress = true;
+                DeviceState::process(
+                    self,
+                    |d| &mut d.state,
+                    |_, active| {
+                        for d in done {
+                            let head = d.chain.head();
+                            let len = d.chain.writer(&active.mem).write(&d.data)?;
+                            // At most the chain's room, which MAX_CHAIN_BYTES bounds.
+                            let len = len as u32;
+                            chain::add_used(&mut active.queues[d.queue], &active.mem, head, len)?;
+                            tracing::trace!(
+                                queue = d.queue,
+                                head,
+                                len,
+                                "virtio-fs: request served"
+                            );
+                        }
+                        Ok::<_, RequestError>(true)
+                    },
+                )?;
+            }
+            if !progress {
+                return Ok(());
+            }
+        }
+    }
+
+    /// What the event loop does when the socket is ready (tests drive it).
+    #[cfg(test)]
+    pub(super) fn pump(&mut self) {
+        self.pump_remote();
+    }
+
+    /// Whether the file-system process serves this device.
+    #[cfg(test)]
+    pub(super) fn is_remote(&self) -> bool {
+        matches!(self.backend, Backend::Remote(_))
+    }
+
+    /// Runs [`Fs::relay`]; a failure breaks the device (the driver is told)
+    /// and is logged.
+    fn pump_remote(&mut self) {
+        if let Err(e) = self.relay() {
+            // Outside `DeviceState::process` (the line failed while the
+            // device was idle) the device is broken here.
+            if self.state.is_active() && !self.state.is_broken() {
+                let _ = DeviceState::process(self, |d| &mut d.state, |_, _| Err::<bool, ()>(()));
+            }
+            crate::warn_limited!(error = %e, "virtio-fs: device needs reset");
+        }
     }
 }
 
@@ -385,10 +464,6 @@ impl VirtioDevice for Fs {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.state.queue_states()
-    }
-
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         if a.queues.len() != self.sizes.len() {
             return Err(ActivateError::BadQueue(a.queues.len()));
@@ -396,25 +471,65 @@ impl VirtioDevice for Fs {
         self.state.activate(a, &[0, 1])
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        let mut states = self.state.queue_states()?;
+        // A snapshot taken with requests in the file-system process's hands
+        // gives their chains back to the ring: a restored device pops them
+        // again instead of leaving the guest waiting for answers that went
+        // with this process.
+        if let Backend::Remote(c) = &self.backend {
+            for (i, s) in states.iter_mut().enumerate() {
+                s.next_avail = s.next_avail.wrapping_sub(c.in_flight_on(i));
+            }
+        }
+        Some(states)
+    }
+
     fn reset(&mut self) {
         self.state.reset();
         self.stale = true;
+        // Runs on a vCPU thread: no socket call here. What is in flight is
+        // answered into nothing; the next driver's first request brings
+        // the DESTROY.
+        if let Backend::Remote(c) = &mut self.backend {
+            c.orphan_all();
+        }
     }
 
     fn process_queue(&mut self, index: usize) {
-        if index >= self.sizes.len() || self.state.is_broken() || !self.state.is_active() {
+        if index >= self.sizes.len() {
+            return;
+        }
+        if let Backend::Remote(_) = self.backend {
+            self.pump_remote();
+            return;
+        }
+        if self.state.is_broken() || !self.state.is_active() {
             return;
         }
         if self.stale {
             // The previous driver's inodes and open files go before the new one
             // sends anything (on this, the event-loop thread).
             self.stale = false;
-            if let Err(e) = self.destroy() {
-                crate::warn_limited!(error = %e, "virtio-fs: dropping the previous driver's files");
+            if let Backend::Local(l) = &self.backend {
+                l.destroy();
             }
         }
-        if let Err(e) = self.process_requests(index) {
+        if let Err(e) = self.serve_locally(index) {
             crate::warn_limited!(error = %e, queue = index, "virtio-fs: malformed queue; device needs reset");
         }
+    }
+
+    fn init_events(&mut self, ops: &mut EventOps) {
+        if let Backend::Remote(c) = &self.backend {
+            let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+            if let Err(e) = ops.add(Events::with_data_raw(c.fd(), EXTRA_EVENT_BASE, set)) {
+                tracing::error!(error = ?e, "virtio-fs: watching the file-system process's socket failed");
+            }
+        }
+    }
+
+    fn process_event(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.pump_remote();
     }
 }

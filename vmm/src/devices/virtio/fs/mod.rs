@@ -102,8 +102,10 @@
 //!
 //! # Threads, credentials, umask
 //!
-//! Requests are served synchronously in [`VirtioDevice::process_queue`] (the
-//! event-loop thread). To create files with the guest's ownership, the
+//! Requests are served one at a time on one thread: in husk-vmm's
+//! file-system process ([`remote`]; the VMM's virtio-fs event loop only
+//! relays them, without blocking), or in [`VirtioDevice::process_queue`] for
+//! a device served in process (tests). To create files with the guest's ownership, the
 //! passthrough switches the *thread's* effective uid/gid (raw `setresuid` /
 //! `setresgid`, per thread) around the call; that needs a root (or
 //! `CAP_SETUID`/`CAP_SETGID`) VMM for guest uids other than 0. Files are created

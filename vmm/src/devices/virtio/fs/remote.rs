@@ -19,8 +19,11 @@
 //!
 //! # The line
 //!
-//! One Unix stream socket, one request at a time, in order. Each frame
-//! starts with a fixed header of little-endian u32s:
+//! One Unix stream socket. The server takes one request at a time and
+//! answers in order; the VMM may send the next requests before the answers
+//! come (at most [`MAX_IN_FLIGHT`], and at most [`MAX_CHAIN_BYTES`] queued
+//! unsent), so the server never waits for the VMM between requests. Each
+//! frame starts with a fixed header of little-endian u32s:
 //!
 //! - request: `kind` ([`KIND_REQUEST`] or [`KIND_DESTROY`]), `readable`,
 //!   `writable`, then `readable` bytes: the chain's device-readable part (the
@@ -28,14 +31,21 @@
 //! - reply: `status` ([`STATUS_OK`] or [`STATUS_MALFORMED`]), `len`, then
 //!   `len` bytes (at most the request's `writable`): the FUSE reply.
 //!
+//! The VMM's end never blocks ([`Client`]): its socket is non-blocking and
+//! watched by the virtio-fs event loop, so no lock (the device's transport,
+//! which a vCPU takes to notify a queue) is ever held across a round trip.
+//!
 //! The server treats the VMM as it treats the guest: a frame out of bounds
 //! ends it (the share is gone for that VM, nothing else), and what it serves
 //! is the same jailed passthrough with the same checks. The VMM treats the
 //! server's reply as bounded input too: a reply longer than the room asked
 //! for is an error, never a write past the chain.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -44,7 +54,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::defs::MAX_CHAIN_BYTES;
 use super::device::{Local, RequestError};
-use crate::devices::virtio::chain::{self, ChainError};
+use crate::devices::virtio::chain::{self, ChainError, ValidChain};
 use crate::memory::GuestMemoryMmap;
 
 /// A FUSE request and the room for its reply.
@@ -60,84 +70,288 @@ pub const STATUS_MALFORMED: u32 = 1;
 const HEADER: usize = 12;
 const REPLY_HEADER: usize = 8;
 
-/// The VMM's end: forwards each request and waits for its reply.
+/// Requests the VMM sends before the first of them is answered.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// A request sent (or queued to send) and not yet answered.
+struct Pending {
+    /// The driver generation it came from ([`Client::orphan_all`]).
+    generation: u64,
+    what: Waiting,
+}
+
+enum Waiting {
+    Request { queue: usize, chain: ValidChain },
+    Destroy,
+}
+
+/// An answered request of the current driver: `data` goes into `chain`,
+/// which goes back on `queue`.
+pub(super) struct Completion {
+    pub queue: usize,
+    pub chain: ValidChain,
+    pub data: Vec<u8>,
+}
+
+/// The VMM's end: queues requests, sends them as the socket takes them, and
+/// hands back answers as they arrive. Never blocks.
 pub struct Client {
-    /// A Unix stream socket, as a `File` so that it is read and written
-    /// with `read`/`write` (std's sockets use `recvfrom`, which the
-    /// file-system process's seccomp filter does not allow).
+    /// A non-blocking Unix stream socket, as a `File` so that it is read and
+    /// written with `read`/`write` (std's sockets use `recvfrom`/`sendto`).
     sock: File,
-    buf: Vec<u8>,
+    /// Frames queued; `out[sent..]` not yet written.
+    out: Vec<u8>,
+    sent: usize,
+    in_flight: VecDeque<Pending>,
+    /// The reply being read: its header, then its bytes (`have` of them).
+    reply: Vec<u8>,
+    have: usize,
+    generation: u64,
+    /// The line failed: every later request fails at once with this.
+    dead: Option<io::ErrorKind>,
 }
 
 impl Client {
-    pub fn new(sock: File) -> Client {
-        Client {
-            sock,
-            buf: Vec::new(),
+    /// Takes the VMM's end of the line; makes it non-blocking.
+    pub fn new(sock: UnixStream) -> io::Result<Client> {
+        sock.set_nonblocking(true)?;
+        Ok(Client {
+            sock: File::from(OwnedFd::from(sock)),
+            out: Vec::new(),
+            sent: 0,
+            in_flight: VecDeque::new(),
+            reply: Vec::new(),
+            have: 0,
+            generation: 0,
+            dead: None,
+        })
+    }
+
+    /// The socket, for the event loop (readable and writable, edge-triggered).
+    pub(super) fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Whether another request may be queued now.
+    pub(super) fn has_room(&self) -> bool {
+        self.in_flight.len() < MAX_IN_FLIGHT
+            && (self.out.len() - self.sent) as u64 <= MAX_CHAIN_BYTES
+    }
+
+    /// Requests of the current driver popped from `queue` and not yet
+    /// answered (a snapshot gives them back to the ring).
+    pub(super) fn in_flight_on(&self, queue: usize) -> u16 {
+        let n = self
+            .in_flight
+            .iter()
+            .filter(|p| {
+                p.generation == self.generation
+                    && matches!(p.what, Waiting::Request { queue: q, .. } if q == queue)
+            })
+            .count();
+        // At most MAX_IN_FLIGHT.
+        n as u16
+    }
+
+    fn check_alive(&self) -> io::Result<()> {
+        match self.dead {
+            Some(kind) => Err(io::Error::new(
+                kind,
+                "the file-system process's line is down",
+            )),
+            None => Ok(()),
         }
     }
 
-    /// Serves one chain through the file-system process; returns the bytes
-    /// written into the chain.
-    pub(super) fn handle(
+    /// Queues `c` (popped from `queue`) for the file-system process.
+    pub(super) fn submit(
         &mut self,
+        queue: usize,
         c: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-    ) -> Result<u32, RequestError> {
-        let req = chain::validate(c, mem, MAX_CHAIN_BYTES)?;
-        let head = req.head();
+    ) -> Result<(), RequestError> {
+        let chain = chain::validate(c, mem, MAX_CHAIN_BYTES)?;
+        let head = chain.head();
+        self.check_alive()
+            .map_err(|source| RequestError::Remote { head, source })?;
         // Both at most MAX_CHAIN_BYTES (4 MiB): they fit u32 and usize.
-        let (readable, writable) = (req.readable_len() as u32, req.writable_len() as u32);
-        let remote = |source: io::Error| RequestError::Remote { head, source };
-
-        self.buf.clear();
-        self.buf.resize(HEADER + readable as usize, 0);
-        self.buf[0..4].copy_from_slice(&KIND_REQUEST.to_le_bytes());
-        self.buf[4..8].copy_from_slice(&readable.to_le_bytes());
-        self.buf[8..12].copy_from_slice(&writable.to_le_bytes());
-        req.reader(mem).read_exact(&mut self.buf[HEADER..])?;
-        self.sock.write_all(&self.buf).map_err(remote)?;
-
-        let (status, len) = read_reply_header(&mut self.sock).map_err(remote)?;
-        if status != STATUS_OK {
-            return Err(RequestError::RemoteRefused { head });
+        let (readable, writable) = (chain.readable_len() as u32, chain.writable_len() as u32);
+        self.compact();
+        let at = self.out.len();
+        self.out.extend_from_slice(&KIND_REQUEST.to_le_bytes());
+        self.out.extend_from_slice(&readable.to_le_bytes());
+        self.out.extend_from_slice(&writable.to_le_bytes());
+        self.out.resize(at + HEADER + readable as usize, 0);
+        if let Err(e) = chain.reader(mem).read_exact(&mut self.out[at + HEADER..]) {
+            self.out.truncate(at);
+            return Err(e.into());
         }
-        if len > writable {
-            return Err(remote(io::Error::other(format!(
-                "a reply of {len} bytes for {writable} bytes of room"
-            ))));
-        }
-        self.buf.clear();
-        self.buf.resize(len as usize, 0);
-        self.sock.read_exact(&mut self.buf).map_err(remote)?;
-        let written = req.writer(mem).write(&self.buf)?;
-        Ok(written as u32)
+        self.in_flight.push_back(Pending {
+            generation: self.generation,
+            what: Waiting::Request { queue, chain },
+        });
+        Ok(())
     }
 
-    /// Another handle on the same line (tests).
-    #[cfg(test)]
-    pub(super) fn try_clone(&self) -> io::Result<Client> {
-        Ok(Client::new(self.sock.try_clone()?))
+    /// Queues a request to drop what the previous driver held.
+    pub(super) fn submit_destroy(&mut self) -> io::Result<()> {
+        self.check_alive()?;
+        self.compact();
+        self.out.extend_from_slice(&KIND_DESTROY.to_le_bytes());
+        self.out.extend_from_slice(&[0u8; 8]);
+        self.in_flight.push_back(Pending {
+            generation: self.generation,
+            what: Waiting::Destroy,
+        });
+        Ok(())
     }
 
-    /// Asks the server to drop what the previous driver held.
-    pub(super) fn destroy(&mut self) -> io::Result<()> {
-        let mut frame = [0u8; HEADER];
-        frame[0..4].copy_from_slice(&KIND_DESTROY.to_le_bytes());
-        self.sock.write_all(&frame)?;
-        match read_reply_header(&mut self.sock)? {
-            (STATUS_OK, 0) => Ok(()),
-            (status, len) => Err(io::Error::other(format!(
-                "destroy answered with status {status} and {len} bytes"
-            ))),
+    /// The driver reset the device: what its requests get back is dropped.
+    /// They are still served (a frame cannot be taken back once partly
+    /// sent), before the DESTROY the next driver's first request brings.
+    pub(super) fn orphan_all(&mut self) {
+        self.generation += 1;
+    }
+
+    /// Drops the part of `out` already written, once it is most of it.
+    fn compact(&mut self) {
+        if self.sent > 0 && self.sent * 2 >= self.out.len() {
+            self.out.drain(..self.sent);
+            self.sent = 0;
         }
     }
-}
 
-fn read_reply_header(sock: &mut File) -> io::Result<(u32, u32)> {
-    let mut h = [0u8; REPLY_HEADER];
-    sock.read_exact(&mut h)?;
-    Ok((le32(&h[0..4]), le32(&h[4..8])))
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        self.dead = Some(e.kind());
+        e
+    }
+
+    /// Writes queued frames until the socket would block.
+    /// Nothing when the line is down (the next request finds out).
+    pub(super) fn flush(&mut self) -> io::Result<()> {
+        if self.dead.is_some() {
+            return Ok(());
+        }
+        while self.sent < self.out.len() {
+            match self.sock.write(&self.out[self.sent..]) {
+                Ok(0) => return Err(self.fail(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+        Ok(())
+    }
+
+    /// Reads answers until the socket would block; returns those for the
+    /// current driver's requests, in order.
+    pub(super) fn receive(&mut self) -> Result<Vec<Completion>, RequestError> {
+        let mut done = Vec::new();
+        if self.dead.is_some() {
+            return Ok(done);
+        }
+        loop {
+            // How much of the current reply is still to come.
+            let need = if self.have < REPLY_HEADER {
+                REPLY_HEADER
+            } else {
+                REPLY_HEADER + le32(&self.reply[4..8]) as usize
+            };
+            if self.have == need {
+                if let Some(c) = self.complete()? {
+                    done.push(c);
+                }
+                continue;
+            }
+            self.reply.resize(need, 0);
+            match self.sock.read(&mut self.reply[self.have..need]) {
+                Ok(0) => {
+                    let e = self.fail(io::ErrorKind::UnexpectedEof.into());
+                    return Err(self.remote_error(e));
+                }
+                Ok(n) => {
+                    self.have += n;
+                    if self.have == REPLY_HEADER {
+                        self.check_reply_header()?;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(done),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let e = self.fail(e);
+                    return Err(self.remote_error(e));
+                }
+            }
+        }
+    }
+
+    fn remote_error(&self, source: io::Error) -> RequestError {
+        let head = match self.in_flight.front() {
+            Some(Pending {
+                what: Waiting::Request { chain, .. },
+                ..
+            }) => chain.head(),
+            _ => 0,
+        };
+        RequestError::Remote { head, source }
+    }
+
+    /// A reply header just arrived: it must answer something, and fit the
+    /// room that request gave (the server is bounded input too).
+    fn check_reply_header(&mut self) -> Result<(), RequestError> {
+        let len = le32(&self.reply[4..8]);
+        let room = match self.in_flight.front() {
+            None => None,
+            Some(Pending {
+                what: Waiting::Destroy,
+                ..
+            }) => Some(0),
+            Some(Pending {
+                what: Waiting::Request { chain, .. },
+                ..
+            }) => Some(chain.writable_len()),
+        };
+        let why = match room {
+            None => format!("a reply of {len} bytes with nothing asked"),
+            Some(room) if u64::from(len) > room => {
+                format!("a reply of {len} bytes for {room} bytes of room")
+            }
+            Some(_) => return Ok(()),
+        };
+        let e = self.fail(io::Error::other(why));
+        Err(self.remote_error(e))
+    }
+
+    /// The reply in `self.reply` is whole: it answers the oldest request.
+    fn complete(&mut self) -> Result<Option<Completion>, RequestError> {
+        let status = le32(&self.reply[0..4]);
+        let Some(p) = self.in_flight.pop_front() else {
+            // check_reply_header saw to it.
+            return Ok(None);
+        };
+        let mut data = std::mem::take(&mut self.reply);
+        data.drain(..REPLY_HEADER);
+        self.have = 0;
+        if p.generation != self.generation {
+            return Ok(None);
+        }
+        match p.what {
+            Waiting::Destroy if status == STATUS_OK => Ok(None),
+            Waiting::Destroy => Err(RequestError::Remote {
+                head: 0,
+                source: io::Error::other(format!("destroy answered with status {status}")),
+            }),
+            Waiting::Request { chain, .. } if status != STATUS_OK => {
+                Err(RequestError::RemoteRefused { head: chain.head() })
+            }
+            Waiting::Request { queue, chain } => Ok(Some(Completion { queue, chain, data })),
+        }
+    }
 }
 
 fn le32(b: &[u8]) -> u32 {

@@ -117,7 +117,7 @@ impl<'a> Guest<'a> {
                 Err(e) => e.to_string(),
             }
         });
-        let client = remote::Client::new(std::fs::File::from(std::os::fd::OwnedFd::from(vmm)));
+        let client = remote::Client::new(vmm).unwrap();
         let dev = Fs::remote("share", dir, client).unwrap();
         (Self::with_device(mem, dev), served)
     }
@@ -159,8 +159,23 @@ impl<'a> Guest<'a> {
     fn send(&mut self, q: usize, descs: &[RawDescriptor]) -> Option<u32> {
         let vq = &self.queues[q];
         let before = vq.used().idx().load();
+        // The mock lays its used ring over the avail ring's upper slots, so
+        // the used index is read only once the device has answered (its
+        // interrupt), never while a published slot may sit on it.
+        let _ = self.irq.eventfd().read();
         publish(vq, descs, &[0]);
         self.dev.process_queue(q);
+        // The file-system process answers through the socket: the event
+        // loop's part, until the chain is back or the device gave up.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.dev.is_remote()
+            && self.irq.eventfd().read().is_err()
+            && !self.irq.needs_reset()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            self.dev.pump();
+        }
         let after = vq.used().idx().load();
         if after == before {
             return None;
@@ -1353,17 +1368,119 @@ fn a_reset_drops_what_the_driver_held_in_the_file_system_process() {
         )
         .is_ok()
     });
-    let mut client = remote::Client::new(std::fs::File::from(std::os::fd::OwnedFd::from(vmm)));
-    // A driver that looked two files up, then a reset.
-    let dev = Fs::remote("share", dir.path(), client.try_clone().unwrap()).unwrap();
+    let client = remote::Client::new(vmm).unwrap();
+    // A driver that looked two files up, then a reset and a new driver.
+    let dev = Fs::remote("share", dir.path(), client).unwrap();
     let mut g = Guest::with_device(&mem, dev);
     g.init();
     g.lookup(ROOT, "hello.txt").unwrap();
     g.lookup(ROOT, "sub").unwrap();
     assert_eq!(local.held(), (2, 0));
-    client.destroy().unwrap();
+    g.dev.reset();
+    g.activate();
+    // The new driver's first request takes the DESTROY before it.
+    g.init();
     assert_eq!(local.held(), (0, 0));
+    g.lookup(ROOT, "hello.txt").unwrap();
+    assert_eq!(local.held(), (1, 0));
     drop(g);
-    drop(client);
     assert!(served.join().unwrap());
+}
+
+/// Requests wait in the socket, not in a lock: many chains are sent
+/// before the first answer, a slow answer holds up nothing but itself,
+/// and a snapshot taken meanwhile gives the unanswered chains back to
+/// the ring.
+#[test]
+fn requests_are_pipelined_and_a_snapshot_gives_back_what_is_in_flight() {
+    use std::io::{Read, Write};
+    let dir = share();
+    let mem = memory();
+    let (vmm, mut server) = std::os::unix::net::UnixStream::pair().unwrap();
+    let dev = Fs::remote("share", dir.path(), remote::Client::new(vmm).unwrap()).unwrap();
+    let mut g = Guest::with_device(&mem, dev);
+    // Three GETATTRs published at once (heads 0, 2, 4), nobody answering yet.
+    let vq = &g.queues[1];
+    for i in 0..3u16 {
+        let h = InHeader {
+            len: (IN_HEADER_LEN + std::mem::size_of::<GetattrIn>()) as u32,
+            opcode: GETATTR,
+            unique: 100 + u64::from(i),
+            nodeid: ROOT,
+            ..Default::default()
+        };
+        let req = cat(&[h.as_slice(), GetattrIn::default().as_slice()]);
+        let at = REQ + 0x100 * u64::from(i);
+        mem.write_slice(&req, GuestAddress(at)).unwrap();
+        let table = vq.desc_table();
+        table
+            .store(2 * i, desc(at, req.len() as u32, false, Some(2 * i + 1)))
+            .unwrap();
+        table
+            .store(
+                2 * i + 1,
+                desc(RESP + 0x1000 * u64::from(i), 0x1000, true, None),
+            )
+            .unwrap();
+        vq.avail()
+            .ring()
+            .ref_at(usize::from(i))
+            .unwrap()
+            .store(2 * i);
+    }
+    vq.avail().idx().store(3);
+    // process_queue returns at once: the three frames are on the line.
+    g.dev.process_queue(1);
+    assert_eq!(vq.used().idx().load(), 0);
+    server
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut frames = Vec::new();
+    for _ in 0..3 {
+        let mut h = [0u8; 12];
+        server.read_exact(&mut h).unwrap();
+        let readable = u32::from_le_bytes(h[4..8].try_into().unwrap());
+        assert_eq!(
+            u32::from_le_bytes(h[0..4].try_into().unwrap()),
+            remote::KIND_REQUEST
+        );
+        assert_eq!(u32::from_le_bytes(h[8..12].try_into().unwrap()), 0x1000);
+        let mut body = vec![0u8; readable as usize];
+        server.read_exact(&mut body).unwrap();
+        frames.push(body);
+    }
+    // A snapshot now hands all three back to the ring.
+    let states = g.dev.queue_states().unwrap();
+    assert_eq!(states[1].next_avail, 0);
+    // The first answer completes the first chain only.
+    let out = OutHeader {
+        len: OUT_HEADER_LEN as u32,
+        error: -libc::EIO,
+        unique: 100,
+    };
+    let mut reply = [remote::STATUS_OK, OUT_HEADER_LEN as u32]
+        .map(u32::to_le_bytes)
+        .concat();
+    reply.extend_from_slice(out.as_slice());
+    server.write_all(&reply).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while vq.used().idx().load() == 0 && std::time::Instant::now() < deadline {
+        g.dev.pump();
+    }
+    assert_eq!(vq.used().idx().load(), 1);
+    assert_eq!(g.dev.queue_states().unwrap()[1].next_avail, 1);
+    let mut got = [0u8; OUT_HEADER_LEN];
+    mem.read_slice(&mut got, GuestAddress(RESP)).unwrap();
+    assert_eq!(OutHeader::from_slice(&got).unwrap().unique, 100);
+    // An answer larger than the room asked for breaks the device.
+    let mut big = [remote::STATUS_OK, 0x1001].map(u32::to_le_bytes).concat();
+    big.extend_from_slice(&[0u8; 0x1001]);
+    server.write_all(&big).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !g.irq.needs_reset() && std::time::Instant::now() < deadline {
+        g.dev.pump();
+    }
+    assert!(g.irq.needs_reset());
+    assert_eq!(vq.used().idx().load(), 1);
+    assert_eq!(frames.len(), 3);
 }
