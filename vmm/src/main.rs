@@ -207,6 +207,9 @@ fn chain(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    // Before any allocation a thread could make: no arena of a filtered
+    // thread may ever need a file (seccomp::prepare_allocator).
+    husk_vmm::seccomp::prepare_allocator();
     // The config first: its log limit sizes the log. Nothing before logs.
     let args = Args::parse();
     let serve_fs = args.serve_fs;
