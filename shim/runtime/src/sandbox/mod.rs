@@ -386,6 +386,16 @@ impl Sandbox {
                 }
             }
             if let Err(e) = sb.create_in_guest(hostname, guest_net, &spec.sysctls).await {
+                // Kept before the directory goes: how far the guest got, and
+                // whether husk-vmm saw anything (a clone that stops answering
+                // here is retried cold, and this is all that is left of it).
+                tracing::warn!(
+                    sandbox = id,
+                    error = %e,
+                    "the guest did not set the sandbox up; husk-vmm's last lines:\n{}\nthe console's last lines:\n{}",
+                    husk_agent_client::client::file_tail(&sb.layout.vmm_log(), 20),
+                    husk_agent_client::client::file_tail(&sb.layout.console_log(), 15)
+                );
                 sb.shutdown().await;
                 return Err(e);
             }
